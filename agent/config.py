@@ -1,0 +1,198 @@
+"""The agent configuration (YAML): a schema with types, ranges and no unknown keys.
+
+Relative paths are resolved against the directory of the configuration file, so a bundle
+directory copied anywhere keeps working.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pkictl.errors import PKIError
+from pkictl.names import validate_name
+from pkictl.settings import parse_duration
+
+from .errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "RenewalConfig",
+    "ListenerConfig",
+    "load_config",
+    "parse_address",
+    "render_agent_config",
+]
+
+
+def parse_address(value: str | tuple) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port`` into ``(host, port)``.
+
+    Raises:
+        ValueError: not of that form, or the port is outside 0..65535 (0 = any free port).
+    """
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        host, port = str(value[0]), value[1]
+    else:
+        text = str(value).strip()
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"address {text!r}: want HOST:PORT such as 127.0.0.1:8443 or [::1]:8443")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError(f"address {value!r}: the port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"address {value!r}: port {port} outside 0..65535")
+    return host, port
+
+
+def _duration(value) -> dt.timedelta:
+    if isinstance(value, dt.timedelta):
+        return value
+    try:
+        return parse_duration(value)
+    except PKIError as exc:
+        raise ValueError(str(exc).removeprefix("duration: ")) from None
+
+
+Duration = Annotated[dt.timedelta, BeforeValidator(_duration)]
+Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RenewalConfig(_Model):
+    """How and when this host renews its credential.
+
+    Attributes:
+        ca_home: the CA home directory, for renewal on the CA host itself.
+        fraction: renew at notBefore + fraction x lifetime (lifetime read from the certificate).
+        jitter: renew up to this share of the lifetime earlier, drawn once per certificate.
+        check_interval: period of the level-triggered "is it due?" check that survives sleep.
+        retry_initial, retry_max: exponential backoff after a failed renewal.
+    """
+
+    ca_home: Optional[Path] = None
+    fraction: float = Field(2 / 3, gt=0, lt=1)
+    jitter: float = Field(0.05, ge=0, lt=0.5)
+    check_interval: Duration = dt.timedelta(minutes=1)
+    retry_initial: Duration = dt.timedelta(seconds=10)
+    retry_max: Duration = dt.timedelta(hours=1)
+
+    @model_validator(mode="after")
+    def _jitter_below_fraction(self) -> "RenewalConfig":
+        if self.jitter >= self.fraction:
+            raise ValueError(f"jitter ({self.jitter}) must be smaller than fraction ({self.fraction})")
+        return self
+
+
+class ListenerConfig(_Model):
+    """The gateway's mTLS listener.
+
+    Attributes:
+        listen: where nodes connect (TLS), ``HOST:PORT``; port 0 picks a free port.
+        upstream: the real gateway, plain TCP, normally on 127.0.0.1.
+        handshake_timeout: a client that has not finished its handshake by then is dropped.
+        max_connections: connections beyond this many are refused.
+    """
+
+    listen: Address
+    upstream: Address
+    handshake_timeout: Duration = dt.timedelta(seconds=10)
+    max_connections: int = Field(1024, ge=1)
+
+
+class AgentConfig(_Model):
+    """One host's agent: whose credential, where it lives, how it renews, what it serves."""
+
+    name: str
+    kind: Literal["node", "gateway"]
+    trust_domain: str = "pkictl.internal"
+    credential_dir: Path = Path(".")
+    renewal: RenewalConfig = RenewalConfig()
+    listener: Optional[ListenerConfig] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        try:
+            return validate_name(value)
+        except PKIError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _listener_only_on_gateway(self) -> "AgentConfig":
+        if self.listener is not None and self.kind != "gateway":
+            raise ValueError("listener: only a gateway runs the mTLS listener (kind is node)")
+        return self
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate an agent configuration file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or breaks the schema; the message names the
+            file, each offending field and what was expected.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: want a mapping of settings (name:, kind:, ...), got {type(data).__name__}")
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    base = path.resolve().parent
+    renewal = config.renewal
+    if renewal.ca_home is not None:
+        renewal = renewal.model_copy(update={"ca_home": base / renewal.ca_home})
+    return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal})
+
+
+def render_agent_config(*, name: str, kind: str, trust_domain: str, ca_home: Path, fraction: float = 2 / 3, listener: dict | None = None) -> str:
+    """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle."""
+    lines = [
+        f"# pki-agent configuration for {kind} {name}, written by pkictl enroll-{kind}.",
+        "# Paths are relative to this file. Run: pki-agent run --config agent.yaml",
+        f"name: {name}",
+        f"kind: {kind}",
+        f"trust_domain: {trust_domain}",
+        "credential_dir: .          # this bundle: live/ -> archive/N/ holds the current credential",
+        "renewal:",
+        f"  ca_home: {ca_home}  # renew with the CA directly (CA host only)",
+        f"  fraction: {fraction:.4f}         # renew after this share of the certificate's lifetime",
+        "  jitter: 0.05             # ... up to 5% of the lifetime earlier",
+        "  check_interval: 60s      # level-triggered re-check (survives sleep and clock jumps)",
+    ]
+    if listener:
+        lines += [
+            "listener:",
+            f"  listen: \"{listener['listen']}\"      # nodes connect here with mTLS",
+            f"  upstream: \"{listener['upstream']}\"  # the real gateway, plain TCP on loopback",
+            "  handshake_timeout: 10s",
+            "  max_connections: 1024",
+        ]
+    text = "\n".join(lines) + "\n"
+    import yaml
+
+    AgentConfig.model_validate(yaml.safe_load(text))  # what we write must load
+    return text

@@ -1,0 +1,214 @@
+"""The agent process: load the credential, schedule renewal, rotate, hot-reload the listener.
+
+Scheduling is level-triggered: a periodic check asks "is the certificate on disk due?", and a
+one-shot job wakes up at the due time. APScheduler's default misfire grace of 1 s silently skips
+a job after a pause, so every job has ``misfire_grace_time=None`` and ``coalesce=True``
+(../shared/DESIGN.md, "Renewal").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import signal
+import ssl
+
+from pkictl.clock import Clock, SystemClock
+from pkictl.errors import PKIError
+from pkictl.renewal import draw_jitter, renewal_time
+from pkictl.store import Credential, CredentialStore
+
+from .config import AgentConfig
+from .errors import AgentError
+from .listener import GatewayListener
+from .rotation import LocalCA, RenewalSource, rotate
+from .tls import server_context
+
+__all__ = ["Agent", "backoff_delay"]
+
+log = logging.getLogger("pki_agent")
+
+
+def backoff_delay(failures: int, *, initial: float, maximum: float, rng: random.Random) -> float:
+    """Seconds to wait after ``failures`` consecutive failed renewals (>= 1): exponential with
+    full jitter in [initial, ...], capped at ``maximum``."""
+    ceiling = min(maximum, initial * 2 ** (failures - 1))
+    return rng.uniform(min(initial, ceiling), ceiling)
+
+
+class Agent:
+    """One host's rotation agent.
+
+    Args:
+        config: the validated configuration.
+        clock: time source for every renewal decision.
+        rng: randomness for jitter and backoff (seed it to reproduce a run).
+        source: where successors come from; default the local CA of ``config.renewal.ca_home``.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None, rng: random.Random | None = None, source: RenewalSource | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.store = CredentialStore(config.credential_dir)
+        if source is None and config.renewal.ca_home is not None:
+            source = LocalCA(config.renewal.ca_home, self.clock)
+        self.source = source
+        self.credential: Credential | None = None
+        self.listener: GatewayListener | None = None
+        self._context: ssl.SSLContext | None = None
+        self._jitter = 0.0
+        self._failures = 0
+        self._next_attempt: dt.datetime | None = None
+        self._renew_lock = asyncio.Lock()
+        self._stopped: asyncio.Event | None = None
+        self._scheduler = None
+
+    # -- credential and context ---------------------------------------------------------------
+
+    def current_context(self) -> ssl.SSLContext:
+        """The server context new connections get (swapped whole on reload, never mutated)."""
+        assert self._context is not None, "reload() first"
+        return self._context
+
+    def reload(self) -> bool:
+        """Rebuild everything from the credential on disk; on any error keep the old state.
+
+        Returns:
+            True if the new credential is in service, False if the old one was kept.
+
+        Raises:
+            AgentError: on the first load only (there is nothing old to keep).
+        """
+        try:
+            if self.config.listener is not None:
+                context, credential = server_context(self.store)
+            else:
+                credential, context = self.store.load(), None
+        except (PKIError, ssl.SSLError, OSError) as exc:
+            if self.credential is None:
+                raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
+            log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
+            return False
+        changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
+        self.credential, self._context = credential, context
+        if changed:
+            self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
+            self._failures = 0
+            self._next_attempt = self.renewal_due()
+            log.info(
+                "credential %s serial %x, not after %s, renewal due %s",
+                self.config.name, credential.certificate.serial_number,
+                credential.certificate.not_valid_after_utc.isoformat(), self._next_attempt.isoformat(),
+            )
+        self._schedule_wakeup()
+        return True
+
+    def renewal_due(self) -> dt.datetime:
+        """When the current certificate is due: notBefore + (fraction - jitter) x lifetime."""
+        assert self.credential is not None
+        cert = self.credential.certificate
+        return renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, fraction=self.config.renewal.fraction, jitter=self._jitter)
+
+    # -- renewal --------------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Renew if the credential is due or a retry is due; otherwise do nothing."""
+        if self._next_attempt is None or self.clock.now() < self._next_attempt or self._renew_lock.locked():
+            return
+        async with self._renew_lock:
+            await self.renew()
+
+    async def renew(self) -> bool:
+        """Rotate now: renew, install, reload. On failure keep serving and back off.
+
+        Returns:
+            True if a successor was installed and taken into service.
+        """
+        assert self.credential is not None
+        current = self.credential
+        if self.source is None:
+            log.error(
+                "renewal of %s is due but no renewal source is configured (renewal.ca_home); "
+                "the certificate expires at %s", self.config.name, current.certificate.not_valid_after_utc.isoformat(),
+            )
+            self._retry_later()
+            return False
+        try:
+            successor = await asyncio.to_thread(rotate, self.store, current, self.source, self.clock)
+        except (PKIError, OSError) as exc:
+            self._retry_later()
+            left = current.certificate.not_valid_after_utc - self.clock.now()
+            log.error("renewal of %s failed (%s); still serving serial %x, %s left; next attempt %s",
+                      self.config.name, exc, current.certificate.serial_number, left, self._next_attempt.isoformat())
+            return False
+        log.info("renewed %s: serial %x -> %x, not after %s", self.config.name, current.certificate.serial_number,
+                 successor.certificate.serial_number, successor.certificate.not_valid_after_utc.isoformat())
+        return self.reload()
+
+    def _retry_later(self) -> None:
+        self._failures += 1
+        cfg = self.config.renewal
+        delay = backoff_delay(self._failures, initial=cfg.retry_initial.total_seconds(), maximum=cfg.retry_max.total_seconds(), rng=self.rng)
+        self._next_attempt = self.clock.now() + dt.timedelta(seconds=delay)
+        self._schedule_wakeup()
+
+    def _schedule_wakeup(self) -> None:
+        if self._scheduler is None or self._next_attempt is None:
+            return
+        # The scheduler runs on the wall clock; check() decides on self.clock, so an early or
+        # late wake-up is harmless and the periodic check catches anything missed.
+        delay = max(0.0, (self._next_attempt - self.clock.now()).total_seconds())
+        run_date = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay)
+        self._scheduler.add_job(self.check, "date", run_date=run_date, id="renewal", replace_existing=True,
+                                misfire_grace_time=None, coalesce=True)
+
+    # -- process ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the credential from disk.
+
+        Raises:
+            AgentError: the credential cannot be loaded, or the listener cannot bind.
+        """
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.reload()
+        if self.source is None:
+            log.warning("no renewal source configured (renewal.ca_home): %s will not be renewed", self.config.name)
+        if self.config.listener is not None:
+            self.listener = GatewayListener(self.config.listener, self.current_context, self.config.trust_domain)
+            try:
+                await self.listener.start()
+            except OSError as exc:
+                raise AgentError(f"listener: cannot listen on {self.config.listener.listen[0]}:{self.config.listener.listen[1]}: {exc}") from None
+        self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
+        self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
+                                id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
+        self._scheduler.start()
+        self._schedule_wakeup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        where = ", ".join(f"{h}:{p}" for h, p in self.listener.addresses) if self.listener else "no listener"
+        log.info("ready: %s %s, %s", self.config.kind, self.config.name,
+                 f"listening on {where}" if self.listener else where)
+        try:
+            await self._stopped.wait()
+        finally:
+            log.info("stopping")
+            self._scheduler.shutdown(wait=False)
+            if self.listener is not None:
+                await self.listener.close()
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading the credential from disk")
+        self.reload()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()

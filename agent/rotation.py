@@ -1,0 +1,131 @@
+"""Rotation of one credential: rekey, request a successor, verify it, install it atomically.
+
+rotate = renew (the CA signs a successor for a new key) + install (new archive version, ``live``
+swapped) + reload (the caller's business, after this returns).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pkictl.clock import Clock
+from pkictl.errors import PKIError
+from pkictl.profile import generate_key
+from pkictl.store import Credential, CredentialStore
+
+from .errors import RenewalError
+
+__all__ = ["RenewalSource", "LocalCA", "build_reenroll_csr", "verify_successor", "rotate"]
+
+
+class RenewalSource(Protocol):
+    """Where a successor certificate comes from (the local CA now; EST over the network later)."""
+
+    def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: Credential) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        """Return the new certificate and its chain (intermediates), or raise RenewalError."""
+        ...
+
+
+class LocalCA:
+    """Renew with the CA in ``home`` directly: for an agent running on the CA host.
+
+    Args:
+        home: the CA home directory.
+        clock: the CA's time source.
+    """
+
+    def __init__(self, home: Path, clock: Clock) -> None:
+        self.home = Path(home)
+        self.clock = clock
+
+    def simple_reenroll(self, csr, current):
+        from pkictl.authority import CertificateAuthority
+
+        try:
+            ca = CertificateAuthority.load(self.home, clock=self.clock)
+            try:
+                return ca.simple_reenroll(csr, current.certificate), ca.chain
+            finally:
+                ca.close()
+        except PKIError as exc:
+            raise RenewalError(f"the CA in {self.home} refused the renewal: {exc}") from exc
+
+
+def build_reenroll_csr(current: x509.Certificate, key) -> x509.CertificateSigningRequest:
+    """A CSR for ``key`` with the subject and SAN of ``current`` (RFC 7030 4.2.2: they MUST be
+    identical to the certificate being renewed)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(current.subject)
+    try:
+        san = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        builder = builder.add_extension(san, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    return builder.sign(key, hashes.SHA256())
+
+
+def verify_successor(new: Credential, current: Credential, anchors: list[x509.Certificate], now: dt.datetime) -> None:
+    """Check a successor before it may replace ``current``.
+
+    Checks: it chains to ``anchors`` for the same purpose (clientAuth or serverAuth, via
+    cryptography's RFC 5280 path validation), its subject and SAN equal the current ones, and it
+    is valid at ``now``. The key match is checked when the Credential is built.
+
+    Raises:
+        RenewalError: naming the check that failed.
+    """
+    if new.certificate.subject != current.certificate.subject:
+        raise RenewalError(f"the CA returned subject {new.certificate.subject.rfc4514_string()}, want {current.certificate.subject.rfc4514_string()}")
+    san_type = x509.SubjectAlternativeName
+    if new.certificate.extensions.get_extension_for_class(san_type).value != current.certificate.extensions.get_extension_for_class(san_type).value:
+        raise RenewalError("the CA returned different subject alternative names")
+    if not new.certificate.not_valid_before_utc <= now < new.certificate.not_valid_after_utc:
+        raise RenewalError(
+            f"the new certificate is not valid now ({now.isoformat()}): valid "
+            f"{new.certificate.not_valid_before_utc.isoformat()} to {new.certificate.not_valid_after_utc.isoformat()}; check the clocks"
+        )
+    builder = verification.PolicyBuilder().store(verification.Store(anchors)).time(now)
+    eku = new.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    try:
+        if ExtendedKeyUsageOID.SERVER_AUTH in eku:
+            builder.build_server_verifier(_server_subject(new.certificate)).verify(new.certificate, list(new.chain))
+        else:
+            builder.build_client_verifier().verify(new.certificate, list(new.chain))
+    except verification.VerificationError as exc:
+        raise RenewalError(f"the new certificate does not verify against the trust anchor: {exc}") from None
+
+
+def _server_subject(certificate: x509.Certificate) -> x509.GeneralName:
+    """The first DNS name (else IP address) a server certificate names, to verify it for."""
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = sans.get_values_for_type(x509.DNSName)
+    return x509.DNSName(dns[0]) if dns else x509.IPAddress(sans.get_values_for_type(x509.IPAddress)[0])
+
+
+def rotate(store: CredentialStore, current: Credential, source: RenewalSource, clock: Clock) -> Credential:
+    """Rekey and renew ``current``, verify the successor and install it in ``store``.
+
+    On any error nothing on disk changes and ``current`` stays in service.
+
+    Returns:
+        The installed successor.
+
+    Raises:
+        RenewalError: the source refused, or the successor failed verification.
+    """
+    key = generate_key()
+    csr = build_reenroll_csr(current.certificate, key)
+    certificate, chain = source.simple_reenroll(csr, current)
+    try:
+        successor = Credential(key, certificate, tuple(chain))
+    except PKIError as exc:
+        raise RenewalError(f"the CA returned a certificate for another key: {exc}") from None
+    verify_successor(successor, current, store.load_trust_anchors(), clock.now())
+    store.install(successor)
+    return successor

@@ -1,0 +1,377 @@
+"""The certificate authority: a root and an issuing CA in a home directory, and issuance policy.
+
+Home layout::
+
+    <home>/ca.yaml                 settings (written last by init: its presence means "a CA is here")
+    <home>/ca.pem                  trust anchor (the root certificate)
+    <home>/root/{cert,key}.pem     root; the key is needed only to certify an issuing CA
+    <home>/issuing/{cert,key}.pem  issuing CA; signs every end-entity certificate
+    <home>/inventory.sqlite3       every issued certificate (:mod:`pkictl.inventory`)
+    <home>/bundles/<name>/         default output of enroll-node / enroll-gateway
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from .clock import Clock, SystemClock
+from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PolicyError, StoreError
+from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
+from .inventory import Inventory, Record
+from .names import validate_name
+from .pem import certificates_to_pem, private_key_from_pem, private_key_to_pem, public_key_bytes
+from .profile import build_end_entity, build_issuing, build_root, generate_key, validity_window
+from .settings import CASettings
+from .store import Credential, CredentialStore
+
+__all__ = ["CertificateAuthority", "Enrollment", "san_strings"]
+
+_SERIAL_ATTEMPTS = 5
+
+
+def san_strings(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The subject alternative names of ``certificate`` as ``DNS:x``, ``IP:x``, ``URI:x`` strings."""
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    out = [f"DNS:{v}" for v in sans.get_values_for_type(x509.DNSName)]
+    out += [f"IP:{v}" for v in sans.get_values_for_type(x509.IPAddress)]
+    out += [f"URI:{v}" for v in sans.get_values_for_type(x509.UniformResourceIdentifier)]
+    return tuple(out)
+
+
+def _check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise PolicyError(f"--ip {value!r}: want an IPv4 or IPv6 address such as 192.168.1.10") from None
+
+
+def _check_dns(value: str) -> str:
+    labels = value.rstrip(".").split(".")
+    try:
+        for label in labels:
+            validate_name(label)
+    except Exception:
+        raise PolicyError(
+            f"--dns {value!r}: want a DNS name made of labels of letters, digits and hyphens, "
+            "such as gateway.example.lan"
+        ) from None
+    if value.lower() == "localhost" or value.lower().endswith(".localhost"):
+        raise PolicyError(f"--dns {value!r}: localhost names are not certified; use --ip 127.0.0.1 for loopback")
+    return value.rstrip(".").lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Enrollment:
+    """What an enrollment produced: the certificate and the bundle directory written."""
+
+    certificate: x509.Certificate
+    directory: Path
+
+
+class CertificateAuthority:
+    """A loaded CA. Create one with :meth:`init` or :meth:`load`, never directly.
+
+    Args:
+        home: the CA home directory.
+        settings: the CA's policy.
+        root: the root (trust anchor) certificate.
+        issuing: the issuing CA certificate.
+        issuing_key: the issuing CA's private key.
+        clock: the time source (inject a :class:`pkictl.clock.FixedClock` in tests).
+    """
+
+    def __init__(self, home: Path, settings: CASettings, root: x509.Certificate, issuing: x509.Certificate, issuing_key, clock: Clock) -> None:
+        self.home = Path(home)
+        self.settings = settings
+        self.root = root
+        self.issuing = issuing
+        self._issuing_key = issuing_key
+        self.clock = clock
+        self._inventory: Inventory | None = None
+
+    # -- creation and loading ---------------------------------------------------------------
+
+    @staticmethod
+    def exists(home: Path) -> bool:
+        return (Path(home) / "ca.yaml").exists()
+
+    @classmethod
+    def init(cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None) -> "CertificateAuthority":
+        """Create a root and an issuing CA in ``home``.
+
+        Everything is written into a staging directory first and moved into place with
+        ``ca.yaml`` last, so an interrupted init never looks like a CA.
+
+        Raises:
+            CAExistsError: ``home`` holds a CA already, or the remains of an interrupted init.
+        """
+        home = Path(home)
+        settings = settings or CASettings()
+        clock = clock or SystemClock()
+        if cls.exists(home):
+            raise CAExistsError(f"a CA exists already in {home}; pkictl never overwrites a CA. Use another --home")
+        leftovers = [n for n in ("root", "issuing", "ca.pem", "inventory.sqlite3") if (home / n).exists()]
+        if leftovers:
+            raise CAExistsError(
+                f"{home} holds {', '.join(leftovers)} but no ca.yaml (an interrupted init-ca?); "
+                "remove them or choose another --home"
+            )
+        make_private_dir(home)
+        now = clock.now()
+        generation = f"{now:%Y-%m-%d} {secrets.token_hex(2)}"  # a distinct subject per CA generation
+        org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, settings.trust_domain)
+
+        root_key = generate_key()
+        root_nb, root_na = validity_window(now, settings.root_lifetime)
+        root_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Root CA {generation}")])
+        root = build_root(root_subject, root_key.public_key(), root_nb, root_na, x509.random_serial_number()).sign(root_key, hashes.SHA256())
+
+        issuing_key = generate_key()
+        iss_nb, iss_na = validity_window(now, settings.issuing_lifetime)
+        issuing_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Issuing CA {generation}")])
+        issuing = build_issuing(issuing_subject, issuing_key.public_key(), root, iss_nb, iss_na, x509.random_serial_number()).sign(root_key, hashes.SHA256())
+
+        staging = home / f".init-{secrets.token_hex(4)}"
+        make_private_dir(staging)
+        try:
+            for part, cert, key in (("root", root, root_key), ("issuing", issuing, issuing_key)):
+                make_private_dir(staging / part)
+                write_new_file(staging / part / "cert.pem", certificates_to_pem([cert]))
+                write_new_file(staging / part / "key.pem", private_key_to_pem(key), PRIVATE_FILE_MODE)
+            write_new_file(staging / "ca.pem", certificates_to_pem([root]))
+            inventory = Inventory(staging / "inventory.sqlite3")
+            for kind, cert in (("root", root), ("issuing", issuing)):
+                cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+                inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False)
+                inventory.record_issued(cert.serial_number, not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, pem=certificates_to_pem([cert]).decode())
+            inventory.close()
+            for name in ("root", "issuing", "ca.pem", "inventory.sqlite3"):
+                os.rename(staging / name, home / name)
+            import yaml
+
+            atomic_write(home / "ca.yaml", ("# pkictl CA settings, written by init-ca\n" + yaml.safe_dump(settings.to_dict(), sort_keys=False)).encode())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return cls(home, settings, root, issuing, issuing_key, clock)
+
+    @classmethod
+    def load(cls, home: Path, *, clock: Clock | None = None) -> "CertificateAuthority":
+        """Load the CA in ``home`` (only the issuing key is read; the root key may be offline).
+
+        Raises:
+            CANotFoundError: no CA in ``home``.
+            KeyProtectionError: the issuing key is readable by others or is a symlink.
+            SettingsError: ca.yaml is malformed.
+        """
+        home = Path(home)
+        if not cls.exists(home):
+            raise CANotFoundError(f"no CA in {home}: run 'pkictl init-ca' first, or pass --home / set PKICTL_HOME")
+        settings = CASettings.load(home / "ca.yaml")
+        root = x509.load_pem_x509_certificate((home / "root" / "cert.pem").read_bytes())
+        issuing = x509.load_pem_x509_certificate((home / "issuing" / "cert.pem").read_bytes())
+        key_path = home / "issuing" / "key.pem"
+        issuing_key = private_key_from_pem(read_private_file(key_path), source=str(key_path))
+        if public_key_bytes(issuing_key.public_key()) != public_key_bytes(issuing.public_key()):
+            raise StoreError(f"{key_path} does not match {home / 'issuing' / 'cert.pem'}")
+        return cls(home, settings, root, issuing, issuing_key, clock or SystemClock())
+
+    @property
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = Inventory(self.home / "inventory.sqlite3")
+        return self._inventory
+
+    def close(self) -> None:
+        if self._inventory is not None:
+            self._inventory.close()
+            self._inventory = None
+
+    @property
+    def trust_anchors(self) -> list[x509.Certificate]:
+        return [self.root]
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Intermediates an end entity sends with its certificate (the issuing CA)."""
+        return (self.issuing,)
+
+    # -- issuance -----------------------------------------------------------------------------
+
+    def issue(
+        self,
+        kind: str,
+        name: str,
+        public_key,
+        *,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+        first: bool = True,
+    ) -> x509.Certificate:
+        """Sign an end-entity certificate for ``name`` with the identity policy gives it.
+
+        The intent is recorded in the inventory before signing, so nothing is ever signed
+        without a record (a crash leaves a ``pending`` row, never an unrecorded certificate).
+
+        Args:
+            kind: ``"node"`` (clientAuth) or ``"gateway"`` (serverAuth).
+            name: node or gateway name (a DNS label).
+            public_key: the subject's public key; P-256, P-384, RSA >= 2048 or Ed25519.
+            dns_names, ip_addresses: gateway SANs (at least one of them for a gateway).
+            first: a first enrollment (refused while the name holds an unexpired certificate);
+                False for a renewal.
+
+        Raises:
+            InvalidNameError, PolicyError: bad name, SAN or key.
+            AlreadyEnrolledError: ``first`` and the name is taken.
+        """
+        validate_name(name)
+        _check_public_key(public_key)
+        if kind == "gateway":
+            dns_names = [_check_dns(d) for d in dns_names]
+            ip_addresses = [_check_ip(i) for i in ip_addresses]
+            if not dns_names and not ip_addresses:
+                raise PolicyError("a gateway certificate needs at least one --dns NAME or --ip ADDRESS that nodes dial")
+        elif kind == "node":
+            dns_names, ip_addresses = (), ()
+        else:
+            raise PolicyError(f"kind {kind!r}: want node or gateway")
+        now = self.clock.now()
+        not_before, not_after = validity_window(now, self.settings.lifetime(kind))
+        if not_after > self.issuing.not_valid_after_utc:
+            raise PolicyError(
+                f"the issuing CA expires at {self.issuing.not_valid_after_utc.isoformat()}, before the "
+                f"new certificate would ({not_after.isoformat()}); rotate the issuing CA first"
+            )
+        for attempt in range(_SERIAL_ATTEMPTS):
+            serial = x509.random_serial_number()
+            builder = build_end_entity(
+                kind, name=name, trust_domain=self.settings.trust_domain, public_key=public_key,
+                issuer=self.issuing, not_before=not_before, not_after=not_after, serial=serial,
+                dns_names=dns_names, ip_addresses=ip_addresses,
+            )
+            sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
+            try:
+                self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first)
+                break
+            except sqlite3.IntegrityError:
+                continue  # a serial collision: 2^-159 odds, but never reuse one
+        else:  # pragma: no cover - needs a broken random source
+            raise PolicyError("could not draw an unused serial number; is the random source broken?")
+        try:
+            certificate = builder.sign(self._issuing_key, hashes.SHA256())
+        except Exception:
+            self.inventory.record_failed(serial)
+            raise
+        self.inventory.record_issued(serial, not_before=not_before, not_after=not_after, pem=certificates_to_pem([certificate]).decode())
+        return certificate
+
+    def enroll(
+        self,
+        kind: str,
+        name: str,
+        *,
+        out: Path | None = None,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+    ) -> Enrollment:
+        """Make a key, issue the first certificate for ``name`` and write its bundle directory.
+
+        Args:
+            out: bundle directory (must not exist or be empty); default ``<home>/bundles/<name>``.
+
+        Raises:
+            InvalidNameError, PolicyError, AlreadyEnrolledError: see :meth:`issue`.
+            StoreError: ``out`` exists and is not empty (checked before anything is issued).
+        """
+        validate_name(name)
+        out = Path(out) if out is not None else self.home / "bundles" / name
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise StoreError(f"{out} exists and is not empty; choose another --out directory")
+        key = generate_key()
+        certificate = self.issue(kind, name, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses)
+        CredentialStore.create(out, Credential(key, certificate, self.chain), self.trust_anchors)
+        return Enrollment(certificate, out)
+
+    def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, rekey: bool = True) -> x509.Certificate:
+        """Issue a successor to ``current`` for the key in ``csr`` (RFC 7030 section 4.2.2).
+
+        Args:
+            csr: the renewal request; its signature proves possession of the new key.
+            current: the certificate being renewed; it authenticates the request.
+            rekey: require a new key (the default; renewing with the same key is refused).
+
+        Raises:
+            PolicyError: ``current`` was not issued by this CA, is expired or unknown; the CSR's
+                signature is invalid, its key unacceptable or reused, or its subject or subject
+                alternative names differ from ``current`` (RFC 7030 4.2.2: they MUST be identical).
+            NotEnrolledError: the inventory has no issued record of ``current``.
+        """
+        now = self.clock.now()
+        try:
+            current.verify_directly_issued_by(self.issuing)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise PolicyError(f"certificate serial {current.serial_number:x} was not issued by this CA ({exc})") from None
+        if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
+            raise PolicyError(
+                f"certificate serial {current.serial_number:x} is not valid now (valid "
+                f"{current.not_valid_before_utc.isoformat()} to {current.not_valid_after_utc.isoformat()}); "
+                "an expired certificate cannot renew itself: enroll again"
+            )
+        record = self.inventory.get(current.serial_number)
+        if record is None or record.status != "issued" or record.kind not in ("node", "gateway"):
+            raise NotEnrolledError(f"certificate serial {current.serial_number:x} is not in the inventory as an issued end entity")
+        if not csr.is_signature_valid:
+            raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")
+        if csr.subject != current.subject:
+            raise PolicyError(f"CSR subject {csr.subject.rfc4514_string()!r} differs from the current certificate's {current.subject.rfc4514_string()!r} (RFC 7030 4.2.2)")
+        try:
+            csr_sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            csr_sans = None
+        current_sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if csr_sans != current_sans:
+            raise PolicyError("CSR subject alternative names differ from the current certificate's (RFC 7030 4.2.2)")
+        if rekey and public_key_bytes(csr.public_key()) == public_key_bytes(current.public_key()):
+            raise PolicyError("the CSR reuses the current key; a renewal needs a new key (rekey)")
+        dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
+        ips = [s[3:] for s in record.sans if s.startswith("IP:")]
+        return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False)
+
+    def record(self, name: str, kind: str) -> Record:
+        """The newest issued record of ``name``.
+
+        Raises:
+            NotEnrolledError: none.
+        """
+        for record in self.inventory.records():
+            if record.kind == kind and record.name.lower() == name.lower():
+                return record
+        raise NotEnrolledError(f"no {kind} named {name} in the inventory of {self.home}")
+
+
+def _check_public_key(public_key) -> None:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in ("secp256r1", "secp384r1"):
+            raise PolicyError(f"EC key on {public_key.curve.name}: want P-256 or P-384")
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise PolicyError(f"RSA key of {public_key.key_size} bits: want at least 2048")
+    elif not isinstance(public_key, ed25519.Ed25519PublicKey):
+        raise PolicyError(f"{type(public_key).__name__}: want an ECDSA P-256/P-384, RSA >= 2048 or Ed25519 key")

@@ -1,0 +1,193 @@
+"""The ``pkictl`` command line: a thin shell over :mod:`pkictl.authority`.
+
+Heavy imports (cryptography, yaml) happen inside commands so that ``pkictl --version`` and
+``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import PKIError
+
+__all__ = ["main", "cli", "default_home", "PKIGroup"]
+
+
+def default_home() -> Path:
+    """The per-user CA home (``~/.local/share/pkictl`` on Linux), used without --home/PKICTL_HOME."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("pkictl", appauthor=False))
+
+
+class _Obj:
+    def __init__(self, home: Path | None) -> None:
+        self.home = home or default_home()
+
+    def load_ca(self):
+        from .authority import CertificateAuthority
+
+        return CertificateAuthority.load(self.home)
+
+
+def _duration(ctx, param, value):
+    if value is None:
+        return None
+    from .settings import parse_duration
+
+    try:
+        return parse_duration(value, field=f"--{param.name.replace('_', '-')}")
+    except PKIError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+class PKIGroup(click.Group):
+    """Turns every PKIError into a ClickException: the message on stderr, exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PKIError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=PKIGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pkictl")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PKICTL_HOME",
+    help="CA home directory (default: a per-user data directory; env PKICTL_HOME).",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """pkictl: a private CA for mutual TLS between a gateway and its nodes."""
+    ctx.obj = _Obj(home)
+
+
+@cli.command("init-ca")
+@click.option("--trust-domain", default="pkictl.internal", show_default=True, help="SPIFFE trust domain of node identities.")
+@click.option("--node-lifetime", callback=_duration, help="Validity of node certificates, e.g. 90d (default 90d).")
+@click.option("--gateway-lifetime", callback=_duration, help="Validity of gateway certificates (default 90d).")
+@click.option("--renewal-fraction", type=float, default=2 / 3, show_default="2/3", help="Renew after this share of the lifetime.")
+@click.pass_obj
+def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fraction) -> None:
+    """Create a root CA and an issuing CA (ECDSA P-256) in the CA home."""
+    from cryptography.hazmat.primitives import hashes
+
+    from .authority import CertificateAuthority
+    from .settings import CASettings
+
+    values = {"trust_domain": trust_domain, "renewal_fraction": renewal_fraction}
+    if node_lifetime:
+        values["node_lifetime"] = node_lifetime
+    if gateway_lifetime:
+        values["gateway_lifetime"] = gateway_lifetime
+    ca = CertificateAuthority.init(obj.home, CASettings(**values))
+    fingerprint = ca.root.fingerprint(hashes.SHA256()).hex()
+    click.echo(f"created CA in {obj.home}")
+    click.echo(f"  root:        {ca.root.subject.rfc4514_string()}  (not after {ca.root.not_valid_after_utc:%Y-%m-%d})")
+    click.echo(f"  issuing CA:  {ca.issuing.subject.rfc4514_string()}  (not after {ca.issuing.not_valid_after_utc:%Y-%m-%d})")
+    click.echo(f"  trust anchor {obj.home / 'ca.pem'}  sha256:{fingerprint}")
+
+
+def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None) -> Path:
+    from pki_agent.config import render_agent_config
+
+    from .files import atomic_write
+
+    path = enrollment.directory / "agent.yaml"
+    text = render_agent_config(
+        name=name, kind=kind, trust_domain=ca.settings.trust_domain, ca_home=ca.home.resolve(),
+        fraction=ca.settings.renewal_fraction, listener=listener,
+    )
+    atomic_write(path, text.encode())
+    return path
+
+
+def _report_enrollment(enrollment, config_path: Path) -> None:
+    cert = enrollment.certificate
+    click.echo(f"issued {cert.subject.rfc4514_string()} serial {cert.serial_number:x}, not after {cert.not_valid_after_utc.isoformat()}")
+    click.echo(f"bundle: {enrollment.directory}  (cert.pem chain.pem fullchain.pem privkey.pem ca.pem agent.yaml)")
+    click.echo(f"run its agent: pki-agent run --config {config_path}")
+
+
+@cli.command("enroll-node")
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
+@click.pass_obj
+def enroll_node(obj: _Obj, name: str, out: Path | None) -> None:
+    """Issue node NAME's client certificate (clientAuth) and write its bundle."""
+    from .names import validate_name
+
+    validate_name(name)
+    ca = obj.load_ca()
+    enrollment = ca.enroll("node", name, out=out)
+    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None))
+
+
+@cli.command("enroll-gateway")
+@click.argument("name")
+@click.option("--dns", "dns_names", multiple=True, help="DNS name nodes dial (repeatable).")
+@click.option("--ip", "ip_addresses", multiple=True, help="IP address nodes dial (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="Where the agent's mTLS listener accepts nodes.")
+@click.option("--upstream", default="127.0.0.1:18789", show_default=True, help="The real gateway (plain TCP) the listener forwards to.")
+@click.pass_obj
+def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream) -> None:
+    """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
+    from pki_agent.config import parse_address
+
+    from .names import validate_name
+
+    validate_name(name)
+    for option, value in (("--listen", listen), ("--upstream", upstream)):
+        try:
+            parse_address(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+    ca = obj.load_ca()
+    enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses)
+    path = _write_agent_config(ca, enrollment, "gateway", name, {"listen": listen, "upstream": upstream})
+    _report_enrollment(enrollment, path)
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects) instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="Include superseded certificates.")
+@click.pass_obj
+def status(obj: _Obj, as_json: bool, show_all: bool) -> None:
+    """Show every issued certificate: expiry, renewal time and state."""
+    from .clock import SystemClock
+    from .status import status_rows
+
+    ca = obj.load_ca()
+    rows = status_rows(ca.inventory.records(latest_only=not show_all), SystemClock().now(), fraction=ca.settings.renewal_fraction)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    table = [("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")]
+    for r in rows:
+        table.append((r.name, r.kind, r.serial[:16], f"{r.not_after:%Y-%m-%d %H:%M:%S}", f"{r.days_left:.1f}", f"{r.renewal_due:%Y-%m-%d %H:%M:%S}", r.state))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@cli.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("pkictl-demo"), show_default=True, help="Where the demo CA and bundles go (must not exist).")
+@click.option("--lifetime", default="15s", show_default=True, help="Gateway and node certificate lifetime, short so a rotation happens during the demo.")
+def demo(directory: Path, lifetime: str) -> None:
+    """Run the main job on this machine: CA, gateway and node TW, the agent, mTLS, a rotation."""
+    from pki_agent.demo import run_demo
+
+    run_demo(directory, lifetime=lifetime, echo=click.echo)
+
+
+def main() -> None:
+    """Entry point of the ``pkictl`` console script."""
+    cli(prog_name="pkictl")

@@ -1,0 +1,64 @@
+"""PEM encoding and decoding of certificates and keys (thin helpers over cryptography)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .errors import StoreError
+
+__all__ = [
+    "PrivateKey",
+    "certificates_to_pem",
+    "certificates_from_pem",
+    "private_key_to_pem",
+    "private_key_from_pem",
+    "public_key_bytes",
+]
+
+PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
+
+
+def certificates_to_pem(certificates: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+def certificates_from_pem(data: bytes, *, source: str) -> list[x509.Certificate]:
+    """Decode every certificate of a PEM bundle.
+
+    Raises:
+        StoreError: the data holds no certificate or is not PEM; the message names ``source``.
+    """
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise StoreError(f"{source}: not a PEM certificate bundle ({exc})") from None
+    return certificates
+
+
+def private_key_to_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
+    """Decode an unencrypted PEM private key.
+
+    Raises:
+        StoreError: not a PEM private key, or encrypted; the message names ``source``.
+    """
+    try:
+        return serialization.load_pem_private_key(data, password=None)  # type: ignore[return-value]
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"{source}: not an unencrypted PEM private key ({exc})") from None
+
+
+def public_key_bytes(key) -> bytes:
+    """SubjectPublicKeyInfo DER of a public key, for comparing keys."""
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,149 @@
+"""CA settings (trust domain, lifetimes, renewal fraction): a frozen value stored as YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import SettingsError
+
+__all__ = ["CASettings", "parse_duration", "format_duration", "DEFAULT_RENEWAL_FRACTION"]
+
+DEFAULT_RENEWAL_FRACTION = 2 / 3
+
+_DURATION = re.compile(r"\s*(\d+)\s*([smhdy]?)\s*")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str | int, *, field: str = "duration") -> dt.timedelta:
+    """Parse ``90d``, ``12h``, ``30m``, ``10s``, ``10y`` or a bare number of seconds.
+
+    Args:
+        text: the duration as written by an operator, or an int of seconds.
+        field: the name of the setting, for the error message.
+
+    Returns:
+        A positive timedelta.
+
+    Raises:
+        SettingsError: not of the form ``<integer><unit>`` or not positive.
+    """
+    if isinstance(text, bool):
+        raise SettingsError(f"{field}: got {text!r}, want a duration such as 90d, 12h or 30s")
+    if isinstance(text, int):
+        seconds = text
+    else:
+        match = _DURATION.fullmatch(str(text))
+        if not match:
+            raise SettingsError(
+                f"{field}: got {text!r}, want a duration such as 90d, 12h, 30m or 10s "
+                "(units: s, m, h, d, y = 365 d)"
+            )
+        seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise SettingsError(f"{field}: got {text!r}, want a duration greater than zero")
+    return dt.timedelta(seconds=seconds)
+
+
+def format_duration(value: dt.timedelta) -> str:
+    """The shortest exact ``<integer><unit>`` spelling of ``value`` (inverse of parse_duration)."""
+    seconds = int(value.total_seconds())
+    for unit in ("y", "d", "h", "m"):
+        if seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class CASettings:
+    """Policy of one CA, fixed at ``init-ca`` and kept in ``<home>/ca.yaml``.
+
+    Attributes:
+        trust_domain: the SPIFFE trust domain of node identities (``spiffe://<trust_domain>/...``).
+        root_lifetime: validity of the root certificate.
+        issuing_lifetime: validity of the issuing CA; must outlive every end-entity certificate.
+        node_lifetime: validity of node (client) certificates, 90 days by default.
+        gateway_lifetime: validity of gateway (server) certificates, 90 days by default.
+        renewal_fraction: renew at notBefore + fraction x lifetime, in (0, 1); 2/3 by default.
+    """
+
+    trust_domain: str = "pkictl.internal"
+    root_lifetime: dt.timedelta = dt.timedelta(days=3650)
+    issuing_lifetime: dt.timedelta = dt.timedelta(days=5 * 365)
+    node_lifetime: dt.timedelta = dt.timedelta(days=90)
+    gateway_lifetime: dt.timedelta = dt.timedelta(days=90)
+    renewal_fraction: float = DEFAULT_RENEWAL_FRACTION
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?", self.trust_domain):
+            raise SettingsError(
+                f"trust_domain: got {self.trust_domain!r}, want a lower-case DNS name such as "
+                "example.lan (SPIFFE trust domain)"
+            )
+        if not 0 < self.renewal_fraction < 1:
+            raise SettingsError(
+                f"renewal_fraction: got {self.renewal_fraction}, want a number between 0 and 1 "
+                "(2/3 = renew after two thirds of the lifetime)"
+            )
+        if self.issuing_lifetime > self.root_lifetime:
+            raise SettingsError(
+                f"issuing_lifetime: got {format_duration(self.issuing_lifetime)}, want at most the "
+                f"root_lifetime {format_duration(self.root_lifetime)}"
+            )
+        longest_leaf = max(self.node_lifetime, self.gateway_lifetime)
+        if longest_leaf >= self.issuing_lifetime:
+            raise SettingsError(
+                f"end-entity lifetime {format_duration(longest_leaf)} must be shorter than the "
+                f"issuing_lifetime {format_duration(self.issuing_lifetime)}"
+            )
+
+    def lifetime(self, kind: str) -> dt.timedelta:
+        """Validity of a new certificate of ``kind`` (``root``, ``issuing``, ``node``, ``gateway``)."""
+        return getattr(self, f"{kind}_lifetime")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = format_duration(value) if isinstance(value, dt.timedelta) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "settings") -> "CASettings":
+        """Build settings from a mapping as stored in ca.yaml.
+
+        Raises:
+            SettingsError: unknown keys, malformed durations or contradictory values; the
+                message names ``source`` and the field.
+        """
+        if not isinstance(data, dict):
+            raise SettingsError(f"{source}: want a mapping of settings, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise SettingsError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        values: dict[str, Any] = {}
+        try:
+            for key, value in data.items():
+                if key.endswith("_lifetime"):
+                    values[key] = parse_duration(value, field=key)
+                elif key == "renewal_fraction":
+                    values[key] = float(value)
+                else:
+                    values[key] = str(value)
+            return cls(**values)
+        except (SettingsError, ValueError, TypeError) as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> "CASettings":
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,225 @@
+"""A credential directory: numbered versions under ``archive/`` behind an atomic ``live`` symlink.
+
+Layout (what ``pkictl enroll-*`` writes and ``pki-agent`` renews in place)::
+
+    <dir>/ca.pem                trust anchors (our root)
+    <dir>/archive/<N>/          cert.pem chain.pem fullchain.pem privkey.pem (0600)
+    <dir>/live -> archive/<N>   replaced atomically, so a certificate and its key change together
+    <dir>/cert.pem -> live/cert.pem (and the other three): stable paths for other software
+
+Writing two files with temp+rename each can leave a mismatched pair after a crash; one symlink
+swap cannot (../shared/DESIGN.md, "Files on disk").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from cryptography import x509
+
+from .errors import StoreError
+from .files import (
+    PRIVATE_FILE_MODE,
+    PUBLIC_FILE_MODE,
+    atomic_write,
+    fsync_dir,
+    make_private_dir,
+    read_private_file,
+    write_new_file,
+)
+from .pem import (
+    PrivateKey,
+    certificates_from_pem,
+    certificates_to_pem,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_key_bytes,
+)
+
+__all__ = ["Credential", "CredentialStore", "CREDENTIAL_FILES"]
+
+CREDENTIAL_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """An end entity's private key, certificate and the intermediates up to the trust anchor.
+
+    Attributes:
+        private_key: the end entity's key.
+        certificate: the end-entity certificate.
+        chain: intermediate CA certificates, the leaf's issuer first (not the trust anchor).
+    """
+
+    private_key: PrivateKey
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+
+    def __post_init__(self) -> None:
+        if public_key_bytes(self.private_key.public_key()) != public_key_bytes(self.certificate.public_key()):
+            raise StoreError(
+                f"private key does not match the certificate (serial {self.certificate.serial_number:x})"
+            )
+
+    @property
+    def fullchain(self) -> tuple[x509.Certificate, ...]:
+        return (self.certificate, *self.chain)
+
+
+class CredentialStore:
+    """One end entity's credential directory (see the module docstring for the layout).
+
+    Args:
+        directory: the credential directory.
+        keep: how many versions :meth:`install` keeps under ``archive/`` (at least 2).
+    """
+
+    def __init__(self, directory: Path, *, keep: int = 5) -> None:
+        self.directory = Path(directory)
+        self.keep = max(2, keep)
+
+    @property
+    def live(self) -> Path:
+        return self.directory / "live"
+
+    @property
+    def trust_anchors_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def archive(self) -> Path:
+        return self.directory / "archive"
+
+    def versions(self) -> list[int]:
+        """The version numbers present under ``archive/``, ascending."""
+        try:
+            return sorted(int(p.name) for p in self.archive.iterdir() if p.name.isdigit())
+        except FileNotFoundError:
+            return []
+
+    def current_version_dir(self) -> Path:
+        """Resolve ``live`` once, so that all files of one load come from the same version.
+
+        Raises:
+            StoreError: ``live`` is missing or is not a symlink into ``archive/``.
+        """
+        if not self.live.is_symlink():
+            if self.live.exists():
+                raise StoreError(
+                    f"{self.live} is not a symlink: the credential directory was probably copied "
+                    "with a tool that follows links; copy it with 'tar' or 'rsync -a', or run "
+                    "'pkictl enroll-*' again"
+                )
+            raise StoreError(f"{self.directory} holds no credential (no 'live' link): enroll first")
+        target = os.readlink(self.live)
+        parts = Path(target).parts
+        if len(parts) != 2 or parts[0] != "archive" or not parts[1].isdigit():
+            raise StoreError(f"{self.live} points to {target!r}, expected archive/<number>")
+        return self.directory / target
+
+    def load_trust_anchors(self) -> list[x509.Certificate]:
+        """Read ``ca.pem``.
+
+        Raises:
+            StoreError: missing or not PEM certificates.
+        """
+        try:
+            data = self.trust_anchors_path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.trust_anchors_path} is missing: the trust anchor is needed") from None
+        return certificates_from_pem(data, source=str(self.trust_anchors_path))
+
+    def load(self, version: Path | None = None) -> Credential:
+        """Read the current version, or ``version`` (a directory from :meth:`current_version_dir`).
+
+        Raises:
+            StoreError: a file is missing or malformed, or the key does not match the certificate.
+            KeyProtectionError: ``privkey.pem`` is readable by others or is a symlink.
+        """
+        version = version or self.current_version_dir()
+        try:
+            cert_data = (version / "cert.pem").read_bytes()
+            chain_data = (version / "chain.pem").read_bytes()
+            key_data = read_private_file(version / "privkey.pem")
+        except FileNotFoundError as exc:
+            raise StoreError(f"{exc.filename} is missing from the credential version {version}") from None
+        certificate = certificates_from_pem(cert_data, source=str(version / "cert.pem"))[0]
+        chain = certificates_from_pem(chain_data, source=str(version / "chain.pem")) if chain_data.strip() else []
+        key = private_key_from_pem(key_data, source=str(version / "privkey.pem"))
+        try:
+            return Credential(key, certificate, tuple(chain))
+        except StoreError as exc:
+            raise StoreError(f"{version}: {exc}") from None
+
+    def install(self, credential: Credential) -> Path:
+        """Write ``credential`` as a new version and point ``live`` at it atomically.
+
+        The new version is complete and flushed to disk before the link moves; a crash at any
+        moment leaves ``live`` on a complete, matching version. Old versions beyond ``keep`` are
+        removed afterwards.
+
+        Returns:
+            The new version directory.
+        """
+        make_private_dir(self.archive)
+        number = (self.versions() or [0])[-1] + 1
+        while True:
+            version = self.archive / str(number)
+            try:
+                version.mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                number += 1  # another writer, or a half-written version left by a crash
+        write_new_file(version / "cert.pem", certificates_to_pem([credential.certificate]))
+        write_new_file(version / "chain.pem", certificates_to_pem(credential.chain))
+        write_new_file(version / "fullchain.pem", certificates_to_pem(credential.fullchain))
+        write_new_file(version / "privkey.pem", private_key_to_pem(credential.private_key), PRIVATE_FILE_MODE)
+        fsync_dir(version)
+        fsync_dir(self.archive)
+
+        tmp_link = self.directory / f".live.{number}.tmp"
+        try:
+            tmp_link.unlink()
+        except FileNotFoundError:
+            pass
+        os.symlink(f"archive/{number}", tmp_link)
+        os.replace(tmp_link, self.live)
+        fsync_dir(self.directory)
+        self._ensure_stable_links()
+        self._prune(current=number)
+        return version
+
+    def write_trust_anchors(self, anchors: Sequence[x509.Certificate]) -> None:
+        """Replace ``ca.pem`` atomically."""
+        atomic_write(self.trust_anchors_path, certificates_to_pem(anchors), PUBLIC_FILE_MODE)
+
+    @classmethod
+    def create(cls, directory: Path, credential: Credential, anchors: Sequence[x509.Certificate]) -> "CredentialStore":
+        """Make a new credential directory holding ``credential`` as version 1.
+
+        Raises:
+            StoreError: ``directory`` exists and is not empty (nothing is overwritten).
+        """
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise StoreError(f"{directory} exists and is not empty; choose another --out directory")
+        make_private_dir(directory)
+        store = cls(directory)
+        store.write_trust_anchors(anchors)
+        store.install(credential)
+        return store
+
+    def _ensure_stable_links(self) -> None:
+        for name in CREDENTIAL_FILES:
+            link = self.directory / name
+            if not link.is_symlink() and not link.exists():
+                os.symlink(f"live/{name}", link)
+
+    def _prune(self, *, current: int) -> None:
+        old = [n for n in self.versions() if n != current]
+        for number in old[: max(0, len(old) - (self.keep - 1))]:
+            shutil.rmtree(self.archive / str(number), ignore_errors=True)
