@@ -168,7 +168,16 @@ def load_config(path: Path) -> AgentConfig:
     return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal})
 
 
-def render_agent_config(*, name: str, kind: str, trust_domain: str, ca_home: Path, fraction: float = 2 / 3, listener: dict | None = None) -> str:
+def render_agent_config(
+    *,
+    name: str,
+    kind: str,
+    trust_domain: str,
+    ca_home: Path,
+    fraction: float = 2 / 3,
+    check_interval: str = "60s",
+    listener: dict | None = None,
+) -> str:
     """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle."""
     lines = [
         f"# pki-agent configuration for {kind} {name}, written by pkictl enroll-{kind}.",
@@ -181,7 +190,7 @@ def render_agent_config(*, name: str, kind: str, trust_domain: str, ca_home: Pat
         f"  ca_home: {ca_home}  # renew with the CA directly (CA host only)",
         f"  fraction: {fraction:.4f}         # renew after this share of the certificate's lifetime",
         "  jitter: 0.05             # ... up to 5% of the lifetime earlier",
-        "  check_interval: 60s      # level-triggered re-check (survives sleep and clock jumps)",
+        f"  check_interval: {check_interval}      # level-triggered re-check (survives sleep and clock jumps)",
     ]
     if listener:
         lines += [

@@ -14,6 +14,7 @@ import logging
 import random
 import signal
 import ssl
+from typing import Callable
 
 from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
@@ -167,8 +168,12 @@ class Agent:
 
     # -- process ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads the credential from disk.
+    async def run(self, *, handle_signals: bool = True, ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT or :meth:`stop`; SIGHUP reloads the credential from disk.
+
+        Args:
+            handle_signals: install the signal handlers (only possible in the main thread).
+            ready: called once the listener is bound and the scheduler runs.
 
         Raises:
             AgentError: the credential cannot be loaded, or the listener cannot bind.
@@ -191,12 +196,15 @@ class Agent:
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
         self._scheduler.start()
         self._schedule_wakeup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stopped.set)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         where = ", ".join(f"{h}:{p}" for h, p in self.listener.addresses) if self.listener else "no listener"
         log.info("ready: %s %s, %s", self.config.kind, self.config.name,
                  f"listening on {where}" if self.listener else where)
+        if ready is not None:
+            ready()
         try:
             await self._stopped.wait()
         finally:
@@ -210,5 +218,6 @@ class Agent:
         self.reload()
 
     def stop(self) -> None:
+        """Ask :meth:`run` to return; call it on the agent's event loop."""
         if self._stopped is not None:
             self._stopped.set()

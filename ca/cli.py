@@ -163,19 +163,15 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
 def status(obj: _Obj, as_json: bool, show_all: bool) -> None:
     """Show every issued certificate: expiry, renewal time and state."""
     from .clock import SystemClock
-    from .status import status_rows
+    from .status import format_table, status_rows
 
     ca = obj.load_ca()
     rows = status_rows(ca.inventory.records(latest_only=not show_all), SystemClock().now(), fraction=ca.settings.renewal_fraction)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
-    table = [("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")]
-    for r in rows:
-        table.append((r.name, r.kind, r.serial[:16], f"{r.not_after:%Y-%m-%d %H:%M:%S}", f"{r.days_left:.1f}", f"{r.renewal_due:%Y-%m-%d %H:%M:%S}", r.state))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for line in format_table(rows):
+        click.echo(line)
 
 
 @cli.command("demo")

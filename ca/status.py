@@ -9,7 +9,7 @@ from typing import Any
 from .inventory import Record
 from .renewal import certificate_state, renewal_time
 
-__all__ = ["StatusRow", "status_rows"]
+__all__ = ["StatusRow", "status_rows", "format_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +57,13 @@ def status_rows(records: list[Record], now: dt.datetime, *, fraction: float) -> 
             )
         )
     return rows
+
+
+def format_table(rows: list[StatusRow]) -> list[str]:
+    """The rows as aligned text lines under a header, times in UTC."""
+    table = [("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")]
+    for r in rows:
+        table.append((r.name, r.kind, r.serial[:16], f"{r.not_after:%Y-%m-%d %H:%M:%S}", f"{r.days_left:.1f}",
+                      f"{r.renewal_due:%Y-%m-%d %H:%M:%S}", r.state))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -1,0 +1,103 @@
+"""Shared fixtures: a real CA with a gateway and node TW, and an in-process gateway agent."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from pki_agent.config import AgentConfig, ListenerConfig, RenewalConfig
+from pki_agent.daemon import Agent
+from pkictl.authority import CertificateAuthority
+from pkictl.settings import CASettings
+
+from support import DEADLINE, EchoServer
+
+
+@dataclasses.dataclass
+class PKI:
+    """A CA home with gateway ``gw`` (IP SAN 127.0.0.1) and node ``TW`` enrolled."""
+
+    home: Path
+    ca: CertificateAuthority
+    gateway: Path
+    node: Path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PKI:
+    ca = CertificateAuthority.init(tmp_path / "ca", CASettings())
+    gateway = ca.enroll("gateway", "gw", out=tmp_path / "gw", ip_addresses=["127.0.0.1"]).directory
+    node = ca.enroll("node", "TW", out=tmp_path / "TW").directory
+    yield PKI(tmp_path / "ca", ca, gateway, node)
+    ca.close()
+
+
+@pytest.fixture
+def echo_server():
+    with EchoServer() as server:
+        yield server
+
+
+class RunningAgent:
+    """An Agent running on its own event loop thread; call into it with :meth:`call`."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.agent.run(handle_signals=False, ready=self._ready.set))
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+            self._ready.set()
+
+    def start(self) -> "RunningAgent":
+        self._thread.start()
+        assert self._ready.wait(DEADLINE), "agent did not become ready"
+        if self.error:
+            raise self.error
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.agent.listener.addresses[0][1]
+
+    def call(self, coro_or_fn):
+        """Run a coroutine (or a plain callable) on the agent's loop and return its result."""
+        if asyncio.iscoroutine(coro_or_fn):
+            return asyncio.run_coroutine_threadsafe(coro_or_fn, self.loop).result(DEADLINE)
+
+        async def wrapper():
+            return coro_or_fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(DEADLINE)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.agent.stop)
+            self._thread.join(DEADLINE)
+        self.loop.close()
+
+
+@pytest.fixture
+def gateway_agent(pki: PKI, echo_server: EchoServer, caplog):
+    """The gateway's agent with its listener on 127.0.0.1 (port 0), forwarding to the echo server."""
+    caplog.set_level(logging.INFO, logger="pki_agent")
+    config = AgentConfig(
+        name="gw", kind="gateway", credential_dir=pki.gateway,
+        renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),
+        listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", handshake_timeout=2),
+    )
+    running = RunningAgent(Agent(config)).start()
+    yield running
+    running.stop()

@@ -1,0 +1,218 @@
+"""Test support: a real TCP echo upstream, a watcher of a real process's log, real TLS clients."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cryptography import x509
+
+BIN = Path(sys.executable).parent
+DEADLINE = 30.0  # seconds: the bound of every wait in these tests
+
+
+def command(name: str) -> str:
+    """The installed console script ``name`` of this virtualenv (pkictl, pki-agent)."""
+    path = BIN / name
+    assert path.exists(), f"{path} is missing: install the project (pip install -e '.[test]')"
+    return str(path)
+
+
+class EchoServer:
+    """A plain TCP echo server on 127.0.0.1, port 0: the stand-in for the real gateway."""
+
+    def __init__(self) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                while data := self.request.recv(65536):
+                    self.request.sendall(data)
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "EchoServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class LogWatcher:
+    """Collects the lines a subprocess writes to one stream and waits for patterns in them."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match:
+        """Wait until a line at index >= ``start`` matches ``pattern``; fail after ``timeout`` s."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.lines):
+                if match := regex.search(self.lines[index]):
+                    return match
+                index += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; log:\n" + "\n".join(self.lines))
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"process ended before a line matched {pattern!r}; log:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+
+    def mark(self) -> int:
+        """The index the next line will get: pass it as ``start`` to wait only for newer lines."""
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return len(self.lines)
+            if line is not None:
+                self.lines.append(line)
+
+    def text(self) -> str:
+        self.mark()
+        return "\n".join(self.lines)
+
+
+class AgentProcess:
+    """``pki-agent run --config FILE`` as a real subprocess, its stderr watched."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen(
+            [command("pki-agent"), "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log = LogWatcher(self.proc.stderr)
+
+    def wait_ready(self) -> tuple[str, int] | None:
+        match = self.log.wait_for(r"ready: \w+ \S+, (?:listening on (\S+):(\d+)|no listener)")
+        return (match.group(1), int(match.group(2))) if match.group(1) else None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+            raise AssertionError("pki-agent did not stop within 10 s of SIGTERM")
+
+
+def live_files(bundle: Path) -> dict[str, Path]:
+    """The current version's files, resolving ``live`` once so that a rotation in between
+    cannot hand out a certificate and a key of different versions."""
+    version = bundle / os.readlink(bundle / "live")
+    return {name: version / f"{name}.pem" for name in ("cert", "chain", "fullchain", "privkey")}
+
+
+def client_context(ca_pem: Path, *, fullchain: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_pem))
+    if fullchain is not None:
+        ctx.load_cert_chain(str(fullchain), str(key))
+    return ctx
+
+
+def bundle_context(bundle: Path) -> ssl.SSLContext:
+    files = live_files(bundle)
+    return client_context(bundle / "ca.pem", fullchain=files["fullchain"], key=files["privkey"])
+
+
+class TLSClient:
+    """A blocking Python ssl client connection to 127.0.0.1:port."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, server_hostname: str = "127.0.0.1") -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.sock = ctx.wrap_socket(raw, server_hostname=server_hostname)
+
+    def server_serial(self) -> int:
+        return x509.load_der_x509_certificate(self.sock.getpeercert(binary_form=True)).serial_number
+
+    def echo(self, payload: bytes) -> bytes:
+        """Send ``payload`` and read back as many bytes (b'' if the server closed)."""
+        self.sock.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def refused(port: int, ctx: ssl.SSLContext) -> str:
+    """Connect, try one echo, and return how it failed; raise if the gateway let it through.
+
+    With TLS 1.3 a rejected client certificate shows up on the client after its handshake
+    "succeeded": as an alert or EOF on the first read (DESIGN.md).
+    """
+    try:
+        client = TLSClient(port, ctx)
+    except (ssl.SSLError, ConnectionError) as exc:
+        return f"handshake: {exc}"
+    try:
+        answer = client.echo(b"ping")
+    except (ssl.SSLError, ConnectionError) as exc:
+        return f"first read: {exc}"
+    finally:
+        client.close()
+    if answer == b"":
+        return "first read: EOF"
+    raise AssertionError(f"the gateway forwarded for a client it should refuse (echo {answer!r})")
+
+
+def openssl_echo(port: int, bundle: Path, payload: str = "hello-over-mtls") -> str:
+    """Run ``openssl s_client`` with the bundle's key, certificate and chain; return its stdout
+    once the echo of ``payload`` came back (or whatever it printed before it ended)."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is required for the interop tests"
+    files = live_files(bundle)
+    proc = subprocess.Popen(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-cert", str(files["cert"]), "-key", str(files["privkey"]),
+         "-cert_chain", str(files["chain"]), "-CAfile", str(bundle / "ca.pem"), "-verify_return_error",
+         "-verify_ip", "127.0.0.1", "-quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdin and proc.stdout
+    proc.stdin.write(payload + "\n")
+    proc.stdin.flush()
+    watcher = LogWatcher(proc.stdout)
+    try:
+        watcher.wait_for(re.escape(payload), timeout=DEADLINE)
+    except AssertionError:
+        pass
+    finally:
+        proc.kill()
+        proc.wait(DEADLINE)
+    return watcher.text()

@@ -1,0 +1,144 @@
+"""The gateway listener in process: real TLS handshakes on 127.0.0.1, refusals with their
+logged reasons, hot reload on renewal, a broken reload that changes nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import time
+
+import trustme
+
+from pki_agent.tls import client_context as agent_client_context
+from pkictl.clock import FixedClock
+from pkictl.files import write_new_file
+from pkictl.pem import certificates_to_pem, private_key_to_pem
+from pkictl.profile import generate_key
+from pkictl.store import CredentialStore
+
+from support import DEADLINE, TLSClient, bundle_context, client_context, refused
+
+
+def _refusal_logged(caplog, reason: str) -> bool:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if any("refused" in r.getMessage() and f"reason={reason!r}" in r.getMessage() for r in caplog.records):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_node_with_our_certificate_reaches_the_upstream(pki, gateway_agent, caplog):
+    """TW's certificate and chain open an mTLS connection whose bytes reach the upstream and come back."""
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.echo(b"hello through mTLS") == b"hello through mTLS"
+    assert client.sock.version() == "TLSv1.3"
+    client.close()
+    assert any("accepted" in r.getMessage() and "node=tw" in r.getMessage() for r in caplog.records)
+
+
+def test_node_with_agent_client_context_verifies_the_gateway_by_ip(pki, gateway_agent):
+    """pki-agent's own client context sends the chain and verifies the gateway's IP SAN; a name
+    the certificate does not carry is refused by the client."""
+    ctx, _ = agent_client_context(CredentialStore(pki.node))
+    client = TLSClient(gateway_agent.port, ctx)
+    assert client.echo(b"x") == b"x"
+    client.close()
+    try:
+        TLSClient(gateway_agent.port, ctx, server_hostname="gateway.example.lan")
+    except Exception as exc:  # ssl.SSLCertVerificationError
+        assert "match" in str(exc) or "mismatch" in str(exc)
+    else:
+        raise AssertionError("the client accepted a gateway certificate for a name it does not carry")
+
+
+def test_client_without_certificate_is_refused_and_logged(pki, gateway_agent, caplog):
+    """No client certificate: refused, and logged with the peer address and reason."""
+    refused(gateway_agent.port, client_context(pki.node / "ca.pem"))
+    assert _refusal_logged(caplog, "no client certificate")
+    line = next(r.getMessage() for r in caplog.records if "no client certificate" in r.getMessage())
+    assert "peer=127.0.0.1:" in line
+
+
+def test_client_from_another_ca_is_refused(pki, gateway_agent, caplog, tmp_path):
+    """A client certificate from a foreign CA (trustme) is refused as 'unknown CA'."""
+    foreign = trustme.CA()
+    leaf = foreign.issue_cert("tw.example")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "foreign.pem"))
+    ctx = client_context(pki.node / "ca.pem", fullchain=tmp_path / "foreign.pem", key=tmp_path / "foreign.pem")
+    refused(gateway_agent.port, ctx)
+    assert _refusal_logged(caplog, "unknown CA")
+
+
+def test_gateway_server_certificate_used_as_client_is_refused(pki, gateway_agent, caplog):
+    """Our own gateway certificate (serverAuth only) is not a client certificate."""
+    refused(gateway_agent.port, bundle_context(pki.gateway))
+    assert _refusal_logged(caplog, "wrong purpose")
+
+
+def test_expired_client_certificate_is_refused(pki, gateway_agent, caplog, tmp_path):
+    """A node certificate of ours whose validity has ended is refused as 'expired'."""
+    pki.ca.clock = FixedClock(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=200))
+    key = generate_key()
+    cert = pki.ca.issue("node", "old", key.public_key())
+    write_new_file(tmp_path / "old.pem", certificates_to_pem([cert, *pki.ca.chain]))
+    write_new_file(tmp_path / "old.key", private_key_to_pem(key), 0o600)
+    refused(gateway_agent.port, client_context(pki.node / "ca.pem", fullchain=tmp_path / "old.pem", key=tmp_path / "old.key"))
+    assert _refusal_logged(caplog, "expired")
+
+
+def test_plain_http_and_silent_clients_do_not_disturb_a_real_node(pki, gateway_agent, caplog):
+    """Plain HTTP is refused as 'not TLS', a client that never sends a ClientHello is dropped after
+    the handshake timeout, and TW is served meanwhile."""
+    silent = socket.create_connection(("127.0.0.1", gateway_agent.port), timeout=DEADLINE)
+    with socket.create_connection(("127.0.0.1", gateway_agent.port), timeout=DEADLINE) as http:
+        http.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert http.recv(1024) == b""
+    assert _refusal_logged(caplog, "not TLS")
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.echo(b"still served") == b"still served"
+    client.close()
+    assert silent.recv(1024) == b""  # dropped by the 2 s handshake timeout, bounded by DEADLINE
+    silent.close()
+    assert _refusal_logged(caplog, "handshake timeout")
+
+
+def test_renewal_hot_reloads_new_connections_and_keeps_established_ones(pki, gateway_agent):
+    """After a renewal new connections see the new server serial; a connection opened before
+    keeps working."""
+    before = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    old_serial = before.server_serial()
+    assert before.echo(b"before") == b"before"
+
+    assert gateway_agent.call(gateway_agent.agent.renew()) is True
+    new_serial = CredentialStore(pki.gateway).load().certificate.serial_number
+    assert new_serial != old_serial
+
+    after = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert after.server_serial() == new_serial
+    assert after.echo(b"after") == b"after"
+    assert before.echo(b"still open") == b"still open"
+    before.close()
+    after.close()
+
+
+def test_broken_credential_on_disk_keeps_the_old_context_serving(pki, gateway_agent, caplog):
+    """A reload from a version whose key does not match its certificate fails, is logged, and
+    the previous certificate keeps being served."""
+    store = CredentialStore(pki.gateway)
+    serving = store.load()
+    broken = store.archive / "99"
+    broken.mkdir(mode=0o700)
+    for name in ("cert.pem", "chain.pem", "fullchain.pem"):
+        write_new_file(broken / name, (store.current_version_dir() / name).read_bytes())
+    write_new_file(broken / "privkey.pem", private_key_to_pem(generate_key()), 0o600)  # wrong key
+    os.symlink("archive/99", pki.gateway / ".live.tmp")
+    os.replace(pki.gateway / ".live.tmp", pki.gateway / "live")
+
+    assert gateway_agent.call(gateway_agent.agent.reload) is False
+    assert any("reload failed" in r.getMessage() for r in caplog.records)
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.server_serial() == serving.certificate.serial_number
+    assert client.echo(b"ok") == b"ok"
+    client.close()
