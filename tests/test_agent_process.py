@@ -1,0 +1,114 @@
+"""pki-agent as a real process: SIGHUP reloads from disk, a Node.js client gets through, a broken
+configuration stops it at start with the file and field named."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pki_agent.rotation import LocalCA, rotate
+from pkictl.clock import SystemClock
+from pkictl.store import CredentialStore
+
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command, live_files
+
+NODE_CLIENT = r"""
+const tls = require('tls'); const fs = require('fs');
+const [port, cert, key, ca] = process.argv.slice(1);
+const sock = tls.connect({host: '127.0.0.1', port: +port, cert: fs.readFileSync(cert),
+  key: fs.readFileSync(key), ca: fs.readFileSync(ca)}, () => sock.write('hello from node.js'));
+let got = '';
+sock.on('data', d => { got += d; if (got.length >= 18) { console.log(got); sock.end(); } });
+sock.on('error', e => { console.error('error: ' + e.message); process.exit(1); });
+"""
+
+
+def _gateway_config(pki, upstream_port: int) -> Path:
+    config = pki.gateway / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "gw", "kind": "gateway", "credential_dir": ".",
+        "renewal": {"ca_home": str(pki.home), "check_interval": "1h"},
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}"},
+    }))
+    return config
+
+
+def test_sighup_reloads_the_credential_from_disk(pki, echo_server):
+    """A credential installed behind the agent's back is served only after SIGHUP, and SIGTERM
+    then stops the agent with exit status 0."""
+    agent = AgentProcess(_gateway_config(pki, echo_server.port))
+    try:
+        _, port = agent.wait_ready()
+        first = TLSClient(port, bundle_context(pki.node))
+        old_serial = first.server_serial()
+
+        store = CredentialStore(pki.gateway)
+        new_serial = rotate(store, store.load(), LocalCA(pki.home, SystemClock()), SystemClock()).certificate.serial_number
+        unchanged = TLSClient(port, bundle_context(pki.node))
+        assert unchanged.server_serial() == old_serial  # nothing reloads on its own here
+        unchanged.close()
+
+        mark = agent.log.mark()
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.log.wait_for(rf"credential gw serial {new_serial:x}", start=mark)
+        after = TLSClient(port, bundle_context(pki.node))
+        assert after.server_serial() == new_serial
+        assert after.echo(b"after SIGHUP") == b"after SIGHUP"
+        assert first.echo(b"opened before") == b"opened before"
+        first.close()
+        after.close()
+        assert agent.stop() == 0
+    finally:
+        agent.stop()
+
+
+def test_node_js_tls_client_reaches_the_upstream(pki, echo_server):
+    """Node.js's tls module, with TW's full chain and key, exchanges bytes through the listener;
+    without a client certificate it gets nothing."""
+    node = shutil.which("node")
+    assert node, "node (Node.js) is required for this interop test"
+    agent = AgentProcess(_gateway_config(pki, echo_server.port))
+    try:
+        _, port = agent.wait_ready()
+        files = live_files(pki.node)
+        ok = subprocess.run([node, "-e", NODE_CLIENT, str(port), str(files["fullchain"]), str(files["privkey"]), str(pki.node / "ca.pem")],
+                            capture_output=True, text=True, timeout=DEADLINE)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == "hello from node.js"
+        agent.log.wait_for(r"accepted peer=127\.0\.0\.1:\d+ node=tw")
+
+        no_cert = NODE_CLIENT.replace("cert: fs.readFileSync(cert),\n  key: fs.readFileSync(key), ", "")
+        assert "readFileSync(key)" not in no_cert
+        bad = subprocess.run([node, "-e", no_cert, str(port), "-", "-", str(pki.node / "ca.pem")],
+                             capture_output=True, text=True, timeout=DEADLINE)
+        assert "hello from node.js" not in bad.stdout
+        agent.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='no client certificate'")
+    finally:
+        agent.stop()
+
+
+def test_broken_configuration_is_refused_at_start(tmp_path):
+    """An unknown key and a malformed address stop pki-agent with exit status 1 and a message
+    naming the file, the fields and what was expected."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("name: TW\nkind: gateway\nlisten_port: 8443\nlistener:\n  listen: nowhere\n  upstream: 127.0.0.1:1\n")
+    result = subprocess.run([command("pki-agent"), "run", "--config", str(config)], capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 1
+    assert str(config) in result.stderr
+    assert "listen_port" in result.stderr and "Extra inputs are not permitted" in result.stderr
+    assert "listener.listen" in result.stderr and "HOST:PORT" in result.stderr
+
+
+def test_missing_credential_is_refused_at_start(tmp_path):
+    """A configuration pointing at an empty directory stops pki-agent with a message saying
+    there is no credential and to enroll first."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("name: TW\nkind: node\ncredential_dir: nothing-here\n")
+    (tmp_path / "nothing-here").mkdir()
+    result = subprocess.run([command("pki-agent"), "run", "--config", str(config)], capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 1
+    assert "no credential" in result.stderr and "enroll" in result.stderr
