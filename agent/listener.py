@@ -97,8 +97,10 @@ class GatewayListener:
         try:
             await self._serve(reader, writer, peer)
         finally:
-            self._connections.discard(task)
-            await _close(writer)
+            try:
+                await _close(writer)
+            finally:
+                self._connections.discard(task)  # only now: close() waits for what is in the set
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         context = self._current_context()

@@ -63,18 +63,18 @@ def _check_ip(value: str) -> str:
 
 
 def _check_dns(value: str) -> str:
-    labels = value.rstrip(".").split(".")
+    name = value.rstrip(".").lower()  # "localhost." is "localhost": compare the canonical form
     try:
-        for label in labels:
+        for label in name.split("."):
             validate_name(label)
     except Exception:
         raise PolicyError(
             f"--dns {value!r}: want a DNS name made of labels of letters, digits and hyphens, "
             "such as gateway.example.lan"
         ) from None
-    if value.lower() == "localhost" or value.lower().endswith(".localhost"):
+    if name == "localhost" or name.endswith(".localhost"):
         raise PolicyError(f"--dns {value!r}: localhost names are not certified; use --ip 127.0.0.1 for loopback")
-    return value.rstrip(".").lower()
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,10 +297,13 @@ class CertificateAuthority:
             out: bundle directory (must not exist or be empty); default ``<home>/bundles/<name>``.
 
         Raises:
-            InvalidNameError, PolicyError, AlreadyEnrolledError: see :meth:`issue`.
+            InvalidNameError, PolicyError, AlreadyEnrolledError: see :meth:`issue` (the name is
+                checked before ``out``).
             StoreError: ``out`` exists and is not empty (checked before anything is issued).
         """
         validate_name(name)
+        # The name first: an operator told "directory not empty" would only hit this next.
+        self.inventory.check_available(kind, name, self.clock.now())
         out = Path(out) if out is not None else self.home / "bundles" / name
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise StoreError(f"{out} exists and is not empty; choose another --out directory")

@@ -15,7 +15,10 @@ from typing import Sequence
 
 from .errors import AlreadyEnrolledError
 
-__all__ = ["Inventory", "Record"]
+__all__ = ["Inventory", "Record", "PENDING_TIMEOUT"]
+
+# Seconds after which a 'pending' row (intent recorded, never signed) is taken for a crash's remains.
+PENDING_TIMEOUT = 300
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -118,22 +121,36 @@ class Inventory:
         """
         with self._transaction():
             if exclusive:
-                row = self._db.execute(
-                    "SELECT serial, name, not_after FROM certificates WHERE kind = ? AND name_key = ? "
-                    "AND status = 'issued' AND not_after > ? ORDER BY not_before DESC LIMIT 1",
-                    (kind, name.lower(), _epoch(now)),
-                ).fetchone()
-                if row:
-                    until = _from_epoch(row["not_after"]).isoformat()  # type: ignore[union-attr]
-                    raise AlreadyEnrolledError(
-                        f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until "
-                        f"{until}); its agent renews it. Choose another name, or wait until it expires"
-                    )
+                self.check_available(kind, name, now)
             self._db.execute(
                 "INSERT INTO certificates (serial, name, name_key, kind, status, sans, requested_at) "
                 "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
                 (f"{serial:x}", name, name.lower(), kind, json.dumps(list(sans)), _epoch(now)),
             )
+
+    def check_available(self, kind: str, name: str, now: dt.datetime) -> None:
+        """Refuse a first enrollment of ``name`` while it holds an unexpired certificate of
+        ``kind``, or while another enrollment of it is being signed (a ``pending`` row younger
+        than :data:`PENDING_TIMEOUT` seconds; an older one is the remains of a crash).
+
+        Raises:
+            AlreadyEnrolledError: the name is taken; the message says by which serial.
+        """
+        row = self._db.execute(
+            "SELECT serial, name, status, not_after FROM certificates WHERE kind = ? AND name_key = ? AND ("
+            " (status = 'issued' AND not_after > ?) OR (status = 'pending' AND requested_at > ?))"
+            " ORDER BY requested_at DESC LIMIT 1",
+            (kind, name.lower(), _epoch(now), _epoch(now) - PENDING_TIMEOUT),
+        ).fetchone()
+        if row is None:
+            return
+        if row["status"] == "pending":
+            raise AlreadyEnrolledError(f"{kind} {row['name']} is being enrolled by another pkictl process right now (serial {row['serial']})")
+        until = _from_epoch(row["not_after"]).isoformat()  # type: ignore[union-attr]
+        raise AlreadyEnrolledError(
+            f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until "
+            f"{until}); its agent renews it. Choose another name, or wait until it expires"
+        )
 
     def record_issued(self, serial: int, *, not_before: dt.datetime, not_after: dt.datetime, pem: str) -> None:
         with self._transaction():

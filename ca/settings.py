@@ -131,7 +131,10 @@ class CASettings:
                 if key.endswith("_lifetime"):
                     values[key] = parse_duration(value, field=key)
                 elif key == "renewal_fraction":
-                    values[key] = float(value)
+                    try:
+                        values[key] = float(value)
+                    except (TypeError, ValueError):
+                        raise SettingsError(f"renewal_fraction: got {value!r}, want a number between 0 and 1") from None
                 else:
                     values[key] = str(value)
             return cls(**values)
