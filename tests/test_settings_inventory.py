@@ -334,3 +334,19 @@ def test_two_processes_issuing_at_once_lose_nothing(tmp_path):
     assert {r.name for r in records if r.kind == "node"} == expected
     assert [tuple(r) for r in rows] == [("issued", 82)]  # nothing pending or failed
     assert len(list((tmp_path / "bundles").iterdir())) == 80
+
+
+def test_a_name_being_signed_is_not_enrolled_twice_but_a_crashed_intent_expires(tmp_path):
+    """A fresh 'pending' row for TW blocks a second first-enrollment of TW; one older than
+    PENDING_TIMEOUT (a crash's remains) does not."""
+    from pkictl.inventory import PENDING_TIMEOUT  # noqa: PLC0415
+
+    inventory = Inventory(tmp_path / "inventory.sqlite3")
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    inventory.record_intent(serial=1, name="TW", kind="node", sans=(), now=now, exclusive=True)
+    with pytest.raises(AlreadyEnrolledError, match="being enrolled"):
+        inventory.record_intent(serial=2, name="tw", kind="node", sans=(), now=now + dt.timedelta(seconds=1), exclusive=True)
+    later = now + dt.timedelta(seconds=PENDING_TIMEOUT + 1)
+    inventory.record_intent(serial=3, name="TW", kind="node", sans=(), now=later, exclusive=True)
+    assert inventory.get(3).status == "pending"
+    inventory.close()
