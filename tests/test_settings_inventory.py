@@ -14,7 +14,7 @@ import pytest
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.errors import AlreadyEnrolledError, SettingsError
-from pkictl.inventory import Inventory
+from pkictl.inventory import PENDING_TIMEOUT, Inventory
 from pkictl.settings import CASettings, format_duration, parse_duration
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -339,7 +339,6 @@ def test_two_processes_issuing_at_once_lose_nothing(tmp_path):
 def test_a_name_being_signed_is_not_enrolled_twice_but_a_crashed_intent_expires(tmp_path):
     """A fresh 'pending' row for TW blocks a second first-enrollment of TW; one older than
     PENDING_TIMEOUT (a crash's remains) does not."""
-    from pkictl.inventory import PENDING_TIMEOUT  # noqa: PLC0415
 
     inventory = Inventory(tmp_path / "inventory.sqlite3")
     now = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
