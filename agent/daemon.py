@@ -107,6 +107,11 @@ class Agent:
         self._schedule_wakeup()
         return True
 
+    @property
+    def next_attempt(self) -> dt.datetime | None:
+        """When the next renewal attempt is due: the renewal time, or a retry after a failure."""
+        return self._next_attempt
+
     def renewal_due(self) -> dt.datetime:
         """When the current certificate is due: notBefore + (fraction - jitter) x lifetime."""
         assert self.credential is not None
@@ -139,11 +144,12 @@ class Agent:
             return False
         try:
             successor = await asyncio.to_thread(rotate, self.store, current, self.source, self.clock)
-        except (PKIError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, keep serving and retry
             self._retry_later()
             left = current.certificate.not_valid_after_utc - self.clock.now()
             log.error("renewal of %s failed (%s); still serving serial %x, %s left; next attempt %s",
-                      self.config.name, exc, current.certificate.serial_number, left, self._next_attempt.isoformat())
+                      self.config.name, exc, current.certificate.serial_number, left, self._next_attempt.isoformat(),
+                      exc_info=not isinstance(exc, (PKIError, OSError)))  # a traceback only for the unexpected
             return False
         log.info("renewed %s: serial %x -> %x, not after %s", self.config.name, current.certificate.serial_number,
                  successor.certificate.serial_number, successor.certificate.not_valid_after_utc.isoformat())

@@ -115,7 +115,7 @@ def test_failed_renewal_keeps_the_credential_and_backs_off(tmp_path):
     assert asyncio.run(agent.renew()) is False
     assert store.load().certificate.serial_number == first.certificate.serial_number
     assert agent.credential.certificate.serial_number == first.certificate.serial_number
-    assert clock.now() + dt.timedelta(seconds=10) <= agent._next_attempt <= clock.now() + dt.timedelta(seconds=10)
+    assert agent.next_attempt == clock.now() + dt.timedelta(seconds=10)  # first retry: retry_initial
 
     (tmp_path / "ca" / "ca.yaml.away").rename(tmp_path / "ca" / "ca.yaml")
     asyncio.run(agent.check())  # retry not yet due
