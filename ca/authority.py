@@ -24,16 +24,17 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
-from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PolicyError, StoreError
+from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PKIError, PolicyError, StoreError
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory, Record
 from .names import validate_name
 from .pem import certificates_to_pem, private_key_from_pem, private_key_to_pem, public_key_bytes
+from .revocation import build_crl, crl_due, parse_reason
 from .profile import build_end_entity, build_issuing, build_root, generate_key, validity_window
 from .settings import CASettings
 from .store import Credential, CredentialStore
@@ -159,8 +160,9 @@ class CertificateAuthority:
             inventory = Inventory(staging / "inventory.sqlite3")
             for kind, cert in (("root", root), ("issuing", issuing)):
                 cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-                inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False)
-                inventory.record_issued(cert.serial_number, not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, pem=certificates_to_pem([cert]).decode())
+                issuer = None if kind == "root" else root.serial_number
+                inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False, issuer=issuer)
+                inventory.record_issued(cert)
             inventory.close()
             for name in ("root", "issuing", "ca.pem", "inventory.sqlite3"):
                 os.rename(staging / name, home / name)
@@ -169,7 +171,9 @@ class CertificateAuthority:
             atomic_write(home / "ca.yaml", ("# pkictl CA settings, written by init-ca\n" + yaml.safe_dump(settings.to_dict(), sort_keys=False)).encode())
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return cls(home, settings, root, issuing, issuing_key, clock)
+        ca = cls(home, settings, root, issuing, issuing_key, clock)
+        ca.sign_crl()  # an empty CRL from the start: a gateway checking CRLs needs one to admit anyone
+        return ca
 
     @classmethod
     def load(cls, home: Path, *, clock: Clock | None = None) -> "CertificateAuthority":
@@ -268,7 +272,8 @@ class CertificateAuthority:
             )
             sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
             try:
-                self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first)
+                self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first,
+                                             issuer=self.issuing.serial_number)
                 break
             except sqlite3.IntegrityError:
                 continue  # a serial collision: 2^-159 odds, but never reuse one
@@ -279,7 +284,7 @@ class CertificateAuthority:
         except Exception:
             self.inventory.record_failed(serial)
             raise
-        self.inventory.record_issued(serial, not_before=not_before, not_after=not_after, pem=certificates_to_pem([certificate]).decode())
+        self.inventory.record_issued(certificate)
         return certificate
 
     def enroll(
@@ -290,11 +295,16 @@ class CertificateAuthority:
         out: Path | None = None,
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
+        replace: bool = False,
     ) -> Enrollment:
         """Make a key, issue the first certificate for ``name`` and write its bundle directory.
 
         Args:
-            out: bundle directory (must not exist or be empty); default ``<home>/bundles/<name>``.
+            out: bundle directory; default ``<home>/bundles/<name>``. Without ``replace`` it must
+                not exist or be empty.
+            replace: issue anew even though ``name`` holds a current certificate, then revoke the
+                old one(s) as ``superseded``. An existing bundle in ``out`` gets the new
+                credential as a new version (its ``live`` link moves; nothing is deleted).
 
         Raises:
             InvalidNameError, PolicyError, AlreadyEnrolledError: see :meth:`issue` (the name is
@@ -302,14 +312,26 @@ class CertificateAuthority:
             StoreError: ``out`` exists and is not empty (checked before anything is issued).
         """
         validate_name(name)
-        # The name first: an operator told "directory not empty" would only hit this next.
-        self.inventory.check_available(kind, name, self.clock.now())
+        now = self.clock.now()
+        previous = self.inventory.unexpired(name, [kind], now) if replace else []
+        if not replace:
+            # The name first: an operator told "directory not empty" would only hit this next.
+            self.inventory.check_available(kind, name, now)
         out = Path(out) if out is not None else self.home / "bundles" / name
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        store = CredentialStore(out)
+        update_in_place = replace and store.live.is_symlink()
+        if not update_in_place and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise StoreError(f"{out} exists and is not empty; choose another --out directory")
         key = generate_key()
-        certificate = self.issue(kind, name, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses)
-        CredentialStore.create(out, Credential(key, certificate, self.chain), self.trust_anchors)
+        certificate = self.issue(kind, name, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses, first=not replace)
+        credential = Credential(key, certificate, self.chain)
+        if update_in_place:
+            store.install(credential)
+            store.write_trust_anchors(self.trust_anchors)
+        else:
+            CredentialStore.create(out, credential, self.trust_anchors)
+        if previous:
+            self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
 
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, rekey: bool = True) -> x509.Certificate:
@@ -338,6 +360,8 @@ class CertificateAuthority:
                 "an expired certificate cannot renew itself: enroll again"
             )
         record = self.inventory.get(current.serial_number)
+        if record is not None and record.status == "revoked":
+            raise PolicyError(f"certificate serial {current.serial_number:x} is revoked ({record.revocation_reason}); it cannot renew: enroll again")
         if record is None or record.status != "issued" or record.kind not in ("node", "gateway"):
             raise NotEnrolledError(f"certificate serial {current.serial_number:x} is not in the inventory as an issued end entity")
         if not csr.is_signature_valid:
@@ -356,6 +380,91 @@ class CertificateAuthority:
         dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
         ips = [s[3:] for s in record.sans if s.startswith("IP:")]
         return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False)
+
+    # -- revocation ---------------------------------------------------------------------------
+
+    def find_revocable(self, target: str) -> list[Record]:
+        """The certificates ``pkictl revoke TARGET`` means: a serial number (hex, colons and a
+        ``0x`` prefix allowed) or a name (all its unexpired, unrevoked end-entity certificates).
+
+        Raises:
+            NotEnrolledError: nothing matches.
+            PolicyError: the target is a CA certificate (revoke those on the root's CRL, by
+                rotating the CA).
+        """
+        text = target.strip().lower().removeprefix("0x").replace(":", "")
+        record = None
+        if text and all(c in "0123456789abcdef" for c in text):
+            record = self.inventory.get(int(text, 16))
+        if record is not None:
+            if record.kind not in ("node", "gateway"):
+                raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
+            if record.status != "issued":
+                raise PolicyError(f"serial {record.serial:x} is {record.status}, not an issued certificate")
+            return [record]
+        try:
+            validate_name(target)
+        except PKIError:
+            raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
+        records = self.inventory.unexpired(target, ["node", "gateway"], self.clock.now())
+        if not records:
+            raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
+        return records
+
+    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
+        """Revoke what :meth:`find_revocable` finds for ``target`` and re-sign the CRL.
+
+        Args:
+            target: a serial number (hex) or a node or gateway name.
+            reason: a name from :data:`pkictl.revocation.REASONS` (RFC 5280 5.3.1).
+
+        Returns:
+            The records revoked (as they were before).
+
+        Raises:
+            PolicyError: unknown reason, or a CA certificate.
+            NotEnrolledError: nothing to revoke.
+        """
+        reason = parse_reason(reason)
+        records = self.find_revocable(target)
+        self.revoke_records(records, reason=reason)
+        return records
+
+    def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
+        """Mark ``records`` revoked now and publish a new CRL."""
+        self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
+        self.sign_crl()
+
+    @property
+    def crl_path(self) -> Path:
+        return self.home / "crl.pem"
+
+    def sign_crl(self) -> x509.CertificateRevocationList:
+        """Sign a new CRL of the issuing CA and write it to ``<home>/crl.pem`` atomically."""
+        now = self.clock.now()
+        cn = self.issuing.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        number = self.inventory.next_crl_number(self.issuing.serial_number, str(cn))
+        crl = build_crl(
+            issuer=self.issuing, issuer_key=self._issuing_key, number=number, now=now,
+            revoked=self.inventory.revoked(self.issuing.serial_number, now), lifetime=self.settings.crl_lifetime,
+        )
+        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        self.inventory.record_crl(self.issuing.serial_number, number=number,
+                                  this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+        return crl
+
+    def refresh_crl(self) -> bool:
+        """Re-sign the CRL when half of its validity has passed (or it is missing).
+
+        Returns:
+            True if a new CRL was written.
+        """
+        now = self.clock.now()
+        for _, _, this_update, next_update in self.inventory.crls():
+            if not crl_due(this_update, next_update, now) and self.crl_path.exists():
+                return False
+        self.sign_crl()
+        return True
 
     def record(self, name: str, kind: str) -> Record:
         """The newest issued record of ``name``.

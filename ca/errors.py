@@ -11,6 +11,7 @@ __all__ = [
     "KeyProtectionError",
     "PolicyError",
     "StoreError",
+    "InventoryError",
 ]
 
 
@@ -52,3 +53,7 @@ class PolicyError(PKIError):
 
 class StoreError(PKIError):
     """A credential directory is missing, incomplete or inconsistent."""
+
+
+class InventoryError(PKIError):
+    """The inventory database cannot be used (for example a newer schema)."""

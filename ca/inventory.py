@@ -13,27 +13,40 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AlreadyEnrolledError
+from .errors import AlreadyEnrolledError, InventoryError
 
-__all__ = ["Inventory", "Record", "PENDING_TIMEOUT"]
+__all__ = ["Inventory", "Record", "PENDING_TIMEOUT", "SCHEMA_VERSION"]
 
 # Seconds after which a 'pending' row (intent recorded, never signed) is taken for a crash's remains.
 PENDING_TIMEOUT = 300
 
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
     name         TEXT NOT NULL,             -- as the operator wrote it
     name_key     TEXT NOT NULL,             -- lower case: names compare without case
     kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node')),
-    status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed')),
+    status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed', 'revoked')),
     sans         TEXT NOT NULL,             -- JSON list of subject alternative names
     requested_at INTEGER NOT NULL,          -- UTC epoch seconds
+    issuer       TEXT,                      -- serial (hex) of the issuing certificate
     not_before   INTEGER,
     not_after    INTEGER,
+    spki_sha256  TEXT,                      -- hex SHA-256 of the SubjectPublicKeyInfo DER
+    revoked_at   INTEGER,
+    revocation_reason TEXT,                 -- RFC 5280 5.3.1 CRLReason name
     pem          TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (status, not_after);
+CREATE TABLE IF NOT EXISTS crls (
+    issuer      TEXT PRIMARY KEY,           -- serial (hex) of the CA certificate that signs it
+    issuer_name TEXT NOT NULL,
+    number      INTEGER NOT NULL,           -- the last CRL number used (RFC 5280 5.2.3)
+    this_update INTEGER,                    -- of the last CRL written, UTC epoch seconds
+    next_update INTEGER
+);
 """
 
 
@@ -54,7 +67,10 @@ class Record:
         name, kind: whom it was issued to and its profile (root, issuing, gateway, node).
         status: ``pending`` (intent recorded, not signed), ``issued`` or ``failed``.
         sans: subject alternative names as strings (``DNS:``, ``IP:``, ``URI:`` prefixed).
+        issuer: serial number of the CA certificate that signed it (None for the root).
         not_before, not_after: validity, aware UTC (None while pending).
+        spki_sha256: hex SHA-256 of the subject public key info ("" while pending).
+        revoked_at, revocation_reason: set once revoked (RFC 5280 5.3.1 reason name).
         pem: the certificate (empty while pending).
     """
 
@@ -63,8 +79,12 @@ class Record:
     kind: str
     status: str
     sans: tuple[str, ...]
+    issuer: int | None
     not_before: dt.datetime | None
     not_after: dt.datetime | None
+    spki_sha256: str
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
     pem: str
 
     @classmethod
@@ -75,8 +95,12 @@ class Record:
             kind=row["kind"],
             status=row["status"],
             sans=tuple(json.loads(row["sans"])),
+            issuer=int(row["issuer"], 16) if row["issuer"] else None,
             not_before=_from_epoch(row["not_before"]),
             not_after=_from_epoch(row["not_after"]),
+            spki_sha256=row["spki_sha256"] or "",
+            revoked_at=_from_epoch(row["revoked_at"]),
+            revocation_reason=row["revocation_reason"],
             pem=row["pem"] or "",
         )
 
@@ -94,7 +118,15 @@ class Inventory:
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise InventoryError(
+                f"{self.path} has inventory schema {version}, newer than this pkictl understands "
+                f"({SCHEMA_VERSION}); upgrade pkictl"
+            )
         self._db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -108,6 +140,7 @@ class Inventory:
         sans: Sequence[str],
         now: dt.datetime,
         exclusive: bool,
+        issuer: int | None = None,
     ) -> None:
         """Record that ``serial`` is about to be signed for ``name`` (before any signature exists).
 
@@ -123,9 +156,10 @@ class Inventory:
             if exclusive:
                 self.check_available(kind, name, now)
             self._db.execute(
-                "INSERT INTO certificates (serial, name, name_key, kind, status, sans, requested_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                (f"{serial:x}", name, name.lower(), kind, json.dumps(list(sans)), _epoch(now)),
+                "INSERT INTO certificates (serial, name, name_key, kind, status, sans, requested_at, issuer) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (f"{serial:x}", name, name.lower(), kind, json.dumps(list(sans)), _epoch(now),
+                 None if issuer is None else f"{issuer:x}"),
             )
 
     def check_available(self, kind: str, name: str, now: dt.datetime) -> None:
@@ -152,14 +186,76 @@ class Inventory:
             f"{until}); its agent renews it. Choose another name, or wait until it expires"
         )
 
-    def record_issued(self, serial: int, *, not_before: dt.datetime, not_after: dt.datetime, pem: str) -> None:
+    def record_issued(self, certificate) -> None:
+        """Complete the intent row of ``certificate`` (an ``x509.Certificate``) once it is signed."""
+        import hashlib
+
+        from cryptography.hazmat.primitives import serialization
+
+        spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
         with self._transaction():
             self._db.execute(
-                "UPDATE certificates SET status = 'issued', not_before = ?, not_after = ?, pem = ? WHERE serial = ?",
-                (_epoch(not_before), _epoch(not_after), pem, f"{serial:x}"),
+                "UPDATE certificates SET status = 'issued', not_before = ?, not_after = ?, spki_sha256 = ?, pem = ? "
+                "WHERE serial = ?",
+                (_epoch(certificate.not_valid_before_utc), _epoch(certificate.not_valid_after_utc),
+                 hashlib.sha256(spki).hexdigest(), pem, f"{certificate.serial_number:x}"),
             )
 
+    def revoke(self, serials: Sequence[int], *, at: dt.datetime, reason: str) -> None:
+        """Mark ``serials`` revoked at ``at`` for ``reason`` (RFC 5280 5.3.1 name); already
+        revoked ones keep their first revocation time and reason."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                "WHERE serial = ? AND status = 'issued'",
+                [(_epoch(at), reason, f"{s:x}") for s in serials],
+            )
+
+    def unexpired(self, name: str, kinds: Sequence[str], now: dt.datetime) -> list[Record]:
+        """Issued (not revoked) certificates of ``name`` still valid at ``now``, newest first."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._db.execute(
+            f"SELECT * FROM certificates WHERE name_key = ? AND kind IN ({marks}) AND status = 'issued' "
+            "AND not_after > ? ORDER BY not_before DESC",
+            (name.lower(), *kinds, _epoch(now)),
+        )
+        return [Record.from_row(r) for r in rows]
+
+    def revoked(self, issuer: int, now: dt.datetime) -> list[Record]:
+        """Revoked certificates signed by ``issuer`` that have not expired at ``now`` (an expired
+        certificate may leave the CRL: RFC 5280 section 3.3)."""
+        rows = self._db.execute(
+            "SELECT * FROM certificates WHERE status = 'revoked' AND issuer = ? AND not_after > ? ORDER BY revoked_at",
+            (f"{issuer:x}", _epoch(now)),
+        )
+        return [Record.from_row(r) for r in rows]
+
+    def next_crl_number(self, issuer: int, issuer_name: str) -> int:
+        """Reserve the next CRL number of ``issuer`` (1 the first time; RFC 5280 5.2.3: it only grows)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO crls (issuer, issuer_name, number) VALUES (?, ?, 1) "
+                "ON CONFLICT (issuer) DO UPDATE SET number = number + 1",
+                (f"{issuer:x}", issuer_name),
+            )
+            return self._db.execute("SELECT number FROM crls WHERE issuer = ?", (f"{issuer:x}",)).fetchone()[0]
+
+    def record_crl(self, issuer: int, *, number: int, this_update: dt.datetime, next_update: dt.datetime) -> None:
+        """Remember the validity of the CRL just written (for status and for re-signing in time)."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE crls SET this_update = ?, next_update = ? WHERE issuer = ? AND number = ?",
+                (_epoch(this_update), _epoch(next_update), f"{issuer:x}", number),
+            )
+
+    def crls(self) -> list[tuple[str, int, dt.datetime, dt.datetime]]:
+        """``(issuer name, number, this_update, next_update)`` of each CRL written."""
+        rows = self._db.execute("SELECT * FROM crls WHERE next_update IS NOT NULL ORDER BY issuer_name")
+        return [(r["issuer_name"], r["number"], _from_epoch(r["this_update"]), _from_epoch(r["next_update"])) for r in rows]
+
     def record_failed(self, serial: int) -> None:
+        """Mark an intent whose signing failed; it neither lists nor blocks its name."""
         with self._transaction():
             self._db.execute("UPDATE certificates SET status = 'failed' WHERE serial = ?", (f"{serial:x}",))
 
@@ -168,21 +264,22 @@ class Inventory:
         return Record.from_row(row) if row else None
 
     def records(self, *, latest_only: bool = True) -> list[Record]:
-        """Issued certificates, CA certificates first, then gateways and nodes by name.
+        """Signed certificates (issued or revoked), CA certificates first, then gateways and nodes by name.
 
         Args:
             latest_only: keep only the newest certificate of each (kind, name); False lists the
                 whole history.
         """
         order = "ORDER BY CASE kind WHEN 'root' THEN 0 WHEN 'issuing' THEN 1 WHEN 'gateway' THEN 2 ELSE 3 END, name_key, not_before"
+        signed = "status IN ('issued', 'revoked')"
         if latest_only:
             query = (
-                "SELECT * FROM certificates c WHERE status = 'issued' AND not_before = ("
-                " SELECT MAX(not_before) FROM certificates d WHERE d.kind = c.kind AND d.name_key = c.name_key"
-                " AND d.status = 'issued') " + order
+                f"SELECT * FROM certificates c WHERE {signed} AND not_before = ("
+                f" SELECT MAX(not_before) FROM certificates d WHERE d.kind = c.kind AND d.name_key = c.name_key"
+                f" AND d.{signed}) " + order
             )
         else:
-            query = "SELECT * FROM certificates WHERE status = 'issued' " + order
+            query = f"SELECT * FROM certificates WHERE {signed} " + order
         rows = [Record.from_row(r) for r in self._db.execute(query)]
         if latest_only:
             # Two certificates issued within the same second share not_before: keep the last row.

@@ -68,6 +68,7 @@ class CASettings:
         node_lifetime: validity of node (client) certificates, 90 days by default.
         gateway_lifetime: validity of gateway (server) certificates, 90 days by default.
         renewal_fraction: renew at notBefore + fraction x lifetime, in (0, 1); 2/3 by default.
+        crl_lifetime: nextUpdate - thisUpdate of each CRL; it is re-signed after half of it.
     """
 
     trust_domain: str = "pkictl.internal"
@@ -76,6 +77,7 @@ class CASettings:
     node_lifetime: dt.timedelta = dt.timedelta(days=90)
     gateway_lifetime: dt.timedelta = dt.timedelta(days=90)
     renewal_fraction: float = DEFAULT_RENEWAL_FRACTION
+    crl_lifetime: dt.timedelta = dt.timedelta(days=7)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?", self.trust_domain):
@@ -128,7 +130,7 @@ class CASettings:
         values: dict[str, Any] = {}
         try:
             for key, value in data.items():
-                if key.endswith("_lifetime"):
+                if key.endswith("_lifetime") and key in known:
                     values[key] = parse_duration(value, field=key)
                 elif key == "renewal_fraction":
                     try:

@@ -55,10 +55,15 @@ def _row_count(home: Path) -> int:
 
 
 def _tree(path: Path) -> dict[str, bytes | str]:
-    """A snapshot of every entry under ``path``: file contents, link targets, directories."""
+    """A snapshot of every entry under ``path``: file contents, link targets, directories.
+
+    SQLite's WAL index (-shm) and log (-wal) change whenever a connection opens; the inventory's
+    rows are compared separately."""
     out: dict[str, bytes | str] = {}
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
+            if name.endswith(("-shm", "-wal")):
+                continue
             full = Path(dirpath) / name
             rel = str(full.relative_to(path))
             if full.is_symlink():

@@ -4,17 +4,22 @@ signing, unique serials, latest-only view), including two real processes issuing
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sqlite3
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.errors import AlreadyEnrolledError, SettingsError
 from pkictl.inventory import PENDING_TIMEOUT, Inventory
+from pkictl.profile import generate_key
 from pkictl.settings import CASettings, format_duration, parse_duration
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -190,22 +195,36 @@ def _intent(inv: Inventory, serial: int, name: str = "TW", kind: str = "node", *
     inv.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=exclusive)
 
 
+def _certificate(serial: int, not_before: dt.datetime, lifetime: dt.timedelta = dt.timedelta(days=90)) -> x509.Certificate:
+    """A real self-signed certificate with the given serial and validity, to record as issued."""
+    key = generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test {serial:x}")])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial).not_valid_before(not_before).not_valid_after(not_before + lifetime)
+            .sign(key, hashes.SHA256()))
+
+
 def _issue(inv: Inventory, serial: int, name: str = "TW", kind: str = "node", *, now=NOW, exclusive=True, sans=()):
     _intent(inv, serial, name, kind, now=now, exclusive=exclusive, sans=sans)
-    inv.record_issued(serial, not_before=now, not_after=now + dt.timedelta(days=90), pem=f"pem-{serial:x}")
+    inv.record_issued(_certificate(serial, now))
 
 
 def test_intent_is_pending_until_issued(inventory):
-    """record_intent stores a pending row that records() does not list; record_issued makes it issued with its validity and PEM."""
+    """record_intent stores a pending row that records() does not list; record_issued makes it
+    issued with its validity, SPKI fingerprint and PEM."""
     serial = 0x1234_5678_9ABC_DEF0_1234
     _intent(inventory, serial, sans=["DNS:gw.example.lan"])
     pending = inventory.get(serial)
     assert pending.status == "pending" and pending.not_after is None and pending.pem == ""
     assert pending.sans == ("DNS:gw.example.lan",)
     assert inventory.records() == []
-    inventory.record_issued(serial, not_before=NOW, not_after=NOW + dt.timedelta(days=90), pem="PEM")
+    certificate = _certificate(serial, NOW)
+    inventory.record_issued(certificate)
     issued = inventory.get(serial)
-    assert (issued.status, issued.not_before, issued.not_after, issued.pem) == ("issued", NOW, NOW + dt.timedelta(days=90), "PEM")
+    assert (issued.status, issued.not_before, issued.not_after) == ("issued", NOW, NOW + dt.timedelta(days=90))
+    assert issued.pem == certificate.public_bytes(serialization.Encoding.PEM).decode()
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert issued.spki_sha256 == hashlib.sha256(spki).hexdigest()
     assert inventory.records() == [issued]
     assert inventory.get(serial + 1) is None
 
