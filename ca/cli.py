@@ -28,6 +28,14 @@ class _Obj:
     def __init__(self, home: Path | None) -> None:
         self.home = home or default_home()
 
+    def require_ca(self) -> Path:
+        """The home, after checking a CA is there (without loading its keys)."""
+        from .errors import CANotFoundError
+
+        if not (self.home / "ca.yaml").exists():
+            raise CANotFoundError(f"no CA in {self.home}: run 'pkictl init-ca' first, or pass --home / set PKICTL_HOME")
+        return self.home
+
     def load_ca(self):
         from .authority import CertificateAuthority
 
@@ -116,17 +124,21 @@ def _report_enrollment(enrollment, config_path: Path) -> None:
     click.echo(f"run its agent: pki-agent run --config {config_path}")
 
 
+_REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revoke the old one (superseded)."
+
+
 @cli.command("enroll-node")
 @click.argument("name")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
+@click.option("--replace", is_flag=True, help=_REPLACE_HELP)
 @click.pass_obj
-def enroll_node(obj: _Obj, name: str, out: Path | None) -> None:
+def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
     from .names import validate_name
 
     validate_name(name)
     ca = obj.load_ca()
-    enrollment = ca.enroll("node", name, out=out)
+    enrollment = ca.enroll("node", name, out=out, replace=replace)
     _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None))
 
 
@@ -137,8 +149,9 @@ def enroll_node(obj: _Obj, name: str, out: Path | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="Where the agent's mTLS listener accepts nodes.")
 @click.option("--upstream", default="127.0.0.1:18789", show_default=True, help="The real gateway (plain TCP) the listener forwards to.")
+@click.option("--replace", is_flag=True, help=_REPLACE_HELP)
 @click.pass_obj
-def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream) -> None:
+def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, replace) -> None:
     """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
     from pki_agent.config import parse_address
 
@@ -151,7 +164,7 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from None
     ca = obj.load_ca()
-    enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses)
+    enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
     path = _write_agent_config(ca, enrollment, "gateway", name, {"listen": listen, "upstream": upstream})
     _report_enrollment(enrollment, path)
 
@@ -159,19 +172,52 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
 @cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects) instead of a table.")
 @click.option("--all", "show_all", is_flag=True, help="Include superseded certificates.")
+@click.option("--warn-days", type=click.FloatRange(min=0), help="Flag certificates with fewer days left (exit status 3).")
 @click.pass_obj
-def status(obj: _Obj, as_json: bool, show_all: bool) -> None:
-    """Show every issued certificate: expiry, renewal time and state."""
-    from .clock import SystemClock
-    from .status import format_table, status_rows
+def status(obj: _Obj, as_json: bool, show_all: bool, warn_days: float | None) -> None:
+    """Show every certificate and CRL: expiry, renewal time and state.
 
-    ca = obj.load_ca()
-    rows = status_rows(ca.inventory.records(latest_only=not show_all), SystemClock().now(), fraction=ca.settings.renewal_fraction)
+    \b
+    Exit status:
+      0  nothing needs attention ("renewal due" is the agent's job, "revoked" is intended)
+      3  something is expiring (less than 1/6 of its lifetime left), within --warn-days,
+         or a CRL is overdue for re-signing
+      4  a current certificate or a CRL has expired: connections fail now
+      1  error (no CA, unreadable inventory)
+    """
+    from .clock import SystemClock
+    from .inventory import Inventory
+    from .settings import CASettings
+    from .status import exit_code, format_table, status_rows
+
+    home = obj.require_ca()
+    settings = CASettings.load(home / "ca.yaml")
+    inventory = Inventory(home / "inventory.sqlite3")
+    rows = status_rows(inventory.records(latest_only=not show_all), SystemClock().now(),
+                       fraction=settings.renewal_fraction, crls=inventory.crls(), warn_days=warn_days)
+    inventory.close()
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], indent=2))
-        return
-    for line in format_table(rows):
-        click.echo(line)
+    else:
+        click.echo("\n".join(format_table(rows)))
+    raise SystemExit(exit_code(rows))
+
+
+@cli.command("revoke")
+@click.argument("target")
+@click.option("--reason", default="unspecified", show_default=True,
+              help="RFC 5280 reason: unspecified, key-compromise, affiliation-changed, superseded, "
+                   "cessation-of-operation, privilege-withdrawn.")
+@click.pass_obj
+def revoke(obj: _Obj, target: str, reason: str) -> None:
+    """Revoke TARGET (a serial number, or a name: all its current certificates) and re-sign the CRL."""
+    from .revocation import parse_reason
+
+    reason = parse_reason(reason)  # before the CA is even loaded
+    ca = obj.load_ca()
+    for record in ca.revoke(target, reason=reason):
+        click.echo(f"revoked {record.kind} {record.name} serial {record.serial:x} ({reason})")
+    click.echo(f"CRL re-signed: {ca.crl_path}")
 
 
 @cli.command("demo")

@@ -183,7 +183,7 @@ class Inventory:
         until = _from_epoch(row["not_after"]).isoformat()  # type: ignore[union-attr]
         raise AlreadyEnrolledError(
             f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until "
-            f"{until}); its agent renews it. Choose another name, or wait until it expires"
+            f"{until}); its agent renews it. To issue a new one and revoke the old, pass --replace"
         )
 
     def record_issued(self, certificate) -> None:

@@ -17,7 +17,7 @@ from pkictl.cli import cli
 from pki_agent.config import load_config
 from pkictl.store import CredentialStore
 
-STATUS_FIELDS = {"name", "kind", "serial", "not_after", "days_left", "renewal_due", "state"}
+STATUS_FIELDS = {"name", "kind", "serial", "not_after", "days_left", "renewal_due", "state", "attention"}
 
 
 @pytest.fixture
@@ -184,17 +184,21 @@ def enrolled_home(runner, ca_home) -> Path:
 
 
 def test_status_json(runner, enrolled_home):
-    """status --json lists root, issuing CA, gateway and node with name, kind, serial, not_after, days_left, renewal_due and state."""
+    """status --json lists root, issuing CA, gateway, node and the CRL with name, kind, serial,
+    not_after, days_left, renewal_due, state and attention."""
     rows = json.loads(_ok(run(runner, enrolled_home, "status", "--json")))
-    assert [r["kind"] for r in rows] == ["root", "issuing", "gateway", "node"]
+    assert [r["kind"] for r in rows] == ["root", "issuing", "gateway", "node", "crl"]
     for row in rows:
         assert set(row) == STATUS_FIELDS
-        assert row["state"] == "ok"
+        assert row["state"] == "ok" and row["attention"] == 0
         not_after = dt.datetime.fromisoformat(row["not_after"])
         due = dt.datetime.fromisoformat(row["renewal_due"])
         assert due < not_after
         assert isinstance(row["days_left"], (int, float))
-        int(row["serial"], 16)
+        if row["kind"] == "crl":
+            assert row["serial"] == "#1"  # the CRL number of the first CRL, signed by init-ca
+        else:
+            int(row["serial"], 16)
     by_kind = {r["kind"]: r for r in rows}
     node = CredentialStore(enrolled_home / "bundles" / "TW").load().certificate
     assert by_kind["node"]["name"] == "TW"
@@ -207,11 +211,12 @@ def test_status_json(runner, enrolled_home):
 
 
 def test_status_table_has_a_row_per_certificate(runner, enrolled_home):
-    """status prints a header and one row per certificate: root, issuing CA, gateway and node, each with its kind and serial."""
+    """status prints a header and one row per certificate (root, issuing CA, gateway, node) and
+    per CRL, each with its kind and serial."""
     rows = json.loads(_ok(run(runner, enrolled_home, "status", "--json")))
     lines = _ok(run(runner, enrolled_home, "status")).splitlines()
     assert lines[0].split()[:3] == ["NAME", "KIND", "SERIAL"]
-    assert len(lines) == 1 + 4
+    assert len(lines) == 1 + 5
     for line, row in zip(lines[1:], rows):
         assert line.startswith(row["name"])
         assert f" {row['kind']} " in line
