@@ -33,19 +33,25 @@ class PeerIdentity:
     not_after: dt.datetime
 
 
-def authorize_client(der: bytes | None, trust_domain: str) -> PeerIdentity:
+def authorize_client(der: bytes | None, trust_domain: str, revoked: frozenset[tuple[bytes, int]] = frozenset()) -> PeerIdentity:
     """Check the verified client certificate ``der`` and return the node it names.
 
-    Rules: EKU present and containing clientAuth (RFC 5280 4.2.1.12), not a CA certificate
-    (RFC 5280 4.2.1.9), exactly one ``spiffe://<trust_domain>/node/<name>`` URI SAN.
+    Rules: not revoked (again: OpenSSL checks the CRL on full handshakes, this also covers a
+    resumed session), EKU present and containing clientAuth (RFC 5280 4.2.1.12), not a CA
+    certificate (RFC 5280 4.2.1.9), exactly one ``spiffe://<trust_domain>/node/<name>`` URI SAN.
+
+    Args:
+        revoked: ``(issuer name DER, serial)`` pairs from the current CRL.
 
     Raises:
-        PeerRejected: with ``reason`` ``no client certificate``, ``wrong purpose``,
+        PeerRejected: with ``reason`` ``no client certificate``, ``revoked``, ``wrong purpose``,
             ``CA certificate as client`` or ``no node identity``.
     """
     if not der:
         raise PeerRejected("no client certificate", "the client sent no certificate")
     cert = x509.load_der_x509_certificate(der)
+    if (cert.issuer.public_bytes(), cert.serial_number) in revoked:
+        raise PeerRejected("revoked", f"serial {cert.serial_number:x} is on the CRL")
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:

@@ -103,10 +103,13 @@ class ListenerConfig(_Model):
         upstream: the real gateway, plain TCP, normally on 127.0.0.1.
         handshake_timeout: a client that has not finished its handshake by then is dropped.
         max_connections: connections beyond this many are refused.
+        crl: PEM file of the CA's CRL(s); when set, a revoked client is refused (checked by
+            OpenSSL and again by the listener), and a change of the file reloads the listener.
     """
 
     listen: Address
     upstream: Address
+    crl: Optional[Path] = None
     handshake_timeout: Duration = dt.timedelta(seconds=10)
     max_connections: int = Field(1024, ge=1)
 
@@ -165,7 +168,10 @@ def load_config(path: Path) -> AgentConfig:
     renewal = config.renewal
     if renewal.ca_home is not None:
         renewal = renewal.model_copy(update={"ca_home": base / renewal.ca_home})
-    return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal})
+    listener = config.listener
+    if listener is not None and listener.crl is not None:
+        listener = listener.model_copy(update={"crl": base / listener.crl})
+    return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal, "listener": listener})
 
 
 def render_agent_config(
@@ -200,6 +206,8 @@ def render_agent_config(
             "  handshake_timeout: 10s",
             "  max_connections: 1024",
         ]
+        if listener.get("crl"):
+            lines.append(f"  crl: {listener['crl']}  # refuse revoked nodes; reloaded when it changes")
     text = "\n".join(lines) + "\n"
     import yaml
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import random
 import signal
 import ssl
@@ -25,7 +26,7 @@ from .config import AgentConfig
 from .errors import AgentError
 from .listener import GatewayListener
 from .rotation import LocalCA, RenewalSource, rotate
-from .tls import server_context
+from .tls import ServerTLS, server_context
 
 __all__ = ["Agent", "backoff_delay"]
 
@@ -59,7 +60,8 @@ class Agent:
         self.source = source
         self.credential: Credential | None = None
         self.listener: GatewayListener | None = None
-        self._context: ssl.SSLContext | None = None
+        self._tls: ServerTLS | None = None
+        self._loaded_stamp: tuple | None = None
         self._jitter = 0.0
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
@@ -69,10 +71,25 @@ class Agent:
 
     # -- credential and context ---------------------------------------------------------------
 
-    def current_context(self) -> ssl.SSLContext:
-        """The server context new connections get (swapped whole on reload, never mutated)."""
-        assert self._context is not None, "reload() first"
-        return self._context
+    def current_tls(self) -> ServerTLS:
+        """What new connections get (swapped whole on reload, never mutated)."""
+        assert self._tls is not None, "reload() first"
+        return self._tls
+
+    def _disk_stamp(self) -> tuple:
+        """What :meth:`reload` read from: the version ``live`` points to and the CRL file's
+        identity. A difference means something on disk changed since."""
+        try:
+            live = os.readlink(self.store.live)
+        except OSError:
+            live = None
+        crl = self.config.listener.crl if self.config.listener else None
+        try:
+            info = os.stat(crl) if crl else None
+            crl_stamp = (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
+        except OSError:
+            crl_stamp = None
+        return live, crl_stamp
 
     def reload(self) -> bool:
         """Rebuild everything from the credential on disk; on any error keep the old state.
@@ -83,18 +100,22 @@ class Agent:
         Raises:
             AgentError: on the first load only (there is nothing old to keep).
         """
+        stamp = self._disk_stamp()
         try:
             if self.config.listener is not None:
-                context, credential = server_context(self.store)
+                tls = server_context(self.store, self.config.listener.crl)
+                credential = tls.credential
             else:
-                credential, context = self.store.load(), None
+                credential, tls = self.store.load(), None
         except (PKIError, ssl.SSLError, OSError) as exc:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
             log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
             return False
         changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
-        self.credential, self._context = credential, context
+        self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
+        if tls is not None and tls.crl_next_update is not None:
+            log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if changed:
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
             self._failures = 0
@@ -121,11 +142,29 @@ class Agent:
     # -- renewal --------------------------------------------------------------------------------
 
     async def check(self) -> None:
-        """Renew if the credential is due or a retry is due; otherwise do nothing."""
+        """The periodic check: keep the CRL fresh on the CA host, reload when the files on disk
+        changed, and renew if the credential (or a retry) is due."""
+        await self.maintain()
         if self._next_attempt is None or self.clock.now() < self._next_attempt or self._renew_lock.locked():
             return
         async with self._renew_lock:
             await self.renew()
+
+    async def maintain(self) -> None:
+        """Re-sign the CA's CRL when due (CA host only) and reload if ``live`` or the CRL file changed.
+
+        The CRL is re-signed by the long-running process on the CA host because an expired CRL
+        locks every client out (DESIGN.md, "mTLS server checks").
+        """
+        if isinstance(self.source, LocalCA):
+            try:
+                if await asyncio.to_thread(self.source.refresh_crl):
+                    log.info("CRL of the CA in %s re-signed", self.source.home)
+            except Exception as exc:  # noqa: BLE001 - keep serving; status shows the CRL's age
+                log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
+        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
+            log.info("credential or CRL changed on disk: reloading")
+            self.reload()
 
     async def renew(self) -> bool:
         """Rotate now: renew, install, reload. On failure keep serving and back off.
@@ -192,7 +231,7 @@ class Agent:
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_home): %s will not be renewed", self.config.name)
         if self.config.listener is not None:
-            self.listener = GatewayListener(self.config.listener, self.current_context, self.config.trust_domain)
+            self.listener = GatewayListener(self.config.listener, self.current_tls, self.config.trust_domain)
             try:
                 await self.listener.start()
             except OSError as exc:

@@ -18,6 +18,7 @@ from typing import Callable
 from .authz import PeerIdentity, authorize_client, handshake_refusal_reason
 from .config import ListenerConfig
 from .errors import PeerRejected
+from .tls import ServerTLS
 
 __all__ = ["GatewayListener"]
 
@@ -47,14 +48,14 @@ class GatewayListener:
 
     Args:
         config: addresses and limits.
-        current_context: returns the server SSLContext to use for a new connection (the
-            agent's hot-reload holder); called once per connection, before the handshake.
+        current: returns the :class:`ServerTLS` (context + revoked set) for a new connection
+            (the agent's hot-reload holder); called once per connection, before the handshake.
         trust_domain: the SPIFFE trust domain of node identities.
     """
 
-    def __init__(self, config: ListenerConfig, current_context: Callable[[], ssl.SSLContext], trust_domain: str) -> None:
+    def __init__(self, config: ListenerConfig, current: Callable[[], ServerTLS], trust_domain: str) -> None:
         self.config = config
-        self._current_context = current_context
+        self._current = current
         self.trust_domain = trust_domain
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -103,9 +104,9 @@ class GatewayListener:
                 self._connections.discard(task)  # only now: close() waits for what is in the set
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
-        context = self._current_context()
+        tls = self._current()
         try:
-            await writer.start_tls(context, ssl_handshake_timeout=self.config.handshake_timeout.total_seconds())
+            await writer.start_tls(tls.context, ssl_handshake_timeout=self.config.handshake_timeout.total_seconds())
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failed handshake is a logged refusal
@@ -114,7 +115,7 @@ class GatewayListener:
             return
         ssl_object = writer.get_extra_info("ssl_object")
         try:
-            identity = authorize_client(ssl_object.getpeercert(binary_form=True), self.trust_domain)
+            identity = authorize_client(ssl_object.getpeercert(binary_form=True), self.trust_domain, tls.revoked)
         except PeerRejected as exc:
             log.warning("refused peer=%s reason=%r detail=%r", peer, exc.reason, exc.detail)
             return

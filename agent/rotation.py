@@ -57,6 +57,16 @@ class LocalCA:
         except PKIError as exc:
             raise RenewalError(f"the CA in {self.home} refused the renewal: {exc}") from exc
 
+    def refresh_crl(self) -> bool:
+        """Re-sign the CA's CRL if half its validity has passed; True if it did."""
+        from pkictl.authority import CertificateAuthority
+
+        ca = CertificateAuthority.load(self.home, clock=self.clock)
+        try:
+            return ca.refresh_crl()
+        finally:
+            ca.close()
+
 
 def build_reenroll_csr(current: x509.Certificate, key) -> x509.CertificateSigningRequest:
     """A CSR for ``key`` with the subject and SAN of ``current`` (RFC 7030 4.2.2: they MUST be

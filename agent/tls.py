@@ -6,11 +6,32 @@ Every reload builds a fresh, complete context from files: a live context is neve
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import ssl
+from pathlib import Path
 
+from pkictl.revocation import load_crls, revoked_serials
 from pkictl.store import Credential, CredentialStore
 
-__all__ = ["server_context", "client_context", "harden"]
+__all__ = ["ServerTLS", "server_context", "client_context", "harden"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTLS:
+    """Everything a new connection needs, built together and swapped as one reference.
+
+    Attributes:
+        context: the server SSLContext.
+        credential: the certificate and key it serves.
+        revoked: ``(issuer name DER, serial)`` pairs of the CRL it was built with (empty without one).
+        crl_next_update: the earliest nextUpdate of those CRLs, aware UTC (None without CRL).
+    """
+
+    context: ssl.SSLContext
+    credential: Credential
+    revoked: frozenset[tuple[bytes, int]] = frozenset()
+    crl_next_update: dt.datetime | None = None
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -22,15 +43,18 @@ def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
-    """An mTLS server context: our certificate and chain, clients must present a certificate
-    that chains to our trust anchor.
+def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS:
+    """An mTLS server context: our certificate and chain; clients must present a certificate
+    that chains to our trust anchor and, with ``crl``, is not revoked.
 
-    Returns:
-        The context and the credential it serves (read from the same version directory).
+    Args:
+        store: the gateway's credential directory.
+        crl: a PEM file of CRLs. OpenSSL then checks the leaf against it
+            (``VERIFY_CRL_CHECK_LEAF``; CRLs load only through ``cafile``, DESIGN.md), and its
+            entries are returned for the application's own check.
 
     Raises:
-        StoreError, KeyProtectionError: the credential is incomplete or unprotected.
+        StoreError, KeyProtectionError: the credential or the CRL is missing or malformed.
         ssl.SSLError, OSError: OpenSSL refused the files.
     """
     version = store.current_version_dir()
@@ -40,7 +64,12 @@ def server_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
     ctx.load_verify_locations(cafile=store.trust_anchors_path)
-    return ctx, credential
+    if crl is None:
+        return ServerTLS(ctx, credential)
+    crls = load_crls(crl)
+    ctx.load_verify_locations(cafile=crl)
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ServerTLS(ctx, credential, revoked_serials(crls), min(c.next_update_utc for c in crls))
 
 
 def client_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:

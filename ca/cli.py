@@ -165,7 +165,8 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
             raise click.BadParameter(str(exc), param_hint=option) from None
     ca = obj.load_ca()
     enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
-    path = _write_agent_config(ca, enrollment, "gateway", name, {"listen": listen, "upstream": upstream})
+    listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve()}
+    path = _write_agent_config(ca, enrollment, "gateway", name, listener)
     _report_enrollment(enrollment, path)
 
 

@@ -96,7 +96,8 @@ def gateway_agent(pki: PKI, echo_server: EchoServer, caplog):
     config = AgentConfig(
         name="gw", kind="gateway", credential_dir=pki.gateway,
         renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),
-        listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", handshake_timeout=2),
+        listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", handshake_timeout=2,
+                                crl=pki.ca.crl_path),
     )
     running = RunningAgent(Agent(config)).start()
     yield running

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import ssl
 import time
 
 import trustme
@@ -141,4 +142,76 @@ def test_broken_credential_on_disk_keeps_the_old_context_serving(pki, gateway_ag
     client = TLSClient(gateway_agent.port, bundle_context(pki.node))
     assert client.server_serial() == serving.certificate.serial_number
     assert client.echo(b"ok") == b"ok"
+    client.close()
+
+
+def _tls12(ctx):
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def test_revoked_client_is_refused_after_the_crl_changes_without_restart(pki, gateway_agent, caplog):
+    """TW is served; after 'revoke TW' re-signs the CRL, the agent's periodic check reloads the
+    listener and TW's next connection is refused as 'revoked'."""
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.echo(b"before") == b"before"
+    client.close()
+    pki.ca.revoke("TW", reason="key-compromise")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    assert len(gateway_agent.agent.current_tls().revoked) == 1
+    refused(gateway_agent.port, bundle_context(pki.node))
+    assert _refusal_logged(caplog, "revoked")
+
+
+def test_revoked_client_cannot_resume_an_earlier_tls12_session(pki, gateway_agent, caplog):
+    """A TLS 1.2 session resumes before the revocation; after it, offering that session does not
+    get TW back in."""
+    ctx = _tls12(bundle_context(pki.node))
+    first = TLSClient(gateway_agent.port, ctx)
+    assert first.echo(b"one") == b"one"
+    session = first.sock.session
+    first.close()
+    resumed = ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway_agent.port), timeout=DEADLINE),
+                              server_hostname="127.0.0.1", session=session)
+    resumed.sendall(b"two")
+    assert resumed.recv(10) == b"two"
+    assert resumed.session_reused  # resumption works, so the refusal below is meaningful
+    resumed.close()
+
+    pki.ca.revoke("TW")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    try:
+        again = ctx.wrap_socket(socket.create_connection(("127.0.0.1", gateway_agent.port), timeout=DEADLINE),
+                                server_hostname="127.0.0.1", session=session)
+    except (ssl.SSLError, ConnectionError):
+        pass  # refused in the handshake
+    else:
+        try:
+            again.sendall(b"three")
+            assert again.recv(10) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            again.close()
+    assert _refusal_logged(caplog, "revoked")
+
+
+def test_broken_crl_keeps_the_previous_context_serving(pki, gateway_agent, caplog):
+    """A CRL file replaced by garbage makes the reload fail and be logged; TW is still served
+    with the CRL loaded before."""
+    pki.ca.crl_path.write_text("not a CRL\n")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    assert any("reload failed" in r.getMessage() and "CRL" in r.getMessage() for r in caplog.records)
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.echo(b"still served") == b"still served"
+    client.close()
+
+
+def test_replace_installed_on_disk_is_picked_up_by_the_periodic_check(pki, gateway_agent):
+    """enroll-gateway --replace moves the bundle's live link; the next periodic check reloads and
+    new connections see the new serial."""
+    new = pki.ca.enroll("gateway", "gw", out=pki.gateway, ip_addresses=["127.0.0.1"], replace=True).certificate
+    gateway_agent.call(gateway_agent.agent.maintain())
+    client = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert client.server_serial() == new.serial_number
     client.close()
