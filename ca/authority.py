@@ -33,6 +33,7 @@ from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PKIError, 
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory, Record
 from .names import validate_name
+from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key
 from .pem import certificates_to_pem, private_key_from_pem, private_key_to_pem, public_key_bytes
 from .revocation import build_crl, crl_due, parse_reason
 from .profile import build_end_entity, build_issuing, build_root, generate_key, validity_window
@@ -54,28 +55,6 @@ def san_strings(certificate: x509.Certificate) -> tuple[str, ...]:
     out += [f"IP:{v}" for v in sans.get_values_for_type(x509.IPAddress)]
     out += [f"URI:{v}" for v in sans.get_values_for_type(x509.UniformResourceIdentifier)]
     return tuple(out)
-
-
-def _check_ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise PolicyError(f"--ip {value!r}: want an IPv4 or IPv6 address such as 192.168.1.10") from None
-
-
-def _check_dns(value: str) -> str:
-    name = value.rstrip(".").lower()  # "localhost." is "localhost": compare the canonical form
-    try:
-        for label in name.split("."):
-            validate_name(label)
-    except Exception:
-        raise PolicyError(
-            f"--dns {value!r}: want a DNS name made of labels of letters, digits and hyphens, "
-            "such as gateway.example.lan"
-        ) from None
-    if name == "localhost" or name.endswith(".localhost"):
-        raise PolicyError(f"--dns {value!r}: localhost names are not certified; use --ip 127.0.0.1 for loopback")
-    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +225,10 @@ class CertificateAuthority:
             AlreadyEnrolledError: ``first`` and the name is taken.
         """
         validate_name(name)
-        _check_public_key(public_key)
+        check_public_key(public_key)
         if kind == "gateway":
-            dns_names = [_check_dns(d) for d in dns_names]
-            ip_addresses = [_check_ip(i) for i in ip_addresses]
+            dns_names = [check_dns_name(d) for d in dns_names]
+            ip_addresses = [check_ip_address(i) for i in ip_addresses]
             if not dns_names and not ip_addresses:
                 raise PolicyError("a gateway certificate needs at least one --dns NAME or --ip ADDRESS that nodes dial")
         elif kind == "node":
@@ -330,6 +309,34 @@ class CertificateAuthority:
             store.write_trust_anchors(self.trust_anchors)
         else:
             CredentialStore.create(out, credential, self.trust_anchors)
+        if previous:
+            self.revoke_records(previous, reason="superseded")
+        return Enrollment(certificate, out)
+
+    def enroll_csr(self, name: str, csr: x509.CertificateSigningRequest, *, out: Path, replace: bool = False) -> Enrollment:
+        """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
+        and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
+
+        Raises:
+            InvalidNameError, PolicyError: see :func:`pkictl.policy.check_enrollment_csr`.
+            AlreadyEnrolledError: the name holds a current certificate and not ``replace``.
+            StoreError: ``out`` exists and is not empty (checked before anything is issued).
+        """
+        validate_name(name)
+        check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
+        now = self.clock.now()
+        previous = self.inventory.unexpired(name, ["node"], now) if replace else []
+        if not replace:
+            self.inventory.check_available("node", name, now)
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise StoreError(f"{out} exists and is not empty; choose another --out directory")
+        certificate = self.issue("node", name, csr.public_key(), first=not replace)
+        make_private_dir(out)
+        write_new_file(out / "cert.pem", certificates_to_pem([certificate]))
+        write_new_file(out / "chain.pem", certificates_to_pem(self.chain))
+        write_new_file(out / "fullchain.pem", certificates_to_pem([certificate, *self.chain]))
+        write_new_file(out / "ca.pem", certificates_to_pem(self.trust_anchors))
         if previous:
             self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
@@ -476,14 +483,3 @@ class CertificateAuthority:
             if record.kind == kind and record.name.lower() == name.lower():
                 return record
         raise NotEnrolledError(f"no {kind} named {name} in the inventory of {self.home}")
-
-
-def _check_public_key(public_key) -> None:
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if public_key.curve.name not in ("secp256r1", "secp384r1"):
-            raise PolicyError(f"EC key on {public_key.curve.name}: want P-256 or P-384")
-    elif isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < 2048:
-            raise PolicyError(f"RSA key of {public_key.key_size} bits: want at least 2048")
-    elif not isinstance(public_key, ed25519.Ed25519PublicKey):
-        raise PolicyError(f"{type(public_key).__name__}: want an ECDSA P-256/P-384, RSA >= 2048 or Ed25519 key")

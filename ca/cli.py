@@ -131,12 +131,25 @@ _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revok
 @click.argument("name")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
 @click.option("--replace", is_flag=True, help=_REPLACE_HELP)
+@click.option("--csr", "csr_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Certify the key of this CSR (PEM or DER) made on the node; no key is written.")
 @click.pass_obj
-def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool) -> None:
+def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
     from .names import validate_name
 
     validate_name(name)
+    if csr_path is not None:
+        from .policy import MAX_CSR_BYTES, parse_csr
+
+        with open(csr_path, "rb") as f:
+            csr = parse_csr(f.read(MAX_CSR_BYTES + 1), source=str(csr_path))
+        ca = obj.load_ca()
+        enrollment = ca.enroll_csr(name, csr, out=out or ca.home / "bundles" / name, replace=replace)
+        cert = enrollment.certificate
+        click.echo(f"issued {cert.subject.rfc4514_string()} serial {cert.serial_number:x}, not after {cert.not_valid_after_utc.isoformat()}")
+        click.echo(f"certificate: {enrollment.directory}  (cert.pem chain.pem fullchain.pem ca.pem; the key stays on the node)")
+        return
     ca = obj.load_ca()
     enrollment = ca.enroll("node", name, out=out, replace=replace)
     _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None))
