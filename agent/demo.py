@@ -22,7 +22,7 @@ from pkictl.errors import PKIError
 from pkictl.files import atomic_write
 from pkictl.settings import CASettings, parse_duration
 from pkictl.clock import SystemClock
-from pkictl.status import format_table, status_rows
+from pkictl.status import read_status
 from pkictl.store import CredentialStore
 
 from .config import render_agent_config
@@ -181,8 +181,7 @@ def run_demo(directory: Path, *, lifetime: str = "15s", echo: Callable[[str], No
     echo(f"9. SIGTERM: the agents stopped with exit status {codes[0]} and {codes[1]}")
 
     echo("10. pkictl status:")
-    ca = CertificateAuthority.load(directory / "ca")
-    for line in format_table(status_rows(ca.inventory.records(), SystemClock().now(), fraction=ca.settings.renewal_fraction)):
+    table, _ = read_status(directory / "ca" / "inventory.sqlite3", SystemClock().now())
+    for line in table.splitlines():
         echo(f"   {line}")
-    ca.close()
     echo(f"\nEverything is in {directory}; run 'pkictl --home {directory / 'ca'} status' to see it again.")

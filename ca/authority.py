@@ -141,7 +141,7 @@ class CertificateAuthority:
                 cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
                 issuer = None if kind == "root" else root.serial_number
                 inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False, issuer=issuer)
-                inventory.record_issued(cert)
+                inventory.record_issued(cert, renewal_fraction=settings.renewal_fraction)
             inventory.close()
             for name in ("root", "issuing", "ca.pem", "inventory.sqlite3"):
                 os.rename(staging / name, home / name)
@@ -263,7 +263,7 @@ class CertificateAuthority:
         except Exception:
             self.inventory.record_failed(serial)
             raise
-        self.inventory.record_issued(certificate)
+        self.inventory.record_issued(certificate, renewal_fraction=self.settings.renewal_fraction)
         return certificate
 
     def enroll(

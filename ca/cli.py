@@ -199,22 +199,15 @@ def status(obj: _Obj, as_json: bool, show_all: bool, warn_days: float | None) ->
       4  a current certificate or a CRL has expired: connections fail now
       1  error (no CA, unreadable inventory)
     """
-    from .clock import SystemClock
-    from .inventory import Inventory
-    from .settings import CASettings
-    from .status import exit_code, format_table, status_rows
+    import datetime as dt
+
+    from .status import read_status
 
     home = obj.require_ca()
-    settings = CASettings.load(home / "ca.yaml")
-    inventory = Inventory(home / "inventory.sqlite3")
-    rows = status_rows(inventory.records(latest_only=not show_all), SystemClock().now(),
-                       fraction=settings.renewal_fraction, crls=inventory.crls(), warn_days=warn_days)
-    inventory.close()
-    if as_json:
-        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
-    else:
-        click.echo("\n".join(format_table(rows)))
-    raise SystemExit(exit_code(rows))
+    text, code = read_status(home / "inventory.sqlite3", dt.datetime.now(dt.timezone.utc),
+                             latest_only=not show_all, warn_days=warn_days, as_json=as_json)
+    click.echo(text)
+    raise SystemExit(code)
 
 
 @cli.command("revoke")

@@ -14,40 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AlreadyEnrolledError, InventoryError
+from .schema import SCHEMA, SCHEMA_VERSION
 
 __all__ = ["Inventory", "Record", "PENDING_TIMEOUT", "SCHEMA_VERSION"]
 
 # Seconds after which a 'pending' row (intent recorded, never signed) is taken for a crash's remains.
 PENDING_TIMEOUT = 300
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS certificates (
-    serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
-    name         TEXT NOT NULL,             -- as the operator wrote it
-    name_key     TEXT NOT NULL,             -- lower case: names compare without case
-    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node')),
-    status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed', 'revoked')),
-    sans         TEXT NOT NULL,             -- JSON list of subject alternative names
-    requested_at INTEGER NOT NULL,          -- UTC epoch seconds
-    issuer       TEXT,                      -- serial (hex) of the issuing certificate
-    not_before   INTEGER,
-    not_after    INTEGER,
-    spki_sha256  TEXT,                      -- hex SHA-256 of the SubjectPublicKeyInfo DER
-    revoked_at   INTEGER,
-    revocation_reason TEXT,                 -- RFC 5280 5.3.1 CRLReason name
-    pem          TEXT
-);
-CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
-CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (status, not_after);
-CREATE TABLE IF NOT EXISTS crls (
-    issuer      TEXT PRIMARY KEY,           -- serial (hex) of the CA certificate that signs it
-    issuer_name TEXT NOT NULL,
-    number      INTEGER NOT NULL,           -- the last CRL number used (RFC 5280 5.2.3)
-    this_update INTEGER,                    -- of the last CRL written, UTC epoch seconds
-    next_update INTEGER
-);
-"""
 
 
 def _epoch(value: dt.datetime) -> int:
@@ -124,7 +97,7 @@ class Inventory:
                 f"{self.path} has inventory schema {version}, newer than this pkictl understands "
                 f"({SCHEMA_VERSION}); upgrade pkictl"
             )
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(SCHEMA)
         if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -186,20 +159,34 @@ class Inventory:
             f"{until}); its agent renews it. To issue a new one and revoke the old, pass --replace"
         )
 
-    def record_issued(self, certificate) -> None:
-        """Complete the intent row of ``certificate`` (an ``x509.Certificate``) once it is signed."""
+    def record_issued(self, certificate, *, renewal_fraction: float = 2 / 3) -> None:
+        """Complete the intent row of ``certificate`` (an ``x509.Certificate``) once it is signed.
+
+        Args:
+            renewal_fraction: the CA's policy, stored as the certificate's renewal time so that
+                ``pkictl status`` needs nothing but this database.
+        """
         import hashlib
 
         from cryptography.hazmat.primitives import serialization
 
         spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+        not_before, not_after = _epoch(certificate.not_valid_before_utc), _epoch(certificate.not_valid_after_utc)
+        serial = f"{certificate.serial_number:x}"
         with self._transaction():
             self._db.execute(
-                "UPDATE certificates SET status = 'issued', not_before = ?, not_after = ?, spki_sha256 = ?, pem = ? "
-                "WHERE serial = ?",
-                (_epoch(certificate.not_valid_before_utc), _epoch(certificate.not_valid_after_utc),
-                 hashlib.sha256(spki).hexdigest(), pem, f"{certificate.serial_number:x}"),
+                "UPDATE certificates SET status = 'issued', not_before = ?, not_after = ?, spki_sha256 = ?, "
+                "renewal_due = ?, pem = ? WHERE serial = ?",
+                (not_before, not_after, hashlib.sha256(spki).hexdigest(),
+                 not_before + renewal_fraction * (not_after - not_before), pem, serial),
+            )
+            # The newest signed certificate of a (kind, name) is its current one.
+            self._db.execute(
+                "UPDATE certificates SET superseded = (serial != :serial) WHERE (kind, name_key) = "
+                "(SELECT kind, name_key FROM certificates WHERE serial = :serial) AND status IN ('issued', 'revoked') "
+                "AND (serial = :serial OR not_before <= :not_before)",
+                {"serial": serial, "not_before": not_before},
             )
 
     def revoke(self, serials: Sequence[int], *, at: dt.datetime, reason: str) -> None:

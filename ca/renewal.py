@@ -8,9 +8,12 @@ issued at once does not renew at once.
 from __future__ import annotations
 
 import datetime as dt
-import random
+from typing import TYPE_CHECKING
 
 from .clock import utc
+
+if TYPE_CHECKING:  # only for the annotation: pkictl status imports this module and must start fast
+    import random
 
 __all__ = [
     "renewal_time",
@@ -64,7 +67,7 @@ def is_due(now: dt.datetime, not_before: dt.datetime, not_after: dt.datetime, *,
     return utc(now) >= renewal_time(not_before, not_after, fraction=fraction, jitter=jitter)
 
 
-def draw_jitter(rng: random.Random, maximum: float = MAX_JITTER) -> float:
+def draw_jitter(rng: "random.Random", maximum: float = MAX_JITTER) -> float:
     """A jitter share in [0, maximum), drawn from ``rng`` (pass a seeded Random to reproduce)."""
     return rng.uniform(0.0, maximum)
 

@@ -1,117 +1,143 @@
 """The status report: one row per current certificate and per CRL, its state, and the exit code.
 
-Kept free of cryptography imports: ``pkictl status`` reads only the inventory, so it answers as
-fast as the CLI starts.
+``pkictl status`` must answer over 10,000 certificates about as fast as the CLI starts
+(bench/status_speed.py). So SQLite renders the report in one pass over a covering index,
+text or JSON included, and this module imports neither cryptography nor yaml: each row's renewal
+time is stored at issuance. :func:`pkictl.renewal.certificate_state` stays the reference, and
+the tests check the SQL below against it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-from typing import Any, Sequence
+import sqlite3
+from pathlib import Path
 
-from .inventory import Record
-from .renewal import certificate_state, renewal_time
+from .errors import InventoryError
+from .schema import SCHEMA_VERSION
+from .renewal import certificate_state
 
-__all__ = ["StatusRow", "status_rows", "format_table", "exit_code", "EXIT_OK", "EXIT_WARNING", "EXIT_CRITICAL"]
+__all__ = ["read_status", "EXIT_OK", "EXIT_WARNING", "EXIT_CRITICAL"]
 
 EXIT_OK = 0  # nothing needs attention ("renewal due" is the agent's business, not a failure)
 EXIT_WARNING = 3  # something is expiring, or within --warn-days, or a CRL is overdue for re-signing
 EXIT_CRITICAL = 4  # a current certificate or a CRL has expired: connections fail now
 
-
-@dataclasses.dataclass(frozen=True)
-class StatusRow:
-    """One certificate (or CRL) as ``pkictl status`` shows it.
-
-    Attributes:
-        name, kind: whom and what (``root``, ``issuing``, ``gateway``, ``node``, ``crl``).
-        serial: serial number as lower-case hex (for a CRL: its CRL number, ``#N``).
-        not_after: end of validity (a CRL's nextUpdate), aware UTC.
-        days_left: (not_after - now) in days, negative once expired.
-        renewal_due: when it should be renewed (a CRL: re-signed), aware UTC, without jitter.
-        state: ``ok``, ``renewal due``, ``expiring``, ``expired``, ``not yet valid`` or ``revoked``.
-        attention: EXIT_OK, EXIT_WARNING or EXIT_CRITICAL for this row.
-    """
-
-    name: str
-    kind: str
-    serial: str
-    not_after: dt.datetime
-    days_left: float
-    renewal_due: dt.datetime
-    state: str
-    attention: int
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["not_after"] = self.not_after.isoformat()
-        out["renewal_due"] = self.renewal_due.isoformat()
-        out["days_left"] = round(self.days_left, 3)
-        return out
+# The certificates of one kind in name order, straight from a covering index (no grouping, no
+# sort), with the states of certificate_state over epoch seconds ("expiring": less than 1/6 of the
+# lifetime left) and the attention level of each.
+_ROWS = """
+SELECT *, CASE WHEN state = 'expired' THEN 4
+               WHEN state = 'expiring' THEN 3
+               WHEN :warn IS NOT NULL AND state != 'revoked' AND not_after - :now < :warn * 86400 THEN 3
+               ELSE 0 END AS attention
+FROM (
+    SELECT name, kind, serial, not_after, renewal_due,
+           CASE WHEN status = 'revoked' THEN 'revoked'
+                WHEN :now >= not_after THEN 'expired'
+                WHEN :now < not_before THEN 'not yet valid'
+                WHEN 6 * (not_after - :now) < (not_after - not_before) THEN 'expiring'
+                WHEN :now >= renewal_due THEN 'renewal due'
+                ELSE 'ok' END AS state
+    FROM certificates INDEXED BY {index}
+    WHERE {where} kind = :kind AND status IN ('issued', 'revoked')
+)
+"""
+_KINDS = ("root", "issuing", "gateway", "node")
+_HEADER = ("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")
+_WIDTHS = (None, 7, 16, 19, 9, 19, 13)  # every column but the name has a known maximum width
+_TIME = "datetime({}, 'unixepoch')"  # YYYY-MM-DD HH:MM:SS, cheaper than strftime
+_ISO = "replace(datetime({}, 'unixepoch'), ' ', 'T') || '+00:00'"  # ISO 8601, cheaper than strftime
 
 
-def _attention(state: str, days_left: float, warn_days: float | None) -> int:
-    if state == "expired":
-        return EXIT_CRITICAL
-    if state == "expiring" or (warn_days is not None and state != "revoked" and days_left < warn_days):
-        return EXIT_WARNING
-    return EXIT_OK
-
-
-def status_rows(
-    records: Sequence[Record],
-    now: dt.datetime,
-    *,
-    fraction: float,
-    crls: Sequence[tuple[str, int, dt.datetime, dt.datetime]] = (),
-    warn_days: float | None = None,
-) -> list[StatusRow]:
-    """Turn inventory records and CRL metadata into status rows at ``now`` (aware UTC).
+def read_status(
+    db_path: Path, now: dt.datetime, *, latest_only: bool = True, warn_days: float | None = None, as_json: bool = False
+) -> tuple[str, int]:
+    """Render the status report of the inventory at ``db_path`` at ``now`` (aware UTC).
 
     Args:
-        records: the current certificates (:meth:`pkictl.inventory.Inventory.records`).
-        fraction: the CA's renewal fraction.
-        crls: ``(issuer name, number, this_update, next_update)`` per CRL.
+        latest_only: only the newest certificate of each (kind, name); False adds superseded ones.
         warn_days: rows with fewer days left need attention (EXIT_WARNING); revoked ones never do.
+        as_json: a JSON array of objects (name, kind, serial -- hex, or ``#<CRL number>`` --,
+            not_after and renewal_due in ISO 8601 UTC, days_left, state, attention) instead of a
+            table with times in UTC to the second.
+
+    Returns:
+        ``(text, exit code)``: the exit code is the worst attention level, EXIT_OK,
+        EXIT_WARNING or EXIT_CRITICAL.
     """
-    rows = []
-    for record in records:
-        assert record.not_before is not None and record.not_after is not None
-        days_left = (record.not_after - now).total_seconds() / 86400
-        if record.status == "revoked":
-            state = "revoked"
+    params = {"now": now.timestamp(), "warn": warn_days}
+    if latest_only:
+        rows = _ROWS.format(index="certificates_current", where="superseded = 0 AND")
+    else:
+        rows = _ROWS.format(index="certificates_history", where="")
+    crls = []
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise InventoryError(f"{db_path} has inventory schema {version}, this pkictl reads {SCHEMA_VERSION}: "
+                                 "use the pkictl version that created the CA")
+        for issuer, number, this_update, next_update in db.execute(
+            "SELECT issuer_name, number, this_update, next_update FROM crls WHERE next_update IS NOT NULL"
+        ):
+            crls.append(_crl_row(issuer, number, this_update, next_update, now, warn_days))
+        if as_json:
+            obj = (f"json_object('name', name, 'kind', kind, 'serial', serial, 'not_after', {_ISO.format('not_after')}, "
+                   "'days_left', round((not_after - :now) / 86400.0, 3), "
+                   f"'renewal_due', {_ISO.format('CAST(renewal_due AS INTEGER)')}, 'state', state, 'attention', attention)")
+            items, worst = _per_kind(db, f"SELECT group_concat({obj}, ',' || char(10) || ' '), max(attention) FROM ({rows})", params)
+            if crls:
+                import json
+
+                items += [json.dumps(c, separators=(",", ":")) for c in crls]
+            text = "[\n " + ",\n ".join(items) + "\n]"
         else:
-            state = certificate_state(now, record.not_before, record.not_after, fraction=fraction)
-        rows.append(StatusRow(
-            name=record.name, kind=record.kind, serial=f"{record.serial:x}", not_after=record.not_after,
-            days_left=days_left, renewal_due=renewal_time(record.not_before, record.not_after, fraction=fraction),
-            state=state, attention=_attention(state, days_left, warn_days),
-        ))
-    for issuer, number, this_update, next_update in crls:
-        days_left = (next_update - now).total_seconds() / 86400
-        # A CRL is re-signed at half its validity; past that, whoever re-signs it is not running.
-        state = certificate_state(now, this_update, next_update, fraction=0.5)
-        attention = _attention(state, days_left, warn_days)
-        if state == "renewal due":
-            attention = max(attention, EXIT_WARNING)
-        rows.append(StatusRow(
-            name=issuer, kind="crl", serial=f"#{number}", not_after=next_update, days_left=days_left,
-            renewal_due=renewal_time(this_update, next_update, fraction=0.5), state=state, attention=attention,
-        ))
-    return rows
+            longest = db.execute("SELECT max(length(name)) FROM certificates INDEXED BY certificates_history").fetchone()[0] or 0
+            widths = (max(longest, len(_HEADER[0]), *(len(c["name"]) for c in crls)), *_WIDTHS[1:])
+            cells = ("name", "kind", "substr(serial, 1, 16)", _TIME.format("not_after"),
+                     "printf('%.1f', (not_after - :now) / 86400.0)", _TIME.format("CAST(renewal_due AS INTEGER)"), "state")
+            line = "rtrim(printf('" + "  ".join(["%-*s"] * len(cells)) + "', " + ", ".join(f"{w}, {c}" for w, c in zip(widths, cells)) + "))"
+            bodies, worst = _per_kind(db, f"SELECT group_concat({line}, char(10)), max(attention) FROM ({rows})", params)
+            lines = [_line(_HEADER, widths)] + bodies + [_line(_crl_cells(c), widths) for c in crls]
+            text = "\n".join(lines)
+    finally:
+        db.close()
+    return text, max([worst] + [c["attention"] for c in crls])
 
 
-def exit_code(rows: Sequence[StatusRow]) -> int:
-    """The worst attention level of ``rows`` (EXIT_OK when there are none)."""
-    return max((row.attention for row in rows), default=EXIT_OK)
+def _per_kind(db: sqlite3.Connection, query: str, params: dict) -> tuple[list[str], int]:
+    """Run ``query`` (text, worst attention) once per kind, in display order."""
+    texts, worst = [], EXIT_OK
+    for kind in _KINDS:
+        text, attention = db.execute(query, {**params, "kind": kind}).fetchone()
+        if text:
+            texts.append(text)
+            worst = max(worst, attention)
+    return texts, worst
 
 
-def format_table(rows: Sequence[StatusRow]) -> list[str]:
-    """The rows as aligned text lines under a header, times in UTC."""
-    table = [("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")]
-    for r in rows:
-        table.append((r.name, r.kind, r.serial[:16], f"{r.not_after:%Y-%m-%d %H:%M:%S}", f"{r.days_left:.1f}",
-                      f"{r.renewal_due:%Y-%m-%d %H:%M:%S}", r.state))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+def _line(cells, widths) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def _crl_row(issuer: str, number: int, this_update: int, next_update: int, now: dt.datetime, warn_days: float | None) -> dict:
+    """A CRL as a report row. It is re-signed at half its validity, so past that whoever
+    re-signs it is not running: unlike a certificate's, its 'renewal due' needs attention."""
+    utc = dt.timezone.utc
+    state = certificate_state(now, dt.datetime.fromtimestamp(this_update, utc), dt.datetime.fromtimestamp(next_update, utc), fraction=0.5)
+    days_left = (next_update - now.timestamp()) / 86400
+    attention = {"expired": EXIT_CRITICAL, "expiring": EXIT_WARNING, "renewal due": EXIT_WARNING}.get(state, EXIT_OK)
+    if warn_days is not None and days_left < warn_days:
+        attention = max(attention, EXIT_WARNING)
+    due = (this_update + next_update) // 2
+    return {"name": issuer, "kind": "crl", "serial": f"#{number}",
+            "not_after": dt.datetime.fromtimestamp(next_update, utc).isoformat(), "days_left": round(days_left, 3),
+            "renewal_due": dt.datetime.fromtimestamp(due, utc).isoformat(), "state": state, "attention": attention}
+
+
+def _crl_cells(row: dict) -> tuple[str, ...]:
+    def text(iso: str) -> str:
+        return dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+
+    return (row["name"], "crl", row["serial"], text(row["not_after"]), f"{row['days_left']:.1f}", text(row["renewal_due"]), row["state"])

@@ -1,0 +1,40 @@
+"""The inventory's SQLite schema and its version (kept apart so that `pkictl status` can check
+the version without importing the inventory module)."""
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
+    name         TEXT NOT NULL,             -- as the operator wrote it
+    name_key     TEXT NOT NULL,             -- lower case: names compare without case
+    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node')),
+    status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed', 'revoked')),
+    sans         TEXT NOT NULL,             -- JSON list of subject alternative names
+    requested_at INTEGER NOT NULL,          -- UTC epoch seconds
+    issuer       TEXT,                      -- serial (hex) of the issuing certificate
+    not_before   INTEGER,
+    not_after    INTEGER,
+    spki_sha256  TEXT,                      -- hex SHA-256 of the SubjectPublicKeyInfo DER
+    renewal_due  REAL,                      -- notBefore + renewal fraction x lifetime (policy at issuance)
+    superseded   INTEGER NOT NULL DEFAULT 0, -- 1 once a newer certificate of the same (kind, name) is signed
+    revoked_at   INTEGER,
+    revocation_reason TEXT,                 -- RFC 5280 5.3.1 CRLReason name
+    pem          TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (status, not_after);
+-- cover pkictl status: the report reads these indexes only, never the wide rows with their PEM
+CREATE INDEX IF NOT EXISTS certificates_current
+    ON certificates (superseded, kind, name_key, not_before, status, not_after, renewal_due, serial, name);
+CREATE INDEX IF NOT EXISTS certificates_history
+    ON certificates (kind, name_key, not_before, status, not_after, renewal_due, serial, name);
+CREATE TABLE IF NOT EXISTS crls (
+    issuer      TEXT PRIMARY KEY,           -- serial (hex) of the CA certificate that signs it
+    issuer_name TEXT NOT NULL,
+    number      INTEGER NOT NULL,           -- the last CRL number used (RFC 5280 5.2.3)
+    this_update INTEGER,                    -- of the last CRL written, UTC epoch seconds
+    next_update INTEGER
+);
+"""
