@@ -75,6 +75,8 @@ class RenewalConfig(_Model):
 
     Attributes:
         ca_home: the CA home directory, for renewal on the CA host itself.
+        ca_passphrase_file: a 0600 file with the CA key passphrase, when the CA keys are
+            encrypted (or set PKICTL_CA_PASSPHRASE in the agent's environment).
         fraction: renew at notBefore + fraction x lifetime (lifetime read from the certificate).
         jitter: renew up to this share of the lifetime earlier, drawn once per certificate.
         check_interval: period of the level-triggered "is it due?" check that survives sleep.
@@ -82,6 +84,7 @@ class RenewalConfig(_Model):
     """
 
     ca_home: Optional[Path] = None
+    ca_passphrase_file: Optional[Path] = None
     fraction: float = Field(2 / 3, gt=0, lt=1)
     jitter: float = Field(0.05, ge=0, lt=0.5)
     check_interval: Duration = dt.timedelta(minutes=1)
@@ -166,8 +169,9 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: {problems}") from None
     base = path.resolve().parent
     renewal = config.renewal
-    if renewal.ca_home is not None:
-        renewal = renewal.model_copy(update={"ca_home": base / renewal.ca_home})
+    for field in ("ca_home", "ca_passphrase_file"):
+        if getattr(renewal, field) is not None:
+            renewal = renewal.model_copy(update={field: base / getattr(renewal, field)})
     listener = config.listener
     if listener is not None and listener.crl is not None:
         listener = listener.model_copy(update={"crl": base / listener.crl})

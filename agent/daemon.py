@@ -56,7 +56,7 @@ class Agent:
         self.rng = rng or random.Random()
         self.store = CredentialStore(config.credential_dir)
         if source is None and config.renewal.ca_home is not None:
-            source = LocalCA(config.renewal.ca_home, self.clock)
+            source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file)
         self.source = source
         self.credential: Credential | None = None
         self.listener: GatewayListener | None = None

@@ -39,17 +39,27 @@ class LocalCA:
     Args:
         home: the CA home directory.
         clock: the CA's time source.
+        passphrase_file: the CA key passphrase file, when the keys are encrypted (else the
+            PKICTL_CA_PASSPHRASE environment variable is used, if set).
     """
 
-    def __init__(self, home: Path, clock: Clock) -> None:
+    def __init__(self, home: Path, clock: Clock, passphrase_file: Path | None = None) -> None:
         self.home = Path(home)
         self.clock = clock
+        self.passphrase_file = passphrase_file
+
+    def _load(self):
+        import os
+
+        from pkictl.authority import CertificateAuthority
+        from pkictl.keys import read_passphrase
+
+        passphrase = read_passphrase(passphrase_file=self.passphrase_file, environ=os.environ)
+        return CertificateAuthority.load(self.home, clock=self.clock, passphrase=passphrase)
 
     def simple_reenroll(self, csr, current):
-        from pkictl.authority import CertificateAuthority
-
         try:
-            ca = CertificateAuthority.load(self.home, clock=self.clock)
+            ca = self._load()
             try:
                 return ca.simple_reenroll(csr, current.certificate), ca.chain
             finally:
@@ -59,9 +69,7 @@ class LocalCA:
 
     def refresh_crl(self) -> bool:
         """Re-sign the CA's CRL if half its validity has passed; True if it did."""
-        from pkictl.authority import CertificateAuthority
-
-        ca = CertificateAuthority.load(self.home, clock=self.clock)
+        ca = self._load()
         try:
             return ca.refresh_crl()
         finally:

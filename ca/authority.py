@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import os
 import secrets
@@ -30,13 +31,16 @@ from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
 from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PKIError, PolicyError, StoreError
+from .audit import AuditLog
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory, Record
+from .keys import encrypt_private_key, load_private_key
+from .lint import prelint
 from .names import validate_name
-from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key
+from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, private_key_from_pem, private_key_to_pem, public_key_bytes
 from .revocation import build_crl, crl_due, parse_reason
-from .profile import build_end_entity, build_issuing, build_root, generate_key, validity_window
+from .profile import build_end_entity, build_issuing, build_root, generate_key, node_identity, validity_window
 from .settings import CASettings
 from .store import Credential, CredentialStore
 
@@ -55,6 +59,37 @@ def san_strings(certificate: x509.Certificate) -> tuple[str, ...]:
     out += [f"IP:{v}" for v in sans.get_values_for_type(x509.IPAddress)]
     out += [f"URI:{v}" for v in sans.get_values_for_type(x509.UniformResourceIdentifier)]
     return tuple(out)
+
+
+def _signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
+    """Lint ``builder`` with a throwaway key, then sign it with ``key`` (SHA-256)."""
+    prelint(builder, issuer_key_type=key)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _audits_refusals(operation: str):
+    """Record every refusal (a PKIError) of the wrapped operation in the audit log, then re-raise.
+
+    The first positional argument after ``self`` names what was asked for (a name or a target).
+    """
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except PKIError as exc:
+                subject = args[1] if operation in ("enroll",) and len(args) > 1 else (args[0] if args else None)
+                if isinstance(subject, x509.CertificateSigningRequest):
+                    subject = subject.subject.rfc4514_string()
+                elif isinstance(subject, bytes):
+                    subject = f"{len(subject)} bytes"
+                self.audit.append("refused", operation=operation, subject=str(subject), error=type(exc).__name__, reason=str(exc))
+                raise
+
+        return wrapper
+
+    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +120,7 @@ class CertificateAuthority:
         self._issuing_key = issuing_key
         self.clock = clock
         self._inventory: Inventory | None = None
+        self.audit = AuditLog(self.home / "audit.log", clock=clock)
 
     # -- creation and loading ---------------------------------------------------------------
 
@@ -93,14 +129,22 @@ class CertificateAuthority:
         return (Path(home) / "ca.yaml").exists()
 
     @classmethod
-    def init(cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None) -> "CertificateAuthority":
+    def init(
+        cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None, passphrase: bytes | None = None
+    ) -> "CertificateAuthority":
         """Create a root and an issuing CA in ``home``.
 
         Everything is written into a staging directory first and moved into place with
-        ``ca.yaml`` last, so an interrupted init never looks like a CA.
+        ``ca.yaml`` last, so an interrupted init never looks like a CA. Both certificates are
+        linted before they are signed (:func:`pkictl.lint.prelint`).
+
+        Args:
+            passphrase: encrypt both CA keys with it (PKCS#8, scrypt: :mod:`pkictl.keys`);
+                None writes them unencrypted (still 0600 in 0700 directories).
 
         Raises:
             CAExistsError: ``home`` holds a CA already, or the remains of an interrupted init.
+            LintError: a CA certificate would break the profile (nothing is written).
         """
         home = Path(home)
         settings = settings or CASettings()
@@ -121,12 +165,12 @@ class CertificateAuthority:
         root_key = generate_key()
         root_nb, root_na = validity_window(now, settings.root_lifetime)
         root_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Root CA {generation}")])
-        root = build_root(root_subject, root_key.public_key(), root_nb, root_na, x509.random_serial_number()).sign(root_key, hashes.SHA256())
+        root = _signed(build_root(root_subject, root_key.public_key(), root_nb, root_na, x509.random_serial_number()), root_key)
 
         issuing_key = generate_key()
         iss_nb, iss_na = validity_window(now, settings.issuing_lifetime)
         issuing_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Issuing CA {generation}")])
-        issuing = build_issuing(issuing_subject, issuing_key.public_key(), root, iss_nb, iss_na, x509.random_serial_number()).sign(root_key, hashes.SHA256())
+        issuing = _signed(build_issuing(issuing_subject, issuing_key.public_key(), root, iss_nb, iss_na, x509.random_serial_number()), root_key)
 
         staging = home / f".init-{secrets.token_hex(4)}"
         make_private_dir(staging)
@@ -134,7 +178,8 @@ class CertificateAuthority:
             for part, cert, key in (("root", root, root_key), ("issuing", issuing, issuing_key)):
                 make_private_dir(staging / part)
                 write_new_file(staging / part / "cert.pem", certificates_to_pem([cert]))
-                write_new_file(staging / part / "key.pem", private_key_to_pem(key), PRIVATE_FILE_MODE)
+                pem = encrypt_private_key(key, passphrase) if passphrase else private_key_to_pem(key)
+                write_new_file(staging / part / "key.pem", pem, PRIVATE_FILE_MODE)
             write_new_file(staging / "ca.pem", certificates_to_pem([root]))
             inventory = Inventory(staging / "inventory.sqlite3")
             for kind, cert in (("root", root), ("issuing", issuing)):
@@ -151,16 +196,22 @@ class CertificateAuthority:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         ca = cls(home, settings, root, issuing, issuing_key, clock)
+        ca.audit.append("init", root_serial=root.serial_number, issuing_serial=issuing.serial_number,
+                        trust_domain=settings.trust_domain, encrypted=passphrase is not None)
         ca.sign_crl()  # an empty CRL from the start: a gateway checking CRLs needs one to admit anyone
         return ca
 
     @classmethod
-    def load(cls, home: Path, *, clock: Clock | None = None) -> "CertificateAuthority":
+    def load(cls, home: Path, *, clock: Clock | None = None, passphrase: bytes | None = None) -> "CertificateAuthority":
         """Load the CA in ``home`` (only the issuing key is read; the root key may be offline).
+
+        Args:
+            passphrase: the CA key passphrase, when the keys are encrypted.
 
         Raises:
             CANotFoundError: no CA in ``home``.
             KeyProtectionError: the issuing key is readable by others or is a symlink.
+            PassphraseError: the key is encrypted and the passphrase is missing or wrong.
             SettingsError: ca.yaml is malformed.
         """
         home = Path(home)
@@ -170,7 +221,7 @@ class CertificateAuthority:
         root = x509.load_pem_x509_certificate((home / "root" / "cert.pem").read_bytes())
         issuing = x509.load_pem_x509_certificate((home / "issuing" / "cert.pem").read_bytes())
         key_path = home / "issuing" / "key.pem"
-        issuing_key = private_key_from_pem(read_private_file(key_path), source=str(key_path))
+        issuing_key = load_private_key(read_private_file(key_path), passphrase, source=str(key_path))
         if public_key_bytes(issuing_key.public_key()) != public_key_bytes(issuing.public_key()):
             raise StoreError(f"{key_path} does not match {home / 'issuing' / 'cert.pem'}")
         return cls(home, settings, root, issuing, issuing_key, clock or SystemClock())
@@ -249,6 +300,7 @@ class CertificateAuthority:
                 issuer=self.issuing, not_before=not_before, not_after=not_after, serial=serial,
                 dns_names=dns_names, ip_addresses=ip_addresses,
             )
+            prelint(builder, issuer_key_type=self._issuing_key)  # before any record or real signature
             sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
             try:
                 self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first,
@@ -264,8 +316,11 @@ class CertificateAuthority:
             self.inventory.record_failed(serial)
             raise
         self.inventory.record_issued(certificate, renewal_fraction=self.settings.renewal_fraction)
+        self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{node_identity(self.settings.trust_domain, name)}"],
+                          renewal=not first)
         return certificate
 
+    @_audits_refusals("enroll")
     def enroll(
         self,
         kind: str,
@@ -313,7 +368,8 @@ class CertificateAuthority:
             self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
 
-    def enroll_csr(self, name: str, csr: x509.CertificateSigningRequest, *, out: Path, replace: bool = False) -> Enrollment:
+    @_audits_refusals("enroll-csr")
+    def enroll_csr(self, name: str, csr: x509.CertificateSigningRequest | bytes, *, out: Path, replace: bool = False) -> Enrollment:
         """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
         and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
 
@@ -323,6 +379,8 @@ class CertificateAuthority:
             StoreError: ``out`` exists and is not empty (checked before anything is issued).
         """
         validate_name(name)
+        if isinstance(csr, bytes):
+            csr = parse_csr(csr, source="the CSR")
         check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
         now = self.clock.now()
         previous = self.inventory.unexpired(name, ["node"], now) if replace else []
@@ -341,6 +399,7 @@ class CertificateAuthority:
             self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
 
+    @_audits_refusals("simple_reenroll")
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, rekey: bool = True) -> x509.Certificate:
         """Issue a successor to ``current`` for the key in ``csr`` (RFC 7030 section 4.2.2).
 
@@ -418,6 +477,7 @@ class CertificateAuthority:
             raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
         return records
 
+    @_audits_refusals("revoke")
     def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
         """Revoke what :meth:`find_revocable` finds for ``target`` and re-sign the CRL.
 
@@ -440,6 +500,7 @@ class CertificateAuthority:
     def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
         """Mark ``records`` revoked now and publish a new CRL."""
         self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
+        self.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
         self.sign_crl()
 
     @property

@@ -25,8 +25,16 @@ def default_home() -> Path:
 
 
 class _Obj:
-    def __init__(self, home: Path | None) -> None:
+    def __init__(self, home: Path | None, passphrase_file: Path | None) -> None:
         self.home = home or default_home()
+        self.passphrase_file = passphrase_file
+
+    def passphrase(self) -> bytes | None:
+        import os
+
+        from .keys import read_passphrase
+
+        return read_passphrase(passphrase_file=self.passphrase_file, environ=os.environ)
 
     def require_ca(self) -> Path:
         """The home, after checking a CA is there (without loading its keys)."""
@@ -39,7 +47,7 @@ class _Obj:
     def load_ca(self):
         from .authority import CertificateAuthority
 
-        return CertificateAuthority.load(self.home)
+        return CertificateAuthority.load(self.home, passphrase=self.passphrase())
 
 
 def _duration(ctx, param, value):
@@ -71,10 +79,15 @@ class PKIGroup(click.Group):
     envvar="PKICTL_HOME",
     help="CA home directory (default: a per-user data directory; env PKICTL_HOME).",
 )
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File (mode 0600) holding the CA key passphrase; or set PKICTL_CA_PASSPHRASE. Never on the command line.",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, passphrase_file: Path | None) -> None:
     """pkictl: a private CA for mutual TLS between a gateway and its nodes."""
-    ctx.obj = _Obj(home)
+    ctx.obj = _Obj(home, passphrase_file)
 
 
 @cli.command("init-ca")
@@ -95,12 +108,18 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
         values["node_lifetime"] = node_lifetime
     if gateway_lifetime:
         values["gateway_lifetime"] = gateway_lifetime
-    ca = CertificateAuthority.init(obj.home, CASettings(**values))
+    passphrase = obj.passphrase()
+    ca = CertificateAuthority.init(obj.home, CASettings(**values), passphrase=passphrase)
     fingerprint = ca.root.fingerprint(hashes.SHA256()).hex()
     click.echo(f"created CA in {obj.home}")
     click.echo(f"  root:        {ca.root.subject.rfc4514_string()}  (not after {ca.root.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"  issuing CA:  {ca.issuing.subject.rfc4514_string()}  (not after {ca.issuing.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"  trust anchor {obj.home / 'ca.pem'}  sha256:{fingerprint}")
+    if passphrase:
+        click.echo("  CA keys encrypted (PKCS#8, scrypt); commands that sign need the same passphrase")
+    else:
+        click.echo("  CA keys NOT encrypted (0600 files); give --passphrase-file or PKICTL_CA_PASSPHRASE to encrypt them")
+    click.echo(f"  the root key {obj.home / 'root' / 'key.pem'} is needed only to certify a new issuing CA: keep it offline")
 
 
 def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None) -> Path:
@@ -136,14 +155,11 @@ _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revok
 @click.pass_obj
 def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
-    from .names import validate_name
-
-    validate_name(name)
     if csr_path is not None:
-        from .policy import MAX_CSR_BYTES, parse_csr
+        from .policy import MAX_CSR_BYTES
 
         with open(csr_path, "rb") as f:
-            csr = parse_csr(f.read(MAX_CSR_BYTES + 1), source=str(csr_path))
+            csr = f.read(MAX_CSR_BYTES + 1)  # the cap is checked by the CA, which audits the refusal
         ca = obj.load_ca()
         enrollment = ca.enroll_csr(name, csr, out=out or ca.home / "bundles" / name, replace=replace)
         cert = enrollment.certificate
@@ -168,9 +184,6 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
     """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
     from pki_agent.config import parse_address
 
-    from .names import validate_name
-
-    validate_name(name)
     for option, value in (("--listen", listen), ("--upstream", upstream)):
         try:
             parse_address(value)
@@ -225,6 +238,43 @@ def revoke(obj: _Obj, target: str, reason: str) -> None:
     for record in ca.revoke(target, reason=reason):
         click.echo(f"revoked {record.kind} {record.name} serial {record.serial:x} ({reason})")
     click.echo(f"CRL re-signed: {ca.crl_path}")
+
+
+@cli.group("audit")
+def audit() -> None:
+    """The CA's hash-chained audit log (<home>/audit.log)."""
+
+
+@audit.command("verify")
+@click.option("--anchor", help="SEQ:HASH of a record you noted earlier (e.g. from 'audit head'), to detect a rewrite up to it.")
+@click.pass_obj
+def audit_verify(obj: _Obj, anchor: str | None) -> None:
+    """Check the log's hash chain and its head; exit 1 when it was edited or truncated."""
+    from .audit import AuditLog
+    from .clock import SystemClock
+
+    home = obj.require_ca()
+    pin = None
+    if anchor:
+        seq, _, digest = anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise click.BadParameter("want SEQ:HASH, e.g. 42:3f9a...(64 hex digits)", param_hint="--anchor")
+        pin = (int(seq), digest.lower())
+    result = AuditLog(home / "audit.log", clock=SystemClock()).verify(anchor=pin)
+    if not result.ok:
+        raise click.ClickException(f"audit log {home / 'audit.log'} does not verify: {result.problem}")
+    click.echo(f"audit log ok: {result.records} records" + (f" ({result.note})" if result.note else ""))
+
+
+@audit.command("head")
+@click.pass_obj
+def audit_head(obj: _Obj) -> None:
+    """Print SEQ:HASH of the last record: note it somewhere else to pin the log with --anchor."""
+    from .audit import AuditLog
+    from .clock import SystemClock
+
+    head = AuditLog(obj.require_ca() / "audit.log", clock=SystemClock()).head()
+    click.echo(f"{head[0]}:{head[1]}" if head else "0:(empty)")
 
 
 @cli.command("demo")

@@ -12,6 +12,9 @@ __all__ = [
     "PolicyError",
     "StoreError",
     "InventoryError",
+    "PassphraseError",
+    "AuditError",
+    "LintError",
 ]
 
 
@@ -57,3 +60,26 @@ class StoreError(PKIError):
 
 class InventoryError(PKIError):
     """The inventory database cannot be used (for example a newer schema)."""
+
+
+class PassphraseError(PKIError):
+    """A CA key passphrase is missing, wrong, or too weak to protect the key."""
+
+
+class AuditError(PKIError):
+    """The audit log cannot be appended to: missing directory, torn or unreadable last record, or
+    a log and head that disagree (truncated or replaced)."""
+
+
+class LintError(PolicyError):
+    """pkilint found the certificate about to be issued breaks the RFC 5280 profile; nothing was
+    signed with the real key (:func:`pkictl.lint.prelint`).
+
+    Attributes:
+        findings: the :class:`pkictl.lint.Finding` values, also listed in the message; empty
+            when pkilint could not decode the certificate at all.
+    """
+
+    def __init__(self, message: str, findings=()) -> None:
+        super().__init__(message)
+        self.findings = tuple(findings)

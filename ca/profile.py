@@ -84,12 +84,18 @@ def _base(subject: x509.Name, issuer: x509.Name, public_key, not_before, not_aft
 
 
 def build_root(subject: x509.Name, public_key, not_before, not_after, serial: int) -> x509.CertificateBuilder:
-    """The self-signed trust anchor: CA:TRUE (critical), keyCertSign + cRLSign, SKI, no EKU."""
+    """The self-signed trust anchor: CA:TRUE (critical), keyCertSign + cRLSign, SKI, no EKU.
+
+    It also carries an AKI equal to its own SKI (RFC 5280 4.2.1.1 allows it for self-signed
+    certificates): pre-issuance lint signs with a throwaway key, under which the root is not
+    self-signed, and pkilint then requires the AKI.
+    """
     return (
         _base(subject, subject, public_key, not_before, not_after, serial)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(_ski(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False)
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import stat
@@ -62,8 +63,8 @@ def _tree(path: Path) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {}
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
-            if name.endswith(("-shm", "-wal")):
-                continue
+            if name.endswith(("-shm", "-wal")) or name.startswith("audit.log"):
+                continue  # checked on their own
             full = Path(dirpath) / name
             rel = str(full.relative_to(path))
             if full.is_symlink():
@@ -193,13 +194,16 @@ def test_load_refuses_a_symlinked_issuing_key(ca, clock, tmp_path):
 @pytest.mark.parametrize("name", ["../x", "a b", "a\x00b", "x" * 64, "tw,O=admins", "", "-tw", "tw-", "tw.lan", "tw/x"])
 @pytest.mark.parametrize("kind", ["node", "gateway"])
 def test_enroll_refuses_an_invalid_name_before_touching_disk(ca, kind, name):
-    """enroll of a name that is not a DNS label raises InvalidNameError with no inventory row and no file written."""
+    """enroll of a name that is not a DNS label raises InvalidNameError with no inventory row and
+    no file written; only the audit log records the refusal."""
     before = _tree(ca.home)
     rows = _row_count(ca.home)
     with pytest.raises(InvalidNameError, match="DNS label"):
         ca.enroll(kind, name, dns_names=["gw.example.lan"])
     assert _row_count(ca.home) == rows
     assert _tree(ca.home) == before
+    last = json.loads((ca.home / "audit.log").read_text().splitlines()[-1])
+    assert (last["event"], last["operation"], last["subject"], last["error"]) == ("refused", "enroll", name, "InvalidNameError")
     assert not (ca.home / "bundles").exists()
     assert not (ca.home / "x").exists()  # "../x" would land here
 

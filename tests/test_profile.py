@@ -128,10 +128,13 @@ def test_subject_key_identifier_matches_the_public_key(issued, kind):
     assert ext.value == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
 
 
-def test_root_has_no_authority_key_identifier(issued):
-    """The self-signed root carries no AKI."""
-    with pytest.raises(x509.ExtensionNotFound):
-        _ext(issued.root, x509.AuthorityKeyIdentifier)
+def test_root_authority_key_identifier_is_its_own_key(issued):
+    """The self-signed root's AKI (non-critical) names its own key: keyIdentifier = its SKI, and
+    no issuer name or serial (RFC 5280 4.2.1.1; needed for pre-issuance lint)."""
+    ext = _ext(issued.root, x509.AuthorityKeyIdentifier)
+    assert ext.critical is False
+    assert ext.value.key_identifier == _ext(issued.root, x509.SubjectKeyIdentifier).value.digest
+    assert ext.value.authority_cert_issuer is None and ext.value.authority_cert_serial_number is None
 
 
 @pytest.mark.parametrize(("kind", "issuer"), [("issuing", "root"), ("gateway", "issuing"), ("node", "issuing")])

@@ -1,0 +1,412 @@
+"""The audit log: an append-only, hash-chained JSON-lines record of issuance, refusal and revocation.
+
+Record format (one JSON object per line, ASCII, compact, in this key order)::
+
+    {"seq":3,"time":"2025-11-21T14:09:00.000000Z","event":"issued","name":"TW","serial":"5f3a...",
+     "prev":"<hash of record 2>","hash":"<sha256 hex>"}
+
+- ``seq`` counts from 1 with no gaps; ``prev`` is the ``hash`` of the record before, or
+  :data:`GENESIS` (64 zeros) for record 1.
+- ``hash`` is SHA-256 (lower-case hex) over the *canonical* JSON of the record without ``hash``:
+  ``json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` encoded as ASCII.
+- Next to the log, ``<log>.head`` (for example ``audit.log.head``) holds ``{"seq": n, "hash": h}``
+  of the last record, replaced atomically after every append. The chain cannot show that records
+  were cut off the end; the head can.
+
+What this protects against, and what it does not:
+
+- Detected by :meth:`AuditLog.verify`: a record edited, deleted, inserted, duplicated or moved; a
+  line cut off the end or cut mid-line (the head says more than the log holds); a log deleted
+  while its head remains; a forged record whose ``prev`` does not continue the chain.
+- Not detected: anyone able to write the log *and* the head can rewrite history consistently:
+  drop the last records and rewrite the head, or rebuild the whole chain from any point (the hash
+  is unkeyed, so computing a valid one needs no secret). The same is true of an attacker who
+  deletes both files. The chain makes a consistent forgery more work, not impossible.
+- One record correctly chained onto the end by hand, without touching the head, looks exactly like
+  an append interrupted before its head update; ``verify`` reports it as ``ok`` with a ``note``,
+  not as a problem (two or more such records are a problem).
+- The remedy is to keep a copy of the head somewhere the attacker cannot write: print
+  :meth:`AuditLog.head` (for example in ``pkictl status``), ship it to a remote log or write it
+  down, then check the log against that copy with ``verify(anchor=(seq, hash))``. Every record up
+  to the anchored one is then as trustworthy as the place the anchor was kept.
+- Completeness is only as good as the callers: an event that happened but was never appended
+  (a crash between signing and appending) leaves no trace here.
+
+Concurrency and durability: every append takes an exclusive ``flock`` on the log file, reads the
+last record and the head, writes the new record with one ``write()`` on an ``O_APPEND`` descriptor,
+fsyncs it, then replaces the head (:func:`pkictl.files.atomic_write`), all under the lock. Earlier
+bytes are never rewritten. A crash between the record's fsync and the head's replacement leaves the
+head one record behind; :meth:`AuditLog.verify` accepts exactly that (with a note) and the next
+append repairs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .clock import Clock, utc
+from .errors import AuditError
+from .files import PRIVATE_FILE_MODE, atomic_write
+
+__all__ = ["AuditLog", "VerifyResult", "GENESIS", "record_hash"]
+
+GENESIS = "0" * 64
+"""The ``prev`` of record 1: no record hashes to it."""
+
+_RESERVED = ("seq", "time", "event", "prev", "hash")
+_EVENT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
+_HASH_RE = re.compile(r"[0-9a-f]{64}\Z")
+_TAIL_BLOCK = 4096
+_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _iso(value: dt.datetime) -> str:
+    """An aware datetime as ISO-8601 UTC with microseconds and a ``Z`` (naive: ValueError)."""
+    return utc(value).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return _iso(value)
+    raise TypeError(f"{type(value).__name__} value {value!r} is not JSON-serialisable; pass str, int, float, bool, None, list or dict")
+
+
+def _canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _line(record: dict) -> bytes:
+    """The exact bytes pkictl writes for ``record``: key order kept, compact, ASCII, newline."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
+
+
+def record_hash(record: dict) -> str:
+    """SHA-256 (lower-case hex) of ``record`` without its ``hash`` key, in canonical JSON.
+
+    Args:
+        record: a parsed audit record (with or without ``hash``).
+    """
+    return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse(line: bytes) -> dict:
+    """Parse one record line (without its newline) into a dict with well-typed chain fields.
+
+    Raises:
+        ValueError: not a JSON object, a duplicate key, or a missing or malformed chain field.
+    """
+    try:
+        record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    seq = record.get("seq")
+    if type(seq) is not int or seq < 1:
+        raise ValueError(f"field 'seq' is {seq!r}, want a positive integer")
+    for key in ("time", "event"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"field {key!r} is {record.get(key)!r}, want a string")
+    for key in ("prev", "hash"):
+        if not isinstance(record.get(key), str) or not _HASH_RE.match(record[key]):
+            raise ValueError(f"field {key!r} is {record.get(key)!r}, want 64 lower-case hex digits")
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of :meth:`AuditLog.verify`.
+
+    Attributes:
+        ok: True if the log is intact (as far as the log and its head can tell).
+        records: the number of records checked and found good before the first problem (all of
+            them when ``ok``).
+        problem: what is wrong and where, e.g. ``"line 7: hash does not match its content
+            (edited?)"``; None when ``ok``.
+        note: something harmless worth reporting when ``ok`` (the head one record behind after
+            an interrupted append); None otherwise.
+    """
+
+    ok: bool
+    records: int
+    problem: str | None = None
+    note: str | None = None
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON-lines audit log at ``path``, with its head at
+    ``<path>.head``. Cheap to construct: nothing is opened until :meth:`append` or :meth:`verify`.
+
+    Args:
+        path: the log file (e.g. ``<home>/audit.log``); its directory must exist. The log and the
+            head are created with mode 0600 (records hold names and serial numbers).
+        clock: the time source for each record's ``time`` (:class:`pkictl.clock.Clock`).
+    """
+
+    def __init__(self, path: Path, *, clock: Clock) -> None:
+        self.path = Path(path)
+        self.head_path = self.path.with_name(self.path.name + ".head")
+        self.clock = clock
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(self, event: str, **fields: Any) -> dict:
+        """Append one record and return it (as written, with ``seq``, ``time``, ``prev``, ``hash``).
+
+        Safe to call from several processes at once: the read of the last record, the write and
+        the head update happen under an exclusive ``flock`` on the log file.
+
+        Args:
+            event: what happened, a short lower-case word such as ``"issued"``, ``"refused"``,
+                ``"revoked"`` (``[a-z][a-z0-9_.-]*``, at most 64 characters).
+            **fields: the event's details, JSON-serialisable. Conversions: an ``int`` passed as
+                ``serial=`` (or a list of ints as ``serials=``) becomes lower-case hex without
+                ``0x`` (as ``pkictl status`` prints serials); an aware ``datetime`` anywhere becomes
+                ISO-8601 UTC. Tuples become lists.
+
+        Returns:
+            The record as a dict, in the order written.
+
+        Raises:
+            ValueError: ``event`` is malformed, a field uses a reserved name (``seq``, ``time``,
+                ``prev``, ``hash``), a float is NaN or infinite, or a datetime is naive.
+            TypeError: a field value is not JSON-serialisable.
+            AuditError: the log or its directory cannot be opened (missing directory, a symlink);
+                the log's last line is incomplete or unreadable; the log and its head disagree
+                (truncated, or head replaced) -- appending would hide that, so nothing is written;
+                or the write came up short (disk full: the log now ends in a torn line).
+            OSError: other I/O failures (fsync, permissions). One raised while replacing the head
+                comes after the record's fsync: the record is in the log and the head one behind,
+                which :meth:`verify` accepts and the next append repairs.
+        """
+        if not isinstance(event, str) or not _EVENT_RE.match(event):
+            raise ValueError(f"event {event!r}: want a lower-case word such as 'issued' or 'revoked'")
+        clash = sorted(set(fields) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"field name(s) {', '.join(clash)} are reserved for the chain")
+        if isinstance(fields.get("serial"), int) and not isinstance(fields["serial"], bool):
+            fields["serial"] = f"{fields['serial']:x}"
+        if isinstance(fields.get("serials"), (list, tuple)):
+            fields["serials"] = [f"{s:x}" if isinstance(s, int) and not isinstance(s, bool) else s for s in fields["serials"]]
+        # Round-trip through JSON so the record hashed here equals the record verify() parses back.
+        body = json.loads(json.dumps(fields, default=_json_default, allow_nan=False))
+
+        fd = self._open_for_append()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            seq, prev = self._last_checked(fd)
+            time = _iso(self.clock.now())  # read under the lock: with a monotone clock, time follows seq
+            record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
+            record["hash"] = record_hash(record)
+            line = _line(record)
+            written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
+            if written != len(line):
+                raise AuditError(
+                    f"{self.path}: wrote {written} of {len(line)} bytes of record {seq + 1} (disk full?); "
+                    "the log now ends in a torn line and refuses further appends until an operator "
+                    "looks at it (pkictl audit verify)"
+                )
+            os.fsync(fd)
+            atomic_write(self.head_path, _head_bytes(seq + 1, record["hash"]), PRIVATE_FILE_MODE)
+        finally:
+            os.close(fd)  # releases the lock
+        return record
+
+    def _open_for_append(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            raise AuditError(f"cannot create the audit log {self.path}: directory {self.path.parent} does not exist") from None
+        except OSError as exc:
+            if self.path.is_symlink():
+                raise AuditError(f"the audit log {self.path} is a symlink; pkictl appends only to a regular file") from None
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}") from None
+
+    def _last_checked(self, fd: int) -> tuple[int, str]:
+        """(seq, hash) of the log's last record, after checking it agrees with the head.
+
+        ``(0, GENESIS)`` for an empty log. Called under the lock.
+        """
+        size = os.fstat(fd).st_size
+        head = self._read_head()
+        if size == 0:
+            if head is not None:
+                raise AuditError(f"{self.path} is empty but {self.head_path.name} says seq {head[0]}: the log was truncated; refusing to append")
+            return 0, GENESIS
+        last = _last_line(fd, size)
+        if last is None:
+            raise AuditError(f"{self.path} ends in an incomplete line (a torn write?); refusing to append: run pkictl audit verify")
+        try:
+            record = _parse(last)
+        except ValueError as exc:
+            raise AuditError(f"{self.path}: the last record is unreadable ({exc}); refusing to append: run pkictl audit verify") from None
+        seq, digest = record["seq"], record["hash"]
+        head_seq, head_hash = head if head is not None else (0, GENESIS)
+        if (head_seq, head_hash) == (seq, digest):
+            return seq, digest
+        if (head_seq, head_hash) == (seq - 1, record["prev"]):
+            return seq, digest  # an append died after its fsync, before the head; this one repairs it
+        if head is None:
+            found = f"{self.head_path.name} is missing"
+        elif head_seq == seq:
+            found = f"{self.head_path.name} has a different hash for it"
+        else:
+            found = f"{self.head_path.name} says seq {head_seq}"
+        raise AuditError(
+            f"{self.path} ends at seq {seq} but {found}: truncated, or a file replaced; refusing to "
+            "append (that would hide it): run pkictl audit verify"
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str] | None:
+        """The head: (seq, hash) of the last record as the head file records it; None if there is none.
+
+        Print or ship this value to anchor the log somewhere its writer cannot reach (see the
+        module docstring), then pass it to :meth:`verify` as ``anchor``.
+
+        Raises:
+            AuditError: the head file exists but is malformed.
+        """
+        return self._read_head()
+
+    def _read_head(self) -> tuple[int, str] | None:
+        try:
+            data = self.head_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            head = json.loads(data)
+            seq, digest = head["seq"], head["hash"]
+            if type(seq) is not int or seq < 1 or not isinstance(digest, str) or not _HASH_RE.match(digest):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise AuditError(f"{self.head_path} is not a valid audit head (want {{\"seq\": N, \"hash\": \"<64 hex>\"}})") from None
+        return seq, digest
+
+    def verify(self, *, anchor: tuple[int, str] | None = None) -> VerifyResult:
+        """Check the whole log against its chain and its head (under a shared lock, so an append
+        in progress is not seen half-done).
+
+        Checks, line by line: each line is complete and is a JSON object with the chain fields;
+        ``seq`` runs 1, 2, 3...; ``prev`` equals the previous record's ``hash`` (``GENESIS`` for
+        line 1); ``hash`` recomputes; the line is byte-for-byte what :meth:`append` writes. Then
+        the last record must match the head: head ahead of the log, a log emptied or deleted under
+        a head, a head missing under a log of two or more records, or a different hash are
+        problems. A head exactly one record behind (an append interrupted before the head update)
+        is ``ok`` with a ``note``.
+
+        Args:
+            anchor: optional (seq, hash) kept elsewhere (from :meth:`head` at some earlier time);
+                the log must hold that record with that hash.
+
+        Returns:
+            A :class:`VerifyResult`; the first problem found stops the check. A non-existent log
+            with no head is ok with 0 records.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            return self._verify_stream(iter(()), anchor, missing=True)
+        except OSError as exc:
+            return VerifyResult(False, 0, f"cannot open {self.path}: {exc.strerror}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            with os.fdopen(os.dup(fd), "rb") as stream:
+                return self._verify_stream(stream, anchor, missing=False)
+        finally:
+            os.close(fd)
+
+    def _verify_stream(self, stream, anchor: tuple[int, str] | None, *, missing: bool) -> VerifyResult:
+        prev, prev_prev, count = GENESIS, GENESIS, 0
+        anchor_seen = False
+        for number, raw in enumerate(stream, start=1):
+            if not raw.endswith(b"\n"):
+                return VerifyResult(False, count, f"line {number}: incomplete record, no end of line (cut mid-line or a torn write)")
+            try:
+                record = _parse(raw[:-1])
+            except ValueError as exc:
+                return VerifyResult(False, count, f"line {number}: {exc}")
+            if record["seq"] != number:
+                return VerifyResult(False, count, f"line {number}: seq is {record['seq']}, expected {number} (a record deleted, inserted or moved?)")
+            if record["prev"] != prev:
+                what = "the genesis value" if number == 1 else f"the hash of line {number - 1}"
+                return VerifyResult(False, count, f"line {number}: prev does not match {what} (a record deleted, inserted, moved or forged?)")
+            if record_hash(record) != record["hash"]:
+                return VerifyResult(False, count, f"line {number}: hash does not match its content (edited?)")
+            if _line(record) != raw:
+                return VerifyResult(False, count, f"line {number}: not byte-for-byte as pkictl writes it (edited?)")
+            if anchor is not None and number == anchor[0]:
+                if record["hash"] != anchor[1]:
+                    return VerifyResult(False, count, f"line {number}: hash differs from the anchor's (the log was rewritten up to here)")
+                anchor_seen = True
+            prev_prev, prev, count = prev, record["hash"], number
+
+        try:
+            head = self._read_head()
+        except AuditError as exc:
+            return VerifyResult(False, count, str(exc))
+        if anchor is not None and not anchor_seen:
+            return VerifyResult(False, count, f"log ends at seq {count} but the anchor says {anchor[0]} (truncated)")
+        if count == 0:
+            if head is not None:
+                state = "is missing" if missing else "is empty"
+                return VerifyResult(False, 0, f"log {state} but the head says {head[0]} (truncated or deleted)")
+            return VerifyResult(True, 0)
+        if head == (count, prev):
+            return VerifyResult(True, count)
+        if head is None and count == 1:
+            return VerifyResult(True, count, note="no head file yet: either the first append was interrupted before writing it "
+                                "(the next append writes it) or line 1 was not written by pkictl")
+        if head is None:
+            return VerifyResult(False, count, f"log holds {count} records but the head file {self.head_path.name} is missing (removed?)")
+        if head[0] > count:
+            return VerifyResult(False, count, f"log ends at seq {count} but the head says {head[0]} (truncated)")
+        if head == (count - 1, prev_prev):
+            return VerifyResult(True, count, note=f"the head is one record behind (seq {head[0]}): either an append was "
+                                f"interrupted before updating it (the next append repairs it) or line {count} was not written by pkictl")
+        if head[0] == count:
+            return VerifyResult(False, count, f"line {count}: the last record's hash differs from the head's (the log or the head was replaced)")
+        return VerifyResult(False, count, f"log ends at seq {count} but the head says {head[0]}: records after the head were not appended by pkictl, or the head was replaced")
+
+
+def _head_bytes(seq: int, digest: str) -> bytes:
+    return json.dumps({"seq": seq, "hash": digest}, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _last_line(fd: int, size: int) -> bytes | None:
+    """The last line of the file (without its newline), or None if the file does not end in one.
+
+    Reads backwards in growing blocks, so the cost does not depend on the log's length.
+    """
+    if os.pread(fd, 1, size - 1) != b"\n":
+        return None
+    block = _TAIL_BLOCK
+    while True:
+        start = max(0, size - 1 - block)
+        data = os.pread(fd, size - 1 - start, start)
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            return data[cut + 1:]
+        if start == 0:
+            return data
+        block *= 4

@@ -1,0 +1,111 @@
+"""Protecting the CA as an operator meets it: encrypted keys, an offline root, key file modes,
+and an audit log that detects editing -- all through the pkictl CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pkictl.cli import cli
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def pkictl(home: Path, *args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, ["--home", str(home), *args], env=env or {"PKICTL_CA_PASSPHRASE": None})
+
+
+@pytest.fixture
+def passphrase_file(tmp_path) -> Path:
+    path = tmp_path / "passphrase"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, PASSPHRASE.encode() + b"\n")
+    os.close(fd)
+    return path
+
+
+def test_passphrase_encrypts_both_ca_keys_and_is_needed_to_sign(tmp_path, passphrase_file):
+    """init-ca with --passphrase-file writes both CA keys as scrypt-encrypted PKCS#8; signing
+    without the passphrase fails saying how to give it, with it (file or environment) works,
+    and status needs no passphrase."""
+    home = tmp_path / "ca"
+    result = pkictl(home, "--passphrase-file", str(passphrase_file), "init-ca")
+    assert result.exit_code == 0, result.output
+    for part in ("root", "issuing"):
+        pem = (home / part / "key.pem").read_bytes()
+        assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        assert oct((home / part / "key.pem").stat().st_mode & 0o777) == "0o600"
+
+    refused = pkictl(home, "enroll-node", "TW", "--out", str(tmp_path / "TW"))
+    assert refused.exit_code == 1
+    assert "--passphrase-file" in refused.output and "PKICTL_CA_PASSPHRASE" in refused.output
+    assert not (tmp_path / "TW").exists()
+
+    wrong = pkictl(home, "enroll-node", "TW", "--out", str(tmp_path / "TW"), env={"PKICTL_CA_PASSPHRASE": "not the passphrase at all"})
+    assert wrong.exit_code == 1 and not (tmp_path / "TW").exists()
+
+    assert pkictl(home, "--passphrase-file", str(passphrase_file), "enroll-node", "TW", "--out", str(tmp_path / "TW")).exit_code == 0
+    by_env = pkictl(home, "enroll-node", "tw2", "--out", str(tmp_path / "tw2"), env={"PKICTL_CA_PASSPHRASE": PASSPHRASE})
+    assert by_env.exit_code == 0, by_env.output
+    assert pkictl(home, "status").exit_code == 0
+
+
+def test_passphrase_file_readable_by_others_is_refused(tmp_path, passphrase_file):
+    """A passphrase file with mode 0644 is refused before anything is created."""
+    passphrase_file.chmod(0o644)
+    result = pkictl(tmp_path / "ca", "--passphrase-file", str(passphrase_file), "init-ca")
+    assert result.exit_code == 1 and "0600" in result.output
+    assert not (tmp_path / "ca").exists()
+
+
+def test_day_to_day_work_needs_no_root_key(tmp_path):
+    """With the root key moved offline, enroll, revoke and status still work."""
+    home = tmp_path / "ca"
+    assert pkictl(home, "init-ca").exit_code == 0
+    shutil.move(home / "root" / "key.pem", tmp_path / "offline-root-key.pem")
+    assert pkictl(home, "enroll-node", "TW", "--out", str(tmp_path / "TW")).exit_code == 0
+    assert pkictl(home, "enroll-gateway", "gw", "--ip", "127.0.0.1", "--out", str(tmp_path / "gw")).exit_code == 0
+    assert pkictl(home, "revoke", "TW").exit_code == 0
+    assert pkictl(home, "status").exit_code == 0
+
+
+def test_group_readable_issuing_key_is_refused_with_the_fix(tmp_path):
+    """An issuing key with mode 0640 is refused and the message says chmod 600."""
+    home = tmp_path / "ca"
+    assert pkictl(home, "init-ca").exit_code == 0
+    (home / "issuing" / "key.pem").chmod(0o640)
+    result = pkictl(home, "enroll-node", "TW")
+    assert result.exit_code == 1 and "chmod 600" in result.output
+
+
+def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
+    """init, issuance, a refusal and a revocation are in the audit log; audit verify passes,
+    then fails with the line number once a record is edited, and on truncation."""
+    home = tmp_path / "ca"
+    assert pkictl(home, "init-ca").exit_code == 0
+    assert pkictl(home, "enroll-node", "TW", "--out", str(tmp_path / "TW")).exit_code == 0
+    assert pkictl(home, "enroll-node", "../etc").exit_code == 1
+    assert pkictl(home, "revoke", "TW", "--reason", "key-compromise").exit_code == 0
+    records = [json.loads(line) for line in (home / "audit.log").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["init", "issued", "refused", "revoked"]
+    assert records[1]["name"] == "TW" and records[2]["subject"] == "../etc" and records[3]["reason"] == "key-compromise"
+
+    ok = pkictl(home, "audit", "verify")
+    assert ok.exit_code == 0 and "4 records" in ok.output
+    head = pkictl(home, "audit", "head").output.strip()
+    assert pkictl(home, "audit", "verify", "--anchor", head).exit_code == 0
+
+    log = home / "audit.log"
+    original = log.read_bytes()
+    log.write_bytes(original.replace(b'"name":"TW"', b'"name":"TX"', 1))
+    edited = pkictl(home, "audit", "verify")
+    assert edited.exit_code == 1 and "line 2" in edited.output
+
+    log.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
+    truncated = pkictl(home, "audit", "verify")
+    assert truncated.exit_code == 1 and "truncated" in truncated.output
