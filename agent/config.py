@@ -7,7 +7,6 @@ directory copied anywhere keeps working.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 

@@ -15,10 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import ipaddress
-import os
-import secrets
-import shutil
 import sqlite3
 from pathlib import Path
 from typing import Sequence
@@ -26,25 +22,24 @@ from typing import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
-from .errors import CAExistsError, CANotFoundError, NotEnrolledError, PKIError, PolicyError, StoreError
+from .errors import CANotFoundError, NotEnrolledError, PKIError, PolicyError, StoreError
 from .audit import AuditLog
-from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
+from .files import atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory, Record
-from .keys import encrypt_private_key, load_private_key
+from .keys import load_private_key
 from .lint import prelint
 from .names import validate_name
 from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
-from .pem import certificates_to_pem, private_key_from_pem, private_key_to_pem, public_key_bytes
+from .pem import certificates_to_pem, public_key_bytes
 from .revocation import build_crl, crl_due, parse_reason
-from .profile import build_end_entity, build_issuing, build_root, generate_key, node_identity, validity_window
+from .profile import build_end_entity, generate_key, node_identity, validity_window
 from .settings import CASettings
 from .store import Credential, CredentialStore
 
-__all__ = ["CertificateAuthority", "Enrollment", "san_strings"]
+__all__ = ["CertificateAuthority", "Enrollment", "san_strings", "signed"]
 
 _SERIAL_ATTEMPTS = 5
 
@@ -61,7 +56,15 @@ def san_strings(certificate: x509.Certificate) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
     """Lint ``builder`` with a throwaway key, then sign it with ``key`` (SHA-256)."""
     prelint(builder, issuer_key_type=key)
     return builder.sign(key, hashes.SHA256())
@@ -120,6 +123,7 @@ class CertificateAuthority:
         self._issuing_key = issuing_key
         self.clock = clock
         self._inventory: Inventory | None = None
+        self._passphrase: bytes | None = None  # to open retired issuing keys, which sign their CRLs
         self.audit = AuditLog(self.home / "audit.log", clock=clock)
 
     # -- creation and loading ---------------------------------------------------------------
@@ -132,74 +136,10 @@ class CertificateAuthority:
     def init(
         cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None, passphrase: bytes | None = None
     ) -> "CertificateAuthority":
-        """Create a root and an issuing CA in ``home``.
+        """Create a root and an issuing CA in ``home``: see :func:`pkictl.lifecycle.init_ca`."""
+        from .lifecycle import init_ca
 
-        Everything is written into a staging directory first and moved into place with
-        ``ca.yaml`` last, so an interrupted init never looks like a CA. Both certificates are
-        linted before they are signed (:func:`pkictl.lint.prelint`).
-
-        Args:
-            passphrase: encrypt both CA keys with it (PKCS#8, scrypt: :mod:`pkictl.keys`);
-                None writes them unencrypted (still 0600 in 0700 directories).
-
-        Raises:
-            CAExistsError: ``home`` holds a CA already, or the remains of an interrupted init.
-            LintError: a CA certificate would break the profile (nothing is written).
-        """
-        home = Path(home)
-        settings = settings or CASettings()
-        clock = clock or SystemClock()
-        if cls.exists(home):
-            raise CAExistsError(f"a CA exists already in {home}; pkictl never overwrites a CA. Use another --home")
-        leftovers = [n for n in ("root", "issuing", "ca.pem", "inventory.sqlite3") if (home / n).exists()]
-        if leftovers:
-            raise CAExistsError(
-                f"{home} holds {', '.join(leftovers)} but no ca.yaml (an interrupted init-ca?); "
-                "remove them or choose another --home"
-            )
-        make_private_dir(home)
-        now = clock.now()
-        generation = f"{now:%Y-%m-%d} {secrets.token_hex(2)}"  # a distinct subject per CA generation
-        org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, settings.trust_domain)
-
-        root_key = generate_key()
-        root_nb, root_na = validity_window(now, settings.root_lifetime)
-        root_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Root CA {generation}")])
-        root = _signed(build_root(root_subject, root_key.public_key(), root_nb, root_na, x509.random_serial_number()), root_key)
-
-        issuing_key = generate_key()
-        iss_nb, iss_na = validity_window(now, settings.issuing_lifetime)
-        issuing_subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Issuing CA {generation}")])
-        issuing = _signed(build_issuing(issuing_subject, issuing_key.public_key(), root, iss_nb, iss_na, x509.random_serial_number()), root_key)
-
-        staging = home / f".init-{secrets.token_hex(4)}"
-        make_private_dir(staging)
-        try:
-            for part, cert, key in (("root", root, root_key), ("issuing", issuing, issuing_key)):
-                make_private_dir(staging / part)
-                write_new_file(staging / part / "cert.pem", certificates_to_pem([cert]))
-                pem = encrypt_private_key(key, passphrase) if passphrase else private_key_to_pem(key)
-                write_new_file(staging / part / "key.pem", pem, PRIVATE_FILE_MODE)
-            write_new_file(staging / "ca.pem", certificates_to_pem([root]))
-            inventory = Inventory(staging / "inventory.sqlite3")
-            for kind, cert in (("root", root), ("issuing", issuing)):
-                cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-                issuer = None if kind == "root" else root.serial_number
-                inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False, issuer=issuer)
-                inventory.record_issued(cert, renewal_fraction=settings.renewal_fraction)
-            inventory.close()
-            for name in ("root", "issuing", "ca.pem", "inventory.sqlite3"):
-                os.rename(staging / name, home / name)
-            import yaml
-
-            atomic_write(home / "ca.yaml", ("# pkictl CA settings, written by init-ca\n" + yaml.safe_dump(settings.to_dict(), sort_keys=False)).encode())
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        ca = cls(home, settings, root, issuing, issuing_key, clock)
-        ca.audit.append("init", root_serial=root.serial_number, issuing_serial=issuing.serial_number,
-                        trust_domain=settings.trust_domain, encrypted=passphrase is not None)
-        ca.sign_crl()  # an empty CRL from the start: a gateway checking CRLs needs one to admit anyone
-        return ca
+        return init_ca(home, settings or CASettings(), clock=clock or SystemClock(), passphrase=passphrase)
 
     @classmethod
     def load(cls, home: Path, *, clock: Clock | None = None, passphrase: bytes | None = None) -> "CertificateAuthority":
@@ -218,13 +158,18 @@ class CertificateAuthority:
         if not cls.exists(home):
             raise CANotFoundError(f"no CA in {home}: run 'pkictl init-ca' first, or pass --home / set PKICTL_HOME")
         settings = CASettings.load(home / "ca.yaml")
+        from .lifecycle import finish_interrupted_rotation
+
+        finish_interrupted_rotation(home)
         root = x509.load_pem_x509_certificate((home / "root" / "cert.pem").read_bytes())
         issuing = x509.load_pem_x509_certificate((home / "issuing" / "cert.pem").read_bytes())
         key_path = home / "issuing" / "key.pem"
         issuing_key = load_private_key(read_private_file(key_path), passphrase, source=str(key_path))
         if public_key_bytes(issuing_key.public_key()) != public_key_bytes(issuing.public_key()):
             raise StoreError(f"{key_path} does not match {home / 'issuing' / 'cert.pem'}")
-        return cls(home, settings, root, issuing, issuing_key, clock or SystemClock())
+        ca = cls(home, settings, root, issuing, issuing_key, clock or SystemClock())
+        ca._passphrase = passphrase
+        return ca
 
     @property
     def inventory(self) -> Inventory:
@@ -415,10 +360,8 @@ class CertificateAuthority:
             NotEnrolledError: the inventory has no issued record of ``current``.
         """
         now = self.clock.now()
-        try:
-            current.verify_directly_issued_by(self.issuing)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise PolicyError(f"certificate serial {current.serial_number:x} was not issued by this CA ({exc})") from None
+        if not any(_issued_by(current, issuer) for issuer in (self.issuing, *self.retired_issuers())):
+            raise PolicyError(f"certificate serial {current.serial_number:x} (issuer {current.issuer.rfc4514_string()}) was not issued by this CA")
         if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
             raise PolicyError(
                 f"certificate serial {current.serial_number:x} is not valid now (valid "
@@ -507,19 +450,49 @@ class CertificateAuthority:
     def crl_path(self) -> Path:
         return self.home / "crl.pem"
 
-    def sign_crl(self) -> x509.CertificateRevocationList:
-        """Sign a new CRL of the issuing CA and write it to ``<home>/crl.pem`` atomically."""
+    def retired_issuers(self) -> list[x509.Certificate]:
+        """Issuing CA certificates replaced by ``rotate-issuing`` (in ``<home>/retired/``)."""
+        retired = self.home / "retired"
+        if not retired.is_dir():
+            return []
+        return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
+
+    def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, object]]:
+        """The current issuing CA, and each retired one while a certificate it signed is unexpired:
+        with CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF)."""
+        signers = [(self.issuing, self._issuing_key)]
+        for cert in self.retired_issuers():
+            if self.inventory.has_unexpired(cert.serial_number, now):
+                path = self.home / "retired" / f"{cert.serial_number:x}" / "key.pem"
+                signers.append((cert, load_private_key(read_private_file(path), self._passphrase, source=str(path))))
+            else:
+                self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
+        return signers
+
+    def sign_crl(self) -> list[x509.CertificateRevocationList]:
+        """Sign a new CRL for each active issuing CA and write them all to ``<home>/crl.pem``
+        atomically (one file, one CRL per issuer, each with its own AKI and CRL number)."""
         now = self.clock.now()
-        cn = self.issuing.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-        number = self.inventory.next_crl_number(self.issuing.serial_number, str(cn))
-        crl = build_crl(
-            issuer=self.issuing, issuer_key=self._issuing_key, number=number, now=now,
-            revoked=self.inventory.revoked(self.issuing.serial_number, now), lifetime=self.settings.crl_lifetime,
-        )
-        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
-        self.inventory.record_crl(self.issuing.serial_number, number=number,
-                                  this_update=crl.last_update_utc, next_update=crl.next_update_utc)
-        return crl
+        signers = self._crl_signers(now)
+        crls = []
+        for issuer, key in signers:
+            cn = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            number = self.inventory.next_crl_number(issuer.serial_number, str(cn))
+            crls.append(build_crl(
+                issuer=issuer, issuer_key=key, number=number, now=now,
+                revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
+            ))
+        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
+        for (issuer, _), crl in zip(signers, crls):
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+        return crls
+
+    def rotate_issuing(self) -> x509.Certificate:
+        """Replace the issuing CA: see :func:`pkictl.lifecycle.rotate_issuing`."""
+        from .lifecycle import rotate_issuing
+
+        return rotate_issuing(self)
 
     def refresh_crl(self) -> bool:
         """Re-sign the CRL when half of its validity has passed (or it is missing).

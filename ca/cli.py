@@ -6,7 +6,6 @@ Heavy imports (cryptography, yaml) happen inside commands so that ``pkictl --ver
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -238,6 +237,24 @@ def revoke(obj: _Obj, target: str, reason: str) -> None:
     for record in ca.revoke(target, reason=reason):
         click.echo(f"revoked {record.kind} {record.name} serial {record.serial:x} ({reason})")
     click.echo(f"CRL re-signed: {ca.crl_path}")
+
+
+@cli.command("rotate-issuing")
+@click.pass_obj
+def rotate_issuing(obj: _Obj) -> None:
+    """Replace the issuing CA (needs the root key); certificates already issued keep working.
+
+    \b
+    The trust anchor (the root, ca.pem) does not change. The old issuing CA keeps signing its
+    CRL in crl.pem while a certificate it issued is unexpired; agents move to the new issuing CA
+    at their next renewal. See README, "Rotating the issuing CA".
+    """
+    ca = obj.load_ca()
+    old = ca.issuing
+    new = ca.rotate_issuing()
+    click.echo(f"retired: {old.subject.rfc4514_string()} (serial {old.serial_number:x}); keeps signing its CRL until its last certificate expires")
+    click.echo(f"issuing: {new.subject.rfc4514_string()} (serial {new.serial_number:x}, not after {new.not_valid_after_utc:%Y-%m-%d})")
+    click.echo(f"CRLs of both written to {ca.crl_path}; move {ca.home / 'root' / 'key.pem'} offline again")
 
 
 @cli.group("audit")

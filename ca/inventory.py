@@ -236,6 +236,19 @@ class Inventory:
                 (_epoch(this_update), _epoch(next_update), f"{issuer:x}", number),
             )
 
+    def forget_crl(self, issuer: int) -> None:
+        """Stop reporting the CRL of ``issuer`` (a retired issuing CA with nothing left to revoke)."""
+        with self._transaction():
+            self._db.execute("UPDATE crls SET next_update = NULL WHERE issuer = ?", (f"{issuer:x}",))
+
+    def has_unexpired(self, issuer: int, now: dt.datetime) -> bool:
+        """True while a certificate signed by ``issuer`` is unexpired at ``now``."""
+        row = self._db.execute(
+            "SELECT 1 FROM certificates WHERE issuer = ? AND status IN ('issued', 'revoked') AND not_after > ? LIMIT 1",
+            (f"{issuer:x}", _epoch(now)),
+        ).fetchone()
+        return row is not None
+
     def crls(self) -> list[tuple[str, int, dt.datetime, dt.datetime]]:
         """``(issuer name, number, this_update, next_update)`` of each CRL written."""
         rows = self._db.execute("SELECT * FROM crls WHERE next_update IS NOT NULL ORDER BY issuer_name")
