@@ -14,7 +14,7 @@ from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command, live_files
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command, live_files, refused
 
 NODE_CLIENT = r"""
 const tls = require('tls'); const fs = require('fs');
@@ -27,14 +27,37 @@ sock.on('error', e => { console.error('error: ' + e.message); process.exit(1); }
 """
 
 
-def _gateway_config(pki, upstream_port: int) -> Path:
+def _gateway_config(pki, upstream_port: int, check_interval: str = "1h") -> Path:
     config = pki.gateway / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "name": "gw", "kind": "gateway", "credential_dir": ".",
-        "renewal": {"ca_home": str(pki.home), "check_interval": "1h"},
-        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}"},
+        "renewal": {"ca_home": str(pki.home), "check_interval": check_interval},
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}", "crl": str(pki.ca.crl_path)},
     }))
     return config
+
+
+def test_pkictl_revoke_locks_the_node_out_of_the_running_gateway(pki, echo_server):
+    """'pkictl revoke TW' while pki-agent runs: within the check interval the agent reloads the
+    CRL, TW is refused as 'revoked', and another node is still served; no restart."""
+    other = pki.ca.enroll("node", "other", out=pki.home.parent / "other").directory
+    agent = AgentProcess(_gateway_config(pki, echo_server.port, check_interval="1s"))
+    try:
+        _, port = agent.wait_ready()
+        client = TLSClient(port, bundle_context(pki.node))
+        assert client.echo(b"before") == b"before"
+        client.close()
+        result = subprocess.run([command("pkictl"), "--home", str(pki.home), "revoke", "TW", "--reason", "key-compromise"],
+                                capture_output=True, text=True, timeout=DEADLINE)
+        assert result.returncode == 0, result.stderr
+        agent.log.wait_for(r"CRL loaded: 1 revoked")
+        refused(port, bundle_context(pki.node))
+        agent.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='revoked'")
+        still = TLSClient(port, bundle_context(other))
+        assert still.echo(b"other node") == b"other node"
+        still.close()
+    finally:
+        agent.stop()
 
 
 def test_sighup_reloads_the_credential_from_disk(pki, echo_server):

@@ -123,3 +123,29 @@ def test_failed_renewal_keeps_the_credential_and_backs_off(tmp_path):
     clock.advance(10)
     asyncio.run(agent.check())
     assert store.load().certificate.serial_number != first.certificate.serial_number
+
+
+def test_ca_host_agent_re_signs_the_crl_at_half_its_validity(tmp_path):
+    """On the CA host the agent's periodic check leaves the CRL alone one second before half its
+    validity and re-signs it at that moment (an expired CRL would lock every client out)."""
+    from cryptography import x509
+
+    from pkictl.revocation import load_crls
+
+    clock = FixedClock(T0)
+    agent, _ = _node_agent(tmp_path, clock)
+    agent.reload()
+    crl_path = tmp_path / "ca" / "crl.pem"
+    (first,) = load_crls(crl_path)
+    half = first.last_update_utc + (first.next_update_utc - first.last_update_utc) / 2
+
+    def number():
+        (crl,) = load_crls(crl_path)
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+    clock.set(half - SECOND)
+    asyncio.run(agent.maintain())
+    assert number() == 1
+    clock.set(half)
+    asyncio.run(agent.maintain())
+    assert number() == 2
