@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import re
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -122,7 +123,7 @@ def run_demo(directory: Path, *, lifetime: str = "15s", echo: Callable[[str], No
     gw = ca.enroll("gateway", "gw", out=directory / "gw", ip_addresses=["127.0.0.1"])
     tw = ca.enroll("node", "TW", out=directory / "TW")
     for enrollment, kind, name, listener in (
-        (gw, "gateway", "gw", {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{up_port}"}),
+        (gw, "gateway", "gw", {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{up_port}", "crl": ca.crl_path.resolve()}),
         (tw, "node", "TW", None),
     ):
         text = render_agent_config(name=name, kind=kind, trust_domain=settings.trust_domain, ca_home=ca.home.resolve(),
@@ -149,7 +150,6 @@ def run_demo(directory: Path, *, lifetime: str = "15s", echo: Callable[[str], No
         log.wait_for(r"accepted .*node=tw")
 
         import socket
-        import ssl
 
         bare = ssl.create_default_context(cafile=str(tw.directory / "ca.pem"))
         try:
@@ -170,17 +170,36 @@ def run_demo(directory: Path, *, lifetime: str = "15s", echo: Callable[[str], No
              f"sees the new gateway serial {_server_serial(new_sock)} (was {first}); "
              f"{_round_trip(new_sock, b'after').decode()!r} echoed")
         echo(f"   the connection opened before the rotation still works: {_round_trip(sock, b'still here').decode()!r} echoed")
+        echo("9. revocation reaches the running gateway through the CRL, without a restart:")
         new_sock.close()
         sock.close()
+
+        ca = CertificateAuthority.load(directory / "ca")
+        ex = ca.enroll("node", "EX", out=directory / "EX")
+        ex_sock, _ = _connect(ex.directory, port)
+        _round_trip(ex_sock, b"hi")
+        ex_sock.close()
+        ca.revoke("EX", reason="key-compromise")
+        ca.close()
+        echo(f"   pkictl enroll-node EX, EX connects; then pkictl revoke EX --reason key-compromise (serial {ex.certificate.serial_number:x}):")
+        log.wait_for(r"CRL loaded: 1 revoked")
+        try:
+            ex_sock, _ = _connect(ex.directory, port)
+            ex_sock.sendall(b"let me in")
+            ex_sock.recv(10)
+            ex_sock.close()
+        except (ssl.SSLError, OSError):
+            pass
+        log.wait_for(r"refused .*reason='revoked'")
     finally:
         codes = []
         for process in (agent, node_agent):
             process.terminate()
             codes.append(process.wait(_WAIT))
         upstream.shutdown()
-    echo(f"9. SIGTERM: the agents stopped with exit status {codes[0]} and {codes[1]}")
+    echo(f"10. SIGTERM: the agents stopped with exit status {codes[0]} and {codes[1]}")
 
-    echo("10. pkictl status:")
+    echo("11. pkictl status:")
     table, _ = read_status(directory / "ca" / "inventory.sqlite3", SystemClock().now())
     for line in table.splitlines():
         echo(f"   {line}")
