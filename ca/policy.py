@@ -53,9 +53,12 @@ def check_dns_name(value: str) -> str:
     """Return the canonical (lower case, no trailing dot) form of a DNS name a gateway may carry.
 
     Raises:
-        PolicyError: not made of DNS labels, or a localhost name (never certified: DESIGN.md).
+        PolicyError: not made of DNS labels, longer than 253 characters, or a localhost name
+            (never certified: DESIGN.md).
     """
     name = value.rstrip(".").lower()  # "localhost." is "localhost": compare the canonical form
+    if len(name) > 253:  # RFC 1035 2.3.4: 255 octets on the wire = 253 characters as text
+        raise PolicyError(f"--dns name of {len(name)} characters: want at most 253 (RFC 1035 2.3.4)")
     try:
         for label in name.split("."):
             validate_name(label)

@@ -129,3 +129,13 @@ def test_cli_refuses_a_csr_for_another_identity(ca, tmp_path):
     assert result.exit_code == 1
     assert "another identity" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_gateway_dns_names_longer_than_253_characters_are_refused(ca, tmp_path):
+    """A gateway DNS name of valid labels but 254+ characters is refused (RFC 1035 2.3.4); 253 is accepted."""
+    labels = ["a" * 63] * 3 + ["b" * 61]  # 63*3 + 61 + 3 dots = 253
+    ok = ".".join(labels)
+    assert len(ok) == 253
+    ca.enroll("gateway", "gw", out=tmp_path / "gw", dns_names=[ok])
+    with pytest.raises(PolicyError, match="253"):
+        ca.enroll("gateway", "gw2", out=tmp_path / "gw2", dns_names=["c" + ok])
