@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import fcntl
 import hashlib
 import json
@@ -53,10 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from .clock import Clock, utc
-from .errors import AuditError
+from .errors import AuditError, PKIError
 from .files import PRIVATE_FILE_MODE, atomic_write
 
-__all__ = ["AuditLog", "VerifyResult", "GENESIS", "record_hash"]
+__all__ = [
+    "audits_refusals","AuditLog", "VerifyResult", "GENESIS", "record_hash"]
 
 GENESIS = "0" * 64
 """The ``prev`` of record 1: no record hashes to it."""
@@ -410,3 +412,27 @@ def _last_line(fd: int, size: int) -> bytes | None:
         if start == 0:
             return data
         block *= 4
+
+
+def audits_refusals(operation: str):
+    """Record every refusal (a PKIError) of a CertificateAuthority operation in its audit log,
+    then re-raise. The first positional argument after ``self`` (the second for ``enroll``, after
+    the kind) names what was asked for: a name, a target, or a CSR."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except PKIError as exc:
+                subject = args[1] if operation in ("enroll",) and len(args) > 1 else (args[0] if args else None)
+                if hasattr(subject, "subject") and hasattr(subject, "public_key"):  # a CSR
+                    subject = subject.subject.rfc4514_string()
+                elif isinstance(subject, bytes):
+                    subject = f"{len(subject)} bytes"
+                self.audit.append("refused", operation=operation, subject=str(subject), error=type(exc).__name__, reason=str(exc))
+                raise
+
+        return wrapper
+
+    return decorate

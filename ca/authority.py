@@ -13,28 +13,25 @@ Home layout::
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import functools
 import sqlite3
 from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 
 from .clock import Clock, SystemClock
-from .errors import CANotFoundError, NotEnrolledError, PKIError, PolicyError, StoreError
-from .audit import AuditLog
-from .files import atomic_write, make_private_dir, read_private_file, write_new_file
+from .errors import CANotFoundError, NotEnrolledError, PolicyError, StoreError
+from .audit import AuditLog, audits_refusals
+from .files import make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory, Record
 from .keys import load_private_key
 from .lint import prelint
 from .names import validate_name
 from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, public_key_bytes
-from .revocation import build_crl, crl_due, parse_reason
+from .revocation import Revocation
 from .profile import build_end_entity, generate_key, node_identity, validity_window
 from .settings import CASettings
 from .store import Credential, CredentialStore
@@ -70,31 +67,6 @@ def signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
     return builder.sign(key, hashes.SHA256())
 
 
-def _audits_refusals(operation: str):
-    """Record every refusal (a PKIError) of the wrapped operation in the audit log, then re-raise.
-
-    The first positional argument after ``self`` names what was asked for (a name or a target).
-    """
-
-    def decorate(method):
-        @functools.wraps(method)
-        def wrapper(self, *args, **kwargs):
-            try:
-                return method(self, *args, **kwargs)
-            except PKIError as exc:
-                subject = args[1] if operation in ("enroll",) and len(args) > 1 else (args[0] if args else None)
-                if isinstance(subject, x509.CertificateSigningRequest):
-                    subject = subject.subject.rfc4514_string()
-                elif isinstance(subject, bytes):
-                    subject = f"{len(subject)} bytes"
-                self.audit.append("refused", operation=operation, subject=str(subject), error=type(exc).__name__, reason=str(exc))
-                raise
-
-        return wrapper
-
-    return decorate
-
-
 @dataclasses.dataclass(frozen=True)
 class Enrollment:
     """What an enrollment produced: the certificate and the bundle directory written."""
@@ -103,7 +75,7 @@ class Enrollment:
     directory: Path
 
 
-class CertificateAuthority:
+class CertificateAuthority(Revocation):
     """A loaded CA. Create one with :meth:`init` or :meth:`load`, never directly.
 
     Args:
@@ -265,7 +237,7 @@ class CertificateAuthority:
                           renewal=not first)
         return certificate
 
-    @_audits_refusals("enroll")
+    @audits_refusals("enroll")
     def enroll(
         self,
         kind: str,
@@ -313,7 +285,7 @@ class CertificateAuthority:
             self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
 
-    @_audits_refusals("enroll-csr")
+    @audits_refusals("enroll-csr")
     def enroll_csr(self, name: str, csr: x509.CertificateSigningRequest | bytes, *, out: Path, replace: bool = False) -> Enrollment:
         """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
         and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
@@ -344,7 +316,7 @@ class CertificateAuthority:
             self.revoke_records(previous, reason="superseded")
         return Enrollment(certificate, out)
 
-    @_audits_refusals("simple_reenroll")
+    @audits_refusals("simple_reenroll")
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, rekey: bool = True) -> x509.Certificate:
         """Issue a successor to ``current`` for the key in ``csr`` (RFC 7030 section 4.2.2).
 
@@ -389,123 +361,6 @@ class CertificateAuthority:
         dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
         ips = [s[3:] for s in record.sans if s.startswith("IP:")]
         return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False)
-
-    # -- revocation ---------------------------------------------------------------------------
-
-    def find_revocable(self, target: str) -> list[Record]:
-        """The certificates ``pkictl revoke TARGET`` means: a serial number (hex, colons and a
-        ``0x`` prefix allowed) or a name (all its unexpired, unrevoked end-entity certificates).
-
-        Raises:
-            NotEnrolledError: nothing matches.
-            PolicyError: the target is a CA certificate (revoke those on the root's CRL, by
-                rotating the CA).
-        """
-        text = target.strip().lower().removeprefix("0x").replace(":", "")
-        record = None
-        if text and all(c in "0123456789abcdef" for c in text):
-            record = self.inventory.get(int(text, 16))
-        if record is not None:
-            if record.kind not in ("node", "gateway"):
-                raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
-            if record.status != "issued":
-                raise PolicyError(f"serial {record.serial:x} is {record.status}, not an issued certificate")
-            return [record]
-        try:
-            validate_name(target)
-        except PKIError:
-            raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
-        records = self.inventory.unexpired(target, ["node", "gateway"], self.clock.now())
-        if not records:
-            raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
-        return records
-
-    @_audits_refusals("revoke")
-    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
-        """Revoke what :meth:`find_revocable` finds for ``target`` and re-sign the CRL.
-
-        Args:
-            target: a serial number (hex) or a node or gateway name.
-            reason: a name from :data:`pkictl.revocation.REASONS` (RFC 5280 5.3.1).
-
-        Returns:
-            The records revoked (as they were before).
-
-        Raises:
-            PolicyError: unknown reason, or a CA certificate.
-            NotEnrolledError: nothing to revoke.
-        """
-        reason = parse_reason(reason)
-        records = self.find_revocable(target)
-        self.revoke_records(records, reason=reason)
-        return records
-
-    def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
-        """Mark ``records`` revoked now and publish a new CRL."""
-        self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
-        self.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
-        self.sign_crl()
-
-    @property
-    def crl_path(self) -> Path:
-        return self.home / "crl.pem"
-
-    def retired_issuers(self) -> list[x509.Certificate]:
-        """Issuing CA certificates replaced by ``rotate-issuing`` (in ``<home>/retired/``)."""
-        retired = self.home / "retired"
-        if not retired.is_dir():
-            return []
-        return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
-
-    def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, object]]:
-        """The current issuing CA, and each retired one while a certificate it signed is unexpired:
-        with CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF)."""
-        signers = [(self.issuing, self._issuing_key)]
-        for cert in self.retired_issuers():
-            if self.inventory.has_unexpired(cert.serial_number, now):
-                path = self.home / "retired" / f"{cert.serial_number:x}" / "key.pem"
-                signers.append((cert, load_private_key(read_private_file(path), self._passphrase, source=str(path))))
-            else:
-                self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
-        return signers
-
-    def sign_crl(self) -> list[x509.CertificateRevocationList]:
-        """Sign a new CRL for each active issuing CA and write them all to ``<home>/crl.pem``
-        atomically (one file, one CRL per issuer, each with its own AKI and CRL number)."""
-        now = self.clock.now()
-        signers = self._crl_signers(now)
-        crls = []
-        for issuer, key in signers:
-            cn = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-            number = self.inventory.next_crl_number(issuer.serial_number, str(cn))
-            crls.append(build_crl(
-                issuer=issuer, issuer_key=key, number=number, now=now,
-                revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
-            ))
-        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
-        for (issuer, _), crl in zip(signers, crls):
-            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-            self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
-        return crls
-
-    def rotate_issuing(self) -> x509.Certificate:
-        """Replace the issuing CA: see :func:`pkictl.lifecycle.rotate_issuing`."""
-        from .lifecycle import rotate_issuing
-
-        return rotate_issuing(self)
-
-    def refresh_crl(self) -> bool:
-        """Re-sign the CRL when half of its validity has passed (or it is missing).
-
-        Returns:
-            True if a new CRL was written.
-        """
-        now = self.clock.now()
-        for _, _, this_update, next_update in self.inventory.crls():
-            if not crl_due(this_update, next_update, now) and self.crl_path.exists():
-                return False
-        self.sign_crl()
-        return True
 
     def record(self, name: str, kind: str) -> Record:
         """The newest issued record of ``name``.

@@ -7,12 +7,17 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
-from .errors import PolicyError, StoreError
+from .audit import audits_refusals
+from .errors import NotEnrolledError, PKIError, PolicyError, StoreError
+from .files import atomic_write, read_private_file
 from .inventory import Record
+from .keys import load_private_key
+from .names import validate_name
 
-__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "revoked_serials"]
+__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "revoked_serials", "Revocation"]
 
 # RFC 5280 5.3.1 CRLReason values an operator may give (certificateHold is deliberately absent:
 # a hold can be lifted, which makes "revoked" ambiguous; cACompromise belongs on the root's CRL).
@@ -105,3 +110,124 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
 def revoked_serials(crls: Sequence[x509.CertificateRevocationList]) -> frozenset[tuple[bytes, int]]:
     """``(issuer name DER, serial)`` of every entry: a serial number is unique only per issuer."""
     return frozenset((crl.issuer.public_bytes(), entry.serial_number) for crl in crls for entry in crl)
+
+
+class Revocation:
+    """Revocation and CRL signing of :class:`pkictl.authority.CertificateAuthority` (its base
+    class; kept here with the CRL profile). Uses the CA's ``home``, ``clock``, ``settings``,
+    ``inventory``, ``audit``, ``issuing`` and issuing key."""
+
+    def find_revocable(self, target: str) -> list[Record]:
+        """The certificates ``pkictl revoke TARGET`` means: a serial number (hex, colons and a
+        ``0x`` prefix allowed) or a name (all its unexpired, unrevoked end-entity certificates).
+
+        Raises:
+            NotEnrolledError: nothing matches.
+            PolicyError: the target is a CA certificate (revoke those on the root's CRL, by
+                rotating the CA).
+        """
+        text = target.strip().lower().removeprefix("0x").replace(":", "")
+        record = None
+        if text and all(c in "0123456789abcdef" for c in text):
+            record = self.inventory.get(int(text, 16))
+        if record is not None:
+            if record.kind not in ("node", "gateway"):
+                raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
+            if record.status != "issued":
+                raise PolicyError(f"serial {record.serial:x} is {record.status}, not an issued certificate")
+            return [record]
+        try:
+            validate_name(target)
+        except PKIError:
+            raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
+        records = self.inventory.unexpired(target, ["node", "gateway"], self.clock.now())
+        if not records:
+            raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
+        return records
+
+    @audits_refusals("revoke")
+    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
+        """Revoke what :meth:`find_revocable` finds for ``target`` and re-sign the CRL.
+
+        Args:
+            target: a serial number (hex) or a node or gateway name.
+            reason: a name from :data:`pkictl.revocation.REASONS` (RFC 5280 5.3.1).
+
+        Returns:
+            The records revoked (as they were before).
+
+        Raises:
+            PolicyError: unknown reason, or a CA certificate.
+            NotEnrolledError: nothing to revoke.
+        """
+        reason = parse_reason(reason)
+        records = self.find_revocable(target)
+        self.revoke_records(records, reason=reason)
+        return records
+
+    def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
+        """Mark ``records`` revoked now and publish a new CRL."""
+        self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
+        self.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
+        self.sign_crl()
+
+    @property
+    def crl_path(self) -> Path:
+        return self.home / "crl.pem"
+
+    def retired_issuers(self) -> list[x509.Certificate]:
+        """Issuing CA certificates replaced by ``rotate-issuing`` (in ``<home>/retired/``)."""
+        retired = self.home / "retired"
+        if not retired.is_dir():
+            return []
+        return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
+
+    def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, object]]:
+        """The current issuing CA, and each retired one while a certificate it signed is unexpired:
+        with CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF)."""
+        signers = [(self.issuing, self._issuing_key)]
+        for cert in self.retired_issuers():
+            if self.inventory.has_unexpired(cert.serial_number, now):
+                path = self.home / "retired" / f"{cert.serial_number:x}" / "key.pem"
+                signers.append((cert, load_private_key(read_private_file(path), self._passphrase, source=str(path))))
+            else:
+                self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
+        return signers
+
+    def sign_crl(self) -> list[x509.CertificateRevocationList]:
+        """Sign a new CRL for each active issuing CA and write them all to ``<home>/crl.pem``
+        atomically (one file, one CRL per issuer, each with its own AKI and CRL number)."""
+        now = self.clock.now()
+        signers = self._crl_signers(now)
+        crls = []
+        for issuer, key in signers:
+            cn = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            number = self.inventory.next_crl_number(issuer.serial_number, str(cn))
+            crls.append(build_crl(
+                issuer=issuer, issuer_key=key, number=number, now=now,
+                revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
+            ))
+        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
+        for (issuer, _), crl in zip(signers, crls):
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+        return crls
+
+    def rotate_issuing(self) -> x509.Certificate:
+        """Replace the issuing CA: see :func:`pkictl.lifecycle.rotate_issuing`."""
+        from .lifecycle import rotate_issuing
+
+        return rotate_issuing(self)
+
+    def refresh_crl(self) -> bool:
+        """Re-sign the CRL when half of its validity has passed (or it is missing).
+
+        Returns:
+            True if a new CRL was written.
+        """
+        now = self.clock.now()
+        for _, _, this_update, next_update in self.inventory.crls():
+            if not crl_due(this_update, next_update, now) and self.crl_path.exists():
+                return False
+        self.sign_crl()
+        return True
