@@ -31,6 +31,7 @@ from .lint import prelint
 from .names import validate_name
 from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, public_key_bytes
+from .bootstrap import Bootstrap
 from .revocation import Revocation
 from .profile import build_end_entity, generate_key, node_identity, validity_window
 from .settings import CASettings
@@ -75,7 +76,7 @@ class Enrollment:
     directory: Path
 
 
-class CertificateAuthority(Revocation):
+class CertificateAuthority(Revocation, Bootstrap):
     """A loaded CA. Create one with :meth:`init` or :meth:`load`, never directly.
 
     Args:
@@ -194,7 +195,7 @@ class CertificateAuthority(Revocation):
         """
         validate_name(name)
         check_public_key(public_key)
-        if kind == "gateway":
+        if kind in ("gateway", "service"):
             dns_names = [check_dns_name(d) for d in dns_names]
             ip_addresses = [check_ip_address(i) for i in ip_addresses]
             if not dns_names and not ip_addresses:
@@ -343,7 +344,7 @@ class CertificateAuthority(Revocation):
         record = self.inventory.get(current.serial_number)
         if record is not None and record.status == "revoked":
             raise PolicyError(f"certificate serial {current.serial_number:x} is revoked ({record.revocation_reason}); it cannot renew: enroll again")
-        if record is None or record.status != "issued" or record.kind not in ("node", "gateway"):
+        if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
             raise NotEnrolledError(f"certificate serial {current.serial_number:x} is not in the inventory as an issued end entity")
         if not csr.is_signature_valid:
             raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")

@@ -151,9 +151,22 @@ _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revok
 @click.option("--replace", is_flag=True, help=_REPLACE_HELP)
 @click.option("--csr", "csr_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Certify the key of this CSR (PEM or DER) made on the node; no key is written.")
+@click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST).")
+@click.option("--token-ttl", callback=_duration, help="How long the token is valid (default 10m).")
 @click.pass_obj
-def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None) -> None:
+def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
+    if token:
+        from .est import root_fingerprint
+
+        ca = obj.load_ca()
+        kwargs = {"ttl": token_ttl} if token_ttl else {}
+        secret, expires = ca.create_token(name, **kwargs)
+        click.echo(f"token for {name} (single use, valid until {expires:%Y-%m-%d %H:%M:%S} UTC):")
+        click.echo(f"  {secret}")
+        click.echo(f"root fingerprint: {root_fingerprint(ca.root)}")
+        click.echo(f"on {name}: pki-agent enroll --name {name} --ca-url https://CA-HOST:8443 --fingerprint {root_fingerprint(ca.root)} --token {secret}")
+        return
     if csr_path is not None:
         from .policy import MAX_CSR_BYTES
 
@@ -255,6 +268,88 @@ def rotate_issuing(obj: _Obj) -> None:
     click.echo(f"retired: {old.subject.rfc4514_string()} (serial {old.serial_number:x}); keeps signing its CRL until its last certificate expires")
     click.echo(f"issuing: {new.subject.rfc4514_string()} (serial {new.serial_number:x}, not after {new.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"CRLs of both written to {ca.crl_path}; move {ca.home / 'root' / 'key.pem'} offline again")
+
+
+@cli.command("serve")
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT of the EST service (HTTPS).")
+@click.option("--dns", "dns_names", multiple=True, help="DNS name nodes use to reach the service (repeatable).")
+@click.option("--ip", "ip_addresses", multiple=True, help="IP address nodes use to reach the service (repeatable).")
+@click.option("--retry-after", type=click.IntRange(1, 3600), default=10, show_default=True, help="Seconds a pending enrollment is told to wait.")
+@click.option("--check-interval", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds between checks of the service certificate and the CRL.")
+@click.option("--rate", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Requests per second per client address or identity.")
+@click.option("--burst", type=click.IntRange(1), default=20, show_default=True, help="Requests a client may send at once.")
+@click.pass_obj
+def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst) -> None:
+    """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
+
+    Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
+    own server certificate and re-signs the CRL in time.
+    """
+    import asyncio
+    import logging
+
+    from pki_agent.config import parse_address
+
+    from .est import root_fingerprint
+    from .serve import ESTService
+
+    try:
+        host, port = parse_address(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not dns_names and not ip_addresses:
+        raise click.UsageError(f"--listen {listen} reaches beyond this host: give the --dns names or --ip addresses nodes dial, so that they can verify the service")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    ca = obj.load_ca()
+    service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
+                         retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst)
+
+    def ready(bound: int) -> None:
+        logging.getLogger("pkictl.serve").info("ready: EST on https://%s:%d%s (root %s)", host, bound, "/.well-known/est", root_fingerprint(ca.root))
+
+    asyncio.run(service.run(ready=ready))
+
+
+@cli.command("requests")
+@click.pass_obj
+def requests_(obj: _Obj) -> None:
+    """List enrollment requests waiting for approval (name, code, address, age)."""
+    import datetime as dt
+
+    from .inventory import Inventory
+
+    inventory = Inventory(obj.require_ca() / "inventory.sqlite3")
+    rows = inventory.pending_requests()
+    inventory.close()
+    if not rows:
+        click.echo("no pending requests")
+        return
+    now = dt.datetime.now(dt.timezone.utc).timestamp()
+    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  WAITING")
+    for row in rows:
+        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {int(now - row['requested_at'])} s")
+    click.echo("approve one with: pkictl approve NAME --code CODE (compare the code with the one the node shows)")
+
+
+@cli.command("approve")
+@click.argument("name")
+@click.option("--code", required=True, help="The code the node shows (and 'pkictl requests' lists).")
+@click.pass_obj
+def approve(obj: _Obj, name: str, code: str) -> None:
+    """Approve NAME's pending enrollment; its agent gets the certificate at its next poll."""
+    obj.load_ca().approve(name, code=code)
+    click.echo(f"approved {name} ({code.upper()}); it gets its certificate at its next poll")
+
+
+@cli.command("deny")
+@click.argument("name")
+@click.pass_obj
+def deny(obj: _Obj, name: str) -> None:
+    """Deny NAME's pending enrollment requests."""
+    count = obj.load_ca().deny(name)
+    click.echo(f"denied {count} request(s) of {name}")
 
 
 @cli.group("audit")

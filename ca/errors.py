@@ -15,6 +15,9 @@ __all__ = [
     "PassphraseError",
     "AuditError",
     "LintError",
+    "AuthenticationError",
+    "AccessDenied",
+    "PendingApproval",
 ]
 
 
@@ -83,3 +86,25 @@ class LintError(PolicyError):
     def __init__(self, message: str, findings=()) -> None:
         super().__init__(message)
         self.findings = tuple(findings)
+
+
+class AuthenticationError(PolicyError):
+    """An enrollment's credentials (token, certificate) are missing, wrong, expired or spent."""
+
+
+class AccessDenied(PolicyError):
+    """The operator denied the request (``pkictl deny``)."""
+
+
+class PendingApproval(Exception):
+    """An enrollment waits for the operator's ``pkictl approve`` (EST answers 202, RFC 7030 4.2.3).
+
+    Not a PKIError: it is no refusal (nothing is audited per poll) but an answer to come back later.
+
+    Attributes:
+        code: the approval code of the node's key (:func:`pkictl.est.approval_code`).
+    """
+
+    def __init__(self, name: str, code: str) -> None:
+        super().__init__(f"the request of {name} (code {code}) waits for approval: on the CA host run 'pkictl approve {name} --code {code}'")
+        self.name, self.code = name, code

@@ -259,6 +259,55 @@ class Inventory:
         with self._transaction():
             self._db.execute("UPDATE certificates SET status = 'failed' WHERE serial = ?", (f"{serial:x}",))
 
+    # -- bootstrap: one-time tokens and approval requests ---------------------------------------
+
+    def add_token(self, name: str, token_sha256: str, *, now: dt.datetime, expires_at: dt.datetime) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO tokens (token_sha256, name, name_key, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (token_sha256, name, name.lower(), _epoch(now), _epoch(expires_at)),
+            )
+
+    def consume_token(self, name: str, token_sha256: str, now: dt.datetime) -> bool:
+        """Spend a token: True once for an unexpired, unused token issued for ``name``."""
+        with self._transaction():
+            cursor = self._db.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_sha256 = ? AND name_key = ? AND used_at IS NULL AND expires_at > ?",
+                (_epoch(now), token_sha256, name.lower(), _epoch(now)),
+            )
+            return cursor.rowcount == 1
+
+    def request_approval(self, *, name: str, spki_sha256: str, code: str, peer: str, now: dt.datetime) -> tuple[sqlite3.Row, bool]:
+        """Record a request for ``name``'s key (once; later polls find the same row).
+
+        Returns:
+            ``(row, created)``: created is True for the first request of this key.
+        """
+        with self._transaction():
+            created = self._db.execute(
+                "INSERT OR IGNORE INTO requests (spki_sha256, name, name_key, code, peer, requested_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                (spki_sha256, name, name.lower(), code, peer, _epoch(now)),
+            ).rowcount == 1
+            return self._db.execute("SELECT * FROM requests WHERE spki_sha256 = ?", (spki_sha256,)).fetchone(), created
+
+    def decide_request(self, name: str, *, code: str | None, status: str, now: dt.datetime) -> int:
+        """Approve (with ``code``) or deny (any code) the pending requests of ``name``; return how many."""
+        query = "UPDATE requests SET status = ?, decided_at = ? WHERE name_key = ? AND status = 'pending'"
+        args: list = [status, _epoch(now), name.lower()]
+        if code is not None:
+            query += " AND code = ?"
+            args.append(code.upper())
+        with self._transaction():
+            return self._db.execute(query, args).rowcount
+
+    def request_issued(self, spki_sha256: str, serial: int) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE requests SET status = 'issued', serial = ? WHERE spki_sha256 = ?", (f"{serial:x}", spki_sha256))
+
+    def pending_requests(self) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM requests WHERE status = 'pending' ORDER BY requested_at").fetchall()
+
     def get(self, serial: int) -> Record | None:
         row = self._db.execute("SELECT * FROM certificates WHERE serial = ?", (f"{serial:x}",)).fetchone()
         return Record.from_row(row) if row else None

@@ -24,8 +24,8 @@ __all__ = [
     "build_end_entity",
 ]
 
-KINDS = ("root", "issuing", "gateway", "node")
-END_ENTITY_KINDS = ("gateway", "node")
+KINDS = ("root", "issuing", "gateway", "node", "service")
+END_ENTITY_KINDS = ("gateway", "node", "service")  # service: pkictl serve's own server certificate
 
 # RFC 5280 4.1.2.5 allows any notBefore; backdating absorbs clock skew between the CA and the
 # peers that verify, but never more than a tenth of a short lifetime.
@@ -129,7 +129,7 @@ def build_end_entity(
     """A gateway (serverAuth) or node (clientAuth) certificate.
 
     Args:
-        kind: ``"gateway"`` or ``"node"``.
+        kind: ``"gateway"`` or ``"service"`` (serverAuth) or ``"node"`` (clientAuth).
         name: the validated name; it becomes the subject CN.
         trust_domain: SPIFFE trust domain of node identities.
         public_key: the subject's public key (from a key made here or a verified CSR).
@@ -142,7 +142,7 @@ def build_end_entity(
     if kind == "node":
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(node_identity(trust_domain, name))]
         eku = ExtendedKeyUsageOID.CLIENT_AUTH
-    elif kind == "gateway":
+    elif kind in ("gateway", "service"):
         sans = [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         eku = ExtendedKeyUsageOID.SERVER_AUTH

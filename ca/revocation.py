@@ -131,7 +131,7 @@ class Revocation:
         if text and all(c in "0123456789abcdef" for c in text):
             record = self.inventory.get(int(text, 16))
         if record is not None:
-            if record.kind not in ("node", "gateway"):
+            if record.kind not in ("node", "gateway", "service"):
                 raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
             if record.status != "issued":
                 raise PolicyError(f"serial {record.serial:x} is {record.status}, not an issued certificate")
@@ -140,7 +140,7 @@ class Revocation:
             validate_name(target)
         except PKIError:
             raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
-        records = self.inventory.unexpired(target, ["node", "gateway"], self.clock.now())
+        records = self.inventory.unexpired(target, ["node", "gateway", "service"], self.clock.now())
         if not records:
             raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
         return records

@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
     name         TEXT NOT NULL,             -- as the operator wrote it
     name_key     TEXT NOT NULL,             -- lower case: names compare without case
-    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node')),
+    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node', 'service')),
     status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed', 'revoked')),
     sans         TEXT NOT NULL,             -- JSON list of subject alternative names
     requested_at INTEGER NOT NULL,          -- UTC epoch seconds
@@ -36,5 +36,24 @@ CREATE TABLE IF NOT EXISTS crls (
     number      INTEGER NOT NULL,           -- the last CRL number used (RFC 5280 5.2.3)
     this_update INTEGER,                    -- of the last CRL written, UTC epoch seconds
     next_update INTEGER
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_sha256 TEXT PRIMARY KEY,          -- only the hash is stored: the token is shown once
+    name         TEXT NOT NULL,
+    name_key     TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    used_at      INTEGER                    -- single use: set by the enrollment that spends it
+);
+CREATE TABLE IF NOT EXISTS requests (
+    spki_sha256  TEXT PRIMARY KEY,          -- one request per key
+    name         TEXT NOT NULL,
+    name_key     TEXT NOT NULL,
+    code         TEXT NOT NULL,             -- pkictl.est.approval_code of the key
+    peer         TEXT,                      -- address the request came from
+    requested_at INTEGER NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'issued')),
+    decided_at   INTEGER,
+    serial       TEXT                       -- the certificate issued for it
 );
 """

@@ -103,8 +103,9 @@ class CASettings:
             )
 
     def lifetime(self, kind: str) -> dt.timedelta:
-        """Validity of a new certificate of ``kind`` (``root``, ``issuing``, ``node``, ``gateway``)."""
-        return getattr(self, f"{kind}_lifetime")
+        """Validity of a new certificate of ``kind`` (``root``, ``issuing``, ``node``, ``gateway``;
+        ``service``, the EST service's server certificate, lives as long as a gateway's)."""
+        return getattr(self, f"{'gateway' if kind == 'service' else kind}_lifetime")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

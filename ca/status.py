@@ -43,7 +43,7 @@ FROM (
     WHERE {where} kind = :kind AND status IN ('issued', 'revoked')
 )
 """
-_KINDS = ("root", "issuing", "gateway", "node")
+_KINDS = ("root", "issuing", "service", "gateway", "node")
 _HEADER = ("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")
 _WIDTHS = (None, 7, 16, 19, 9, 19, 13)  # every column but the name has a known maximum width
 _TIME = "datetime({}, 'unixepoch')"  # YYYY-MM-DD HH:MM:SS, cheaper than strftime

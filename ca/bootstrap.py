@@ -1,0 +1,131 @@
+"""First enrollment over the network without a shared secret: one-time tokens and approval.
+
+A token is a single-use secret bound to one name, shown once and stored only as its SHA-256;
+it expires after minutes. Approval needs no secret at all: the node's request waits until an
+operator approves the short code derived from the node's public key, which the node shows too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from .audit import audits_refusals
+from .errors import AccessDenied, AuthenticationError, NotEnrolledError, PendingApproval, PolicyError
+from .est import approval_code
+from .names import validate_name
+from .policy import check_enrollment_csr
+
+__all__ = ["Bootstrap", "DEFAULT_TOKEN_TTL"]
+
+DEFAULT_TOKEN_TTL = dt.timedelta(minutes=10)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _spki_sha256(csr: x509.CertificateSigningRequest) -> str:
+    return _sha256(csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+class Bootstrap:
+    """Token and approval enrollment of :class:`pkictl.authority.CertificateAuthority` (its base
+    class). Uses the CA's ``clock``, ``settings``, ``inventory``, ``audit`` and ``issue``."""
+
+    def create_token(self, name: str, *, ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> tuple[str, dt.datetime]:
+        """A single-use enrollment token for node ``name``, valid for ``ttl``.
+
+        Returns:
+            ``(token, expires_at)``; only the token's SHA-256 is stored.
+
+        Raises:
+            InvalidNameError: not a DNS label.
+            AlreadyEnrolledError: the name holds a current certificate.
+        """
+        validate_name(name)
+        now = self.clock.now()
+        self.inventory.check_available("node", name, now)
+        token = secrets.token_urlsafe(24)  # 192 bits
+        expires = now + ttl
+        self.inventory.add_token(name, _sha256(token.encode()), now=now, expires_at=expires)
+        self.audit.append("token-created", name=name, expires=expires)
+        return token, expires
+
+    @audits_refusals("simpleenroll")
+    def simple_enroll(self, csr: x509.CertificateSigningRequest, *, name: str | None, token: str | None, peer: str) -> x509.Certificate:
+        """First enrollment of a node over EST (RFC 7030 4.2.1), authenticated by a token or by
+        the operator's approval.
+
+        Args:
+            csr: the node's CSR; it contributes only its key (:func:`pkictl.policy.check_enrollment_csr`).
+            name: the node name from HTTP authentication (with a token); without one, the CSR's CN.
+            token: the one-time token, or None to ask for approval.
+            peer: the client's address, shown to the operator.
+
+        Returns:
+            The node's certificate.
+
+        Raises:
+            PendingApproval: no token, and the operator has not approved (yet).
+            AuthenticationError: the token is wrong, expired or spent.
+            AccessDenied: the operator denied the request.
+            PolicyError, InvalidNameError, AlreadyEnrolledError: the request breaks policy.
+        """
+        if name is None:
+            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if len(cns) != 1:
+                raise PolicyError("the CSR names no node: put CN=<node name> in its subject, or enroll with a token")
+            name = str(cns[0].value)
+        validate_name(name)
+        check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
+        now = self.clock.now()
+        if token is not None:
+            if not self.inventory.consume_token(name, _sha256(token.encode()), now):
+                raise AuthenticationError(f"the enrollment token for {name} is wrong, expired or already used: ask for a new one (pkictl enroll-node {name} --token)")
+            return self.issue("node", name, csr.public_key())
+        spki = _spki_sha256(csr)
+        request, created = self.inventory.request_approval(name=name, spki_sha256=spki, code=approval_code(csr.public_key()), peer=peer, now=now)
+        if created:
+            self.audit.append("approval-requested", name=name, code=request["code"], peer=peer)
+        if request["name_key"] != name.lower():
+            raise PolicyError(f"this key was already presented for {request['name']}; make a new key for {name}")
+        if request["status"] == "pending":
+            raise PendingApproval(name, request["code"])
+        if request["status"] == "denied":
+            raise AccessDenied(f"the operator denied the request of {name} (code {request['code']})")
+        if request["status"] == "issued":  # the answer to an earlier poll was lost: hand it out again
+            record = self.inventory.get(int(request["serial"], 16))
+            return x509.load_pem_x509_certificate(record.pem.encode())
+        certificate = self.issue("node", name, csr.public_key())
+        self.inventory.request_issued(spki, certificate.serial_number)
+        return certificate
+
+    def approve(self, name: str, *, code: str) -> None:
+        """Approve node ``name``'s pending request whose key has approval ``code``.
+
+        Raises:
+            NotEnrolledError: no pending request of ``name`` with that code.
+        """
+        validate_name(name)
+        if self.inventory.decide_request(name, code=code, status="approved", now=self.clock.now()) == 0:
+            raise NotEnrolledError(f"no pending request from {name} with code {code}: see 'pkictl requests'")
+        self.audit.append("approved", name=name, code=code.upper())
+
+    def deny(self, name: str) -> int:
+        """Deny every pending request of node ``name``; return how many.
+
+        Raises:
+            NotEnrolledError: none pending.
+        """
+        validate_name(name)
+        count = self.inventory.decide_request(name, code=None, status="denied", now=self.clock.now())
+        if count == 0:
+            raise NotEnrolledError(f"no pending request from {name}: see 'pkictl requests'")
+        self.audit.append("denied", name=name, requests=count)
+        return count
