@@ -15,7 +15,6 @@ import logging
 import signal
 import ssl
 import time
-from pathlib import Path
 from typing import Callable
 
 from aiohttp import BasicAuth, web
