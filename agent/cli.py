@@ -34,6 +34,23 @@ def run(config_path: Path, log_level: str) -> None:
     asyncio.run(Agent(config).run())
 
 
+@cli.command()
+@click.option("--ca-url", required=True, help="The EST server: https://HOST:PORT of 'pkictl serve'.")
+@click.option("--fingerprint", required=True, help="sha256:... of the CA's root, from the operator (pkictl enroll-node --token prints it).")
+@click.option("--name", required=True, help="This node's name (a DNS label).")
+@click.option("--token", help="One-time token from 'pkictl enroll-node NAME --token'; without one, wait for approval.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Read the token from this file instead.")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where to write the bundle (must not exist or be empty).")
+@click.option("--wait", type=click.FloatRange(0), default=600, show_default=True, help="Seconds to wait for approval.")
+def enroll(ca_url, fingerprint, name, token, token_file, directory, wait) -> None:
+    """Get this node's first certificate over EST: key made here, CA pinned by fingerprint."""
+    from .enroll import enroll as run_enroll
+
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo)
+
+
 def main() -> None:
     """Entry point of the ``pki-agent`` console script."""
     cli(prog_name="pki-agent")

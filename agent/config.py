@@ -74,6 +74,10 @@ class RenewalConfig(_Model):
 
     Attributes:
         ca_home: the CA home directory, for renewal on the CA host itself.
+        ca_url: the EST server (``https://host:port`` of ``pkictl serve``), for renewal from any
+            host; exclusive with ca_home.
+        refresh_interval: how often to fetch the CRL (for the listener) and the trust bundle
+            from the EST server.
         ca_passphrase_file: a 0600 file with the CA key passphrase, when the CA keys are
             encrypted (or set PKICTL_CA_PASSPHRASE in the agent's environment).
         fraction: renew at notBefore + fraction x lifetime (lifetime read from the certificate).
@@ -83,7 +87,9 @@ class RenewalConfig(_Model):
     """
 
     ca_home: Optional[Path] = None
+    ca_url: Optional[str] = Field(None, pattern=r"^https://[^/\s]+/?$")
     ca_passphrase_file: Optional[Path] = None
+    refresh_interval: Duration = dt.timedelta(hours=1)
     fraction: float = Field(2 / 3, gt=0, lt=1)
     jitter: float = Field(0.05, ge=0, lt=0.5)
     check_interval: Duration = dt.timedelta(minutes=1)
@@ -94,6 +100,8 @@ class RenewalConfig(_Model):
     def _jitter_below_fraction(self) -> "RenewalConfig":
         if self.jitter >= self.fraction:
             raise ValueError(f"jitter ({self.jitter}) must be smaller than fraction ({self.fraction})")
+        if self.ca_home is not None and self.ca_url is not None:
+            raise ValueError("give ca_home (renew on the CA host) or ca_url (renew over EST), not both")
         return self
 
 
@@ -182,21 +190,24 @@ def render_agent_config(
     name: str,
     kind: str,
     trust_domain: str,
-    ca_home: Path,
+    ca_home: Path | None = None,
+    ca_url: str | None = None,
     fraction: float = 2 / 3,
     check_interval: str = "60s",
     listener: dict | None = None,
+    written_by: str | None = None,
 ) -> str:
     """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle."""
     lines = [
-        f"# pki-agent configuration for {kind} {name}, written by pkictl enroll-{kind}.",
+        f"# pki-agent configuration for {kind} {name}, written by {written_by or f'pkictl enroll-{kind}'}.",
         "# Paths are relative to this file. Run: pki-agent run --config agent.yaml",
         f"name: {name}",
         f"kind: {kind}",
         f"trust_domain: {trust_domain}",
         "credential_dir: .          # this bundle: live/ -> archive/N/ holds the current credential",
         "renewal:",
-        f"  ca_home: {ca_home}  # renew with the CA directly (CA host only)",
+        (f"  ca_home: {ca_home}  # renew with the CA directly (CA host only)" if ca_home is not None
+         else f"  ca_url: {ca_url}  # renew over EST with the current certificate"),
         f"  fraction: {fraction:.4f}         # renew after this share of the certificate's lifetime",
         "  jitter: 0.05             # ... up to 5% of the lifetime earlier",
         f"  check_interval: {check_interval}      # level-triggered re-check (survives sleep and clock jumps)",

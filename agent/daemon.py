@@ -19,12 +19,14 @@ from typing import Callable
 
 from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
+from pkictl.files import atomic_write
 from pkictl.renewal import draw_jitter, renewal_time
 from pkictl.store import Credential, CredentialStore
 
 from .config import AgentConfig
 from .errors import AgentError
 from .listener import GatewayListener
+from .est_client import ESTClient, self_signed
 from .rotation import LocalCA, RenewalSource, rotate
 from .tls import ServerTLS, server_context
 
@@ -57,6 +59,8 @@ class Agent:
         self.store = CredentialStore(config.credential_dir)
         if source is None and config.renewal.ca_home is not None:
             source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file)
+        elif source is None and config.renewal.ca_url is not None:
+            source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store)
         self.source = source
         self.credential: Credential | None = None
         self.listener: GatewayListener | None = None
@@ -66,6 +70,7 @@ class Agent:
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
         self._renew_lock = asyncio.Lock()
+        self._next_refresh = self.clock.now()
         self._stopped: asyncio.Event | None = None
         self._scheduler = None
 
@@ -150,6 +155,29 @@ class Agent:
         async with self._renew_lock:
             await self.renew()
 
+    def _refresh_from_est(self) -> None:
+        """Fetch the CRL (for the listener) and the trust bundle from the EST server; a failure
+        keeps what is on disk and is retried at the next refresh."""
+        self._next_refresh = self.clock.now() + self.config.renewal.refresh_interval
+        source = self.source
+        assert isinstance(source, ESTClient)
+        try:
+            crl = self.config.listener.crl if self.config.listener else None
+            if crl is not None:
+                data = source.crl_pem()
+                if not crl.exists() or crl.read_bytes() != data:
+                    atomic_write(crl, data)
+                    log.info("CRL refreshed from %s", source.base_url)
+            roots = [c for c in source.cacerts() if self_signed(c)]
+            anchors = self.store.load_trust_anchors()
+            # Continuity: a bundle fetched over a channel authenticated by the current anchor is
+            # taken only if it still holds that anchor (a root rotation adds the new root first).
+            if any(a in roots for a in anchors) and set(roots) != set(anchors):
+                self.store.write_trust_anchors(roots)
+                log.info("trust bundle updated from %s: %d root(s)", source.base_url, len(roots))
+        except (PKIError, OSError) as exc:
+            log.warning("refresh from %s failed (%s); keeping the CRL and trust bundle on disk", source.base_url, exc)
+
     async def maintain(self) -> None:
         """Re-sign the CA's CRL when due (CA host only) and reload if ``live`` or the CRL file changed.
 
@@ -162,6 +190,8 @@ class Agent:
                     log.info("CRL of the CA in %s re-signed", self.source.home)
             except Exception as exc:  # noqa: BLE001 - keep serving; status shows the CRL's age
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
+        if isinstance(self.source, ESTClient) and self.clock.now() >= self._next_refresh:
+            await asyncio.to_thread(self._refresh_from_est)
         if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
             log.info("credential or CRL changed on disk: reloading")
             self.reload()
@@ -176,7 +206,7 @@ class Agent:
         current = self.credential
         if self.source is None:
             log.error(
-                "renewal of %s is due but no renewal source is configured (renewal.ca_home); "
+                "renewal of %s is due but no renewal source is configured (renewal.ca_url or renewal.ca_home); "
                 "the certificate expires at %s", self.config.name, current.certificate.not_valid_after_utc.isoformat(),
             )
             self._retry_later()
@@ -229,7 +259,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self.reload()
         if self.source is None:
-            log.warning("no renewal source configured (renewal.ca_home): %s will not be renewed", self.config.name)
+            log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)
         if self.config.listener is not None:
             self.listener = GatewayListener(self.config.listener, self.current_tls, self.config.trust_domain)
             try:

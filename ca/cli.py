@@ -121,14 +121,15 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
     click.echo(f"  the root key {obj.home / 'root' / 'key.pem'} is needed only to certify a new issuing CA: keep it offline")
 
 
-def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None) -> Path:
+def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None) -> Path:
     from pki_agent.config import render_agent_config
 
     from .files import atomic_write
 
     path = enrollment.directory / "agent.yaml"
     text = render_agent_config(
-        name=name, kind=kind, trust_domain=ca.settings.trust_domain, ca_home=ca.home.resolve(),
+        name=name, kind=kind, trust_domain=ca.settings.trust_domain,
+        ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url,
         fraction=ca.settings.renewal_fraction, listener=listener,
     )
     atomic_write(path, text.encode())
@@ -143,6 +144,13 @@ def _report_enrollment(enrollment, config_path: Path) -> None:
 
 
 _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revoke the old one (superseded)."
+_CA_URL_HELP = "The bundle's agent renews over EST from this 'pkictl serve' (https://HOST:PORT) instead of the CA home."
+
+
+def _ca_url(ctx, param, value):
+    if value is not None and not (value.startswith("https://") and "/" not in value[len("https://"):].rstrip("/")):
+        raise click.BadParameter(f"{value!r}: want https://HOST:PORT")
+    return value
 
 
 @cli.command("enroll-node")
@@ -153,8 +161,9 @@ _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revok
               help="Certify the key of this CSR (PEM or DER) made on the node; no key is written.")
 @click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST).")
 @click.option("--token-ttl", callback=_duration, help="How long the token is valid (default 10m).")
+@click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP)
 @click.pass_obj
-def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl) -> None:
+def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl, ca_url) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
     if token:
         from .est import root_fingerprint
@@ -180,7 +189,7 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
         return
     ca = obj.load_ca()
     enrollment = ca.enroll("node", name, out=out, replace=replace)
-    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None))
+    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None, ca_url))
 
 
 @cli.command("enroll-gateway")
@@ -191,8 +200,9 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="Where the agent's mTLS listener accepts nodes.")
 @click.option("--upstream", default="127.0.0.1:18789", show_default=True, help="The real gateway (plain TCP) the listener forwards to.")
 @click.option("--replace", is_flag=True, help=_REPLACE_HELP)
+@click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP + " The CRL is then kept in the bundle and refreshed from it.")
 @click.pass_obj
-def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, replace) -> None:
+def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, replace, ca_url) -> None:
     """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
     from pki_agent.config import parse_address
 
@@ -203,8 +213,14 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
             raise click.BadParameter(str(exc), param_hint=option) from None
     ca = obj.load_ca()
     enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
-    listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve()}
-    path = _write_agent_config(ca, enrollment, "gateway", name, listener)
+    if ca_url:  # another host: its own copy of the CRL, refreshed over EST by its agent
+        from .files import atomic_write
+
+        atomic_write(enrollment.directory / "crl.pem", ca.crl_path.read_bytes())
+        listener = {"listen": listen, "upstream": upstream, "crl": "crl.pem"}
+    else:
+        listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve()}
+    path = _write_agent_config(ca, enrollment, "gateway", name, listener, ca_url)
     _report_enrollment(enrollment, path)
 
 

@@ -1,0 +1,221 @@
+"""The agent's EST client (RFC 7030): first enrollment with a pinned root, renewal with the
+current certificate, and fetching the trust bundle and the CRL.
+
+The client runs in the rotation's worker thread, so it is synchronous, on the standard library's
+HTTP client (no HTTP is parsed here).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from pkictl.errors import AuthenticationError, PKIError
+from pkictl.est import EST_PREFIX, PKCS10, approval_code, decode_certs_only, encode_csr, root_fingerprint
+from pkictl.store import Credential, CredentialStore
+
+from .errors import RenewalError
+
+__all__ = ["ESTClient", "select_chain", "self_signed"]
+
+_TIMEOUT = 30.0  # seconds per request
+
+
+def self_signed(certificate: x509.Certificate) -> bool:
+    return certificate.issuer == certificate.subject
+
+
+def select_chain(leaf: x509.Certificate, cacerts: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The intermediates from ``cacerts`` that lead from ``leaf`` to a root (issuer first)."""
+    chain: list[x509.Certificate] = []
+    current = leaf
+    pool = [c for c in cacerts if not self_signed(c)]
+    while True:
+        issuer = next((c for c in pool if c.subject == current.issuer and c not in chain), None)
+        if issuer is None:
+            return tuple(chain)
+        chain.append(issuer)
+        current = issuer
+
+
+class _Response:
+    def __init__(self, status: int, headers, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def reason(self) -> str:
+        return self.body.decode(errors="replace").strip()
+
+
+class ESTClient:
+    """An EST server at ``base_url`` (``https://host:port``), trusted through ``anchors``.
+
+    Args:
+        base_url: the server, e.g. ``https://ca.example.lan:8443``.
+        anchors_path: PEM file of the trust anchors (the bundle's ``ca.pem``).
+        store: the credential to authenticate renewals with (None while enrolling).
+    """
+
+    def __init__(self, base_url: str, *, anchors_path: Path | None, store: CredentialStore | None = None) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise PKIError(f"EST server URL {base_url!r}: want https://HOST[:PORT]")
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname
+        self.anchors_path = anchors_path
+        self.store = store
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _context(self, *, client: bool, verify: bool = True) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not verify:  # only to fetch the CA certificates that are then checked by fingerprint
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        ctx.load_verify_locations(cafile=self.anchors_path)
+        if client:
+            assert self.store is not None
+            version = self.store.current_version_dir()
+            ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
+        return ctx
+
+    def _request(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None,
+                 client: bool = False, verify: bool = True) -> _Response:
+        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers or {})
+        handler = urllib.request.HTTPSHandler(context=self._context(client=client, verify=verify))
+        opener = urllib.request.build_opener(handler)
+        try:
+            with opener.open(request, timeout=_TIMEOUT) as response:
+                return _Response(response.status, response.headers, response.read())
+        except urllib.error.HTTPError as exc:
+            return _Response(exc.code, exc.headers, exc.read())
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, ssl.SSLError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise RenewalError(
+                    f"the EST server {self.base_url} does not prove it is our CA ({reason.verify_message}): "
+                    f"its certificate must chain to {self.anchors_path} and name {self.host}"
+                ) from None
+            if client and _refused_after_handshake(reason):
+                # TLS 1.3: the server checks our certificate after the client's handshake has
+                # "succeeded", so a refusal arrives as an alert or EOF on the first read (DESIGN.md).
+                raise AuthenticationError(
+                    f"the EST server {self.base_url} refused our certificate ({reason}): it may be revoked, "
+                    "expired or from another CA; enroll again (pki-agent enroll)"
+                ) from None
+            raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason}") from None
+
+    # -- RFC 7030 operations ---------------------------------------------------------------------
+
+    def cacerts(self, *, verify: bool = True) -> list[x509.Certificate]:
+        """GET /cacerts (RFC 7030 4.1)."""
+        response = self._request("GET", f"{EST_PREFIX}/cacerts", verify=verify)
+        if response.status != 200:
+            raise RenewalError(f"{self.base_url} cacerts: HTTP {response.status}: {response.reason}")
+        return decode_certs_only(response.body)
+
+    def pinned_root(self, fingerprint: str) -> list[x509.Certificate]:
+        """Fetch the CA certificates without trusting anyone yet and keep them only if the root
+        matches ``fingerprint`` (``sha256:<hex>``, given out of band: RFC 7030 4.1.1).
+
+        Raises:
+            AuthenticationError: no root with that fingerprint: the wrong server, or someone in between.
+        """
+        wanted = fingerprint.lower().replace(":", "").removeprefix("sha256")
+        certificates = self.cacerts(verify=False)
+        roots = [c for c in certificates if self_signed(c)]
+        match = [c for c in roots if root_fingerprint(c).removeprefix("sha256:") == wanted]
+        if not match:
+            shown = ", ".join(root_fingerprint(c) for c in roots) or "no root"
+            raise AuthenticationError(
+                f"the CA at {self.base_url} presented {shown}, not sha256:{wanted}: wrong CA, or someone in between; nothing was written"
+            )
+        return certificates
+
+    def simple_enroll(self, csr: x509.CertificateSigningRequest, *, name: str, token: str | None) -> x509.Certificate | tuple[str, int]:
+        """POST /simpleenroll (RFC 7030 4.2.1).
+
+        Returns:
+            The certificate, or ``(reason, retry_after seconds)`` while approval is pending (202).
+
+        Raises:
+            AuthenticationError: 401/403 (wrong token, denied).
+            RenewalError: any other refusal or network failure.
+        """
+        headers = {"Content-Type": PKCS10}
+        if token:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{name}:{token}".encode()).decode()
+        response = self._request("POST", f"{EST_PREFIX}/simpleenroll", body=encode_csr(csr), headers=headers)
+        if response.status == 200:
+            return decode_certs_only(response.body)[0]
+        if response.status == 202:
+            return response.reason, int(response.headers.get("Retry-After", "10") or 10)
+        if response.status in (401, 403):
+            raise AuthenticationError(f"the EST server refused the enrollment: {response.reason}")
+        raise RenewalError(f"simpleenroll: HTTP {response.status}: {response.reason}")
+
+    def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: Credential) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        """POST /simplereenroll (RFC 7030 4.2.2), authenticated by the current certificate; the
+        chain comes from /cacerts. A :class:`pki_agent.rotation.RenewalSource`.
+
+        Raises:
+            AuthenticationError: the server refused our certificate (401/403, or at the TLS layer).
+            RenewalError: any other failure (the current credential stays in service).
+        """
+        response = self._request("POST", f"{EST_PREFIX}/simplereenroll", body=encode_csr(csr),
+                                 headers={"Content-Type": PKCS10}, client=True)
+        if response.status in (401, 403):
+            raise AuthenticationError(f"the EST server refused the renewal: {response.reason}")
+        if response.status != 200:
+            raise RenewalError(f"simplereenroll: HTTP {response.status}: {response.reason}")
+        certificate = decode_certs_only(response.body)[0]
+        return certificate, select_chain(certificate, self.cacerts())
+
+    def crl_pem(self) -> bytes:
+        """GET /crl.pem: every CRL the CA publishes, PEM."""
+        response = self._request("GET", "/crl.pem")
+        if response.status != 200 or b"-----BEGIN X509 CRL-----" not in response.body:
+            raise RenewalError(f"{self.base_url}/crl.pem: HTTP {response.status}: {response.reason[:200]}")
+        return response.body
+
+    def wait_for_certificate(
+        self, csr: x509.CertificateSigningRequest, *, name: str, token: str | None, deadline: float,
+        say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+    ) -> x509.Certificate:
+        """Enroll, polling while the request waits for approval, until ``deadline`` (monotonic s).
+
+        Raises:
+            RenewalError: still pending at the deadline.
+        """
+        code = approval_code(csr.public_key())
+        told = False
+        while True:
+            result = self.simple_enroll(csr, name=name, token=token)
+            if isinstance(result, x509.Certificate):
+                return result
+            reason, retry_after = result
+            if not told:
+                say(f"waiting for approval: code {code}; on the CA host: pkictl requests, then pkictl approve {name} --code {code}")
+                told = True
+            if clock() + retry_after > deadline:
+                raise RenewalError(f"no approval before the deadline ({reason}); run pki-agent enroll again to keep waiting")
+            sleep(retry_after)
+
+
+def _refused_after_handshake(reason) -> bool:
+    """An alert, EOF or reset once our certificate was sent: how TLS 1.3 says "refused"."""
+    if isinstance(reason, (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
+        return True
+    text = str(reason).upper()
+    return any(word in text for word in ("ALERT", "EOF", "RESET", "REMOTE END CLOSED"))
