@@ -96,7 +96,11 @@ class ESTService:
         self.ca = ca
         self.listen = listen
         self.dns_names = list(dns_names or [])
-        self.ip_addresses = list(ip_addresses or ([listen[0]] if listen[0] not in ("", "0.0.0.0", "::") else ["127.0.0.1"]))
+        self.ip_addresses = list(ip_addresses or [])
+        if not self.dns_names and not self.ip_addresses:
+            # No names given: only a service bound to one address (loopback, for tests and a
+            # single host) can name itself; the CLI refuses a wider --listen without names.
+            self.ip_addresses = [listen[0] if listen[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"]
         self.retry_after = retry_after
         self.check_interval = check_interval
         self.handshake_timeout = handshake_timeout
@@ -182,11 +186,15 @@ class ESTService:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = _text(exc.status, exc.reason or str(exc))
+            # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
+            kept = {name: exc.headers[name] for name in ("Retry-After", "Allow") if name in exc.headers}
+            response = _text(exc.status, exc.reason or str(exc), **kept)
         except PendingApproval as exc:
             response = _text(202, str(exc), **{"Retry-After": str(self.retry_after)})
         except AuthenticationError as exc:  # missing or invalid credentials
-            response = _text(401, str(exc), **{"WWW-Authenticate": 'Basic realm="pkictl EST"'})
+            # Basic authentication (a token) helps only a first enrollment; a renewal needs a certificate.
+            challenge = {} if request.path.endswith("simplereenroll") else {"WWW-Authenticate": 'Basic realm="pkictl EST"'}
+            response = _text(401, str(exc), **challenge)
         except (AccessDenied, AlreadyEnrolledError, NotEnrolledError) as exc:  # a decision, not a malformed request
             response = _text(403, str(exc))
         except PolicyError as exc:  # renewing: the certificate may not renew; enrolling: a bad request
@@ -202,9 +210,14 @@ class ESTService:
             raise web.HTTPTooManyRequests(reason=f"too many requests from {key}; retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
 
     async def _csr(self, request: web.Request) -> x509.CertificateSigningRequest:
-        if request.content_type not in ("application/pkcs10", "application/octet-stream", ""):
-            raise PolicyError(f"Content-Type {request.content_type}: want application/pkcs10 (RFC 7030 4.2.1)")
-        return decode_csr_body(await request.read())
+        # A malformed request is a 400 on both endpoints (on simplereenroll a PolicyError would
+        # read as a 403, "this certificate may not renew", which a client takes as final).
+        try:
+            if request.content_type not in ("application/pkcs10", "application/octet-stream", ""):
+                raise PolicyError(f"Content-Type {request.content_type}: want application/pkcs10 (RFC 7030 4.2.1)")
+            return decode_csr_body(await request.read())
+        except PolicyError as exc:
+            raise web.HTTPBadRequest(reason=" ".join(str(exc).split())) from None
 
     async def cacerts(self, request: web.Request) -> web.Response:
         """RFC 7030 4.1: the trust anchor and the issuing CA certificates."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import configparser
 import plistlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+import click
 import pytest
 
 from pki_agent.config import load_config
@@ -18,6 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"
 UNIT = ROOT / "systemd" / "pki-agent.service"
 PLIST = ROOT / "launchd" / "net.pkictl.agent.plist"
+SERVE_UNIT = ROOT / "systemd" / "pkictl-serve.service"
+SERVE_PLIST = ROOT / "launchd" / "net.pkictl.serve.plist"
+SERVE_EXEC = "/usr/local/bin/pkictl --home /var/lib/pkictl serve --listen 0.0.0.0:8443 --dns ca.example.lan"
 SCANNED_DIRS = ("systemd", "launchd", "config")
 
 # What a secret tends to look like in a text file. The base64 pattern wants upper case, lower case
@@ -33,12 +38,19 @@ SECRET_PATTERNS = {
 }
 
 
+# A pointer to a secret is no secret: pkictl's option naming the CA passphrase file and that
+# file's documented path may appear (the pkictl serve unit and plist tell the operator where the
+# passphrase goes). They are removed from a line before the patterns above look at it.
+POINTERS = re.compile(r"(?:--)?passphrase-file\b|(?:/usr/local)?/etc/pkictl/passphrase\b")
+
+
 def find_secrets(text: str) -> list[tuple[int, str, str]]:
     """Return ``(line number, pattern name, line)`` for every line of ``text`` that looks secret."""
     hits = []
     for number, line in enumerate(text.splitlines(), 1):
+        scrubbed = POINTERS.sub("", line)
         for name, pattern in SECRET_PATTERNS.items():
-            if pattern.search(line):
+            if pattern.search(scrubbed):
                 hits.append((number, name, line))
     return hits
 
@@ -87,12 +99,14 @@ def test_unit_has_daemon_essentials() -> None:
     assert service["ConfigurationDirectory"] == "pki-agent"
 
 
-def test_unit_is_hardened() -> None:
-    """The systemd unit keeps the daemon unprivileged and lets it write only /var/lib/pki-agent."""
-    service = read_unit(UNIT)["Service"]
+@pytest.mark.parametrize(("unit", "writable"), [(UNIT, "/var/lib/pki-agent"), (SERVE_UNIT, "/var/lib/pkictl")],
+                         ids=lambda v: getattr(v, "name", v))
+def test_unit_is_hardened(unit: Path, writable: str) -> None:
+    """Each systemd unit keeps its daemon unprivileged and lets it write only its state directory."""
+    service = read_unit(unit)["Service"]
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
-    assert service["ReadWritePaths"] == "/var/lib/pki-agent"
+    assert service["ReadWritePaths"] == writable
     assert service["CapabilityBoundingSet"] == ""
     assert "AmbientCapabilities" not in service
     assert set(service["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
@@ -102,6 +116,59 @@ def test_unit_is_hardened() -> None:
                 "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID"):
         assert service[key] == "yes", key
     assert service["SystemCallArchitectures"] == "native"
+
+
+def test_serve_unit_has_daemon_essentials() -> None:
+    """The pkictl-serve unit runs `pkictl --home /var/lib/pkictl serve` on 0.0.0.0:8443, reloads with SIGHUP, restarts on failure and runs as a dedicated user."""
+    service = read_unit(SERVE_UNIT)["Service"]
+    assert service["Type"] == "exec"
+    assert service["ExecStart"] == SERVE_EXEC
+    assert PurePosixPath(service["ExecStart"].split()[0]).is_absolute()
+    assert re.fullmatch(r"/bin/kill -HUP \$MAINPID", service["ExecReload"])
+    assert service["Restart"] == "on-failure"
+    assert service["User"] == "pkictl" and service["Group"] == "pkictl"
+    assert service["StateDirectory"] == "pkictl"
+    assert PurePosixPath("/var/lib") / service["StateDirectory"] == PurePosixPath(service["ReadWritePaths"])
+
+
+def test_serve_unit_takes_nothing_from_the_environment() -> None:
+    """The pkictl-serve unit sets no environment (no Environment=, EnvironmentFile=, PassEnvironment=); an encrypted CA's passphrase is read by --passphrase-file from /etc/pkictl/passphrase, shown as the commented alternative ExecStart."""
+    text = SERVE_UNIT.read_text()
+    service = read_unit(SERVE_UNIT)["Service"]
+    assert not {"Environment", "EnvironmentFile", "PassEnvironment"} & set(service)
+    assert not re.search(r"^\s*(Environment|EnvironmentFile|PassEnvironment)\s*=", text, re.MULTILINE)
+    alternatives = re.findall(r"^#ExecStart=(.*)$", text, re.MULTILINE)
+    assert alternatives == [SERVE_EXEC.replace(" serve ", " --passphrase-file /etc/pkictl/passphrase serve ", 1)]
+    assert re.search(r"0600 and owned by pkictl", text)
+
+
+def _parse_pkictl(command_line: str) -> tuple[dict, dict]:
+    """Parse ``pkictl [group options] serve [options]`` with pkictl's own click CLI (nothing runs);
+    return the group's and serve's parameters. Raises click.UsageError on an unknown option."""
+    from pkictl.cli import cli
+
+    argv = shlex.split(command_line)
+    assert PurePosixPath(argv[0]).name == "pkictl" and "serve" in argv
+    split = argv.index("serve")
+    with cli.make_context("pkictl", [*argv[1:split], "serve"]) as group:
+        serve = cli.get_command(group, "serve").make_context("serve", argv[split + 1:], parent=group)
+        return dict(group.params), dict(serve.params)
+
+
+def test_serve_command_lines_parse_with_the_real_cli() -> None:
+    """The unit's ExecStart, its commented passphrase alternative and the plist's ProgramArguments parse with pkictl's own CLI into the intended home, listen address and DNS name; an unknown option does not (negative control)."""
+    text = SERVE_UNIT.read_text()
+    with SERVE_PLIST.open("rb") as f:
+        plist_args = plistlib.load(f)["ProgramArguments"]
+    lines = [read_unit(SERVE_UNIT)["Service"]["ExecStart"], *re.findall(r"^#ExecStart=(.*)$", text, re.MULTILINE), shlex.join(plist_args)]
+    parsed = [_parse_pkictl(line) for line in lines]
+    homes = [str(group["home"]) for group, _ in parsed]
+    assert homes == ["/var/lib/pkictl", "/var/lib/pkictl", "/usr/local/var/pkictl"]
+    assert [str(group["passphrase_file"]) for group, _ in parsed] == ["None", "/etc/pkictl/passphrase", "None"]
+    for _, serve in parsed:
+        assert serve["listen"] == "0.0.0.0:8443" and serve["dns_names"] == ("ca.example.lan",)
+    with pytest.raises(click.UsageError):
+        _parse_pkictl(SERVE_EXEC + " --dnss typo.example.lan")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -127,6 +194,26 @@ def test_plist_parses_and_runs_the_agent() -> None:
     assert plist["Umask"] == 0o077
 
 
+def test_serve_plist_parses_and_runs_pkictl_serve_as_a_dedicated_user() -> None:
+    """The pkictl serve plist parses with plistlib, starts `pkictl --home ... serve` at load as user _pkictl, restarts it after a failure and sets no environment."""
+    with SERVE_PLIST.open("rb") as f:
+        plist = plistlib.load(f)
+    assert plist["Label"] == "net.pkictl.serve"
+    arguments = plist["ProgramArguments"]
+    assert arguments[0].endswith("/pkictl") and PurePosixPath(arguments[0]).is_absolute()
+    assert arguments[1:] == ["--home", "/usr/local/var/pkictl", "serve", "--listen", "0.0.0.0:8443", "--dns", "ca.example.lan"]
+    assert plist["UserName"] == "_pkictl" and plist["GroupName"] == "_pkictl"
+    assert plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["Umask"] == 0o077
+    assert "EnvironmentVariables" not in plist
+
+
+def test_new_service_files_are_scanned() -> None:
+    """The secret scan below covers the pkictl serve unit and plist."""
+    assert {SERVE_UNIT, SERVE_PLIST, UNIT, PLIST} <= set(scanned_files())
+
+
 @pytest.mark.parametrize("path", scanned_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_secrets_in_shipped_files(path: Path) -> None:
     """No file under systemd/, launchd/ or config/ holds anything that looks like a secret."""
@@ -141,18 +228,24 @@ def test_secret_detector_flags_a_token_and_spares_a_plain_line() -> None:
     assert {name for _, name, _ in find_secrets("key: q3Zx9Lm0PpR7sT2uVwXyZa4bC5dE6fGh")} == {"base64 string"}
     assert find_secrets("ExecStart=/usr/local/bin/pki-agent run --config /etc/pki-agent/agent.yaml") == []
     assert find_secrets("CapabilityBoundingSet=ProtectKernelTunablesRestrictAddressFamilies") == []
+    # a pointer to the passphrase file passes; the passphrase itself, or the variable that carries it, does not
+    assert find_secrets("ExecStart=/usr/local/bin/pkictl --home /var/lib/pkictl --passphrase-file /etc/pkictl/passphrase serve") == []
+    assert {name for _, name, _ in find_secrets("ExecStart=pkictl --passphrase-file /etc/pkictl/passphrase --passphrase hunter2 serve")} == {"passphrase"}
+    assert {name for _, name, _ in find_secrets("Environment=PKICTL_CA_PASSPHRASE=correct-horse")} == {"passphrase"}
+    assert {name for _, name, _ in find_secrets("# passphrase: hunter2")} == {"passphrase"}
 
 
-def test_unit_verifies_with_systemd_analyze(tmp_path: Path) -> None:
-    """A copy of the unit whose ExecStart names an existing pki-agent passes `systemd-analyze verify` when that tool is installed."""
-    agent = Path(sys.executable).parent / "pki-agent"
+@pytest.mark.parametrize(("unit", "program"), [(UNIT, "pki-agent"), (SERVE_UNIT, "pkictl")], ids=lambda v: getattr(v, "name", v))
+def test_unit_verifies_with_systemd_analyze(tmp_path: Path, unit: Path, program: str) -> None:
+    """A copy of each unit whose ExecStart names the installed program passes `systemd-analyze verify` when that tool is installed."""
+    agent = Path(sys.executable).parent / program
     if not agent.exists():
-        agent = Path(shutil.which("pki-agent") or "")
-    assert agent.is_file(), "pki-agent is not installed next to this Python or on PATH"
-    text = UNIT.read_text()
-    copy = tmp_path / UNIT.name
-    copy.write_text(text.replace("ExecStart=/usr/local/bin/pki-agent ", f"ExecStart={agent} ", 1))
-    assert f"ExecStart={agent} run --config" in copy.read_text()
+        agent = Path(shutil.which(program) or "")
+    assert agent.is_file(), f"{program} is not installed next to this Python or on PATH"
+    text = unit.read_text()
+    copy = tmp_path / unit.name
+    copy.write_text(text.replace(f"ExecStart=/usr/local/bin/{program} ", f"ExecStart={agent} ", 1))
+    assert re.search(rf"^ExecStart={re.escape(str(agent))} ", copy.read_text(), re.MULTILINE)
     analyze = shutil.which("systemd-analyze")
     if analyze is not None:
         result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
@@ -160,4 +253,4 @@ def test_unit_verifies_with_systemd_analyze(tmp_path: Path) -> None:
         # verify exits 0 even for an unknown key or a bad value ("..., ignoring"): those are
         # warnings naming the file, so none may mention it.
         output = result.stdout + result.stderr
-        assert [line for line in output.splitlines() if UNIT.name in line] == [], output
+        assert [line for line in output.splitlines() if unit.name in line] == [], output
