@@ -11,8 +11,8 @@ renew every node once, each on a fresh mTLS connection with that node's certific
 does: one request per node). The machine has 2 cores shared by client and server, so the server's
 CPU (/proc/PID/stat) and the client's own CPU are both reported, per re-enrollment.
 
-Last, a second round of fresh nodes runs while py-spy samples the server (or, without py-spy, under
-a cProfile'd `pkictl serve`), and the server's time is broken down by cost.
+Last, a second round of fresh nodes runs while py-spy samples the server (`pip install py-spy`;
+without it, under a cProfile'd `pkictl serve`), and the server's time is broken down by cost.
 
 Usage: python bench/est_reenroll.py [--nodes 2000] [--concurrency 32] [--seconds 60]
                                     [--profile-nodes 1000] [--profiler auto|py-spy|cprofile|none]
@@ -39,14 +39,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-
+from pki_agent.rotation import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
 from pkictl.est import EST_PREFIX, encode_csr
 from pkictl.files import read_private_file
 from pkictl.inventory import Inventory
 from pkictl.keys import load_private_key
 from pkictl.profile import build_end_entity, generate_key, validity_window
-from pki_agent.rotation import build_reenroll_csr
 
 GOAL = 300.0  # re-enrollments per second
 WARMUP = 20  # re-enrollments before timing: the first one imports pkilint and builds its validator
@@ -125,27 +124,33 @@ def client_context(pem: Path, anchors: Path) -> ssl.SSLContext:
 def reenroll(ctx: ssl.SSLContext, port: int, request: bytes) -> tuple[int, bytes]:
     """Send one simplereenroll on a new connection; return (HTTP status, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client, the agent's client, does
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             tls.sendall(request)
-            data, length = b"", None
-            while True:
-                try:
-                    chunk = tls.recv(65536)
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    chunk = b""
-                if not chunk:
-                    break
-                data += chunk
-                head, sep, body = data.partition(b"\r\n\r\n")
-                if sep and length is None:
-                    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                    length = int(match.group(1)) if match else None
-                if sep and length is not None and len(body) >= length:
-                    break
+            data = _response(tls)
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1."):
         raise ConnectionError(f"no HTTP response ({len(data)} bytes)")
     return int(head.split(b" ", 2)[1]), body
+
+
+def _response(tls: ssl.SSLSocket) -> bytes:
+    """Read one HTTP response: to its Content-Length, else to the end of the connection."""
+    data, length = b"", None
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            chunk = b""
+        if not chunk:
+            return data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep and length is None:
+            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            length = int(match.group(1)) if match else None
+        if sep and length is not None and len(body) >= length:
+            return data
 
 
 def _client(nodes: list[Node], port: int, anchors: Path, threads: int, seconds: float, barrier, results) -> None:
@@ -176,7 +181,7 @@ def _client(nodes: list[Node], port: int, anchors: Path, threads: int, seconds: 
                 latencies.append(took)
                 statuses[status] += 1
                 if status != 200 and len(failures) < 5:
-                    failures.append(f"HTTP {status}: {body[:300].decode(errors='replace').strip()}")
+                    failures.append(f"{f'HTTP {status}' if status else 'no response'}: {body[:300].decode(errors='replace').strip()}")
 
     pool = [threading.Thread(target=run) for _ in range(threads)]
     for thread in pool:
@@ -236,9 +241,9 @@ def run_round(nodes: list[Node], port: int, anchors: Path, server_pid: int, conc
     workers = [mp.Process(target=_client, args=(shares[i], port, anchors, threads[i], seconds, barrier, results)) for i in range(processes)]
     for worker in workers:
         worker.start()
-    barrier.wait()
+    barrier.wait(timeout=600)  # a client that died building its contexts breaks the barrier
     start, server0, wait0, machine0, self0 = time.monotonic(), process_cpu(server_pid), run_queue_wait(server_pid), machine_cpu(), os.times()
-    reports = [results.get() for _ in workers]
+    reports = [results.get(timeout=seconds + 2 * TIMEOUT) for _ in workers]
     server1, wait1, machine1, self1 = process_cpu(server_pid), run_queue_wait(server_pid), machine_cpu(), os.times()
     for worker in workers:
         worker.join()
@@ -260,13 +265,14 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def report(label: str, r: Round) -> None:
+    """Print a round's figures: throughput, CPU per re-enrollment on each side, who waited, latency."""
     done = r.ok + r.failed
     cpu_ms = r.server_cpu * 1000 / max(done, 1)
     print(f"{label}: {r.ok} ok, {r.failed} failed in {r.wall:.2f} s")
     print(f"  re-enrollments/s (wall)          {r.ok / r.wall:8.1f}")
-    print(f"  server CPU per re-enrollment     {cpu_ms:8.2f} ms   (server busy {r.server_cpu / r.wall:4.0%} of one core)")
+    print(f"  server CPU per re-enrollment     {cpu_ms:8.2f} ms")
     print(f"  single-core capacity (1000/ms)   {1000 / cpu_ms if cpu_ms else 0:8.1f} /s")
-    print(f"  client CPU per re-enrollment     {r.client_cpu * 1000 / max(done, 1):8.2f} ms   (client busy {r.client_cpu / r.wall:4.0%} of one core)")
+    print(f"  client CPU per re-enrollment     {r.client_cpu * 1000 / max(done, 1):8.2f} ms   (client busy {r.client_cpu / r.wall:.0%} of one core)")
     print(f"  server event loop: {r.server_cpu / r.wall:.0%} on a core, {r.server_wait / r.wall:.0%} runnable waiting for one, "
           f"{max(0.0, 1 - (r.server_cpu + r.server_wait) / r.wall):.0%} asleep (disk waits or no request)")
     print(f"  machine: {r.machine_busy:.0%} of {os.cpu_count()} cores busy (all tenants), {r.iowait:.0%} iowait, {r.steal:.0%} stolen")
@@ -295,7 +301,8 @@ class Server:
         self.log: collections.deque[str] = collections.deque(maxlen=20)
         self._ready = threading.Event()
         self.port = 0
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
         if not self._ready.wait(30) or not self.port:
             self.stop()
             sys.exit("pkictl serve did not start:\n" + "\n".join(self.log))
@@ -309,8 +316,10 @@ class Server:
         self._ready.set()
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signal.SIGTERM)  # serve stops cleanly (and cProfile writes its stats)
         self.process.wait(60)
+        self._drainer.join(10)
+        self.process.stderr.close()
 
 
 def warm_up(server: Server, nodes: list[Node], anchors: Path) -> None:
@@ -447,6 +456,8 @@ def main() -> None:
     args = parser.parse_args()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     profiler = ("py-spy" if py_spy else "cprofile") if args.profiler == "auto" else args.profiler
+    if profiler == "py-spy" and not py_spy:
+        parser.error("py-spy is not installed: pip install py-spy, or pass --profiler cprofile")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         home = tmp / "ca"
@@ -456,9 +467,9 @@ def main() -> None:
         fleet = make_fleet(home, tmp / "fleet", "node-", args.nodes)
         profiled = make_fleet(home, tmp / "profiled", "prof-", args.profile_nodes if profiler != "none" else 0)
         anchors = home / "ca.pem"
+        filesystem = subprocess.run(["df", "--output=fstype", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
         print(f"{args.nodes} nodes (+{len(profiled)} for the profile) prepared in {time.monotonic() - began:.1f} s; "
-              f"CA home on {subprocess.run(['df', '--output=fstype', str(tmp)], capture_output=True, text=True).stdout.split()[-1]}, "
-              f"{os.cpu_count()} cores, concurrency {args.concurrency}")
+              f"CA home on {filesystem[-1] if filesystem else '?'}, {os.cpu_count()} cores, concurrency {args.concurrency}")
         server = Server(home)
         try:
             warm_up(server, warmup, anchors)
@@ -467,7 +478,7 @@ def main() -> None:
             rate = r.ok / r.wall
             fleet_time = f"10,000 nodes in {10_000 / rate:.0f} s" if rate else "none renewed"
             print(f"goal: >= {GOAL:.0f} re-enrollments/s: {'met' if rate >= GOAL and not r.failed else 'NOT met'} "
-                  f"({rate:.1f}/s{f', {r.failed} failed' if r.failed else ''}; {fleet_time})")
+                  f"({rate:.1f}/s = {rate / GOAL:.2f}x{f', {r.failed} failed' if r.failed else ''}; {fleet_time})")
             sys.stdout.flush()
             if profiler == "py-spy":
                 profile_py_spy(py_spy, server, profiled, anchors, args.concurrency, args.seconds, tmp, 1000 / max(rate, 1e-9))
