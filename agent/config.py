@@ -22,6 +22,7 @@ __all__ = [
     "AgentConfig",
     "RenewalConfig",
     "ListenerConfig",
+    "Hook",
     "load_config",
     "parse_address",
     "render_agent_config",
@@ -83,7 +84,11 @@ class RenewalConfig(_Model):
         fraction: renew at notBefore + fraction x lifetime (lifetime read from the certificate).
         jitter: renew up to this share of the lifetime earlier, drawn once per certificate.
         check_interval: period of the level-triggered "is it due?" check that survives sleep.
-        retry_initial, retry_max: exponential backoff after a failed renewal.
+        retry_initial, retry_max: exponential backoff after a failed renewal; a retry never
+            waits more than a quarter of the time left before notAfter (agent/schedule.py).
+        min_interval: the floor between two renewals by this agent: an attempt sooner than this
+            after its last successful renewal is postponed (so no bug can loop against the CA).
+        keep_versions: how many credential versions ``archive/`` keeps (the live one included).
     """
 
     ca_home: Optional[Path] = None
@@ -95,6 +100,8 @@ class RenewalConfig(_Model):
     check_interval: Duration = dt.timedelta(minutes=1)
     retry_initial: Duration = dt.timedelta(seconds=10)
     retry_max: Duration = dt.timedelta(hours=1)
+    min_interval: Duration = dt.timedelta(minutes=5)
+    keep_versions: int = Field(5, ge=2)
 
     @model_validator(mode="after")
     def _jitter_below_fraction(self) -> "RenewalConfig":
@@ -124,8 +131,78 @@ class ListenerConfig(_Model):
     max_connections: int = Field(1024, ge=1)
 
 
+def _argv(value):
+    if isinstance(value, str):
+        raise ValueError(
+            f"got the string {value!r}; want a list of arguments such as [systemctl, reload, nginx] "
+            "(hooks never run through a shell)"
+        )
+    if isinstance(value, (list, tuple)):
+        # YAML reads "[kill, -HUP, 1234]" with a number in it; an argument is text all the same.
+        return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+class Hook(_Model):
+    """One post-rotation hook: a program to run, or a process to send SIGHUP.
+
+    Exactly one of ``run`` and ``sighup_pid_file``, e.g. ``{run: [systemctl, reload, nginx]}``
+    or ``{sighup_pid_file: /run/nginx.pid}``.
+
+    Attributes:
+        run: the argument list, executed directly (never through a shell); a relative program
+            path with a slash is relative to the configuration file, a bare name is looked up in
+            ``PATH=/usr/bin:/bin`` (or the PATH given in ``env``).
+        sighup_pid_file: send SIGHUP to the PID in this file (relative to the configuration file).
+        timeout: a ``run`` hook's process group is killed after this long.
+        env: extra environment variables of a ``run`` hook; it gets only these, PATH and the
+            PKI_AGENT_* variables (agent/hooks.py).
+        attempts: how often a failing hook is tried in all.
+        retry_wait: the wait before the second attempt, doubled before each further one.
+    """
+
+    run: Optional[Annotated[list[str], BeforeValidator(_argv), Field(min_length=1)]] = None
+    sighup_pid_file: Optional[Path] = None
+    timeout: Duration = dt.timedelta(seconds=30)
+    env: dict[str, str] = {}
+    attempts: int = Field(3, ge=1, le=10)
+    retry_wait: Duration = dt.timedelta(seconds=1)
+
+    @field_validator("run")
+    @classmethod
+    def _program(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value[0]:
+            raise ValueError("the program (first argument) is empty")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not key or "=" in key or "\0" in key or "\0" in item:
+                raise ValueError(f"variable {key!r}: want a name without '=' and no NUL characters")
+            if key.startswith("PKI_AGENT_"):
+                raise ValueError(f"variable {key}: PKI_AGENT_* variables are set by the agent")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Hook":
+        if (self.run is None) == (self.sighup_pid_file is None):
+            raise ValueError("want {run: [program, arg, ...]} or {sighup_pid_file: PATH}, exactly one of them")
+        if self.sighup_pid_file is not None and ("timeout" in self.model_fields_set or self.env):
+            raise ValueError("timeout and env apply to run hooks, not to sighup_pid_file")
+        return self
+
+    def describe(self) -> str:
+        """How logs name this hook: its argument list, or ``SIGHUP to the PID in FILE``."""
+        if self.run is not None:
+            return "[" + ", ".join(self.run) + "]"
+        return f"SIGHUP to the PID in {self.sighup_pid_file}"
+
+
 class AgentConfig(_Model):
-    """One host's agent: whose credential, where it lives, how it renews, what it serves."""
+    """One host's agent: whose credential, where it lives, how it renews, what it serves, and the
+    hooks run (in order) after each rotation."""
 
     name: str
     kind: Literal["node", "gateway"]
@@ -133,6 +210,7 @@ class AgentConfig(_Model):
     credential_dir: Path = Path(".")
     renewal: RenewalConfig = RenewalConfig()
     listener: Optional[ListenerConfig] = None
+    hooks: list[Hook] = []
 
     @field_validator("name")
     @classmethod
@@ -182,7 +260,19 @@ def load_config(path: Path) -> AgentConfig:
     listener = config.listener
     if listener is not None and listener.crl is not None:
         listener = listener.model_copy(update={"crl": base / listener.crl})
-    return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal, "listener": listener})
+    hooks = [_resolve_hook(hook, base) for hook in config.hooks]
+    return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal, "listener": listener,
+                                     "hooks": hooks})
+
+
+def _resolve_hook(hook: Hook, base: Path) -> Hook:
+    """Paths in a hook relative to the configuration file's directory ``base``."""
+    if hook.sighup_pid_file is not None:
+        return hook.model_copy(update={"sighup_pid_file": base / hook.sighup_pid_file})
+    program = hook.run[0]
+    if "/" in program and not program.startswith("/"):
+        return hook.model_copy(update={"run": [str(base / program), *hook.run[1:]]})
+    return hook
 
 
 def render_agent_config(
