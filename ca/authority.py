@@ -175,6 +175,7 @@ class CertificateAuthority(Revocation, Bootstrap):
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
         first: bool = True,
+        predecessor: x509.Certificate | None = None,
     ) -> x509.Certificate:
         """Sign an end-entity certificate for ``name`` with the identity policy gives it.
 
@@ -188,6 +189,9 @@ class CertificateAuthority(Revocation, Bootstrap):
             dns_names, ip_addresses: gateway SANs (at least one of them for a gateway).
             first: a first enrollment (refused while the name holds an unexpired certificate);
                 False for a renewal.
+            predecessor: for a renewal, the certificate being renewed (issued, hence linted,
+                by this CA): pkilint runs again only if the successor's profile differs from it
+                (:func:`pkictl.lint.profile_difference`). The audit record says which.
 
         Raises:
             InvalidNameError, PolicyError: bad name, SAN or key.
@@ -218,7 +222,8 @@ class CertificateAuthority(Revocation, Bootstrap):
                 issuer=self.issuing, not_before=not_before, not_after=not_after, serial=serial,
                 dns_names=dns_names, ip_addresses=ip_addresses,
             )
-            prelint(builder, issuer_key_type=self._issuing_key)  # before any record or real signature
+            # Before any record or real signature.
+            _, linted = prelint(builder, issuer_key_type=self._issuing_key, predecessor=predecessor)
             sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
             try:
                 self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first,
@@ -235,7 +240,7 @@ class CertificateAuthority(Revocation, Bootstrap):
             raise
         self.inventory.record_issued(certificate, renewal_fraction=self.settings.renewal_fraction)
         self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{node_identity(self.settings.trust_domain, name)}"],
-                          renewal=not first)
+                          renewal=not first, lint="pkilint" if linted else f"same profile as serial {predecessor.serial_number:x}")
         return certificate
 
     @audits_refusals("enroll")
@@ -361,7 +366,8 @@ class CertificateAuthority(Revocation, Bootstrap):
             raise PolicyError("the CSR reuses the current key; a renewal needs a new key (rekey)")
         dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
         ips = [s[3:] for s in record.sans if s.startswith("IP:")]
-        return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False)
+        return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False,
+                          predecessor=current)
 
     def record(self, name: str, kind: str) -> Record:
         """The newest issued record of ``name``.

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .errors import LintError
 
-__all__ = ["Finding", "lint_certificate", "prelint", "is_spiffe_id"]
+__all__ = ["Finding", "lint_certificate", "prelint", "profile_difference", "is_spiffe_id"]
 
 # pkilint severities run FATAL=0, ERROR=1, WARNING=2, NOTICE=3, INFO=4, DEBUG=5; "at least WARNING"
 # is "value <= 2", the same threshold as ``lint_pkix_cert lint -s WARNING``.
@@ -212,7 +212,8 @@ def prelint(
     *,
     issuer_key_type,
     hash_algorithm: hashes.HashAlgorithm | None = hashes.SHA256(),
-) -> x509.Certificate:
+    predecessor: x509.Certificate | None = None,
+) -> tuple[x509.Certificate, bool]:
     """Lint the certificate ``builder`` would make, before the real issuer signs anything.
 
     The builder is signed with a throwaway key of the issuer's key type (same family, curve or
@@ -237,10 +238,15 @@ def prelint(
             ``ec.EllipticCurvePrivateKey`` (then P-256 or RSA-2048 stand in).
         hash_algorithm: the hash the real signature will use; ignored (None) for Ed25519 and
             Ed448, which take none.
+        predecessor: for a renewal, the certificate being renewed, which passed this lint when
+            it was issued. When the new certificate differs from it only where a renewal must
+            (:func:`profile_difference` is None), pkilint's verdict on it stands and pkilint is
+            not run again; any other difference gets the full lint.
 
     Returns:
-        The linted certificate, signed by the throwaway key: for inspection only, it verifies
-        under no issuer. Sign ``builder`` with the real key to issue.
+        ``(certificate, linted)``: the certificate, signed by the throwaway key (for inspection
+        only, it verifies under no issuer; sign ``builder`` with the real key to issue), and
+        True if pkilint ran on it, False if it was found equivalent to ``predecessor``.
 
     Raises:
         LintError: pkilint reported findings (listed in the message and in ``findings``,
@@ -253,6 +259,8 @@ def prelint(
     if spec[0] in ("ed25519", "ed448"):
         hash_algorithm = None
     certificate = builder.sign(key, hash_algorithm)
+    if predecessor is not None and profile_difference(certificate, predecessor) is None:
+        return certificate, False
     findings = lint_certificate(certificate.public_bytes(serialization.Encoding.DER))
     if findings:
         listed = "; ".join(str(f) for f in findings)
@@ -265,4 +273,67 @@ def prelint(
             f"found {len(findings)} problem(s) with its RFC 5280 profile: {listed}{hint}",
             findings,
         )
-    return certificate
+    return certificate, True
+
+
+# RFC 5280 4.1.2.5: dates through 2049 are UTCTime, from 2050 on GeneralizedTime.
+_GENERALIZED_TIME_FROM = 2050
+# RFC 5280 4.1.2.2: a positive integer of at most 20 octets (DER, sign bit included).
+_MAX_SERIAL_BITS = 20 * 8 - 1
+
+
+def _key_parameters(public_key) -> tuple:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return ("ec", public_key.curve.name)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return ("rsa", public_key.key_size, public_key.public_numbers().e)
+    return (type(public_key).__name__,)
+
+
+def _ski_is_method_1(certificate: x509.Certificate) -> bool:
+    """Whether the SKI is the SHA-1 of the subjectPublicKey (RFC 5280 4.2.1.2, method 1)."""
+    try:
+        ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return False
+    return ski.digest == x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
+
+
+def profile_difference(certificate: x509.Certificate, predecessor: x509.Certificate) -> str | None:
+    """How ``certificate`` differs from ``predecessor`` beyond what a renewal changes, or None.
+
+    A renewal (RFC 7030 4.2.2) changes exactly: the serial number, the validity dates, the
+    public key and, with it, the subject key identifier. Everything else that pkilint's RFC 5280
+    linter reads must be byte-identical: version, signature algorithm, issuer, subject, and every
+    other extension with its criticality, in the same order. What changes is checked against the
+    rules pkilint applies to it: the serial is positive and fits 20 octets (RFC 5280 4.1.2.2), the
+    lifetime is the same and each date keeps its encoding, UTCTime before 2050 (4.1.2.5), the key
+    has the same algorithm and parameters (4.1.2.7), and both SKIs are method 1 over their own key
+    (4.2.1.2). A certificate that passes this is, for the linter, the predecessor with other
+    numbers: the predecessor's clean lint stands for it.
+
+    Returns:
+        None when equivalent; otherwise what differs, e.g. ``"extensions differ"``.
+    """
+    new, old = certificate, predecessor
+    if new.version != old.version or new.signature_algorithm_oid != old.signature_algorithm_oid:
+        return "version or signature algorithm differ"
+    if new.issuer.public_bytes() != old.issuer.public_bytes() or new.subject.public_bytes() != old.subject.public_bytes():
+        return "issuer or subject differ"
+    if not (0 < new.serial_number and new.serial_number.bit_length() <= _MAX_SERIAL_BITS):
+        return "serial number out of RFC 5280 range"
+    if new.not_valid_after_utc - new.not_valid_before_utc != old.not_valid_after_utc - old.not_valid_before_utc:
+        return "lifetime differs"
+    encodings = [(c.not_valid_before_utc.year >= _GENERALIZED_TIME_FROM, c.not_valid_after_utc.year >= _GENERALIZED_TIME_FROM)
+                 for c in (new, old)]
+    if encodings[0] != encodings[1]:
+        return "validity time encodings differ"
+    if _key_parameters(new.public_key()) != _key_parameters(old.public_key()):
+        return "public key algorithm or parameters differ"
+    if not (_ski_is_method_1(new) and _ski_is_method_1(old)):
+        return "subject key identifier is not RFC 5280 method 1"
+    ski = x509.SubjectKeyIdentifier.oid
+    shape = [[(e.oid, e.critical, e.value.public_bytes() if e.oid != ski else b"") for e in c.extensions] for c in (new, old)]
+    if shape[0] != shape[1]:
+        return "extensions differ"
+    return None

@@ -160,7 +160,8 @@ def test_prelint_passes_the_profile_and_never_signs_with_the_real_key(issued, ki
     and signature algorithm that does not verify under the real issuer."""
     real = issued.certificates[kind]
     issuer = issued.ca.root if kind == "issuing" else issued.ca.issuing
-    linted = prelint(_profile_builder(issued, kind), issuer_key_type=issuer.public_key())
+    linted, ran = prelint(_profile_builder(issued, kind), issuer_key_type=issuer.public_key())
+    assert ran
     assert linted.signature_algorithm_oid == real.signature_algorithm_oid
     assert (linted.subject, linted.issuer, list(linted.extensions)) == (real.subject, real.issuer, list(real.extensions))
     with pytest.raises(InvalidSignature):
@@ -196,7 +197,7 @@ def test_prelint_throwaway_key_matches_the_issuer_key_type(make_key, hash_algori
     """For P-384, RSA and Ed25519 issuers the throwaway signature covers byte-identical TBS bytes to the real one."""
     key = make_key()
     builder = _self_issued_ca(key, aki=True)
-    linted = prelint(builder, issuer_key_type=key, hash_algorithm=hash_algorithm)
+    linted, _ = prelint(builder, issuer_key_type=key, hash_algorithm=hash_algorithm)
     real = builder.sign(key, hash_algorithm)
     assert linted.tbs_certificate_bytes == real.tbs_certificate_bytes
     assert linted.signature_algorithm_oid == real.signature_algorithm_oid
@@ -218,7 +219,7 @@ def test_prelint_accepts_a_key_class(issued):
     """A key class (no instance at hand) picks a throwaway key of that family."""
     key = generate_key()
     builder = _uri_san_builder(issued, "spiffe://pkictl.internal/node/tw")
-    linted = prelint(builder, issuer_key_type=ec.EllipticCurvePrivateKey)
+    linted, _ = prelint(builder, issuer_key_type=ec.EllipticCurvePrivateKey)
     assert linted.signature_algorithm_oid == builder.sign(key, hashes.SHA256()).signature_algorithm_oid
 
 
