@@ -294,8 +294,10 @@ def rotate_issuing(obj: _Obj) -> None:
 @click.option("--check-interval", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds between checks of the service certificate and the CRL.")
 @click.option("--rate", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Requests per second per client address or identity.")
 @click.option("--burst", type=click.IntRange(1), default=20, show_default=True, help="Requests a client may send at once.")
+@click.option("--workers", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="Processes that issue beside the TLS/HTTP event loop (0 = issue in the serving process).")
 @click.pass_obj
-def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst) -> None:
+def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -306,8 +308,10 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
 
     from pki_agent.config import parse_address
 
+    from .authority import CertificateAuthority
     from .est import root_fingerprint
     from .serve import ESTService
+    from .signers import SignerPool
 
     try:
         host, port = parse_address(listen)
@@ -318,9 +322,11 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         raise click.UsageError(f"--listen {listen} reaches beyond this host: give the --dns names or --ip addresses nodes dial, so that they can verify the service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    ca = obj.load_ca()
+    passphrase = obj.passphrase()
+    ca = CertificateAuthority.load(obj.home, passphrase=passphrase)
+    signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
-                         retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst)
+                         retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers)
 
     def ready(bound: int) -> None:
         logging.getLogger("pkictl.serve").info("ready: EST on https://%s:%d%s (root %s)", host, bound, "/.well-known/est", root_fingerprint(ca.root))

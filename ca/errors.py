@@ -87,6 +87,9 @@ class LintError(PolicyError):
         super().__init__(message)
         self.findings = tuple(findings)
 
+    def __reduce__(self):  # pickled by pkictl serve's signing workers
+        return type(self), (str(self), self.findings)
+
 
 class AuthenticationError(PolicyError):
     """An enrollment's credentials (token, certificate) are missing, wrong, expired or spent."""
@@ -108,3 +111,6 @@ class PendingApproval(Exception):
     def __init__(self, name: str, code: str) -> None:
         super().__init__(f"the request of {name} (code {code}) waits for approval: on the CA host run 'pkictl approve {name} --code {code}'")
         self.name, self.code = name, code
+
+    def __reduce__(self):  # pickled by pkictl serve's signing workers
+        return type(self), (self.name, self.code)

@@ -27,6 +27,7 @@ from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, decode_csr_body, encode
 from .policy import MAX_CSR_BYTES
 from .renewal import is_due
 from .revocation import load_crls
+from .signers import SignerPool, SignerUnavailable
 from .store import Credential, CredentialStore
 
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
@@ -78,6 +79,8 @@ class ESTService:
         check_interval: seconds between checks of the service certificate and the CRL.
         handshake_timeout: seconds a client has to finish its TLS handshake.
         rate, burst: per client address (enroll, cacerts) or identity (reenroll).
+        signers: worker processes that issue (:class:`pkictl.signers.SignerPool`, started by
+            :meth:`run`); None issues on the event loop with ``ca`` itself.
     """
 
     def __init__(
@@ -92,8 +95,10 @@ class ESTService:
         handshake_timeout: float = 10.0,
         rate: float = 5.0,
         burst: int = 20,
+        signers: SignerPool | None = None,
     ) -> None:
         self.ca = ca
+        self.signers = signers
         self.listen = listen
         self.dns_names = list(dns_names or [])
         self.ip_addresses = list(ip_addresses or [])
@@ -189,6 +194,8 @@ class ESTService:
             # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
             kept = {name: exc.headers[name] for name in ("Retry-After", "Allow") if name in exc.headers}
             response = _text(exc.status, exc.reason or str(exc), **kept)
+        except SignerUnavailable as exc:
+            response = _text(503, str(exc), **{"Retry-After": str(self.retry_after)})
         except PendingApproval as exc:
             response = _text(202, str(exc), **{"Retry-After": str(self.retry_after)})
         except AuthenticationError as exc:  # missing or invalid credentials
@@ -236,7 +243,10 @@ class ESTService:
             except ValueError:
                 raise AuthenticationError("Authorization: want HTTP Basic with the node name and its enrollment token") from None
             name, token = auth.login, auth.password
-        certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=request.remote or "?")
+        if self.signers is not None:
+            certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=request.remote or "?")
+        else:
+            certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=request.remote or "?")
         return self._certificate(certificate)
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
@@ -248,6 +258,8 @@ class ESTService:
         current = x509.load_der_x509_certificate(der)
         self._limit(f"serial:{current.serial_number:x}")
         csr = await self._csr(request)
+        if self.signers is not None:
+            return self._certificate(await self.signers.simple_reenroll(csr, current))
         return self._certificate(self.ca.simple_reenroll(csr, current))
 
     def _certificate(self, certificate: x509.Certificate) -> web.Response:
@@ -300,6 +312,8 @@ class ESTService:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         stop = asyncio.Event()
+        if self.signers is not None:
+            await self.signers.start()
         await self.start()
         loop = asyncio.get_running_loop()
         scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
@@ -319,6 +333,8 @@ class ESTService:
             scheduler.shutdown(wait=False)
             self._server.close()
             await self._runner.cleanup()
+            if self.signers is not None:
+                await self.signers.close()
 
     def stop(self) -> None:
         self._stop.set()
