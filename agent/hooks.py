@@ -180,21 +180,34 @@ def _send_sighup(pid_file: Path) -> HookOutcome:
     return HookOutcome(True, f"SIGHUP sent to PID {pid}")
 
 
-async def run_hooks(hooks: Sequence[Hook], context: HookContext) -> bool:
+async def run_hooks(hooks: Sequence[Hook], context: HookContext, *, results: list[dict] | None = None, clock=None) -> bool:
     """Run ``hooks`` in order for ``context``, each retried after a failure, and log each result.
 
     A hook that still fails after its ``attempts`` is logged as an ERROR and the next hook runs
     all the same: one service that cannot reload must not keep the others on the old credential.
 
+    Args:
+        results: if given, one dict per hook is appended: ``hook`` (its description), ``ok``,
+            ``attempts`` (how many it took), ``detail`` and ``time`` (ISO 8601 UTC, from
+            ``clock``), for the agent's state file.
+        clock: a :class:`pkictl.clock.Clock` for ``time`` (default the system clock).
+
     Returns:
         True if every hook succeeded (at some attempt).
     """
+    from pkictl.clock import SystemClock
+
+    clock = clock or SystemClock()
     all_ok = True
     for index, hook in enumerate(hooks, 1):
         name = f"hook {index} {hook.describe()}"
         wait = hook.retry_wait.total_seconds()
         for attempt in range(1, hook.attempts + 1):
             outcome = await run_hook(hook, context)
+            if outcome.ok or attempt == hook.attempts:
+                if results is not None:
+                    results.append({"hook": hook.describe(), "ok": outcome.ok, "attempts": attempt, "detail": outcome.detail,
+                                    "time": clock.now().isoformat(timespec="seconds")})
             if outcome.ok:
                 log.info("%s for serial %x: %s; %s", name, context.serial, outcome.detail, outcome.output_for_log())
                 break
