@@ -1,9 +1,14 @@
-"""The agent process: load the credential, schedule renewal, rotate, hot-reload the listener.
+"""The agent process: load the credential, schedule renewal, rotate, hot-reload the listener,
+run the post-rotation hooks, and keep the state file that ``pki-agent status`` reads.
 
 Scheduling is level-triggered: a periodic check asks "is the certificate on disk due?", and a
 one-shot job wakes up at the due time. APScheduler's default misfire grace of 1 s silently skips
 a job after a pause, so every job has ``misfire_grace_time=None`` and ``coalesce=True``
-(../shared/DESIGN.md, "Renewal").
+(../shared/DESIGN.md, "Renewal"). Every decision reads the injected clock, never the scheduler's:
+a wake-up that comes early, late (laptop sleep, SIGSTOP) or after a clock jump is harmless.
+
+Signals: SIGTERM/SIGINT stop, SIGHUP reloads from disk, SIGUSR1 renews now (``pki-agent
+renew-now``).
 """
 
 from __future__ import annotations
@@ -25,21 +30,18 @@ from pkictl.store import Credential, CredentialStore
 
 from .config import AgentConfig
 from .errors import AgentError
-from .listener import GatewayListener
 from .est_client import ESTClient, self_signed
+from .hooks import HookContext, run_hooks
+from .listener import GatewayListener
+from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
+from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
+from .state import iso, state_path, write_state
 from .tls import ServerTLS, server_context
 
 __all__ = ["Agent", "backoff_delay"]
 
 log = logging.getLogger("pki_agent")
-
-
-def backoff_delay(failures: int, *, initial: float, maximum: float, rng: random.Random) -> float:
-    """Seconds to wait after ``failures`` consecutive failed renewals (>= 1): exponential with
-    full jitter in [initial, ...], capped at ``maximum``."""
-    ceiling = min(maximum, initial * 2 ** (failures - 1))
-    return rng.uniform(min(initial, ceiling), ceiling)
 
 
 class Agent:
@@ -56,7 +58,7 @@ class Agent:
         self.config = config
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self.store = CredentialStore(config.credential_dir)
+        self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions)
         if source is None and config.renewal.ca_home is not None:
             source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file)
         elif source is None and config.renewal.ca_url is not None:
@@ -73,6 +75,14 @@ class Agent:
         self._next_refresh = self.clock.now()
         self._stopped: asyncio.Event | None = None
         self._scheduler = None
+        self._last_renewal: dt.datetime | None = None
+        self._last_attempt: dict | None = None
+        self._hook_results: list[dict] = []
+        self._hooks_task: asyncio.Task | None = None
+        self._started: dt.datetime | None = None
+        self._running = False
+        self._forced = 0  # renew-now requests handled: renew-now waits for this to grow
+        self.state_path = state_path(config.credential_dir)
 
     # -- credential and context ---------------------------------------------------------------
 
@@ -125,12 +135,18 @@ class Agent:
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
             self._failures = 0
             self._next_attempt = self.renewal_due()
+            if self._last_renewal is not None:
+                # The floor between two renewals: whatever made this one due so soon (a CA that
+                # hands out near-expired certificates, a bug), the agent does not loop against the CA.
+                floor = renewal_floor(self.config.renewal.min_interval, credential.certificate)
+                self._next_attempt = max(self._next_attempt, self._last_renewal + floor)
             log.info(
                 "credential %s serial %x, not after %s, renewal due %s",
                 self.config.name, credential.certificate.serial_number,
                 credential.certificate.not_valid_after_utc.isoformat(), self._next_attempt.isoformat(),
             )
         self._schedule_wakeup()
+        self.save_state()
         return True
 
     @property
@@ -196,40 +212,114 @@ class Agent:
             log.info("credential or CRL changed on disk: reloading")
             self.reload()
 
-    async def renew(self) -> bool:
-        """Rotate now: renew, install, reload. On failure keep serving and back off.
+    async def renew(self, *, forced: bool = False) -> bool:
+        """Rotate now: renew, install, reload, then start the hooks. On failure keep serving and
+        back off.
+
+        Args:
+            forced: an operator's ``renew-now`` (logged as such; the schedule is not consulted).
 
         Returns:
             True if a successor was installed and taken into service.
         """
         assert self.credential is not None
         current = self.credential
+        started = self.clock.now()
         if self.source is None:
             log.error(
                 "renewal of %s is due but no renewal source is configured (renewal.ca_url or renewal.ca_home); "
                 "the certificate expires at %s", self.config.name, current.certificate.not_valid_after_utc.isoformat(),
             )
-            self._retry_later()
+            self._failed(started, current, "no renewal source is configured (renewal.ca_url or renewal.ca_home)", forced)
             return False
+        if forced:
+            self._forced += 1
+            log.info("renewal of %s requested (renew-now)", self.config.name)
         try:
             successor = await asyncio.to_thread(rotate, self.store, current, self.source, self.clock)
         except Exception as exc:  # noqa: BLE001 - whatever failed, keep serving and retry
-            self._retry_later()
-            left = current.certificate.not_valid_after_utc - self.clock.now()
-            log.error("renewal of %s failed (%s); still serving serial %x, %s left; next attempt %s",
-                      self.config.name, exc, current.certificate.serial_number, left, self._next_attempt.isoformat(),
-                      exc_info=not isinstance(exc, (PKIError, OSError)))  # a traceback only for the unexpected
+            self._failed(started, current, str(exc), forced, exc_info=not isinstance(exc, (PKIError, OSError)))
             return False
         log.info("renewed %s: serial %x -> %x, not after %s", self.config.name, current.certificate.serial_number,
                  successor.certificate.serial_number, successor.certificate.not_valid_after_utc.isoformat())
-        return self.reload()
+        self._last_renewal = self.clock.now()
+        self._last_attempt = {"started": iso(started), "ended": iso(self._last_renewal), "forced": forced, "result": "renewed",
+                              "serial": f"{successor.certificate.serial_number:x}", "error": None}
+        in_service = self.reload()
+        if not in_service:
+            self.save_state()  # reload() saves only what it took into service
+        if self.config.hooks and self.credential is not None:
+            self._start_hooks(self.credential)
+        return in_service
 
-    def _retry_later(self) -> None:
+    def _failed(self, started: dt.datetime, current: Credential, error: str, forced: bool, exc_info: bool = False) -> None:
+        """Record a failed attempt, schedule the retry and log it, louder as expiry nears."""
+        now = self.clock.now()
+        cert = current.certificate
         self._failures += 1
         cfg = self.config.renewal
-        delay = backoff_delay(self._failures, initial=cfg.retry_initial.total_seconds(), maximum=cfg.retry_max.total_seconds(), rng=self.rng)
-        self._next_attempt = self.clock.now() + dt.timedelta(seconds=delay)
+        delay = retry_delay(self._failures, left=cert.not_valid_after_utc - now, initial=cfg.retry_initial.total_seconds(),
+                            maximum=cfg.retry_max.total_seconds(), rng=self.rng)
+        self._next_attempt = now + dt.timedelta(seconds=delay)
+        self._last_attempt = {"started": iso(started), "ended": iso(now), "forced": forced, "result": "failed",
+                              "serial": None, "error": error}
+        left = cert.not_valid_after_utc - now
+        expired = left <= dt.timedelta(0)
+        log.log(failure_log_level(now, cert.not_valid_before_utc, cert.not_valid_after_utc),
+                "renewal of %s failed (%s); %s serial %x, %s; attempt %d, next attempt %s",
+                self.config.name, error, "still serving the EXPIRED" if expired else "still serving", cert.serial_number,
+                f"expired {-left} ago" if expired else f"{left} left", self._failures, self._next_attempt.isoformat(),
+                exc_info=exc_info)  # a traceback only for the unexpected
         self._schedule_wakeup()
+        self.save_state()
+
+    # -- hooks and state ------------------------------------------------------------------------
+
+    def _start_hooks(self, credential: Credential) -> None:
+        """Run the hooks for ``credential`` after the previous run of them ends (in order, so a
+        service never reloads an older credential after a newer one)."""
+        previous = self._hooks_task
+        context = HookContext(self.config.name, credential.certificate.serial_number, self.store.directory)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            results: list[dict] = []
+            await run_hooks(self.config.hooks, context, results=results, clock=self.clock)
+            self._hook_results = results
+            self.save_state()
+
+        self._hooks_task = asyncio.ensure_future(run())
+
+    async def wait_for_hooks(self) -> None:
+        """Wait until the hooks started so far have finished (``renew-now`` without a daemon)."""
+        if self._hooks_task is not None:
+            await asyncio.gather(self._hooks_task, return_exceptions=True)
+
+    def state(self) -> dict:
+        """What the state file holds (see :mod:`pki_agent.state`)."""
+        cert = self.credential.certificate if self.credential else None
+        listener = None
+        if self.listener is not None:
+            listener = {"addresses": [f"{h}:{p}" for h, p in self.listener.addresses]}
+        return {
+            "name": self.config.name, "kind": self.config.kind, "pid": os.getpid(), "running": self._running,
+            "started": iso(self._started), "updated": iso(self.clock.now()),
+            "credential": None if cert is None else {
+                "serial": f"{cert.serial_number:x}", "not_before": iso(cert.not_valid_before_utc),
+                "not_after": iso(cert.not_valid_after_utc), "renewal_due": iso(self.renewal_due()),
+            },
+            "next_attempt": iso(self._next_attempt), "failures": self._failures,
+            "last_attempt": self._last_attempt, "last_renewal": iso(self._last_renewal), "forced_attempts": self._forced,
+            "listener": listener, "hooks": self._hook_results,
+        }
+
+    def save_state(self) -> None:
+        """Rewrite the state file; a failure is logged, never fatal (the state is advisory)."""
+        try:
+            write_state(self.state_path, self.state())
+        except OSError as exc:
+            log.warning("cannot write the state file %s: %s", self.state_path, exc)
 
     def _schedule_wakeup(self) -> None:
         if self._scheduler is None or self._next_attempt is None:
@@ -244,19 +334,32 @@ class Agent:
     # -- process ------------------------------------------------------------------------------
 
     async def run(self, *, handle_signals: bool = True, ready: Callable[[], None] | None = None) -> None:
-        """Serve until SIGTERM/SIGINT or :meth:`stop`; SIGHUP reloads the credential from disk.
+        """Serve until SIGTERM/SIGINT or :meth:`stop`; SIGHUP reloads the credential from disk,
+        SIGUSR1 renews now. Holds the PID file (:mod:`pki_agent.pidfile`) while it runs.
 
         Args:
             handle_signals: install the signal handlers (only possible in the main thread).
             ready: called once the listener is bound and the scheduler runs.
 
         Raises:
-            AgentError: the credential cannot be loaded, or the listener cannot bind.
+            AgentError: another agent runs for this credential directory, the credential cannot
+                be loaded, or the listener cannot bind.
         """
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        pid_file = PidFile(self.store.directory)
+        pid_file.acquire()
+        try:
+            await self._serve(loop, handle_signals, ready)
+        finally:
+            self._running = False
+            self.save_state()
+            pid_file.release()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, handle_signals: bool, ready: Callable[[], None] | None) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self._started = self.clock.now()
         self.reload()
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)
@@ -275,6 +378,9 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopped.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            loop.add_signal_handler(signal.SIGUSR1, self.renew_soon)
+        self._running = True
+        self.save_state()
         where = ", ".join(f"{h}:{p}" for h, p in self.listener.addresses) if self.listener else "no listener"
         log.info("ready: %s %s, %s", self.config.kind, self.config.name,
                  f"listening on {where}" if self.listener else where)
@@ -285,12 +391,24 @@ class Agent:
         finally:
             log.info("stopping")
             self._scheduler.shutdown(wait=False)
+            if self._hooks_task is not None and not self._hooks_task.done():
+                self._hooks_task.cancel()  # kills a running hook's process group (agent/hooks.py)
+                await asyncio.gather(self._hooks_task, return_exceptions=True)
             if self.listener is not None:
                 await self.listener.close()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")
         self.reload()
+
+    def renew_soon(self) -> None:
+        """Renew as soon as no renewal is in progress (SIGUSR1, ``pki-agent renew-now``)."""
+
+        async def forced() -> None:
+            async with self._renew_lock:
+                await self.renew(forced=True)
+
+        asyncio.ensure_future(forced())
 
     def stop(self) -> None:
         """Ask :meth:`run` to return; call it on the agent's event loop."""

@@ -8,6 +8,9 @@ The rules (../shared/DESIGN.md, "Renewal"; the issue's "Scheduling"):
   the attempts close in on notAfter geometrically (each wait is at most 1/4 of what is left).
 - No retry comes sooner than :data:`RETRY_FLOOR` after a failure, whatever the cap says, so a
   bug cannot turn the last minutes before expiry into a loop against the CA.
+- The floor between two renewals (:func:`renewal_floor`): ``renewal.min_interval``, but at most
+  a tenth of the certificate's lifetime, so that short-lived certificates (tests, the demo)
+  still renew in time.
 - Loudness (:func:`failure_log_level`): a failed attempt logs WARNING before 80 % of the
   lifetime has passed, ERROR from 80 % on (that includes the last 1/6 of the lifetime, the
   ``expiring`` state of ``pkictl status``), CRITICAL once the certificate has expired.
@@ -21,7 +24,8 @@ import random
 
 from pkictl.clock import utc
 
-__all__ = ["backoff_delay", "retry_delay", "failure_log_level", "RETRY_FLOOR", "ERROR_FROM", "EXPIRY_MARGIN"]
+__all__ = ["backoff_delay", "retry_delay", "renewal_floor", "failure_log_level", "RETRY_FLOOR", "ERROR_FROM", "EXPIRY_MARGIN",
+           "FLOOR_SHARE"]
 
 RETRY_FLOOR = dt.timedelta(seconds=1)
 """The shortest wait after a failed attempt, even in the last seconds before expiry."""
@@ -31,6 +35,9 @@ ERROR_FROM = 0.8
 
 EXPIRY_MARGIN = 4
 """A retry waits at most (time left before notAfter) / EXPIRY_MARGIN."""
+
+FLOOR_SHARE = 0.1
+"""The floor between renewals is at most this share of the certificate's lifetime."""
 
 
 def backoff_delay(failures: int, *, initial: float, maximum: float, rng: random.Random) -> float:
@@ -59,6 +66,13 @@ def retry_delay(failures: int, *, left: dt.timedelta, initial: float, maximum: f
     if left <= dt.timedelta(0):
         return max(delay, floor)
     return max(min(delay, left.total_seconds() / EXPIRY_MARGIN), floor)
+
+
+def renewal_floor(min_interval: dt.timedelta, certificate) -> dt.timedelta:
+    """The shortest time from one renewal to the next for ``certificate`` (an x509.Certificate,
+    the one just taken into service): ``min(min_interval, lifetime x FLOOR_SHARE)``."""
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    return min(min_interval, lifetime * FLOOR_SHARE)
 
 
 def failure_log_level(now: dt.datetime, not_before: dt.datetime, not_after: dt.datetime) -> int:
