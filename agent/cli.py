@@ -34,6 +34,56 @@ def run(config_path: Path, log_level: str) -> None:
     asyncio.run(Agent(config).run())
 
 
+_CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                       help="The agent's YAML configuration.")
+
+
+@cli.command("renew-now")
+@_CONFIG
+@click.option("--wait", "timeout", type=click.FloatRange(1), default=120, show_default=True,
+              help="Seconds to wait for the running agent's answer.")
+def renew_now(config_path: Path, timeout: float) -> None:
+    """Renew this host's certificate now, whatever the schedule says.
+
+    With an agent running for the credential, it is asked to (SIGUSR1) and this waits for its
+    result; without one, this renews, installs and runs the hooks itself (holding the agent's
+    PID file lock, so that an agent started meanwhile waits for nothing and refuses to start).
+    Exit status 0 if a new certificate is in service, 1 otherwise.
+    """
+    from .config import load_config
+    from .renew_now import renew_now as run_renew_now
+
+    logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    ok, message = run_renew_now(load_config(config_path), timeout=timeout)
+    click.echo(message)
+    raise SystemExit(0 if ok else 1)
+
+
+@cli.command()
+@_CONFIG
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Show this host's credential, next renewal, last attempt and its error, listener, hooks.
+
+    \b
+    Exit status:
+      0  nothing needs attention
+      3  attention: expiring (less than 1/6 of the lifetime left), the last renewal attempt or
+         a hook failed, or no agent runs for this credential
+      4  the certificate has expired: connections fail now
+      1  error (bad configuration)
+    """
+    import datetime as dt
+
+    from .config import load_config
+    from .status import exit_code, host_status, render_status
+
+    report = host_status(load_config(config_path), dt.datetime.now(dt.timezone.utc))
+    click.echo(render_status(report, as_json=as_json))
+    raise SystemExit(exit_code(report))
+
+
 @cli.command()
 @click.option("--ca-url", required=True, help="The EST server: https://HOST:PORT of 'pkictl serve'.")
 @click.option("--fingerprint", required=True, help="sha256:... of the CA's root, from the operator (pkictl enroll-node --token prints it).")

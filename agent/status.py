@@ -1,0 +1,112 @@
+"""``pki-agent status``: this host's credential, its renewal, the agent's last attempt and error,
+the listener and the hooks, from the credential on disk (the truth) and the agent's state file.
+
+Exit status (as ``pkictl status``): 0 nothing needs attention; 3 attention: the certificate is
+expiring (less than 1/6 of its lifetime left), the last renewal attempt failed, a hook failed, or
+no agent runs; 4 the certificate has expired (connections fail now); 1 an error (bad config).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from pkictl.errors import PKIError
+from pkictl.renewal import certificate_state, renewal_time
+from pkictl.store import CredentialStore
+
+from .config import AgentConfig
+from .pidfile import running_agent_pid
+from .state import iso, read_state, state_path
+
+__all__ = ["host_status", "render_status", "exit_code"]
+
+
+def host_status(config: AgentConfig, now: dt.datetime) -> dict[str, Any]:
+    """Everything ``pki-agent status`` shows, as a JSON-serialisable dict.
+
+    Keys: ``name``, ``kind``, ``agent`` (``running``, ``pid``), ``credential`` (from disk:
+    ``serial``, ``not_after``, ``days_left``, ``state``, ``renewal_due``; or ``error``),
+    ``state`` (the agent's state file, or None), ``problems`` (one line each).
+    """
+    problems: list[str] = []
+    store = CredentialStore(config.credential_dir)
+    try:
+        cert = store.load().certificate
+        credential = {
+            "serial": f"{cert.serial_number:x}", "not_after": iso(cert.not_valid_after_utc),
+            "days_left": round((cert.not_valid_after_utc - now).total_seconds() / 86400, 2),
+            "state": certificate_state(now, cert.not_valid_before_utc, cert.not_valid_after_utc, fraction=config.renewal.fraction),
+            "renewal_due": iso(renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, fraction=config.renewal.fraction)),
+        }
+        if credential["state"] in ("expiring", "expired"):
+            problems.append(f"the certificate (serial {credential['serial']}) is {credential['state']}: not after {credential['not_after']}")
+    except PKIError as exc:
+        credential = {"error": str(exc)}
+        problems.append(f"credential: {exc}")
+    try:
+        pid = running_agent_pid(config.credential_dir)
+    except PKIError as exc:
+        pid = None
+        problems.append(str(exc))
+    try:
+        state = read_state(state_path(config.credential_dir))
+    except PKIError as exc:
+        state = None
+        problems.append(str(exc))
+    if pid is None:
+        problems.append(f"no pki-agent runs for {config.credential_dir}: start it (pki-agent run --config ...) or its service")
+    if state is not None:
+        attempt = state.get("last_attempt") or {}
+        if attempt.get("result") == "failed":
+            problems.append(f"the last renewal attempt ({attempt.get('started')}) failed: {attempt.get('error')}; "
+                            f"{state.get('failures', 0)} failure(s) in a row, next attempt {state.get('next_attempt')}")
+        for hook in state.get("hooks") or []:
+            if not hook.get("ok"):
+                problems.append(f"hook {hook.get('hook')} failed after {hook.get('attempts')} attempt(s): {hook.get('detail')}")
+        served = (state.get("credential") or {}).get("serial")
+        if pid is not None and served and "serial" in credential and served != credential["serial"]:
+            problems.append(f"the agent serves serial {served} but {store.live} holds {credential['serial']}: "
+                            "reload it (systemctl reload pki-agent, or kill -HUP the agent)")
+    return {"name": config.name, "kind": config.kind, "agent": {"running": pid is not None, "pid": pid},
+            "credential": credential, "state": state, "problems": problems}
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """The documented exit status of ``status`` (module docstring)."""
+    if status["credential"].get("state") == "expired":
+        return 4
+    return 3 if status["problems"] else 0
+
+
+def render_status(status: dict[str, Any], *, as_json: bool = False) -> str:
+    """The text ``pki-agent status`` prints (or JSON with ``as_json``)."""
+    if as_json:
+        return json.dumps(status, indent=2, sort_keys=True)
+    state = status["state"] or {}
+    agent = status["agent"]
+    lines = [f"{status['kind']} {status['name']}"]
+    if agent["running"]:
+        lines.append(f"  agent          running (pid {agent['pid']}) since {state.get('started') or '?'}")
+    else:
+        seen = f" (its state file was last written {state['updated']})" if state.get("updated") else ""
+        lines.append(f"  agent          not running{seen}")
+    cred = status["credential"]
+    if "error" in cred:
+        lines.append(f"  credential     ERROR: {cred['error']}")
+    else:
+        lines.append(f"  credential     serial {cred['serial']}, not after {cred['not_after']} ({cred['days_left']} days left), {cred['state']}")
+        due = (state.get("credential") or {}).get("renewal_due") or cred["renewal_due"]
+        lines.append(f"  renewal        due {due}, next attempt {state.get('next_attempt') or due}")
+    attempt = state.get("last_attempt")
+    if attempt:
+        outcome = f"renewed, serial {attempt['serial']}" if attempt["result"] == "renewed" else f"FAILED: {attempt['error']}"
+        lines.append(f"  last attempt   {attempt['started']}{' (renew-now)' if attempt.get('forced') else ''}: {outcome}")
+    listener = state.get("listener")
+    if listener:
+        lines.append(f"  listener       listening on {', '.join(listener['addresses'])}")
+    for hook in state.get("hooks") or []:
+        lines.append(f"  hook           {hook['hook']}: {'ok' if hook['ok'] else 'FAILED'} ({hook['detail']}) at {hook['time']}")
+    lines += [f"  problem        {p}" for p in status["problems"]]
+    return "\n".join(lines)
