@@ -377,7 +377,7 @@ def _frame(names: str, file: str) -> str:
 CATEGORIES = [
     ("pre-issuance lint (pkilint + throwaway signature)", _frame("prelint", r"ca/lint\.py")),
     ("audit log append (record fsync, head atomic_write)", _frame("append", r"ca/audit\.py")),
-    ("SQLite inventory writes (2 transactions, WAL sync)", _frame("record_intent|record_issued", r"ca/inventory\.py")),
+    ("SQLite inventory writes (1 transaction, WAL sync)", _frame("record_signed", r"ca/inventory\.py")),
     ("signing with the issuing key", r"^CertificateBuilder\.sign \("),
     ("issue(): checks, build, serial", _frame("issue", r"ca/authority\.py")),
     ("simple_reenroll checks (issuer, CSR sig, inventory get)", _frame("simple_reenroll", r"ca/authority\.py")),
@@ -465,7 +465,7 @@ def profile_cprofile(home: Path, nodes: list[Node], anchors: Path, concurrency: 
     requests = max(r.ok + r.failed + min(WARMUP, len(nodes)), 1)
     wanted = [("_errors", "ca/serve.py", "the whole request handler"), ("simple_reenroll", "ca/authority.py", ""),
               ("issue", "ca/authority.py", ""), ("prelint", "ca/lint.py", "pre-issuance lint"), ("append", "ca/audit.py", "audit log"),
-              ("record_intent", "ca/inventory.py", "SQLite"), ("record_issued", "ca/inventory.py", "SQLite"),
+              ("record_signed", "ca/inventory.py", "SQLite"),
               ("fsync", "~", "every fsync"), ("_do_handshake", "asyncio/sslproto.py", "TLS handshake"), ("_log", "logging/", "log lines")]
     stats = pstats.Stats(str(out)).stats
     print("server functions, cumulative ms per re-enrollment (cProfile; nested rows overlap):")

@@ -179,8 +179,8 @@ class CertificateAuthority(Revocation, Bootstrap):
     ) -> x509.Certificate:
         """Sign an end-entity certificate for ``name`` with the identity policy gives it.
 
-        The intent is recorded in the inventory before signing, so nothing is ever signed
-        without a record (a crash leaves a ``pending`` row, never an unrecorded certificate).
+        The serial is recorded in the inventory before signing and the certificate is committed
+        with it in one transaction, so no certificate ever leaves this method unrecorded.
 
         Args:
             kind: ``"node"`` (clientAuth) or ``"gateway"`` (serverAuth).
@@ -215,6 +215,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                 f"the issuing CA expires at {self.issuing.not_valid_after_utc.isoformat()}, before the "
                 f"new certificate would ({not_after.isoformat()}); rotate the issuing CA first"
             )
+        sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
         for attempt in range(_SERIAL_ATTEMPTS):
             serial = x509.random_serial_number()
             builder = build_end_entity(
@@ -224,21 +225,18 @@ class CertificateAuthority(Revocation, Bootstrap):
             )
             # Before any record or real signature.
             _, linted = prelint(builder, issuer_key_type=self._issuing_key, predecessor=predecessor)
-            sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
             try:
-                self.inventory.record_intent(serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first,
-                                             issuer=self.issuing.serial_number)
+                # The row goes in under the serial's UNIQUE constraint before the signature is
+                # made, and both commit together (Inventory.record_signed).
+                certificate = self.inventory.record_signed(
+                    serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first, issuer=self.issuing.serial_number,
+                    sign=lambda: builder.sign(self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
+                )
                 break
             except sqlite3.IntegrityError:
                 continue  # a serial collision: 2^-159 odds, but never reuse one
         else:  # pragma: no cover - needs a broken random source
             raise PolicyError("could not draw an unused serial number; is the random source broken?")
-        try:
-            certificate = builder.sign(self._issuing_key, hashes.SHA256())
-        except Exception:
-            self.inventory.record_failed(serial)
-            raise
-        self.inventory.record_issued(certificate, renewal_fraction=self.settings.renewal_fraction)
         self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{node_identity(self.settings.trust_domain, name)}"],
                           renewal=not first, lint="pkilint" if linted else f"same profile as serial {predecessor.serial_number:x}")
         return certificate

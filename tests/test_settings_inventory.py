@@ -229,13 +229,32 @@ def test_intent_is_pending_until_issued(inventory):
     assert inventory.get(serial + 1) is None
 
 
-def test_failed_intent_is_not_listed(inventory):
-    """record_failed marks a row failed, and failed rows neither list nor block the name."""
-    _intent(inventory, 1)
-    inventory.record_failed(1)
-    assert inventory.get(1).status == "failed"
-    assert inventory.records() == []
-    _issue(inventory, 2)
+def _signed(inv: Inventory, serial: int, sign, name: str = "TW", *, exclusive=True):
+    return inv.record_signed(serial=serial, name=name, kind="node", sans=(), now=NOW, exclusive=exclusive, issuer=None, sign=sign)
+
+
+def test_record_signed_commits_the_row_and_the_certificate_together(inventory):
+    """record_signed stores the issued row of the certificate sign() made; a sign() that raises
+    leaves no row and the name free; a taken name or serial is refused before sign() runs."""
+    certificate = _signed(inventory, 7, lambda: _certificate(7, NOW))
+    assert inventory.get(7).status == "issued" and inventory.get(7).pem == certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def broken():
+        raise RuntimeError("the signer failed")
+
+    with pytest.raises(RuntimeError, match="the signer failed"):
+        _signed(inventory, 8, broken, "n2")
+    assert inventory.get(8) is None
+    _signed(inventory, 9, lambda: _certificate(9, NOW), "n2")  # the name stayed free
+
+    def must_not_sign():
+        raise AssertionError("sign() ran for a refused request")
+
+    with pytest.raises(AlreadyEnrolledError):
+        _signed(inventory, 10, must_not_sign, "tw")
+    with pytest.raises(sqlite3.IntegrityError):
+        _signed(inventory, 7, must_not_sign, "n3", exclusive=False)
+    assert inventory.get(10) is None and inventory.get(7).name == "TW"
 
 
 def test_duplicate_serial_raises_integrity_error(inventory):

@@ -32,7 +32,7 @@ def served(pki):
 
 
 def _worker_pids(service: RunningService) -> set[int]:
-    return {w.process.pid for w in service.service.signers._all}
+    return {w.process.pid for w in service.service.signers._workers}
 
 
 def test_renewal_and_refusals_through_a_worker(pki, served, tmp_path):
