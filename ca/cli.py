@@ -122,6 +122,7 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
 
 
 def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None) -> Path:
+    from cryptography.hazmat.primitives import hashes
     from pki_agent.config import render_agent_config
 
     from .files import atomic_write
@@ -131,6 +132,7 @@ def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | N
         name=name, kind=kind, trust_domain=ca.settings.trust_domain,
         ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url,
         fraction=ca.settings.renewal_fraction, listener=listener,
+        trust_anchor_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
     )
     atomic_write(path, text.encode())
     return path
