@@ -51,6 +51,30 @@ def enroll(ca_url, fingerprint, name, token, token_file, directory, wait) -> Non
     run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo)
 
 
+@cli.command("install-service")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The agent's YAML configuration.")
+@click.option("--user", help="Run the service as this account (default: pki-agent with systemd, root with launchd).")
+@click.option("--platform", type=click.Choice(["systemd", "launchd"]), help="The service manager (default: this system's).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of the standard place.")
+@click.option("--program", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The pki-agent to run (default: this one).")
+@click.option("--dry-run", is_flag=True, help="Print the definition and where it would go; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing file with other content.")
+def install_service(config_path: Path, user, platform, output, program, dry_run, force) -> None:
+    """Write the service definition for this platform from the configuration.
+
+    A systemd unit (/etc/systemd/system/pki-agent.service) or a launchd plist
+    (/Library/LaunchDaemons/net.pkictl.agent.plist) that runs this pki-agent with this config,
+    may write only the credential directory (and the CA home on the CA host), and holds no
+    secret: anything that looks like one is refused.
+    """
+    from .service import backend_for, install_service as write
+
+    backend = backend_for(platform)
+    if user is None and backend.name == "systemd":
+        user = "pki-agent"
+    write(config_path, backend=backend, user=user, output=output, program=program, dry_run=dry_run, force=force, say=click.echo)
+
+
 def main() -> None:
     """Entry point of the ``pki-agent`` console script."""
     cli(prog_name="pki-agent")
