@@ -51,6 +51,45 @@ def enroll(ca_url, fingerprint, name, token, token_file, directory, wait) -> Non
     run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo)
 
 
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The agent's YAML configuration.")
+@click.option("--gateway", help="HOST:PORT of the gateway this node dials, for a test connection (default: the config's tunnel).")
+@click.option("--server-name", help="The DNS name or IP address the node verifies the gateway by (default: the --gateway host).")
+@click.option("--offline", is_flag=True, help="Open no network connection (no EST server, gateway, listener or upstream checks).")
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=5.0, show_default=True, help="Seconds per network connection.")
+@click.option("--unit", "units", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A unit or plist to scan for secrets, besides the installed ones found (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print every finding (ok ones too) as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Also print the checks that passed.")
+def doctor(config_path: Path, gateway, server_name, offline, timeout, units, as_json, show_all) -> None:
+    """Check this host's agent end to end; one line per problem, with its fix. Changes nothing.
+
+    \b
+    Checks: the configuration and every file it names; the credential (live link, archive, key
+    permissions, key and certificate match, chain, issuer, validity, identity, trust anchor
+    against trust_anchor_sha256, revocation against the CRL on disk and the EST server's); the
+    CRL; the EST server (reachable, our CA, its clock by its Date header); on a node a test
+    connection to the gateway; on a gateway its listener and upstream; installed units and
+    plists holding secrets.
+
+    \b
+    Exit status:
+      0  nothing to fix
+      3  a warning: something needs attention soon (overdue CRL, expiring certificate, ...)
+      4  an error: something is broken now (expired, revoked, refused by the gateway, ...)
+    """
+    from pkictl.clock import SystemClock
+    from pkictl.diagnosis import exit_status, render
+
+    from .doctor import diagnose_agent
+    from .service import installed_service_files
+
+    findings = diagnose_agent(config_path, clock=SystemClock(), gateway=gateway, server_name=server_name, offline=offline,
+                              timeout=timeout, service_files=[*installed_service_files(), *units])
+    click.echo(render(findings, as_json=as_json, show_ok=show_all))
+    raise SystemExit(exit_status(findings))
+
+
 @cli.command("install-service")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The agent's YAML configuration.")
 @click.option("--user", help="Run the service as this account (default: pki-agent with systemd, root with launchd).")
