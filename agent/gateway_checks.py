@@ -41,13 +41,13 @@ _NAME_MISMATCH = {62, 63, 64}  # X509_V_ERR_HOSTNAME/EMAIL/IP_ADDRESS_MISMATCH
 _UNKNOWN_ISSUER = {2, 18, 19, 20, 21}  # unable to get (local) issuer, self-signed, unable to verify the leaf
 
 
-def _local_cause(facts: "AgentFacts") -> str | None:
+def _local_cause(facts: "AgentFacts") -> Finding | None:
     """The first error this host's own files explain a refusal with (leaf without chain, revoked,
     expired, another CA, wrong identity)."""
     for function in (check_chain, check_revocation, check_validity, check_issuer, check_identity):
         for finding in function(facts.credential):
             if finding.severity == E:
-                return finding.problem
+                return finding
     return None
 
 
@@ -77,10 +77,14 @@ def check_gateway(facts: "AgentFacts"):
     else:
         meaning = ALERT_MEANINGS.get(result.detail, result.detail)
         cause = _local_cause(facts)
-        yield Finding("gateway", E, where, f"the gateway refused this node: {meaning}" + (f"; the cause found here: {cause}" if cause else ""),
-                      "the gateway admits this node",
-                      facts.reenroll if cause else "read the gateway's log for the reason (journalctl -u pki-agent there: "
-                      "'refused peer=...'), and pki-agent doctor on the gateway; a node must be on its allow list")
+        if cause is not None:
+            shown = cause.problem if len(cause.problem) <= 120 else cause.problem[:117] + "..."
+            yield Finding("gateway", E, where, f"the gateway refused this node: {meaning}; the cause found here: {shown} "
+                          f"(the {cause.check} finding)", "the gateway to admit this node", cause.fix)
+        else:
+            yield Finding("gateway", E, where, f"the gateway refused this node: {meaning}", "the gateway to admit this node",
+                          "read the gateway's log for the reason (journalctl -u pki-agent there: 'refused peer=...'), and run "
+                          "pki-agent doctor on the gateway; a node must be on its allow list")
 
 
 def _server_rejected(facts: "AgentFacts", where: str, name: str, result) -> Finding:

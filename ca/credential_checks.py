@@ -109,15 +109,18 @@ def check_chain(facts: CredentialFacts):
         if isinstance(value, str):
             yield Finding("chain", E, facts.subject, value, f"PEM certificates in {name}", facts.reenroll)
             return
+    version = facts.version
     if not chain or all(c.subject != leaf.issuer for c in chain):
-        yield Finding("chain", E, facts.subject, f"chain.pem lacks the issuer of the leaf ({leaf.issuer.rfc4514_string()}): "
-                      "this host sends its leaf without the chain, and the gateway cannot verify it",
-                      "the issuing CA certificate in chain.pem", facts.reenroll)
+        yield Finding("chain", E, facts.subject, "this host sends its leaf without the chain, which a gateway cannot verify: "
+                      f"chain.pem lacks the issuer of the leaf ({leaf.issuer.rfc4514_string()})",
+                      "the issuing CA certificate in chain.pem",
+                      f"put the issuing CA certificate (<CA home>/issuing/cert.pem, or the EST server's /cacerts) in {version}/chain.pem "
+                      f"and rebuild fullchain.pem (cat cert.pem chain.pem), or {facts.reenroll}")
         return
     if not fullchain or fullchain[0] != leaf or list(fullchain[1:]) != list(chain):
         got = "only the leaf" if fullchain == [leaf] else f"{len(fullchain or [])} certificates that are not cert.pem + chain.pem"
         yield Finding("chain", E, facts.subject, f"fullchain.pem holds {got}: clients using it send a broken chain",
-                      "cert.pem followed by chain.pem", facts.reenroll)
+                      "cert.pem followed by chain.pem", f"cd {version} && cat cert.pem chain.pem > fullchain.pem")
 
 
 def _at(certificate: x509.Certificate, now: dt.datetime) -> dt.datetime:
