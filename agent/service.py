@@ -147,8 +147,12 @@ class SystemdBackend:
         lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
         return "\n".join(lines)
 
-    def next_steps(self, path: Path) -> list[str]:
-        return ["systemctl daemon-reload", f"systemctl enable --now {path.stem}"]
+    def next_steps(self, path: Path, spec: ServiceSpec) -> list[str]:
+        steps = []
+        if spec.user not in (None, "root"):
+            steps += [f"id {spec.user} || useradd --system --home-dir /var/lib/pki-agent --shell /usr/sbin/nologin {spec.user}",
+                      f"chown -R {spec.user}: " + " ".join(str(p) for p in spec.writable)]
+        return steps + ["systemctl daemon-reload", f"systemctl enable --now {path.stem}"]
 
 
 class LaunchdBackend:
@@ -185,8 +189,9 @@ class LaunchdBackend:
         head, _, body = text.partition("<plist ")
         return head + comment + "<plist " + body
 
-    def next_steps(self, path: Path) -> list[str]:
-        return [f"launchctl bootstrap system {path}", f"launchctl kill HUP system/{self.label}   # reload the credential"]
+    def next_steps(self, path: Path, spec: ServiceSpec) -> list[str]:
+        steps = [f"chown -R {spec.user}: " + " ".join(str(p) for p in spec.writable)] if spec.user not in (None, "root") else []
+        return steps + [f"launchctl bootstrap system {path}", f"launchctl kill HUP system/{self.label}   # reload the credential"]
 
 
 class Backend(Protocol):
@@ -195,7 +200,7 @@ class Backend(Protocol):
     def default_path(self, spec: ServiceSpec) -> Path: ...
     def installed_paths(self) -> list[Path]: ...
     def render(self, spec: ServiceSpec) -> str: ...
-    def next_steps(self, path: Path) -> list[str]: ...
+    def next_steps(self, path: Path, spec: ServiceSpec) -> list[str]: ...
 
 
 BACKENDS: dict[str, Backend] = {"systemd": SystemdBackend(), "launchd": LaunchdBackend()}
@@ -235,6 +240,9 @@ def spec_from_config(config_path: Path, config: AgentConfig, *, user: str | None
     writable = [config.credential_dir]
     if config.renewal.ca_home is not None:
         writable.append(config.renewal.ca_home)  # renewals record in its inventory and re-sign its CRL
+    crl = config.listener.crl if config.listener is not None else None
+    if crl is not None and config.renewal.ca_url is not None and not crl.is_relative_to(config.credential_dir):
+        writable.append(crl.parent)  # refreshed from the EST server by an atomic rename in its directory
     readable = [p for p in (config.renewal.ca_passphrase_file, config.listener.crl if config.listener else None) if p is not None]
     low_port = config.listener is not None and 0 < config.listener.listen[1] < 1024
     return ServiceSpec(
@@ -286,6 +294,6 @@ def install_service(config_path: Path, *, backend: Backend, user: str | None, ou
         raise AgentError(f"{path} exists with other content; pass --force to replace it (compare first: --dry-run)")
     atomic_write(path, text.encode(), PUBLIC_FILE_MODE)
     say(f"wrote {path}")
-    for step in backend.next_steps(path):
+    for step in backend.next_steps(path, spec):
         say(f"then: {step}")
     return text

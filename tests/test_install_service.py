@@ -161,3 +161,16 @@ def test_fingerprints_are_not_secrets_and_redaction_hides_values() -> None:
     assert [h.pattern for h in find_secrets(f"api_key: {digest}")] == ["hex string"]
     assert redact("Environment=GATEWAY_TOKEN=abcdef0123456789") == "Environment=GATEWAY_TOKEN=<redacted>"
     assert redact("ExecStart=/bin/x --token hunter2 --verbose") == "ExecStart=/bin/x --token <redacted> --verbose"
+
+
+def test_crl_refreshed_over_est_outside_the_bundle_is_writable(tmp_path) -> None:
+    """A gateway renewing over EST keeps its CRL fresh by rewriting it, so the CRL's directory joins ReadWritePaths."""
+    config = write_config(tmp_path / "agent.yaml", {
+        "name": "gw", "kind": "gateway", "credential_dir": "/var/lib/pki-agent/gw", "renewal": {"ca_url": "https://ca.example.lan:8443"},
+        "listener": {"listen": "0.0.0.0:8443", "upstream": "127.0.0.1:18789", "crl": "/var/lib/pki-agent/crl/crl.pem"}})
+    from pki_agent.config import load_config
+    from pki_agent.service import spec_from_config
+
+    spec = spec_from_config(config, load_config(config), user="pki-agent", program=PROGRAM)
+    assert read_unit(SystemdBackend().render(spec))["Service"]["ReadWritePaths"] == "/var/lib/pki-agent/gw /var/lib/pki-agent/crl"
+    assert "chown -R pki-agent: /var/lib/pki-agent/gw /var/lib/pki-agent/crl" in SystemdBackend().next_steps(Path("/x/pki-agent.service"), spec)
