@@ -101,6 +101,69 @@ def enroll(ca_url, fingerprint, name, token, token_file, directory, wait) -> Non
     run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo)
 
 
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The agent's YAML configuration.")
+@click.option("--gateway", help="HOST:PORT of the gateway this node dials, for a test connection (default: the config's tunnel).")
+@click.option("--server-name", help="The DNS name or IP address the node verifies the gateway by (default: the --gateway host).")
+@click.option("--offline", is_flag=True, help="Open no network connection (no EST server, gateway, listener or upstream checks).")
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=5.0, show_default=True, help="Seconds per network connection.")
+@click.option("--unit", "units", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A unit or plist to scan for secrets, besides the installed ones found (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print every finding (ok ones too) as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Also print the checks that passed.")
+def doctor(config_path: Path, gateway, server_name, offline, timeout, units, as_json, show_all) -> None:
+    """Check this host's agent end to end; one line per problem, with its fix. Changes nothing.
+
+    \b
+    Checks: the configuration and every file it names; the credential (live link, archive, key
+    permissions, key and certificate match, chain, issuer, validity, identity, trust anchor
+    against trust_anchor_sha256, revocation against the CRL on disk and the EST server's); the
+    CRL; the EST server (reachable, our CA, its clock by its Date header); on a node a test
+    connection to the gateway; on a gateway its listener and upstream; installed units and
+    plists holding secrets.
+
+    \b
+    Exit status:
+      0  nothing to fix
+      3  a warning: something needs attention soon (overdue CRL, expiring certificate, ...)
+      4  an error: something is broken now (expired, revoked, refused by the gateway, ...)
+    """
+    from pkictl.clock import SystemClock
+    from pkictl.diagnosis import exit_status, render
+
+    from .doctor import diagnose_agent
+    from .service import installed_service_files
+
+    findings = diagnose_agent(config_path, clock=SystemClock(), gateway=gateway, server_name=server_name, offline=offline,
+                              timeout=timeout, service_files=[*installed_service_files(), *units])
+    click.echo(render(findings, as_json=as_json, show_ok=show_all))
+    raise SystemExit(exit_status(findings))
+
+
+@cli.command("install-service")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The agent's YAML configuration.")
+@click.option("--user", help="Run the service as this account (default: pki-agent with systemd, root with launchd).")
+@click.option("--platform", type=click.Choice(["systemd", "launchd"]), help="The service manager (default: this system's).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of the standard place.")
+@click.option("--program", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The pki-agent to run (default: this one).")
+@click.option("--dry-run", is_flag=True, help="Print the definition and where it would go; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing file with other content.")
+def install_service(config_path: Path, user, platform, output, program, dry_run, force) -> None:
+    """Write the service definition for this platform from the configuration.
+
+    A systemd unit (/etc/systemd/system/pki-agent.service) or a launchd plist
+    (/Library/LaunchDaemons/net.pkictl.agent.plist) that runs this pki-agent with this config,
+    may write only the credential directory (and the CA home on the CA host), and holds no
+    secret: anything that looks like one is refused.
+    """
+    from .service import backend_for, install_service as write
+
+    backend = backend_for(platform)
+    if user is None and backend.name == "systemd":
+        user = "pki-agent"
+    write(config_path, backend=backend, user=user, output=output, program=program, dry_run=dry_run, force=force, say=click.echo)
+
+
 def main() -> None:
     """Entry point of the ``pki-agent`` console script."""
     cli(prog_name="pki-agent")

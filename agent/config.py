@@ -7,6 +7,7 @@ directory copied anywhere keeps working.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -202,11 +203,17 @@ class Hook(_Model):
 
 class AgentConfig(_Model):
     """One host's agent: whose credential, where it lives, how it renews, what it serves, and the
-    hooks run (in order) after each rotation."""
+    hooks run (in order) after each rotation.
+
+    ``trust_anchor_sha256`` is the SHA-256 fingerprint of the root this host was told to trust
+    (written by ``pki-agent enroll`` and ``pkictl enroll-*``); ``pki-agent doctor`` checks that
+    ``ca.pem`` still holds it.
+    """
 
     name: str
     kind: Literal["node", "gateway"]
     trust_domain: str = "pkictl.internal"
+    trust_anchor_sha256: Optional[str] = None
     credential_dir: Path = Path(".")
     renewal: RenewalConfig = RenewalConfig()
     listener: Optional[ListenerConfig] = None
@@ -219,6 +226,16 @@ class AgentConfig(_Model):
             return validate_name(value)
         except PKIError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("trust_anchor_sha256")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.strip().lower().removeprefix("sha256:").replace(":", "")
+        if not re.fullmatch(r"[0-9a-f]{64}", digits):
+            raise ValueError(f"got {value!r}; want sha256:<64 hex digits>, the root fingerprint pkictl prints")
+        return digits
 
     @model_validator(mode="after")
     def _listener_only_on_gateway(self) -> "AgentConfig":
@@ -286,14 +303,23 @@ def render_agent_config(
     check_interval: str = "60s",
     listener: dict | None = None,
     written_by: str | None = None,
+    trust_anchor_sha256: str | None = None,
 ) -> str:
-    """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle."""
+    """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle.
+
+    Args:
+        trust_anchor_sha256: the root's fingerprint (hex), recorded for ``pki-agent doctor``.
+    """
     lines = [
         f"# pki-agent configuration for {kind} {name}, written by {written_by or f'pkictl enroll-{kind}'}.",
         "# Paths are relative to this file. Run: pki-agent run --config agent.yaml",
         f"name: {name}",
         f"kind: {kind}",
         f"trust_domain: {trust_domain}",
+    ]
+    if trust_anchor_sha256:
+        lines.append(f"trust_anchor_sha256: sha256:{trust_anchor_sha256}  # the root in ca.pem (pki-agent doctor checks it)")
+    lines += [
         "credential_dir: .          # this bundle: live/ -> archive/N/ holds the current credential",
         "renewal:",
         (f"  ca_home: {ca_home}  # renew with the CA directly (CA host only)" if ca_home is not None

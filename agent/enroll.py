@@ -85,7 +85,8 @@ def enroll(
     uris = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
     trust_domain = uris[0].split("/")[2] if uris else "pkictl.internal"
     atomic_write(directory / "agent.yaml", render_agent_config(name=name, kind="node", trust_domain=trust_domain, ca_url=ca_url,
-                                                                written_by="pki-agent enroll").encode())
+                                                                written_by="pki-agent enroll",
+                                                                trust_anchor_sha256=anchor.fingerprint(hashes.SHA256()).hex()).encode())
     say(f"enrolled {name}: serial {certificate.serial_number:x}, not after {certificate.not_valid_after_utc.isoformat()}")
     say(f"bundle: {directory}; run: pki-agent run --config {directory / 'agent.yaml'}")
     return credential

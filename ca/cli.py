@@ -122,6 +122,7 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
 
 
 def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None) -> Path:
+    from cryptography.hazmat.primitives import hashes
     from pki_agent.config import render_agent_config
 
     from .files import atomic_write
@@ -131,6 +132,7 @@ def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | N
         name=name, kind=kind, trust_domain=ca.settings.trust_domain,
         ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url,
         fraction=ca.settings.renewal_fraction, listener=listener,
+        trust_anchor_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
     )
     atomic_write(path, text.encode())
     return path
@@ -266,6 +268,51 @@ def revoke(obj: _Obj, target: str, reason: str) -> None:
     for record in ca.revoke(target, reason=reason):
         click.echo(f"revoked {record.kind} {record.name} serial {record.serial:x} ({reason})")
     click.echo(f"CRL re-signed: {ca.crl_path}")
+
+
+@cli.command("sign-crl")
+@click.pass_obj
+def sign_crl(obj: _Obj) -> None:
+    """Re-sign the CRL of each active issuing CA now, from the inventory (pkictl doctor's fix for
+    an overdue, expired or stale crl.pem)."""
+    ca = obj.load_ca()
+    for crl in ca.sign_crl():
+        click.echo(f"signed the CRL of {crl.issuer.rfc4514_string()}: {len(crl)} revoked, next update {crl.next_update_utc.isoformat()}")
+    click.echo(f"written to {ca.crl_path}")
+
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print every finding (ok ones too) as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Also print the checks that passed.")
+@click.option("--unit", "units", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A unit or plist to scan for secrets, besides the installed ones found (repeatable).")
+@click.pass_obj
+def doctor(obj: _Obj, as_json: bool, show_all: bool, units: tuple[Path, ...]) -> None:
+    """Check this CA host end to end; one line per problem, with its fix. Changes nothing.
+
+    \b
+    Checks: CA files and permissions, CA keys (mode, match with their certificates; encrypted
+    keys only with the passphrase), root and issuing CA validity, crl.pem freshness and its
+    agreement with the inventory, certificates needing attention, the audit log's chain, the EST
+    service's own credential, and installed units and plists holding secrets.
+
+    \b
+    Exit status:
+      0  nothing to fix
+      3  a warning: something needs attention soon (overdue CRL, expiring certificate, ...)
+      4  an error: something is broken now (expired, mismatched key, key readable by others, ...)
+      1  the doctor could not run (e.g. an unreadable passphrase file)
+    """
+    from pki_agent.service import installed_service_files
+
+    from .clock import SystemClock
+    from .diagnosis import exit_status, render
+    from .doctor import diagnose_ca
+
+    findings = diagnose_ca(obj.home, clock=SystemClock(), passphrase=obj.passphrase(),
+                           service_files=[*installed_service_files(), *units])
+    click.echo(render(findings, as_json=as_json, show_ok=show_all))
+    raise SystemExit(exit_status(findings))
 
 
 @cli.command("rotate-issuing")

@@ -17,7 +17,7 @@ from .inventory import Record
 from .keys import load_private_key
 from .names import validate_name
 
-__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "revoked_serials", "Revocation"]
+__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "Revocation"]
 
 # RFC 5280 5.3.1 CRLReason values an operator may give (certificateHold is deliberately absent:
 # a hold can be lifted, which makes "revoked" ambiguous; cACompromise belongs on the root's CRL).
@@ -95,15 +95,24 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise StoreError(f"{path}: no CRL file; on the CA host it is <home>/crl.pem") from None
+    return crls_from_pem(data, source=str(path))
+
+
+def crls_from_pem(data: bytes, *, source: str) -> list[x509.CertificateRevocationList]:
+    """Every CRL of PEM ``data`` (from ``source``, named in errors).
+
+    Raises:
+        StoreError: a block is not a CRL, or there is none.
+    """
     crls = []
     marker = b"-----BEGIN X509 CRL-----"
     for chunk in data.split(marker)[1:]:
         try:
             crls.append(x509.load_pem_x509_crl(marker + chunk))
         except ValueError as exc:
-            raise StoreError(f"{path}: not a PEM CRL ({exc})") from None
+            raise StoreError(f"{source}: not a PEM CRL ({exc})") from None
     if not crls:
-        raise StoreError(f"{path}: holds no PEM CRL (-----BEGIN X509 CRL-----)")
+        raise StoreError(f"{source}: holds no PEM CRL (-----BEGIN X509 CRL-----)")
     return crls
 
 

@@ -15,6 +15,7 @@ import click
 import pytest
 
 from pki_agent.config import load_config
+from pki_agent.secretscan import find_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"
@@ -24,35 +25,6 @@ SERVE_UNIT = ROOT / "systemd" / "pkictl-serve.service"
 SERVE_PLIST = ROOT / "launchd" / "net.pkictl.serve.plist"
 SERVE_EXEC = "/usr/local/bin/pkictl --home /var/lib/pkictl serve --listen 0.0.0.0:8443 --dns ca.example.lan"
 SCANNED_DIRS = ("systemd", "launchd", "config")
-
-# What a secret tends to look like in a text file. The base64 pattern wants upper case, lower case
-# and a digit so that long words and paths (CapabilityBoundingSet) do not count.
-SECRET_PATTERNS = {
-    "password": re.compile(r"password", re.IGNORECASE),
-    "passphrase": re.compile(r"passphrase", re.IGNORECASE),
-    "token": re.compile(r"token", re.IGNORECASE),
-    "secret": re.compile(r"secret", re.IGNORECASE),
-    "PEM private key": re.compile(r"BEGIN .*PRIVATE KEY"),
-    "hex string": re.compile(r"\b[0-9A-Fa-f]{32,}\b"),
-    "base64 string": re.compile(r"(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{32,}={0,2}"),
-}
-
-
-# A pointer to a secret is no secret: pkictl's option naming the CA passphrase file and that
-# file's documented path may appear (the pkictl serve unit and plist tell the operator where the
-# passphrase goes). They are removed from a line before the patterns above look at it.
-POINTERS = re.compile(r"(?:--)?passphrase-file\b|(?:/usr/local)?/etc/pkictl/passphrase\b")
-
-
-def find_secrets(text: str) -> list[tuple[int, str, str]]:
-    """Return ``(line number, pattern name, line)`` for every line of ``text`` that looks secret."""
-    hits = []
-    for number, line in enumerate(text.splitlines(), 1):
-        scrubbed = POINTERS.sub("", line)
-        for name, pattern in SECRET_PATTERNS.items():
-            if pattern.search(scrubbed):
-                hits.append((number, name, line))
-    return hits
 
 
 def read_unit(path: Path) -> configparser.ConfigParser:

@@ -1,0 +1,288 @@
+"""``pki-agent doctor``: check this host's agent end to end and name each problem with its fix.
+
+The configuration, the files it points at, the credential (:mod:`pkictl.credential_checks`), the
+CRL, the EST server (reachable, our CA, its clock, its CRL), the gateway as this node sees it
+(a real test connection), the local listener and upstream on a gateway, and the installed service
+definitions. Nothing is modified; every network wait is bounded (``timeout``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Sequence
+
+from pkictl.clock import Clock
+from pkictl.credential_checks import CREDENTIAL_CHECKS
+from pkictl.credential_facts import CredentialFacts
+from pkictl.crl_checks import crl_findings
+from pkictl.diagnosis import Finding, Severity, check, run_checks
+from pkictl.doctor import service_file_findings
+from pkictl.errors import PKIError
+from pkictl.revocation import crls_from_pem, load_crls
+
+from .config import AgentConfig, load_config, parse_address
+from .errors import ConfigError
+from .gateway_checks import GATEWAY_CHECKS
+from .hooks import BASE_PATH
+from .probe import ESTProbe, probe_est
+
+__all__ = ["AgentFacts", "AGENT_CHECKS", "diagnose_agent", "gateway_target", "SKEW_WARNING", "SKEW_ERROR"]
+
+E, W, OK = Severity.ERROR, Severity.WARNING, Severity.OK
+# Certificates and CRLs are backdated 5 minutes (pkictl.profile): a larger skew makes a fresh
+# certificate "not yet valid" on one side. NTP keeps clocks well within a second.
+SKEW_WARNING = dt.timedelta(seconds=60)
+SKEW_ERROR = dt.timedelta(minutes=5)
+
+
+def gateway_target(config: AgentConfig, address: str | None = None, server_name: str | None = None) -> tuple[tuple[str, int], str] | None:
+    """Where this node dials the gateway and the name it verifies: ``--gateway``/``--server-name``
+    when given, else the config's ``tunnel:`` section (its ``gateway`` and ``server_name``), else
+    None (no test connection).
+
+    Raises:
+        ValueError: ``address`` is not HOST:PORT.
+    """
+    tunnel = getattr(config, "tunnel", None)
+    if address is None and tunnel is not None:
+        address = getattr(tunnel, "gateway", None)
+        server_name = server_name or getattr(tunnel, "server_name", None)
+    if address is None:
+        return None
+    host, port = parse_address(address)
+    return (host, port), server_name or host
+
+
+@dataclasses.dataclass
+class AgentFacts:
+    """The loaded configuration and how far the doctor may reach.
+
+    Args:
+        config_path: the configuration file.
+        config: the loaded configuration.
+        clock: the time source (also for the skew measurement).
+        gateway: from :func:`gateway_target`; None skips the test connection.
+        offline: open no network connection at all.
+        timeout: seconds per connection.
+        settle: seconds a test connection waits for the gateway's verdict.
+        service_files: units and plists to scan for secrets.
+    """
+
+    config_path: Path
+    config: AgentConfig
+    clock: Clock
+    gateway: tuple[tuple[str, int], str] | None = None
+    offline: bool = False
+    timeout: float = 5.0
+    settle: float = 1.0
+    service_files: Sequence[Path] = ()
+
+    @functools.cached_property
+    def now(self) -> dt.datetime:
+        return self.clock.now()
+
+    @functools.cached_property
+    def est(self) -> ESTProbe | None:
+        """The EST exchange (None offline, without ca_url, or without a ca.pem to verify it by)."""
+        anchors = self.config.credential_dir / "ca.pem"
+        if self.offline or self.config.renewal.ca_url is None or not anchors.is_file():
+            return None
+        return probe_est(self.config.renewal.ca_url, anchors, self.clock, timeout=self.timeout)
+
+    @property
+    def reenroll(self) -> str:
+        name, kind = self.config.name, self.config.kind
+        if kind == "node":
+            return (f"get a new certificate: on the CA host pkictl enroll-node {name} --token, then here pki-agent enroll "
+                    f"(or pkictl enroll-node {name} --replace and copy the bundle with tar or rsync -a)")
+        return f"on the CA host pkictl enroll-gateway {name} --dns ... --ip ... --replace, and copy the bundle here (tar or rsync -a)"
+
+    @property
+    def crl_path(self) -> Path | None:
+        """The CRL file this host keeps: the listener's, or the CA's on the CA host."""
+        if self.config.listener is not None and self.config.listener.crl is not None:
+            return self.config.listener.crl
+        return self.config.renewal.ca_home / "crl.pem" if self.config.renewal.ca_home is not None else None
+
+    @functools.cached_property
+    def credential(self) -> CredentialFacts:
+        crls = []
+        if self.crl_path is not None:
+            try:
+                crls.append((str(self.crl_path), load_crls(self.crl_path)))
+            except PKIError:
+                pass  # the crl check reports it
+        if self.est is not None and self.est.crl_pem:
+            try:
+                crls.append((f"{self.config.renewal.ca_url}/crl.pem", crls_from_pem(self.est.crl_pem, source="the EST server")))
+            except PKIError:
+                pass
+        return CredentialFacts(
+            directory=self.config.credential_dir, now=self.now, kind=self.config.kind, name=self.config.name,
+            trust_domain=self.config.trust_domain, pinned_sha256=self.config.trust_anchor_sha256, crls=crls,
+            reenroll=self.reenroll, config=str(self.config_path),
+        )
+
+
+def _missing(path: Path, what: str, fix: str, *, directory: bool = False) -> Finding | None:
+    if (path.is_dir() if directory else path.is_file()):
+        return None
+    state = "is not a directory" if directory and path.exists() else "is not a file" if path.exists() else "does not exist"
+    return Finding("config-files", E, str(path), f"{what} {state}", f"the {what} the configuration names", fix)
+
+
+@check("config-files")
+def check_config_files(facts: AgentFacts):
+    """Every file and directory the configuration names exists (hook programs on their PATH)."""
+    config, where = facts.config, str(facts.config_path)
+    renewal = config.renewal
+    candidates = [
+        _missing(config.credential_dir, "credential_dir", f"copy the bundle there (tar or rsync -a), or correct credential_dir in {where}",
+                 directory=True),
+        _missing(renewal.ca_home / "ca.yaml", "CA home (renewal.ca_home)", f"correct renewal.ca_home in {where}: the directory "
+                 "pkictl init-ca made") if renewal.ca_home is not None else None,
+        _missing(renewal.ca_passphrase_file, "passphrase file (renewal.ca_passphrase_file)",
+                 f"create it (0600, the CA key passphrase on one line) or correct {where}") if renewal.ca_passphrase_file else None,
+        _missing(config.listener.crl, "CRL file (listener.crl)", "copy crl.pem from the CA host (pkictl sign-crl there), "
+                 f"or correct listener.crl in {where}") if config.listener is not None and config.listener.crl else None,
+    ]
+    yield from (c for c in candidates if c is not None)
+    if renewal.ca_passphrase_file is not None and renewal.ca_passphrase_file.is_file():
+        mode = stat.S_IMODE(renewal.ca_passphrase_file.stat().st_mode)
+        if mode & 0o077:
+            yield Finding("config-files", E, str(renewal.ca_passphrase_file), f"mode {mode:04o}: readable by group or others",
+                          "0600", f"chmod 600 {renewal.ca_passphrase_file}")
+    for hook in config.hooks:
+        yield from _hook_findings(hook, where)
+
+
+def _hook_findings(hook, where: str):
+    if hook.run is not None:
+        program = hook.run[0]
+        path = hook.env.get("PATH", BASE_PATH)
+        found = shutil.which(program, path=path) if "/" not in program else (program if os.access(program, os.X_OK) else None)
+        if found is None:
+            yield Finding("config-files", E, f"hook {hook.describe()}", f"{program} is not an executable program"
+                          + ("" if "/" in program else f" on PATH={path}"),
+                          "a program the hook can run (after each rotation)",
+                          f"give its absolute path in {where}, or set env: {{PATH: ...}} on the hook")
+        return
+    pid_file = hook.sighup_pid_file
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        yield Finding("config-files", W, f"hook {hook.describe()}", f"{pid_file} is missing or holds no PID: after a rotation "
+                      "nothing will be told to reload", "the PID file of the running server", f"start the server, or correct {where}")
+        return
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        yield Finding("config-files", W, f"hook {hook.describe()}", f"PID {pid} in {pid_file} is not running (a stale PID file)",
+                      "the PID of the running server", "restart the server that writes it")
+    except PermissionError:
+        pass  # it exists, under another user: the agent's own user may be allowed to signal it
+
+
+@check("crl")
+def check_crl(facts: AgentFacts):
+    """The listener's CRL (or, on the CA host, the CA's) is fresh and signed by our issuing CA."""
+    path = facts.crl_path
+    if path is None:
+        yield Finding("crl", OK, "", "not checked: no CRL on this host (listener.crl, or renewal.ca_home's crl.pem)")
+        return
+    if not path.is_file():
+        return  # reported by config-files
+    chain = facts.credential.chain if isinstance(facts.credential.chain, list) else []
+    if facts.config.renewal.ca_url:
+        fix = f"the agent fetches it from {facts.config.renewal.ca_url}/crl.pem every refresh_interval: is it running, and can it reach the EST server?"
+    elif facts.config.renewal.ca_home:
+        fix = f"pkictl --home {facts.config.renewal.ca_home} sign-crl (the agent re-signs it at half its validity: is it running?)"
+    else:
+        fix = "copy a fresh crl.pem from the CA host (pkictl sign-crl there)"
+    yield from crl_findings(path, chain, facts.now, fix=fix)
+
+
+@check("est-server")
+def check_est_server(facts: AgentFacts):
+    """The EST server of renewal.ca_url answers and proves it is our CA (renewals need both)."""
+    url = facts.config.renewal.ca_url
+    if url is None:
+        return [Finding("est-server", OK, "", "not checked: no renewal.ca_url")]
+    if facts.offline:
+        return [Finding("est-server", OK, url, "not checked: --offline")]
+    probe = facts.est
+    if probe is None:
+        return []  # no ca.pem: the trust-anchor check says so
+    if probe.verify_failed:
+        return [Finding("est-server", E, url, f"does not prove it is our CA ({probe.error})",
+                        f"a server certificate from our CA naming {url.split('//')[1].rstrip('/')}",
+                        f"check renewal.ca_url in {facts.config_path}; on the CA host, pkictl serve --dns/--ip must name it")]
+    if probe.error:
+        return [Finding("est-server", W, url, f"cannot be reached ({probe.error}): renewals and CRL refreshes fail meanwhile",
+                        "pkictl serve answering", "check that pkictl serve runs on the CA host, the address, and the firewall")]
+    return []
+
+
+@check("clock-skew")
+def check_clock_skew(facts: AgentFacts):
+    """This host's clock agrees with the EST server's (its HTTP Date header)."""
+    probe = facts.est
+    if probe is None or probe.skew is None:
+        return [Finding("clock-skew", OK, "", "not checked: no answer from an EST server with a Date header")]
+    skew = probe.skew.total_seconds()
+    if abs(probe.skew) <= SKEW_WARNING:
+        return [Finding("clock-skew", OK, facts.config.renewal.ca_url, f"{skew:+.0f} s against the EST server")]
+    side = "behind" if skew > 0 else "ahead of"
+    severity = E if abs(probe.skew) > SKEW_ERROR else W
+    return [Finding("clock-skew", severity, "this host's clock", f"{abs(skew):.0f} s {side} the EST server's "
+                    f"({facts.config.renewal.ca_url}): new certificates may look not yet valid, CRLs expired",
+                    f"at most {SKEW_WARNING.total_seconds():.0f} s", "fix the clock (timedatectl set-ntp true; chronyc tracking)")]
+
+
+AGENT_CHECKS = (check_config_files, check_crl, check_est_server, check_clock_skew)  # with CREDENTIAL_CHECKS after the first
+
+
+def diagnose_agent(config_path: Path, *, clock: Clock, gateway: str | None = None, server_name: str | None = None,
+                   offline: bool = False, timeout: float = 5.0, settle: float = 1.0,
+                   service_files: Sequence[Path] = ()) -> list[Finding]:
+    """Every finding for the agent configured by ``config_path`` at ``clock.now()``; nothing is modified.
+
+    Args:
+        gateway, server_name: where a node dials the gateway (see :func:`gateway_target`).
+        offline: open no network connection.
+        timeout: seconds per network connection.
+        settle: seconds a test connection waits for the gateway's verdict on our certificate.
+        service_files: unit and plist files to scan for secrets.
+
+    Returns:
+        The findings, ok ones included, in check order.
+    """
+    units = service_file_findings(list(service_files))  # whatever else is wrong, a secret in a unit is worth knowing
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [Finding("config", E, str(config_path), str(exc).removeprefix(f"{config_path}: "), "a configuration the agent accepts",
+                        f"edit {config_path} (schema and examples: config/*.yaml)"), *units]
+    try:
+        target = gateway_target(config, gateway, server_name)
+    except ValueError as exc:
+        return [Finding("config", E, "--gateway", str(exc), "HOST:PORT", "pass --gateway HOST:PORT"), *units]
+    facts = AgentFacts(config_path=Path(config_path), config=config, clock=clock, gateway=target, offline=offline,
+                       timeout=timeout, settle=settle, service_files=service_files)
+    first, *rest = AGENT_CHECKS
+    findings = run_checks([first], facts)
+    if config.credential_dir.is_dir():  # else config-files said so, and every credential check would repeat it
+        findings += run_checks(CREDENTIAL_CHECKS, facts.credential)
+    findings += run_checks(rest, facts)
+    # A node dials the gateway; a gateway runs the listener in front of its upstream.
+    if config.kind == "node":
+        findings += run_checks([c for c in GATEWAY_CHECKS if c.check_name == "gateway"], facts)
+    elif config.listener is not None:
+        findings += run_checks([c for c in GATEWAY_CHECKS if c.check_name != "gateway"], facts)
+    return findings + units

@@ -1,0 +1,85 @@
+"""Find what looks like a secret in a service definition (systemd unit, launchd plist) or config.
+
+No unit or plist may hold a secret: a unit is world-readable and ``systemctl show`` prints its
+environment to any user; a plist sits in /Library/LaunchDaemons for everyone to read. The
+patterns are deliberately eager (a false alarm costs a rename, a missed token costs a rotation);
+what is known not to be a secret is removed from a line before they look at it.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = ["SecretHit", "SECRET_PATTERNS", "find_secrets", "scan_file", "redact"]
+
+# What a secret tends to look like in a text file. The base64 pattern wants upper case, lower case
+# and a digit so that long words and paths (CapabilityBoundingSet) do not count.
+SECRET_PATTERNS = {
+    "password": re.compile(r"password", re.IGNORECASE),
+    "passphrase": re.compile(r"passphrase", re.IGNORECASE),
+    "token": re.compile(r"token", re.IGNORECASE),
+    "secret": re.compile(r"secret", re.IGNORECASE),
+    "PEM private key": re.compile(r"BEGIN .*PRIVATE KEY"),
+    "hex string": re.compile(r"\b[0-9A-Fa-f]{32,}\b"),
+    "base64 string": re.compile(r"(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{32,}={0,2}"),
+}
+
+# Pointers to secrets and public values are no secrets: pkictl's option naming the CA passphrase
+# file and that file's documented path (the pkictl serve unit tells the operator where the
+# passphrase goes), and a certificate fingerprint (trust_anchor_sha256: or sha256:<hex>, which
+# pkictl prints for anyone to compare).
+_NOT_SECRETS = re.compile(
+    r"(?:--)?passphrase-file\b|(?:/usr/local)?/etc/pkictl/passphrase\b"
+    r"|\btrust_anchor_sha256:\s*(?:sha256:)?[0-9A-Fa-f:]{64,95}|\bsha256:[0-9A-Fa-f]{64}\b"
+)
+
+
+class SecretHit(NamedTuple):
+    """One line that looks secret: its number (from 1), the pattern's name, and the line."""
+
+    line: int
+    pattern: str
+    text: str
+
+
+def find_secrets(text: str) -> list[SecretHit]:
+    """Every ``(line number, pattern name, line)`` of ``text`` that looks like a secret, one hit
+    per pattern and line."""
+    hits = []
+    for number, line in enumerate(text.splitlines(), 1):
+        scrubbed = _NOT_SECRETS.sub("", line)
+        for name, pattern in SECRET_PATTERNS.items():
+            if pattern.search(scrubbed):
+                hits.append(SecretHit(number, name, line))
+    return hits
+
+
+def scan_file(path: Path) -> list[SecretHit]:
+    """:func:`find_secrets` over a file; a binary plist is scanned in its XML form (line numbers
+    are then those of ``plutil -convert xml1``'s output).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(b"bplist"):
+        try:
+            data = plistlib.dumps(plistlib.loads(data), fmt=plistlib.FMT_XML)
+        except (plistlib.InvalidFileException, ValueError, TypeError):
+            pass  # not a valid plist: scan its bytes as text all the same
+    return find_secrets(data.decode("utf-8", errors="replace"))
+
+
+def redact(line: str, limit: int = 100) -> str:
+    """``line`` with whatever could be the secret replaced by ``<redacted>``, for a report that
+    names the line without repeating the secret."""
+    line = line.strip()
+    line = re.sub(r"([=:]\s*)[^=:\s]+$", r"\1<redacted>", line)  # KEY=VALUE, key: value
+    line = re.sub(r"(?i)((?:password|passphrase|token|secret)\S*\s+)\S+", r"\1<redacted>", line)
+    for name in ("hex string", "base64 string"):
+        line = SECRET_PATTERNS[name].sub("<redacted>", line)
+    line = re.sub(r"-----BEGIN .*", "-----BEGIN <redacted>", line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
