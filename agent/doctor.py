@@ -30,7 +30,9 @@ from .config import AgentConfig, load_config, parse_address
 from .errors import ConfigError
 from .gateway_checks import GATEWAY_CHECKS
 from .hooks import BASE_PATH
+from .pidfile import running_agent_pid
 from .probe import ESTProbe, probe_est
+from .state import read_state, state_path
 
 __all__ = ["AgentFacts", "AGENT_CHECKS", "diagnose_agent", "gateway_target", "SKEW_WARNING", "SKEW_ERROR"]
 
@@ -245,7 +247,39 @@ def check_clock_skew(facts: AgentFacts):
                     f"at most {SKEW_WARNING.total_seconds():.0f} s", "fix the clock (timedatectl set-ntp true; chronyc tracking)")]
 
 
-AGENT_CHECKS = (check_config_files, check_crl, check_est_server, check_clock_skew)  # with CREDENTIAL_CHECKS after the first
+@check("agent")
+def check_agent(facts: AgentFacts):
+    """The agent that ran for this credential still runs, and its last renewal attempt and hooks
+    succeeded (its state file, :mod:`pki_agent.state`). A credential no agent ever ran for is
+    not reported here (a bundle just copied); ``pki-agent status`` says no agent runs."""
+    directory, config = facts.config.credential_dir, facts.config_path
+    try:
+        pid = running_agent_pid(directory)
+        state = read_state(state_path(directory)) or {}
+    except PKIError as exc:
+        return [Finding("agent", W, str(directory), str(exc), "a running agent and its state file",
+                        f"restart the agent (systemctl restart pki-agent, or pki-agent run --config {config})")]
+    findings = []
+    if not state:
+        return [Finding("agent", OK, str(directory), "no agent has run for this credential yet")]
+    if pid is None:
+        findings.append(Finding("agent", W, str(directory), "no pki-agent runs for this credential: nothing will renew it",
+                                "a running pki-agent", f"systemctl enable --now pki-agent (or pki-agent run --config {config})"))
+    attempt = state.get("last_attempt") or {}
+    if attempt.get("result") == "failed":
+        findings.append(Finding("agent", W, str(directory), f"the last renewal attempt ({attempt.get('started')}) failed: "
+                                f"{attempt.get('error')} ({state.get('failures', 0)} in a row)", "a successful renewal",
+                                f"fix the cause named, then pki-agent renew-now --config {config}"))
+    for hook in state.get("hooks") or []:
+        if not hook.get("ok"):
+            findings.append(Finding("agent", W, f"hook {hook.get('hook')}", f"failed after the last rotation: {hook.get('detail')}",
+                                    "every hook to succeed", "fix the hook's program, then pki-agent renew-now to run it again"))
+    if not findings:
+        findings.append(Finding("agent", OK, str(directory), f"pki-agent runs (pid {pid}); last attempt: {attempt.get('result') or 'none yet'}"))
+    return findings
+
+
+AGENT_CHECKS = (check_config_files, check_crl, check_est_server, check_clock_skew, check_agent)  # with CREDENTIAL_CHECKS after the first
 
 
 def diagnose_agent(config_path: Path, *, clock: Clock, gateway: str | None = None, server_name: str | None = None,

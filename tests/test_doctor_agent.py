@@ -177,3 +177,40 @@ def test_plist_holding_a_secret(pki, tmp_path) -> None:
     assert [f.check for f in found] == ["service-files", "service-files"]
     assert "password" in found[0].problem and "base64 string" in found[1].problem
     assert all(secret not in f.line() for f in found)
+
+
+def test_agent_state_stopped_agent_failed_attempt_and_failed_hook(pki, tmp_path):
+    """With an agent holding the credential and its last attempt fine, the agent check is clean;
+    once it stopped, after a failed renewal and a failed hook, each is one warning."""
+    import asyncio
+    import sys
+
+    from pki_agent.config import AgentConfig, Hook, RenewalConfig
+    from pki_agent.daemon import Agent
+    from pki_agent.pidfile import PidFile
+
+    path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path))
+    clock = FixedClock(NOW)
+    agent = Agent(AgentConfig(name="TW", kind="node", credential_dir=pki.node, renewal=RenewalConfig(ca_home=pki.home, jitter=0),
+                              hooks=[Hook(run=[sys.executable, "-c", "raise SystemExit(4)"], attempts=1)]), clock=clock)
+    lock = PidFile(pki.node)
+    lock.acquire()  # what pki-agent run holds while it runs
+    try:
+        agent.reload()
+        assert [f for f in doctor(path) if f.check == "agent"][0].problem.startswith(f"pki-agent runs (pid {os.getpid()})")
+
+        async def renew_and_hooks():
+            await agent.renew(forced=True)
+            await agent.wait_for_hooks()
+
+        asyncio.run(renew_and_hooks())  # renewed, but its hook failed
+        hook = only(doctor(path), "agent")
+        assert "failed after the last rotation: exit status 4" in hook.problem
+        (pki.home / "ca.yaml").rename(pki.home / "ca.yaml.away")
+        asyncio.run(agent.renew(forced=True))
+    finally:
+        lock.release()
+    agent_findings = [f for f in doctor(path) if f.check == "agent"]
+    problems_found = " | ".join(f.problem for f in agent_findings)
+    assert len(agent_findings) == 3, problems_found
+    assert "no pki-agent runs" in problems_found and "last renewal attempt" in problems_found and "exit status 4" in problems_found
