@@ -46,12 +46,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # noqa: E402  (bench/ is not a package)
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
 from pkictl.authority import CertificateAuthority  # noqa: E402
-from pkictl.files import read_private_file  # noqa: E402
-from pkictl.keys import load_private_key  # noqa: E402
 from pkictl.profile import generate_key  # noqa: E402
-from pkictl.revocation import build_crl  # noqa: E402
 from pkictl.settings import CASettings  # noqa: E402
 from pkictl.store import Credential, CredentialStore  # noqa: E402
 
@@ -92,23 +88,7 @@ class Setup:
         foreign = CertificateAuthority.init(work / "foreign-ca", CASettings())
         self.foreign = self._files(foreign.enroll("node", "bench", out=work / "foreign").directory)
         foreign.close()
-        peers_dir = work / "peers"
-        peers_dir.mkdir(mode=0o700)
-        # The peers get copies: the reload test's rotations prune old versions from archive/.
-        version = CredentialStore(gateway).current_version_dir()
-        fullchain, key, combined = peers_dir / "fullchain.pem", peers_dir / "privkey.pem", peers_dir / "combined.pem"
-        fullchain.write_bytes((version / "fullchain.pem").read_bytes())
-        for path, data in ((key, (version / "privkey.pem").read_bytes()), (combined, fullchain.read_bytes() + (version / "privkey.pem").read_bytes())):
-            path.touch(0o600)
-            path.write_bytes(data)
-        root_key_path = work / "ca" / "root" / "key.pem"
-        root_key = load_private_key(read_private_file(root_key_path), None, source=str(root_key_path))
-        root_crl = build_crl(issuer=self.ca.root, issuer_key=root_key, revoked=[], number=1, now=self.ca.clock.now(),
-                             lifetime=self.ca.settings.crl_lifetime)
-        crl_all = peers_dir / "crl-all.pem"
-        crl_all.write_bytes(self.ca.crl_path.read_bytes() + root_crl.public_bytes(serialization.Encoding.PEM))
-        self.material = P.Material(fullchain, key, combined, work / "ca" / "ca.pem",
-                                   self.ca.crl_path, crl_all, gateway)
+        self.material = P.make_material(self.ca, gateway, work / "peers")
         self.client = compile_client(work)
 
     @staticmethod

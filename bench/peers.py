@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Material", "Peer", "PEERS", "peer_processes", "cpu_seconds", "rss_bytes", "free_port", "wait_listening",
+__all__ = ["Material", "make_material", "Peer", "PEERS", "peer_processes", "cpu_seconds", "rss_bytes", "free_port", "wait_listening",
            "agent_python", "agent_listener_fields"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,6 +50,38 @@ class Material:
     crl: Path
     crl_all: Path
     gateway_dir: Path
+
+
+def make_material(ca, gateway_dir: Path, out: Path) -> Material:
+    """Copies of the gateway's current credential for the peers (the reload test's rotations
+    prune old versions from ``archive/``), and the CRL file they need.
+
+    Args:
+        ca: the :class:`pkictl.authority.CertificateAuthority` (its root key is read from its home).
+        gateway_dir: the gateway's credential directory.
+        out: a new directory for the copies.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from pkictl.files import read_private_file
+    from pkictl.keys import load_private_key
+    from pkictl.revocation import build_crl
+    from pkictl.store import CredentialStore
+
+    out.mkdir(mode=0o700)
+    version = CredentialStore(gateway_dir).current_version_dir()
+    chain_pem, key_pem = (version / "fullchain.pem").read_bytes(), (version / "privkey.pem").read_bytes()
+    fullchain, key, combined = out / "fullchain.pem", out / "privkey.pem", out / "combined.pem"
+    fullchain.write_bytes(chain_pem)
+    for path, data in ((key, key_pem), (combined, chain_pem + key_pem)):
+        path.touch(0o600)
+        path.write_bytes(data)
+    root_key_path = ca.home / "root" / "key.pem"
+    root_key = load_private_key(read_private_file(root_key_path), None, source=str(root_key_path))
+    root_crl = build_crl(issuer=ca.root, issuer_key=root_key, revoked=[], number=1, now=ca.clock.now(),
+                         lifetime=ca.settings.crl_lifetime)
+    crl_all = out / "crl-all.pem"
+    crl_all.write_bytes(ca.crl_path.read_bytes() + root_crl.public_bytes(serialization.Encoding.PEM))
+    return Material(fullchain, key, combined, ca.home / "ca.pem", ca.crl_path, crl_all, gateway_dir)
 
 
 @dataclasses.dataclass(frozen=True)
