@@ -27,6 +27,7 @@ __all__ = [
     "Hook",
     "load_config",
     "parse_address",
+    "parse_tunnel",
     "render_agent_config",
 ]
 
@@ -168,6 +169,24 @@ class TunnelConfig(_Model):
         if value[1] == 0:
             raise ValueError(f"{value[0]}:0: the gateway's port must be given")
         return value
+
+
+def parse_tunnel(text: str) -> dict[str, str]:
+    """Parse the ``--tunnel LISTEN=GATEWAY`` of the enroll commands, e.g.
+    ``127.0.0.1:18789=gw.example.lan:8443``, into the ``tunnel:`` settings it stands for.
+
+    Raises:
+        ValueError: not of that form, or either address breaks :class:`TunnelConfig`'s rules.
+    """
+    listen, sep, gateway = str(text).partition("=")
+    if not sep or not listen or not gateway:
+        raise ValueError(f"{text!r}: want LISTEN=GATEWAY such as 127.0.0.1:18789=gw.example.lan:8443")
+    try:
+        TunnelConfig(listen=listen, gateway=gateway)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                   for e in exc.errors())) from None
+    return {"listen": listen.strip(), "gateway": gateway.strip()}
 
 
 def _argv(value):

@@ -13,19 +13,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from pki_agent.cli import cli as agent_cli
 from pki_agent.config import load_config
 from pki_agent.errors import ConfigError
 from pkictl.authority import CertificateAuthority
+from pkictl.cli import cli as pkictl_cli
+from pkictl.est import root_fingerprint
 from pkictl.files import read_private_file
 from pkictl.keys import load_private_key
 from pkictl.profile import generate_key
 from pkictl.settings import CASettings
 from pkictl.store import Credential, CredentialStore
 
+from est_support import RunningService
 from support import DEADLINE, AgentProcess, EchoServer, command
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -282,3 +287,45 @@ def test_tunnel_config_errors_name_the_field(change, message, tmp_path):
     data.update(kind="node", tunnel={"listen": "[::1]:18789", "gateway": "192.168.1.10:8443"})
     path.write_text(yaml.safe_dump(data))
     assert load_config(path).tunnel.gateway == ("192.168.1.10", 8443)
+
+
+# -- the enroll commands write the tunnel: section -------------------------------------------------
+
+
+def test_pkictl_enroll_node_tunnel_option_writes_a_tunnel_the_agent_loads(tmp_path):
+    """'pkictl enroll-node TW --tunnel 127.0.0.1:18789=gw.example.lan:8443' writes a bundle whose
+    agent.yaml holds that tunnel; a non-loopback LISTEN or --tunnel with --token exits 2 and writes nothing."""
+    home = tmp_path / "ca"
+    runner = CliRunner()
+    assert runner.invoke(pkictl_cli, ["--home", str(home), "init-ca"]).exit_code == 0
+    ok = runner.invoke(pkictl_cli, ["--home", str(home), "enroll-node", "TW", "--tunnel", "127.0.0.1:18789=gw.example.lan:8443"])
+    assert ok.exit_code == 0, ok.output
+    tunnel = load_config(home / "bundles" / "TW" / "agent.yaml").tunnel
+    assert (tunnel.listen, tunnel.gateway) == (("127.0.0.1", 18789), ("gw.example.lan", 8443))
+    wide = runner.invoke(pkictl_cli, ["--home", str(home), "enroll-node", "n2", "--tunnel", "0.0.0.0:18789=gw.example.lan:8443"])
+    assert wide.exit_code == 2 and "loopback only" in wide.output
+    assert not (home / "bundles" / "n2").exists() and "n2" not in {r.name for r in CertificateAuthority.load(home).inventory.records()}
+    token = runner.invoke(pkictl_cli, ["--home", str(home), "enroll-node", "n3", "--token", "--tunnel", "127.0.0.1:1=gw:8443"])
+    assert token.exit_code == 2 and "pki-agent enroll" in token.output
+
+
+def test_pki_agent_enroll_tunnel_option_over_est(tmp_path):
+    """'pki-agent enroll --tunnel' over EST writes the tunnel into the node's agent.yaml; a
+    malformed --tunnel exits 2 before anything is asked of the CA."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    runner = CliRunner()
+    service = RunningService(ca.home).start()
+    try:
+        args = ["enroll", "--ca-url", service.url, "--fingerprint", root_fingerprint(ca.root), "--name", "TW"]
+        bad = runner.invoke(agent_cli, [*args, "--token", ca.create_token("TW")[0], "--dir", str(tmp_path / "bad"),
+                                        "--tunnel", "127.0.0.1:18789"])
+        assert bad.exit_code == 2 and "LISTEN=GATEWAY" in bad.output and not (tmp_path / "bad").exists()
+        ok = runner.invoke(agent_cli, [*args, "--token", ca.create_token("TW")[0], "--dir", str(tmp_path / "TW"),
+                                       "--tunnel", "[::1]:18789=192.168.1.10:8443"])
+        assert ok.exit_code == 0, ok.output
+        config = load_config(tmp_path / "TW" / "agent.yaml")
+        assert (config.tunnel.listen, config.tunnel.gateway) == (("::1", 18789), ("192.168.1.10", 8443))
+        assert config.renewal.ca_url == service.url
+    finally:
+        service.stop()
+        ca.close()
