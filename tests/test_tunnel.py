@@ -3,6 +3,7 @@ upstream; plain clients get through, renewals reach new connections, refusals ar
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import shutil
@@ -68,6 +69,23 @@ def _node(bundle: Path, home: Path, gateway_port: int, tmp_path: Path, check_int
     return agent, int(match.group(1))
 
 
+@contextlib.contextmanager
+def _chain(gateway_bundle: Path, node_bundle: Path, home: Path, upstream: int, tmp_path: Path, *,
+           gateway_check: str = "1h", node_check: str = "1h"):
+    """Gateway agent (listener -> upstream) and node agent (tunnel -> gateway) as real processes;
+    yields ``(gateway, node, gateway_port, tunnel_port)`` and stops both."""
+    gateway = _gateway(gateway_bundle, home, upstream, gateway_check)
+    node = None
+    try:
+        _, gw_port = gateway.wait_ready()
+        node, port = _node(node_bundle, home, gw_port, tmp_path, node_check)
+        yield gateway, node, gw_port, port
+    finally:
+        if node:
+            node.stop()
+        gateway.stop()
+
+
 def _exchange(port: int, payload: bytes) -> bytes:
     """Send ``payload`` in plain TCP and read as many bytes back (b'' if the tunnel closed)."""
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
@@ -85,11 +103,7 @@ def _serial(bundle: Path) -> str:
 def test_plain_clients_get_through_the_tunnel_with_the_nodes_certificate(pki, echo_server, tmp_path):
     """A plain TCP client and Node.js's net module dial the node's loopback port and reach the
     upstream; the gateway sees node tw with TW's serial, both sides log the connection."""
-    gateway = _gateway(pki.gateway, pki.home, echo_server.port)
-    node = None
-    try:
-        _, gw_port = gateway.wait_ready()
-        node, port = _node(pki.node, pki.home, gw_port, tmp_path)
+    with _chain(pki.gateway, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
         assert _exchange(port, b"hello through the tunnel") == b"hello through the tunnel"
         gateway.log.wait_for(rf"accepted peer=127\.0\.0\.1:\d+ node=tw serial={_serial(pki.node)}\b")
         node.log.wait_for(rf"tunnel closed local=127\.0\.0\.1:\d+ gateway=127\.0\.0\.1:{gw_port} serial={_serial(pki.node)} "
@@ -100,10 +114,6 @@ def test_plain_clients_get_through_the_tunnel_with_the_nodes_certificate(pki, ec
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.strip() == "plain from node.js"
         assert "refused" not in gateway.log.text() and "authentication failure" not in node.log.text()
-    finally:
-        if node:
-            node.stop()
-        gateway.stop()
 
 
 def test_after_renewal_new_tunnel_connections_present_the_new_certificate(tmp_path):
@@ -114,11 +124,7 @@ def test_after_renewal_new_tunnel_connections_present_the_new_certificate(tmp_pa
     tw = ca.enroll("node", "TW", out=tmp_path / "TW").directory
     first = _serial(tw)
     with EchoServer() as echo:
-        gateway = _gateway(gw, ca.home, echo.port)
-        node = None
-        try:
-            _, gw_port = gateway.wait_ready()
-            node, port = _node(tw, ca.home, gw_port, tmp_path, check_interval="1s")
+        with _chain(gw, tw, ca.home, echo.port, tmp_path, node_check="1s") as (gateway, node, gw_port, port):
             before = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
             before.sendall(b"opened before")
             assert before.recv(100) == b"opened before"
@@ -132,10 +138,6 @@ def test_after_renewal_new_tunnel_connections_present_the_new_certificate(tmp_pa
             before.sendall(b"still here")
             assert before.recv(100) == b"still here"
             before.close()
-        finally:
-            if node:
-                node.stop()
-            gateway.stop()
     ca.close()
 
 
@@ -143,29 +145,17 @@ def test_gateway_certificate_for_another_address_is_refused_by_the_tunnel(pki, e
     """A gateway whose certificate names 127.0.0.2 while the tunnel dials 127.0.0.1 gets no
     bytes: the node logs the gateway's certificate as rejected, and the local client gets EOF."""
     other = pki.ca.enroll("gateway", "other", out=tmp_path / "other", ip_addresses=["127.0.0.2"]).directory
-    gateway = _gateway(other, pki.home, echo_server.port)
-    node = None
-    try:
-        _, gw_port = gateway.wait_ready()
-        node, port = _node(pki.node, pki.home, gw_port, tmp_path)
+    with _chain(other, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
         assert _exchange(port, b"secret") == b""
         node.log.wait_for(r"tunnel gateway certificate rejected local=\S+ gateway=127\.0\.0\.1:\d+ detail=.IP address mismatch")
         assert "accepted" not in gateway.log.text()
-    finally:
-        if node:
-            node.stop()
-        gateway.stop()
 
 
 def test_revoked_node_is_logged_as_an_authentication_failure(pki, echo_server, tmp_path):
     """After 'pkictl revoke TW' reaches our gateway, a new tunnel connection is refused: the
     gateway logs 'revoked', and the node an authentication failure, not a network error (our
     listener closes without a TLS alert, so the node cannot know the reason)."""
-    gateway = _gateway(pki.gateway, pki.home, echo_server.port, check_interval="1s")
-    node = None
-    try:
-        _, gw_port = gateway.wait_ready()
-        node, port = _node(pki.node, pki.home, gw_port, tmp_path)
+    with _chain(pki.gateway, pki.node, pki.home, echo_server.port, tmp_path, gateway_check="1s") as (gateway, node, gw_port, port):
         assert _exchange(port, b"before") == b"before"
         revoked = subprocess.run([command("pkictl"), "--home", str(pki.home), "revoke", "TW"], capture_output=True, text=True, timeout=DEADLINE)
         assert revoked.returncode == 0, revoked.stderr
@@ -175,10 +165,6 @@ def test_revoked_node_is_logged_as_an_authentication_failure(pki, echo_server, t
         node.log.wait_for(rf"tunnel authentication failure: the gateway refused this node's certificate local=\S+ "
                           rf"gateway=127\.0\.0\.1:{gw_port} serial={_serial(pki.node)} reason='closed by the gateway before any data'")
         assert "unreachable" not in node.log.text()
-    finally:
-        if node:
-            node.stop()
-        gateway.stop()
 
 
 def _haproxy_gateway(pki, upstream: int, directory: Path):
@@ -241,18 +227,10 @@ def test_refusal_after_the_handshake_without_an_alert_is_an_authentication_failu
     """A gateway that checks the identity after the handshake and just closes (no EKU here) is
     logged by the tunnel as an authentication failure, not as a network error."""
     bundle = _node_without_eku(pki, tmp_path / "no-eku")
-    gateway = _gateway(pki.gateway, pki.home, echo_server.port)
-    node = None
-    try:
-        _, gw_port = gateway.wait_ready()
-        node, port = _node(bundle, pki.home, gw_port, tmp_path)
+    with _chain(pki.gateway, bundle, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
         assert _exchange(port, b"ping") == b""
         gateway.log.wait_for(r"refused peer=\S+ reason='wrong purpose'")
         node.log.wait_for(r"tunnel authentication failure: .* reason='closed by the gateway before any data'")
-    finally:
-        if node:
-            node.stop()
-        gateway.stop()
 
 
 def test_unreachable_gateway_is_logged_as_such(pki, tmp_path):
