@@ -395,6 +395,10 @@ def report(results: dict[str, list[dict]], reload: dict | None, args) -> int:
         print("\nGoals of issue 5:")
         for text, met in goals:
             print(f"  {'met    ' if met else 'NOT met'}  {text}")
+    if "ours" in med and "nginx" in med:
+        o, g = med["ours"], med["nginx"]
+        print(f"  (steadier than the rates on a shared machine, server CPU ours/nginx: {o['hs_cpu_ms'] / g['hs_cpu_ms']:.2f} "
+              f"per handshake, {o['up_cpu'] / g['up_cpu']:.2f} / {o['down_cpu'] / g['down_cpu']:.2f} per GB up / down)")
     return 0
 
 
