@@ -154,12 +154,15 @@ class TunnelConfig(_Model):
             ``127.0.0.1:18789``; port 0 picks a free port.
         gateway: the gateway's listener, ``HOST:PORT``; its certificate must chain to ``ca.pem``
             and carry HOST (a DNS name or an IP address) in its subjectAltName (RFC 6125).
+        server_name: the name or IP address to verify in the gateway's certificate instead of
+            HOST, e.g. dial 192.168.1.10 and verify gw.example.lan; also sent as SNI.
         connect_timeout: TCP connect plus TLS handshake with the gateway.
         max_connections: local connections beyond this many are refused.
     """
 
     listen: Annotated[Address, AfterValidator(_loopback)]
     gateway: Address
+    server_name: Optional[str] = Field(None, min_length=1, max_length=253, pattern=r"^[^\s/:]+$|^[0-9A-Fa-f:.]+$")
     connect_timeout: Duration = dt.timedelta(seconds=10)
     max_connections: int = Field(256, ge=1)
 

@@ -4,7 +4,7 @@ An unmodified client on the node dials ``tunnel.listen`` (e.g. 127.0.0.1:18789) 
 TLS without knowing it. Each new connection takes the client context that is current at that
 moment (the agent rebuilds it after every renewal), so new connections present the new
 certificate while established ones keep theirs. The gateway is verified against our trust anchor
-and the name or IP address dialed.
+and the name or IP address dialed (or ``tunnel.server_name``).
 
 With TLS 1.3 a gateway that refuses the node's certificate does so after the client's handshake
 has "succeeded": the refusal arrives as an alert or an EOF on the first read (../shared/DESIGN.md,
@@ -122,7 +122,8 @@ class NodeTunnel:
         timeout = self.config.connect_timeout.total_seconds()
         try:
             return await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=context, server_hostname=host, ssl_handshake_timeout=timeout, limit=_CHUNK),
+                asyncio.open_connection(host, port, ssl=context, server_hostname=self.config.server_name or host,
+                                        ssl_handshake_timeout=timeout, limit=_CHUNK),
                 timeout)
         except ssl.SSLCertVerificationError as exc:
             log.error("tunnel gateway certificate rejected local=%s gateway=%s detail=%r: it is not the gateway "

@@ -56,13 +56,14 @@ def _gateway(bundle: Path, home: Path, upstream: int, check_interval: str = "1h"
     return AgentProcess(config)
 
 
-def _node(bundle: Path, home: Path, gateway_port: int, tmp_path: Path, check_interval: str = "1h") -> tuple[AgentProcess, int]:
-    """Start node TW's agent with its tunnel on 127.0.0.1 (port 0) to the gateway; return it and the tunnel's port."""
+def _node(bundle: Path, home: Path, gateway_port: int, tmp_path: Path, check_interval: str = "1h", **tunnel) -> tuple[AgentProcess, int]:
+    """Start node TW's agent with its tunnel on 127.0.0.1 (port 0) to the gateway (more ``tunnel``
+    settings as keywords); return it and the tunnel's port."""
     config = tmp_path / f"{bundle.name}-agent.yaml"
     config.write_text(yaml.safe_dump({
         "name": "TW", "kind": "node", "credential_dir": str(bundle),
         "renewal": {"ca_home": str(home), "check_interval": check_interval, "jitter": 0},
-        "tunnel": {"listen": "127.0.0.1:0", "gateway": f"127.0.0.1:{gateway_port}", "connect_timeout": "5s"},
+        "tunnel": {"listen": "127.0.0.1:0", "gateway": f"127.0.0.1:{gateway_port}", "connect_timeout": "5s", **tunnel},
     }))
     agent = AgentProcess(config)
     match = agent.log.wait_for(r"ready: node \S+, no listener, tunnel 127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:\d+")
@@ -143,12 +144,19 @@ def test_after_renewal_new_tunnel_connections_present_the_new_certificate(tmp_pa
 
 def test_gateway_certificate_for_another_address_is_refused_by_the_tunnel(pki, echo_server, tmp_path):
     """A gateway whose certificate names 127.0.0.2 while the tunnel dials 127.0.0.1 gets no
-    bytes: the node logs the gateway's certificate as rejected, and the local client gets EOF."""
+    bytes: the node logs the gateway's certificate as rejected, and the local client gets EOF;
+    with server_name 127.0.0.2 the same gateway is accepted."""
     other = pki.ca.enroll("gateway", "other", out=tmp_path / "other", ip_addresses=["127.0.0.2"]).directory
     with _chain(other, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
         assert _exchange(port, b"secret") == b""
         node.log.wait_for(r"tunnel gateway certificate rejected local=\S+ gateway=127\.0\.0\.1:\d+ detail=.IP address mismatch")
         assert "accepted" not in gateway.log.text()
+        (tmp_path / "named").mkdir()
+        named, named_port = _node(pki.node, pki.home, gw_port, tmp_path / "named", server_name="127.0.0.2")
+        try:
+            assert _exchange(named_port, b"named") == b"named"
+        finally:
+            named.stop()
 
 
 def test_revoked_node_is_logged_as_an_authentication_failure(pki, echo_server, tmp_path):
