@@ -92,13 +92,22 @@ def status(config_path: Path, as_json: bool) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Read the token from this file instead.")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where to write the bundle (must not exist or be empty).")
 @click.option("--wait", type=click.FloatRange(0), default=600, show_default=True, help="Seconds to wait for approval.")
-def enroll(ca_url, fingerprint, name, token, token_file, directory, wait) -> None:
+@click.option("--tunnel", help="LISTEN=GATEWAY, e.g. 127.0.0.1:18789=gw.example.lan:8443: the agent listens on LISTEN "
+                               "(loopback, plain TCP) and forwards to the gateway's listener over mTLS.")
+def enroll(ca_url, fingerprint, name, token, token_file, directory, wait, tunnel) -> None:
     """Get this node's first certificate over EST: key made here, CA pinned by fingerprint."""
+    from .config import parse_tunnel
     from .enroll import enroll as run_enroll
 
+    if tunnel is not None:
+        try:
+            tunnel = parse_tunnel(tunnel)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--tunnel") from None
     if token_file is not None:
         token = token_file.read_text().strip()
-    run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo)
+    run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo,
+               tunnel=tunnel)
 
 
 @cli.command()

@@ -7,11 +7,12 @@ directory copied anywhere keeps working.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pkictl.errors import PKIError
 from pkictl.names import validate_name
@@ -23,9 +24,11 @@ __all__ = [
     "AgentConfig",
     "RenewalConfig",
     "ListenerConfig",
+    "TunnelConfig",
     "Hook",
     "load_config",
     "parse_address",
+    "parse_tunnel",
     "render_agent_config",
 ]
 
@@ -132,6 +135,64 @@ class ListenerConfig(_Model):
     max_connections: int = Field(1024, ge=1)
 
 
+def _loopback(value: tuple[str, int]) -> tuple[str, int]:
+    host = value[0]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{host}: the tunnel takes plain TCP, so it listens on loopback only (127.0.0.1 or [::1]); "
+                         "anyone who could reach it elsewhere would speak to the gateway as this node")
+    return value
+
+
+class TunnelConfig(_Model):
+    """The node-side tunnel: plain TCP in on loopback, mTLS out to the gateway (agent/tunnel.py).
+
+    Attributes:
+        listen: loopback ``HOST:PORT`` where unmodified local clients connect, e.g.
+            ``127.0.0.1:18789``; port 0 picks a free port.
+        gateway: the gateway's listener, ``HOST:PORT``; its certificate must chain to ``ca.pem``
+            and carry HOST (a DNS name or an IP address) in its subjectAltName (RFC 6125).
+        server_name: the name or IP address to verify in the gateway's certificate instead of
+            HOST, e.g. dial 192.168.1.10 and verify gw.example.lan; also sent as SNI.
+        connect_timeout: TCP connect plus TLS handshake with the gateway.
+        max_connections: local connections beyond this many are refused.
+    """
+
+    listen: Annotated[Address, AfterValidator(_loopback)]
+    gateway: Address
+    server_name: Optional[str] = Field(None, min_length=1, max_length=253, pattern=r"^[^\s/:]+$|^[0-9A-Fa-f:.]+$")
+    connect_timeout: Duration = dt.timedelta(seconds=10)
+    max_connections: int = Field(256, ge=1)
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway_port(cls, value: tuple[str, int]) -> tuple[str, int]:
+        if value[1] == 0:
+            raise ValueError(f"{value[0]}:0: the gateway's port must be given")
+        return value
+
+
+def parse_tunnel(text: str) -> dict[str, str]:
+    """Parse the ``--tunnel LISTEN=GATEWAY`` of the enroll commands, e.g.
+    ``127.0.0.1:18789=gw.example.lan:8443``, into the ``tunnel:`` settings it stands for.
+
+    Raises:
+        ValueError: not of that form, or either address breaks :class:`TunnelConfig`'s rules.
+    """
+    listen, sep, gateway = str(text).partition("=")
+    if not sep or not listen or not gateway:
+        raise ValueError(f"{text!r}: want LISTEN=GATEWAY such as 127.0.0.1:18789=gw.example.lan:8443")
+    try:
+        TunnelConfig(listen=listen, gateway=gateway)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                   for e in exc.errors())) from None
+    return {"listen": listen.strip(), "gateway": gateway.strip()}
+
+
 def _argv(value):
     if isinstance(value, str):
         raise ValueError(
@@ -202,8 +263,8 @@ class Hook(_Model):
 
 
 class AgentConfig(_Model):
-    """One host's agent: whose credential, where it lives, how it renews, what it serves, and the
-    hooks run (in order) after each rotation.
+    """One host's agent: whose credential, where it lives, how it renews, what it serves (a
+    gateway's listener, a node's tunnel), and the hooks run (in order) after each rotation.
 
     ``trust_anchor_sha256`` is the SHA-256 fingerprint of the root this host was told to trust
     (written by ``pki-agent enroll`` and ``pkictl enroll-*``); ``pki-agent doctor`` checks that
@@ -217,6 +278,7 @@ class AgentConfig(_Model):
     credential_dir: Path = Path(".")
     renewal: RenewalConfig = RenewalConfig()
     listener: Optional[ListenerConfig] = None
+    tunnel: Optional[TunnelConfig] = None
     hooks: list[Hook] = []
 
     @field_validator("name")
@@ -241,6 +303,8 @@ class AgentConfig(_Model):
     def _listener_only_on_gateway(self) -> "AgentConfig":
         if self.listener is not None and self.kind != "gateway":
             raise ValueError("listener: only a gateway runs the mTLS listener (kind is node)")
+        if self.tunnel is not None and self.kind != "node":
+            raise ValueError("tunnel: only a node runs the tunnel to the gateway (kind is gateway)")
         return self
 
 
@@ -302,6 +366,7 @@ def render_agent_config(
     fraction: float = 2 / 3,
     check_interval: str = "60s",
     listener: dict | None = None,
+    tunnel: dict | None = None,
     written_by: str | None = None,
     trust_anchor_sha256: str | None = None,
 ) -> str:
@@ -338,6 +403,13 @@ def render_agent_config(
         ]
         if listener.get("crl"):
             lines.append(f"  crl: {listener['crl']}  # refuse revoked nodes; reloaded when it changes")
+    if tunnel:
+        lines += [
+            "tunnel:",
+            f"  listen: \"{tunnel['listen']}\"    # local clients connect here in plain TCP (loopback only)",
+            f"  gateway: \"{tunnel['gateway']}\"  # ... and reach the gateway over mTLS with this node's certificate",
+            "  connect_timeout: 10s",
+        ]
     text = "\n".join(lines) + "\n"
     import yaml
 

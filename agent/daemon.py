@@ -37,7 +37,8 @@ from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
 from .state import iso, state_path, write_state
-from .tls import ServerTLS, server_context
+from .tls import ServerTLS, client_context, server_context
+from .tunnel import NodeTunnel
 
 __all__ = ["Agent", "backoff_delay"]
 
@@ -66,7 +67,9 @@ class Agent:
         self.source = source
         self.credential: Credential | None = None
         self.listener: GatewayListener | None = None
+        self.tunnel: NodeTunnel | None = None
         self._tls: ServerTLS | None = None
+        self._client_tls: tuple[ssl.SSLContext, int] | None = None
         self._loaded_stamp: tuple | None = None
         self._jitter = 0.0
         self._failures = 0
@@ -90,6 +93,12 @@ class Agent:
         """What new connections get (swapped whole on reload, never mutated)."""
         assert self._tls is not None, "reload() first"
         return self._tls
+
+    def current_client_tls(self) -> tuple[ssl.SSLContext, int]:
+        """What new tunnel connections present: a client context of the current credential and
+        its serial (swapped whole on reload, never mutated)."""
+        assert self._client_tls is not None, "reload() first, with a tunnel configured"
+        return self._client_tls
 
     def _disk_stamp(self) -> tuple:
         """What :meth:`reload` read from: the version ``live`` points to and the CRL file's
@@ -117,9 +126,13 @@ class Agent:
         """
         stamp = self._disk_stamp()
         try:
+            client_tls = None
             if self.config.listener is not None:
                 tls = server_context(self.store, self.config.listener.crl)
                 credential = tls.credential
+            elif self.config.tunnel is not None:
+                context, credential = client_context(self.store)
+                client_tls, tls = (context, credential.certificate.serial_number), None
             else:
                 credential, tls = self.store.load(), None
         except (PKIError, ssl.SSLError, OSError) as exc:
@@ -129,6 +142,7 @@ class Agent:
             return False
         changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
+        self._client_tls = client_tls
         if tls is not None and tls.crl_next_update is not None:
             log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if changed:
@@ -369,6 +383,14 @@ class Agent:
                 await self.listener.start()
             except OSError as exc:
                 raise AgentError(f"listener: cannot listen on {self.config.listener.listen[0]}:{self.config.listener.listen[1]}: {exc}") from None
+        if self.config.tunnel is not None:
+            self.tunnel = NodeTunnel(self.config.tunnel, self.current_client_tls)
+            try:
+                await self.tunnel.start()
+            except OSError as exc:
+                if self.listener is not None:
+                    await self.listener.close()
+                raise AgentError(f"tunnel: cannot listen on {self.config.tunnel.listen[0]}:{self.config.tunnel.listen[1]}: {exc}") from None
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
@@ -382,6 +404,8 @@ class Agent:
         self._running = True
         self.save_state()
         where = ", ".join(f"{h}:{p}" for h, p in self.listener.addresses) if self.listener else "no listener"
+        if self.tunnel is not None:
+            where += ", tunnel " + ", ".join(f"{h}:{p}" for h, p in self.tunnel.addresses) + f" -> {self.tunnel.gateway}"
         log.info("ready: %s %s, %s", self.config.kind, self.config.name,
                  f"listening on {where}" if self.listener else where)
         if ready is not None:
@@ -396,6 +420,8 @@ class Agent:
                 await asyncio.gather(self._hooks_task, return_exceptions=True)
             if self.listener is not None:
                 await self.listener.close()
+            if self.tunnel is not None:
+                await self.tunnel.close()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")

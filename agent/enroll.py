@@ -41,6 +41,7 @@ def enroll(
     token: str | None = None,
     wait: float = 600.0,
     say: Callable[[str], None] = print,
+    tunnel: dict | None = None,
 ) -> Credential:
     """Enroll node ``name`` with the EST server at ``ca_url`` and write its bundle to ``directory``.
 
@@ -48,6 +49,8 @@ def enroll(
         fingerprint: ``sha256:<hex>`` of the CA's root, from the operator.
         token: the one-time token from ``pkictl enroll-node NAME --token``; None asks for approval.
         wait: seconds to keep polling while approval is pending.
+        tunnel: ``{"listen": ..., "gateway": ...}`` for the ``tunnel:`` section of the agent.yaml
+            written (:func:`pki_agent.config.parse_tunnel`), or None for none.
 
     Returns:
         The installed credential.
@@ -85,7 +88,7 @@ def enroll(
     uris = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
     trust_domain = uris[0].split("/")[2] if uris else "pkictl.internal"
     atomic_write(directory / "agent.yaml", render_agent_config(name=name, kind="node", trust_domain=trust_domain, ca_url=ca_url,
-                                                                written_by="pki-agent enroll",
+                                                                tunnel=tunnel, written_by="pki-agent enroll",
                                                                 trust_anchor_sha256=anchor.fingerprint(hashes.SHA256()).hex()).encode())
     say(f"enrolled {name}: serial {certificate.serial_number:x}, not after {certificate.not_valid_after_utc.isoformat()}")
     say(f"bundle: {directory}; run: pki-agent run --config {directory / 'agent.yaml'}")

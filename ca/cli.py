@@ -121,7 +121,8 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
     click.echo(f"  the root key {obj.home / 'root' / 'key.pem'} is needed only to certify a new issuing CA: keep it offline")
 
 
-def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None) -> Path:
+def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None,
+                        tunnel: dict | None = None) -> Path:
     from cryptography.hazmat.primitives import hashes
     from pki_agent.config import render_agent_config
 
@@ -131,7 +132,7 @@ def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | N
     text = render_agent_config(
         name=name, kind=kind, trust_domain=ca.settings.trust_domain,
         ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url,
-        fraction=ca.settings.renewal_fraction, listener=listener,
+        fraction=ca.settings.renewal_fraction, listener=listener, tunnel=tunnel,
         trust_anchor_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
     )
     atomic_write(path, text.encode())
@@ -149,6 +150,21 @@ _REPLACE_HELP = "Issue anew although NAME holds a current certificate, and revok
 _CA_URL_HELP = "The bundle's agent renews over EST from this 'pkictl serve' (https://HOST:PORT) instead of the CA home."
 
 
+def _tunnel(ctx, param, value):
+    if value is None:
+        return None
+    from pki_agent.config import parse_tunnel
+
+    try:
+        return parse_tunnel(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_TUNNEL_HELP = ("LISTEN=GATEWAY, e.g. 127.0.0.1:18789=gw.example.lan:8443: the node's agent listens on LISTEN "
+                "(loopback, plain TCP) and forwards to the gateway's listener over mTLS.")
+
+
 def _ca_url(ctx, param, value):
     if value is not None and not (value.startswith("https://") and "/" not in value[len("https://"):].rstrip("/")):
         raise click.BadParameter(f"{value!r}: want https://HOST:PORT")
@@ -164,9 +180,13 @@ def _ca_url(ctx, param, value):
 @click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST).")
 @click.option("--token-ttl", callback=_duration, help="How long the token is valid (default 10m).")
 @click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP)
+@click.option("--tunnel", callback=_tunnel, help=_TUNNEL_HELP)
 @click.pass_obj
-def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl, ca_url) -> None:
+def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl, ca_url, tunnel) -> None:
     """Issue node NAME's client certificate (clientAuth) and write its bundle."""
+    if tunnel is not None and (token or csr_path is not None):
+        raise click.UsageError("--tunnel goes into the agent.yaml of a bundle written here; with --token give "
+                               "--tunnel to 'pki-agent enroll' on the node, with --csr write the tunnel: section yourself")
     if token:
         from .est import root_fingerprint
 
@@ -191,7 +211,7 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
         return
     ca = obj.load_ca()
     enrollment = ca.enroll("node", name, out=out, replace=replace)
-    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None, ca_url))
+    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None, ca_url, tunnel))
 
 
 @cli.command("enroll-gateway")

@@ -47,7 +47,8 @@ def test_example_config_loads(path: Path) -> None:
 
 
 def test_example_configs_describe_gateway_and_node_tw() -> None:
-    """The gateway example listens on 0.0.0.0:8443 and forwards to 127.0.0.1:18789; the node example is TW with no listener."""
+    """The gateway example listens on 0.0.0.0:8443 and forwards to 127.0.0.1:18789; the node example is TW with no
+    listener and a tunnel from 127.0.0.1:18789 to the gateway."""
     assert {p.name for p in CONFIG_DIR.glob("*.yaml")} >= {"gateway.yaml", "node.yaml"}
     gateway = load_config(CONFIG_DIR / "gateway.yaml")
     assert gateway.kind == "gateway"
@@ -56,6 +57,7 @@ def test_example_configs_describe_gateway_and_node_tw() -> None:
     assert gateway.listener.upstream == ("127.0.0.1", 18789)
     node = load_config(CONFIG_DIR / "node.yaml")
     assert (node.name, node.kind, node.listener) == ("TW", "node", None)
+    assert (node.tunnel.listen, node.tunnel.gateway) == (("127.0.0.1", 18789), ("gw.example.lan", 8443))
 
 
 def test_unit_has_daemon_essentials() -> None:
