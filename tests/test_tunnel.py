@@ -151,6 +151,7 @@ def test_gateway_certificate_for_another_address_is_refused_by_the_tunnel(pki, e
         assert _exchange(port, b"secret") == b""
         node.log.wait_for(r"tunnel gateway certificate rejected local=\S+ gateway=127\.0\.0\.1:\d+ detail=.IP address mismatch")
         assert "accepted" not in gateway.log.text()
+        node.stop()  # one agent per credential directory (its PID file lock)
         (tmp_path / "named").mkdir()
         named, named_port = _node(pki.node, pki.home, gw_port, tmp_path / "named", server_name="127.0.0.2")
         try:
