@@ -29,10 +29,20 @@ from .listener import GatewayListener
 from .est_client import ESTClient, self_signed
 from .rotation import LocalCA, RenewalSource, rotate
 from .tls import ServerTLS, server_context
+from .watch import watch_files
 
 __all__ = ["Agent", "backoff_delay"]
 
 log = logging.getLogger("pki_agent")
+
+
+def _file_stamp(path) -> tuple | None:
+    """Identity of a file's content as far as a reload cares: inode, mtime, size (None if absent)."""
+    try:
+        info = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
 
 
 def backoff_delay(failures: int, *, initial: float, maximum: float, rng: random.Random) -> float:
@@ -88,13 +98,18 @@ class Agent:
             live = os.readlink(self.store.live)
         except OSError:
             live = None
+        return live, _file_stamp(self.config.listener.crl if self.config.listener else None), _file_stamp(self.store.trust_anchors_path)
+
+    def watched_paths(self) -> list:
+        """The files whose change means "reload": the live link, the trust anchors, the CRL."""
         crl = self.config.listener.crl if self.config.listener else None
-        try:
-            info = os.stat(crl) if crl else None
-            crl_stamp = (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
-        except OSError:
-            crl_stamp = None
-        return live, crl_stamp
+        return [self.store.live, self.store.trust_anchors_path, *([crl] if crl else [])]
+
+    def reload_if_changed(self) -> None:
+        """Reload if what is on disk differs from what was loaded (the file watcher's callback)."""
+        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
+            log.info("credential, trust anchors or CRL changed on disk: reloading")
+            self.reload()
 
     def reload(self) -> bool:
         """Rebuild everything from the credential on disk; on any error keep the old state.
@@ -121,6 +136,8 @@ class Agent:
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
         if tls is not None and tls.crl_next_update is not None:
             log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
+        if tls is not None and tls.revoked and self.listener is not None:
+            self.listener.close_revoked(tls.revoked)  # revocation reaches established connections too
         if changed:
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
             self._failures = 0
@@ -192,9 +209,7 @@ class Agent:
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
         if isinstance(self.source, ESTClient) and self.clock.now() >= self._next_refresh:
             await asyncio.to_thread(self._refresh_from_est)
-        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
-            log.info("credential or CRL changed on disk: reloading")
-            self.reload()
+        self.reload_if_changed()
 
     async def renew(self) -> bool:
         """Rotate now: renew, install, reload. On failure keep serving and back off.
@@ -271,6 +286,7 @@ class Agent:
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
         self._scheduler.start()
         self._schedule_wakeup()
+        watcher = loop.create_task(watch_files(self.watched_paths(), self.reload_if_changed, self._stopped)) if self.config.watch else None
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopped.set)
@@ -285,6 +301,9 @@ class Agent:
         finally:
             log.info("stopping")
             self._scheduler.shutdown(wait=False)
+            if watcher is not None:
+                self._stopped.set()
+                await asyncio.wait({watcher}, timeout=5)
             if self.listener is not None:
                 await self.listener.close()
 

@@ -27,12 +27,14 @@ sock.on('error', e => { console.error('error: ' + e.message); process.exit(1); }
 """
 
 
-def _gateway_config(pki, upstream_port: int, check_interval: str = "1h") -> Path:
+def _gateway_config(pki, upstream_port: int, check_interval: str = "1h", **settings) -> Path:
     config = pki.gateway / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "name": "gw", "kind": "gateway", "credential_dir": ".",
         "renewal": {"ca_home": str(pki.home), "check_interval": check_interval},
-        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}", "crl": str(pki.ca.crl_path)},
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}", "crl": str(pki.ca.crl_path),
+                     "allow": ["*"]},
+        **settings,
     }))
     return config
 
@@ -63,7 +65,7 @@ def test_pkictl_revoke_locks_the_node_out_of_the_running_gateway(pki, echo_serve
 def test_sighup_reloads_the_credential_from_disk(pki, echo_server):
     """A credential installed behind the agent's back is served only after SIGHUP, and SIGTERM
     then stops the agent with exit status 0."""
-    agent = AgentProcess(_gateway_config(pki, echo_server.port))
+    agent = AgentProcess(_gateway_config(pki, echo_server.port, watch=False))
     try:
         _, port = agent.wait_ready()
         first = TLSClient(port, bundle_context(pki.node))
