@@ -26,6 +26,7 @@ from pkictl.store import Credential, CredentialStore
 from .config import AgentConfig
 from .errors import AgentError
 from .listener import GatewayListener
+from .metrics import AgentCounters, StatusServer
 from .est_client import ESTClient, self_signed
 from .rotation import LocalCA, RenewalSource, rotate
 from .tls import ServerTLS, server_context
@@ -83,6 +84,8 @@ class Agent:
         self._next_refresh = self.clock.now()
         self._stopped: asyncio.Event | None = None
         self._scheduler = None
+        self.counters = AgentCounters()
+        self.status_server: StatusServer | None = None
 
     # -- credential and context ---------------------------------------------------------------
 
@@ -131,7 +134,9 @@ class Agent:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
             log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
+            self.counters.reload_failures += 1
             return False
+        self.counters.reloads += 1
         changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
         if tls is not None and tls.crl_next_update is not None:
@@ -229,6 +234,7 @@ class Agent:
         try:
             successor = await asyncio.to_thread(rotate, self.store, current, self.source, self.clock)
         except Exception as exc:  # noqa: BLE001 - whatever failed, keep serving and retry
+            self.counters.renewal_failures += 1
             self._retry_later()
             left = current.certificate.not_valid_after_utc - self.clock.now()
             log.error("renewal of %s failed (%s); still serving serial %x, %s left; next attempt %s",
@@ -237,6 +243,7 @@ class Agent:
             return False
         log.info("renewed %s: serial %x -> %x, not after %s", self.config.name, current.certificate.serial_number,
                  successor.certificate.serial_number, successor.certificate.not_valid_after_utc.isoformat())
+        self.counters.renewals += 1
         return self.reload()
 
     def _retry_later(self) -> None:
@@ -281,6 +288,13 @@ class Agent:
                 await self.listener.start()
             except OSError as exc:
                 raise AgentError(f"listener: cannot listen on {self.config.listener.listen[0]}:{self.config.listener.listen[1]}: {exc}") from None
+        if self.config.metrics is not None:
+            self.status_server = StatusServer(self, self.config.metrics.listen)
+            try:
+                await self.status_server.start()
+            except OSError as exc:
+                raise AgentError(f"metrics: cannot listen on {self.config.metrics.listen[0]}:{self.config.metrics.listen[1]}: {exc}") from None
+            log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in self.status_server.addresses))
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
@@ -306,6 +320,8 @@ class Agent:
                 await asyncio.wait({watcher}, timeout=5)
             if self.listener is not None:
                 await self.listener.close()
+            if self.status_server is not None:
+                await self.status_server.close()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")

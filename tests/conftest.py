@@ -105,7 +105,7 @@ def start_gateway_agent(pki: PKI, echo_server: EchoServer, caplog, event_loop_fa
     caplog.set_level(logging.INFO, logger="pki_agent")
     started = []
 
-    def start(*, watch: bool = False, metrics: dict | None = None, **listener) -> RunningAgent:
+    def start(*, watch: bool = False, metrics: dict | None = None, clock=None, **listener) -> RunningAgent:
         settings = {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_server.port}", "handshake_timeout": 2,
                     "crl": pki.ca.crl_path, "allow": ["*"], **listener}
         config = AgentConfig(
@@ -113,7 +113,7 @@ def start_gateway_agent(pki: PKI, echo_server: EchoServer, caplog, event_loop_fa
             renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),
             listener=ListenerConfig(**settings), watch=watch, metrics=metrics,
         )
-        running = RunningAgent(Agent(config), event_loop_factory).start()
+        running = RunningAgent(Agent(config, clock=clock), event_loop_factory).start()
         started.append(running)
         return running
 
