@@ -13,9 +13,12 @@ import ssl
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pkictl.errors import PKIError
+from pkictl.names import validate_name
+
 from .errors import PeerRejected
 
-__all__ = ["PeerIdentity", "Authorizer", "authorize_client", "handshake_refusal_reason"]
+__all__ = ["PeerIdentity", "Authorizer", "allowed_names", "authorize_client", "handshake_refusal_reason"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,25 @@ class PeerIdentity:
     serial: int
     not_after: dt.datetime
     issuer: bytes = b""
+
+
+def allowed_names(allow: list[str] | tuple[str, ...]) -> frozenset[str] | None:
+    """The allow list as lower-case names, or None for ``["*"]`` (every node of the CA).
+
+    Raises:
+        ValueError: the list is empty, mixes ``*`` with names, or holds a name that is not a DNS
+            label (RFC 1123 2.1).
+    """
+    if isinstance(allow, str) or not allow:
+        raise ValueError(f"got {allow!r}: want a non-empty list of node names, or ['*'] for every node")
+    if "*" in allow:
+        if len(allow) > 1:
+            raise ValueError(f"{list(allow)}: '*' already lets every node in; give '*' alone or only names")
+        return None
+    try:
+        return frozenset(validate_name(name).lower() for name in allow)
+    except PKIError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def authorize_client(

@@ -16,6 +16,7 @@ from pkictl.errors import PKIError
 from pkictl.names import validate_name
 from pkictl.settings import parse_duration
 
+from .authz import allowed_names
 from .errors import ConfigError
 
 __all__ = [
@@ -155,19 +156,8 @@ class ListenerConfig(_Model):
     @field_validator("allow")
     @classmethod
     def _allow_names(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("is empty, so no node could connect: list node names, or ['*'] for every node")
-        if "*" in value:
-            if len(value) > 1:
-                raise ValueError(f"{value}: '*' already lets every node in; give '*' alone or only names")
-            return value
-        names = []
-        for item in value:
-            try:
-                names.append(validate_name(item).lower())
-            except PKIError as exc:
-                raise ValueError(str(exc)) from None
-        return names
+        names = allowed_names(value)
+        return ["*"] if names is None else sorted(names)
 
     @field_validator("handshake_timeout", "idle_timeout", "max_connection_age")
     @classmethod
@@ -179,7 +169,7 @@ class ListenerConfig(_Model):
     @property
     def allowed_names(self) -> frozenset[str] | None:
         """The lower-case node names let through, or None for every node (``['*']``)."""
-        return None if self.allow == ["*"] else frozenset(self.allow)
+        return allowed_names(self.allow)
 
 
 def _argv(value):

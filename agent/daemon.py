@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import random
 import signal
 import ssl
@@ -30,20 +29,11 @@ from .metrics import AgentCounters, StatusServer
 from .est_client import ESTClient, self_signed
 from .rotation import LocalCA, RenewalSource, rotate
 from .tls import ServerTLS, server_context
-from .watch import watch_files
+from .watch import credential_stamp, watch_files
 
 __all__ = ["Agent", "backoff_delay"]
 
 log = logging.getLogger("pki_agent")
-
-
-def _file_stamp(path) -> tuple | None:
-    """Identity of a file's content as far as a reload cares: inode, mtime, size (None if absent)."""
-    try:
-        info = os.stat(path) if path else None
-    except OSError:
-        return None
-    return (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
 
 
 def backoff_delay(failures: int, *, initial: float, maximum: float, rng: random.Random) -> float:
@@ -95,13 +85,8 @@ class Agent:
         return self._tls
 
     def _disk_stamp(self) -> tuple:
-        """What :meth:`reload` read from: the version ``live`` points to and the CRL file's
-        identity. A difference means something on disk changed since."""
-        try:
-            live = os.readlink(self.store.live)
-        except OSError:
-            live = None
-        return live, _file_stamp(self.config.listener.crl if self.config.listener else None), _file_stamp(self.store.trust_anchors_path)
+        """What :meth:`reload` read from; a difference means something on disk changed since."""
+        return credential_stamp(self.store, self.config.listener.crl if self.config.listener else None)
 
     def watched_paths(self) -> list:
         """The files whose change means "reload": the live link, the trust anchors, the CRL."""

@@ -13,9 +13,28 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["watch_files"]
+__all__ = ["watch_files", "file_stamp", "credential_stamp"]
 
 log = logging.getLogger("pki_agent.watch")
+
+
+def file_stamp(path: Path | None) -> tuple | None:
+    """Identity of a file's content as far as a reload cares: inode, mtime, size (None if absent)."""
+    try:
+        info = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
+
+
+def credential_stamp(store, crl: Path | None) -> tuple:
+    """What a reload reads from, as comparable values: the version ``live`` points to, and the
+    identities of the trust anchors file and the CRL file. A difference means "reload"."""
+    try:
+        live = os.readlink(store.live)
+    except OSError:
+        live = None
+    return live, file_stamp(crl), file_stamp(store.trust_anchors_path)
 
 
 async def watch_files(paths: Iterable[Path], on_change: Callable[[], None], stop: asyncio.Event, *, step_ms: int = 50) -> None:
@@ -43,6 +62,9 @@ async def watch_files(paths: Iterable[Path], on_change: Callable[[], None], stop
     def relevant(_change, path: str) -> bool:
         return os.path.abspath(path) in wanted
 
+    # awatch sets its watches up in this task's first step, before its first await; the check
+    # scheduled here runs right after, so a change made before the watches existed is not missed.
+    asyncio.get_running_loop().call_soon(on_change)
     try:
         async for changes in awatch(*directories, watch_filter=relevant, stop_event=stop, recursive=False,
                                     debounce=1600, step=step_ms):
