@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import ssl
 
 from cryptography import x509
@@ -84,6 +85,32 @@ def authorize_client(
     """
     if not der:
         raise PeerRejected("no client certificate", "the client sent no certificate")
+    found = _examine(der, trust_domain)
+    if (found.issuer, found.serial) in revoked:
+        raise PeerRejected("revoked", f"serial {found.serial:x} is on the CRL", node=found.claimed, serial=found.serial)
+    if found.problem is not None:
+        raise PeerRejected(*found.problem, node=found.claimed, serial=found.serial)
+    if allow is not None and found.claimed not in allow:
+        raise PeerRejected("not allowed", f"node {found.claimed} (serial {found.serial:x}) is not in listener.allow",
+                           node=found.claimed, serial=found.serial)
+    return PeerIdentity(found.claimed, found.serial, found.not_after, found.issuer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Examined:
+    """What a certificate's bytes say, independent of the CRL and the allow list of the moment."""
+
+    serial: int
+    issuer: bytes
+    not_after: dt.datetime
+    claimed: str | None  # the node name if exactly one, else the CN (for the log)
+    problem: tuple[str, str] | None  # (reason, detail) of the first static rule it breaks
+
+
+# Nodes reconnect with the same certificate: parsing it once saves ~50 us per handshake. The
+# result is a pure function of the bytes OpenSSL verified, so caching cannot change a decision.
+@functools.lru_cache(maxsize=4096)
+def _examine(der: bytes, trust_domain: str) -> _Examined:
     cert = x509.load_der_x509_certificate(der)
     serial = cert.serial_number
     prefix = f"spiffe://{trust_domain}/node/"
@@ -94,30 +121,26 @@ def authorize_client(
     except x509.ExtensionNotFound:
         uris = []
     names = [u[len(prefix):] for u in uris if u.startswith(prefix)]
-    claimed = names[0].lower() if len(names) == 1 and names[0] else _common_name(cert)
-
-    def refuse(reason: str, detail: str) -> PeerRejected:
-        return PeerRejected(reason, detail, node=claimed, serial=serial)
-
-    if (cert.issuer.public_bytes(), serial) in revoked:
-        raise refuse("revoked", f"serial {serial:x} is on the CRL")
+    one = len(names) == 1 and bool(names[0])
+    claimed = names[0].lower() if one else _common_name(cert)
+    problem = None
     try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise refuse("CA certificate as client", f"serial {serial:x} is a CA certificate (basicConstraints CA:TRUE)")
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
-        pass
+        is_ca = False
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        raise refuse("wrong purpose", f"serial {serial:x} has no extended key usage; want clientAuth") from None
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-        raise refuse("wrong purpose", f"serial {serial:x} is not for clientAuth")
-    if len(names) != 1 or not names[0]:
-        raise refuse("no node identity", f"serial {serial:x} carries {len(names)} identities under {prefix}; want exactly one")
-    identity = PeerIdentity(names[0].lower(), serial, cert.not_valid_after_utc, cert.issuer.public_bytes())
-    if allow is not None and identity.name not in allow:
-        raise refuse("not allowed", f"node {identity.name} (serial {serial:x}) is not in listener.allow")
-    return identity
+        eku = None
+    if is_ca:
+        problem = ("CA certificate as client", f"serial {serial:x} is a CA certificate (basicConstraints CA:TRUE)")
+    elif eku is None:
+        problem = ("wrong purpose", f"serial {serial:x} has no extended key usage; want clientAuth")
+    elif ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        problem = ("wrong purpose", f"serial {serial:x} is not for clientAuth")
+    elif not one:
+        problem = ("no node identity", f"serial {serial:x} carries {len(names)} identities under {prefix}; want exactly one")
+    return _Examined(serial, cert.issuer.public_bytes(), cert.not_valid_after_utc, claimed, problem)
 
 
 def _common_name(cert: x509.Certificate) -> str | None:

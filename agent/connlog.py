@@ -8,6 +8,7 @@ text format, ``time`` (ISO 8601, UTC) in JSON.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Literal
 
 from .authz import PeerIdentity
 
-__all__ = ["log_refused", "log_accepted", "log_closed", "JSONFormatter", "configure_logging", "TEXT_FORMAT"]
+__all__ = ["log_refused", "log_accepted", "log_closed", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
 
 log = logging.getLogger("pki_agent.listener")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -82,9 +83,59 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class BatchingStreamHandler(logging.StreamHandler):
+    """A StreamHandler that writes the lines of one event-loop iteration with one ``write``.
+
+    Under a handshake flood the listener logs two lines per connection; a write (and a wake-up
+    of the reader of the pipe, journald or a terminal) per line cost more CPU than the rest of
+    the connection's Python code. Lines are flushed at the end of the loop iteration that logged
+    them, so nothing waits; outside the loop (other threads, shutdown) a line is written at once.
+    """
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._lines:
+                data, self._lines = "".join(self._lines), []
+                self.stream.write(data)
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+        finally:
+            self.release()
+
+
 def configure_logging(fmt: Literal["text", "json"], level: str = "INFO") -> None:
     """Send the agent's log to stderr in ``fmt`` (``text`` or ``json``) at ``level``."""
-    handler = logging.StreamHandler()
+    # The logging HOWTO's "Optimization": no caller lookup, thread or process fields, which no
+    # format here shows and which cost a stack walk and calls per record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = BatchingStreamHandler()
     handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

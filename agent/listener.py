@@ -333,8 +333,7 @@ class GatewayListener:
                 sock.close()
                 self._refused(peer, "connection limit", f"{self.config.max_connections} connections open (listener.max_connections)")
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)  # (both loops set TCP_NODELAY on the transport themselves)
             conn = _Connection(self, peer)
             self._connections.add(conn)
             conn.task = self.loop.create_task(conn.open(sock, self._current()))
