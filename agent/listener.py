@@ -99,7 +99,8 @@ class _Connection(asyncio.Protocol):
         self.last_activity = 0.0
         self.end_reason: str | None = None
         self.task: asyncio.Task | None = None
-        self.timers: list[asyncio.TimerHandle] = []
+        self.timers: list[asyncio.TimerHandle] = []  # maximum age, close grace
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.lost = False
         self.logged = False
 
@@ -166,7 +167,7 @@ class _Connection(asyncio.Protocol):
             self.pending = []
         self.client.resume_reading()
         config = listener.config
-        self.timers.append(self.loop.call_at(self.started + config.idle_timeout.total_seconds(), self._check_idle))
+        self.idle_timer = self.loop.call_at(self.started + config.idle_timeout.total_seconds(), self._check_idle)
         if config.max_connection_age is not None:
             self.timers.append(self.loop.call_later(config.max_connection_age.total_seconds(), self.end, "max connection age"))
 
@@ -232,7 +233,7 @@ class _Connection(asyncio.Protocol):
         if self.loop.time() >= due:
             self.end("idle timeout")
         else:  # there was traffic since: look again when it would be idle long enough
-            self.timers.append(self.loop.call_at(due, self._check_idle))
+            self.idle_timer = self.loop.call_at(due, self._check_idle)
 
     def _log_closed(self) -> None:
         if self.identity is None or self.logged:
@@ -249,6 +250,8 @@ class _Connection(asyncio.Protocol):
         for timer in self.timers:
             timer.cancel()
         self.timers = []
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
         listener = self.listener
         listener._connections.discard(self)
         if not listener._connections and listener._drained is not None:

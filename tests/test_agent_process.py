@@ -3,6 +3,7 @@ configuration stops it at start with the file and field named."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command, live_files, refused
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, command, live_files, refused
 
 NODE_CLIENT = r"""
 const tls = require('tls'); const fs = require('fs');
@@ -137,3 +138,24 @@ def test_missing_credential_is_refused_at_start(tmp_path):
     result = subprocess.run([command("pki-agent"), "run", "--config", str(config)], capture_output=True, text=True, timeout=DEADLINE)
     assert result.returncode == 1
     assert "no credential" in result.stderr and "enroll" in result.stderr
+
+
+def test_json_log_format_writes_one_object_per_line_with_the_event_fields(pki, echo_server):
+    """With log_format: json every line pki-agent writes is a JSON object; a refusal carries
+    peer and reason, a closed connection node, serial, bytes and duration."""
+    agent = AgentProcess(_gateway_config(pki, echo_server.port, log_format="json"))
+    try:
+        _, port = agent.wait_ready()
+        refused(port, client_context(pki.node / "ca.pem"))
+        client = TLSClient(port, bundle_context(pki.node))
+        assert client.echo(b"json") == b"json"
+        client.close()
+        agent.log.wait_for(r'"event": "closed"')
+        entries = [json.loads(l) for l in agent.log.lines]  # every line parses
+        refusal = next(e for e in entries if e.get("event") == "refused")
+        assert refusal["reason"] == "no client certificate" and refusal["peer"].startswith("127.0.0.1:")
+        assert refusal["level"] == "warning" and "T" in refusal["time"]
+        closed = next(e for e in entries if e.get("event") == "closed")
+        assert (closed["node"], closed["bytes_in"], closed["bytes_out"]) == ("tw", 4, 4) and closed["duration"] >= 0
+    finally:
+        agent.stop()
