@@ -85,6 +85,9 @@ class _Upstream(asyncio.Protocol):
 class _Connection(asyncio.Protocol):
     """One node connection: TLS handshake on the accepted socket, authorization, then forwarding."""
 
+    __slots__ = ("listener", "loop", "peer", "client", "upstream", "identity", "pending", "bytes_in", "bytes_out", "started",
+                 "last_activity", "end_reason", "task", "timers", "idle_timer", "lost", "logged")
+
     def __init__(self, listener: "GatewayListener", peer: str) -> None:
         self.listener = listener
         self.loop = listener.loop
