@@ -23,15 +23,21 @@ def cli() -> None:
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The agent's YAML configuration.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def run(config_path: Path, log_level: str) -> None:
+@click.option("--loop", "loop_name", default="auto", show_default=True, type=click.Choice(["auto", "uvloop", "asyncio"]),
+              help="Event loop: uvloop when installed (pip install 'pkictl[fast]'), else asyncio's own.")
+def run(config_path: Path, log_level: str, loop_name: str) -> None:
     """Run in the foreground until SIGTERM (systemd and launchd run it like this)."""
     from .config import load_config
+    from .connlog import configure_logging
     from .daemon import Agent
+    from .loops import event_loop_factory
 
     config = load_config(config_path)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    asyncio.run(Agent(config).run())
+    configure_logging(config.log_format, log_level)
+    factory, name = event_loop_factory(loop_name)
+    logging.getLogger("pki_agent").info("event loop: %s", name)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(Agent(config).run())
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),

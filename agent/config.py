@@ -18,6 +18,7 @@ from pkictl.errors import PKIError
 from pkictl.names import validate_name
 from pkictl.settings import parse_duration
 
+from .authz import allowed_names
 from .errors import ConfigError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "RenewalConfig",
     "ListenerConfig",
     "TunnelConfig",
+    "MetricsConfig",
     "Hook",
     "load_config",
     "parse_address",
@@ -116,23 +118,62 @@ class RenewalConfig(_Model):
         return self
 
 
+def _allow(value):
+    if value is None:
+        raise ValueError(
+            "missing: list the node names let through, e.g. [tw, node-07], or write ['*'] to let in "
+            "every node certificate of this CA (the listener does not guess)"
+        )
+    if isinstance(value, str):
+        raise ValueError(f"got the string {value!r}; want a list of node names such as [{value}] or ['*']")
+    return value
+
+
 class ListenerConfig(_Model):
     """The gateway's mTLS listener.
 
     Attributes:
         listen: where nodes connect (TLS), ``HOST:PORT``; port 0 picks a free port.
         upstream: the real gateway, plain TCP, normally on 127.0.0.1.
+        allow: the node names let through after authentication (compared without case), or
+            ``["*"]`` for every node certificate of this CA. Required: a listener without it
+            refuses to start rather than let everyone in.
         handshake_timeout: a client that has not finished its handshake by then is dropped.
         max_connections: connections beyond this many are refused.
+        idle_timeout: a connection with no bytes in either direction for this long is closed.
+        max_connection_age: when set, a connection is closed this long after its handshake, so
+            that a revocation or a new certificate reaches long-lived connections too.
         crl: PEM file of the CA's CRL(s); when set, a revoked client is refused (checked by
-            OpenSSL and again by the listener), and a change of the file reloads the listener.
+            OpenSSL and again by the listener), a change of the file reloads the listener, and
+            established connections of a newly revoked serial are closed.
     """
 
     listen: Address
     upstream: Address
+    allow: Annotated[list[str], BeforeValidator(_allow)] = Field(None, validate_default=True)
     crl: Optional[Path] = None
     handshake_timeout: Duration = dt.timedelta(seconds=10)
     max_connections: int = Field(1024, ge=1)
+    idle_timeout: Duration = dt.timedelta(minutes=10)
+    max_connection_age: Optional[Duration] = None
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_names(cls, value: list[str]) -> list[str]:
+        names = allowed_names(value)
+        return ["*"] if names is None else sorted(names)
+
+    @field_validator("handshake_timeout", "idle_timeout", "max_connection_age")
+    @classmethod
+    def _positive(cls, value: dt.timedelta | None) -> dt.timedelta | None:
+        if value is not None and value <= dt.timedelta(0):
+            raise ValueError("must be at least 1s")
+        return value
+
+    @property
+    def allowed_names(self) -> frozenset[str] | None:
+        """The lower-case node names let through, or None for every node (``['*']``)."""
+        return allowed_names(self.allow)
 
 
 def _loopback(value: tuple[str, int]) -> tuple[str, int]:
@@ -262,6 +303,16 @@ class Hook(_Model):
         return f"SIGHUP to the PID in {self.sighup_pid_file}"
 
 
+class MetricsConfig(_Model):
+    """The agent's local HTTP endpoint: ``GET /healthz`` and Prometheus ``GET /metrics``.
+
+    Attributes:
+        listen: ``HOST:PORT`` to serve on; keep it on loopback (no authentication).
+    """
+
+    listen: Address
+
+
 class AgentConfig(_Model):
     """One host's agent: whose credential, where it lives, how it renews, what it serves (a
     gateway's listener, a node's tunnel), and the hooks run (in order) after each rotation.
@@ -269,6 +320,13 @@ class AgentConfig(_Model):
     ``trust_anchor_sha256`` is the SHA-256 fingerprint of the root this host was told to trust
     (written by ``pki-agent enroll`` and ``pkictl enroll-*``); ``pki-agent doctor`` checks that
     ``ca.pem`` still holds it.
+
+    Attributes:
+        log_format: ``text`` (one line per event, ``key=value``) or ``json`` (one JSON object per
+            line, the same fields as keys).
+        watch: reload as soon as the credential, trust anchors or CRL change on disk (watchfiles);
+            the periodic check stays the fallback.
+        metrics: the optional ``/healthz`` and ``/metrics`` endpoint.
     """
 
     name: str
@@ -280,6 +338,9 @@ class AgentConfig(_Model):
     listener: Optional[ListenerConfig] = None
     tunnel: Optional[TunnelConfig] = None
     hooks: list[Hook] = []
+    log_format: Literal["text", "json"] = "text"
+    watch: bool = True
+    metrics: Optional[MetricsConfig] = None
 
     @field_validator("name")
     @classmethod
@@ -356,6 +417,11 @@ def _resolve_hook(hook: Hook, base: Path) -> Hook:
     return hook
 
 
+def _allow_yaml(names) -> str:
+    names = list(names or ["*"])
+    return "[" + ", ".join("'*'" if n == "*" else n.lower() for n in names) + "]"
+
+
 def render_agent_config(
     *,
     name: str,
@@ -398,8 +464,10 @@ def render_agent_config(
             "listener:",
             f"  listen: \"{listener['listen']}\"      # nodes connect here with mTLS",
             f"  upstream: \"{listener['upstream']}\"  # the real gateway, plain TCP on loopback",
+            f"  allow: {_allow_yaml(listener.get('allow'))}  # node names let through; ['*'] = every node of this CA",
             "  handshake_timeout: 10s",
             "  max_connections: 1024",
+            "  idle_timeout: 10m",
         ]
         if listener.get("crl"):
             lines.append(f"  crl: {listener['crl']}  # refuse revoked nodes; reloaded when it changes")

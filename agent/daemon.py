@@ -30,6 +30,7 @@ from pkictl.store import Credential, CredentialStore
 
 from .config import AgentConfig
 from .errors import AgentError
+from .metrics import AgentCounters, StatusServer
 from .est_client import ESTClient, self_signed
 from .hooks import HookContext, run_hooks
 from .listener import GatewayListener
@@ -39,6 +40,7 @@ from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_del
 from .state import iso, state_path, write_state
 from .tls import ServerTLS, client_context, server_context
 from .tunnel import NodeTunnel
+from .watch import credential_stamp, watch_files
 
 __all__ = ["Agent", "backoff_delay"]
 
@@ -86,6 +88,8 @@ class Agent:
         self._running = False
         self._forced = 0  # renew-now requests handled: renew-now waits for this to grow
         self.state_path = state_path(config.credential_dir)
+        self.counters = AgentCounters()
+        self.status_server: StatusServer | None = None
 
     # -- credential and context ---------------------------------------------------------------
 
@@ -101,19 +105,19 @@ class Agent:
         return self._client_tls
 
     def _disk_stamp(self) -> tuple:
-        """What :meth:`reload` read from: the version ``live`` points to and the CRL file's
-        identity. A difference means something on disk changed since."""
-        try:
-            live = os.readlink(self.store.live)
-        except OSError:
-            live = None
+        """What :meth:`reload` read from; a difference means something on disk changed since."""
+        return credential_stamp(self.store, self.config.listener.crl if self.config.listener else None)
+
+    def watched_paths(self) -> list:
+        """The files whose change means "reload": the live link, the trust anchors, the CRL."""
         crl = self.config.listener.crl if self.config.listener else None
-        try:
-            info = os.stat(crl) if crl else None
-            crl_stamp = (info.st_ino, info.st_mtime_ns, info.st_size) if info else None
-        except OSError:
-            crl_stamp = None
-        return live, crl_stamp
+        return [self.store.live, self.store.trust_anchors_path, *([crl] if crl else [])]
+
+    def reload_if_changed(self) -> None:
+        """Reload if what is on disk differs from what was loaded (the file watcher's callback)."""
+        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
+            log.info("credential, trust anchors or CRL changed on disk: reloading")
+            self.reload()
 
     def reload(self) -> bool:
         """Rebuild everything from the credential on disk; on any error keep the old state.
@@ -139,12 +143,16 @@ class Agent:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
             log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
+            self.counters.reload_failures += 1
             return False
+        self.counters.reloads += 1
         changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
         self._client_tls = client_tls
         if tls is not None and tls.crl_next_update is not None:
             log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
+        if tls is not None and tls.revoked and self.listener is not None:
+            self.listener.close_revoked(tls.revoked)  # revocation reaches established connections too
         if changed:
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
             self._failures = 0
@@ -222,9 +230,7 @@ class Agent:
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
         if isinstance(self.source, ESTClient) and self.clock.now() >= self._next_refresh:
             await asyncio.to_thread(self._refresh_from_est)
-        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
-            log.info("credential or CRL changed on disk: reloading")
-            self.reload()
+        self.reload_if_changed()
 
     async def renew(self, *, forced: bool = False) -> bool:
         """Rotate now: renew, install, reload, then start the hooks. On failure keep serving and
@@ -256,6 +262,7 @@ class Agent:
             return False
         log.info("renewed %s: serial %x -> %x, not after %s", self.config.name, current.certificate.serial_number,
                  successor.certificate.serial_number, successor.certificate.not_valid_after_utc.isoformat())
+        self.counters.renewals += 1
         self._last_renewal = self.clock.now()
         self._last_attempt = {"started": iso(started), "ended": iso(self._last_renewal), "forced": forced, "result": "renewed",
                               "serial": f"{successor.certificate.serial_number:x}", "error": None}
@@ -270,6 +277,7 @@ class Agent:
         """Record a failed attempt, schedule the retry and log it, louder as expiry nears."""
         now = self.clock.now()
         cert = current.certificate
+        self.counters.renewal_failures += 1
         self._failures += 1
         cfg = self.config.renewal
         delay = retry_delay(self._failures, left=cert.not_valid_after_utc - now, initial=cfg.retry_initial.total_seconds(),
@@ -391,11 +399,19 @@ class Agent:
                 if self.listener is not None:
                     await self.listener.close()
                 raise AgentError(f"tunnel: cannot listen on {self.config.tunnel.listen[0]}:{self.config.tunnel.listen[1]}: {exc}") from None
+        if self.config.metrics is not None:
+            self.status_server = StatusServer(self, self.config.metrics.listen)
+            try:
+                await self.status_server.start()
+            except OSError as exc:
+                raise AgentError(f"metrics: cannot listen on {self.config.metrics.listen[0]}:{self.config.metrics.listen[1]}: {exc}") from None
+            log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in self.status_server.addresses))
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
         self._scheduler.start()
         self._schedule_wakeup()
+        watcher = loop.create_task(watch_files(self.watched_paths(), self.reload_if_changed, self._stopped)) if self.config.watch else None
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopped.set)
@@ -415,6 +431,9 @@ class Agent:
         finally:
             log.info("stopping")
             self._scheduler.shutdown(wait=False)
+            if watcher is not None:
+                self._stopped.set()
+                await asyncio.wait({watcher}, timeout=5)
             if self._hooks_task is not None and not self._hooks_task.done():
                 self._hooks_task.cancel()  # kills a running hook's process group (agent/hooks.py)
                 await asyncio.gather(self._hooks_task, return_exceptions=True)
@@ -422,6 +441,8 @@ class Agent:
                 await self.listener.close()
             if self.tunnel is not None:
                 await self.tunnel.close()
+            if self.status_server is not None:
+                await self.status_server.close()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")

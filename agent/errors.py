@@ -22,9 +22,14 @@ class PeerRejected(AgentError):
 
     Attributes:
         reason: a short, stable reason for logs and metrics (e.g. ``wrong purpose``).
+        detail: what exactly was wrong, for the operator.
+        node: the identity the certificate claims (node name, else its CN), when known.
+        serial: the serial number of the certificate, when known.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, node: str | None = None, serial: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.node = node
+        self.serial = serial

@@ -221,29 +221,43 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Bundle directory (default <home>/bundles/NAME).")
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="Where the agent's mTLS listener accepts nodes.")
 @click.option("--upstream", default="127.0.0.1:18789", show_default=True, help="The real gateway (plain TCP) the listener forwards to.")
+@click.option("--allow", "allow", multiple=True, metavar="NODE",
+              help="A node the listener lets through (repeatable); without it the bundle's agent.yaml says allow: ['*'] (every node of this CA).")
 @click.option("--replace", is_flag=True, help=_REPLACE_HELP)
 @click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP + " The CRL is then kept in the bundle and refreshed from it.")
 @click.pass_obj
-def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, replace, ca_url) -> None:
+def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, allow, replace, ca_url) -> None:
     """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
     from pki_agent.config import parse_address
+
+    from .names import validate_name
 
     for option, value in (("--listen", listen), ("--upstream", upstream)):
         try:
             parse_address(value)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from None
+    for node in allow:
+        if node != "*":
+            try:
+                validate_name(node)
+            except PKIError as exc:
+                raise click.BadParameter(str(exc), param_hint="--allow") from None
     ca = obj.load_ca()
     enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
     if ca_url:  # another host: its own copy of the CRL, refreshed over EST by its agent
         from .files import atomic_write
 
         atomic_write(enrollment.directory / "crl.pem", ca.crl_path.read_bytes())
-        listener = {"listen": listen, "upstream": upstream, "crl": "crl.pem"}
+        listener = {"listen": listen, "upstream": upstream, "crl": "crl.pem", "allow": allow}
     else:
-        listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve()}
+        listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve(), "allow": allow}
     path = _write_agent_config(ca, enrollment, "gateway", name, listener, ca_url)
     _report_enrollment(enrollment, path)
+    if allow and "*" not in allow:
+        click.echo(f"its listener lets through: {', '.join(n.lower() for n in allow)} (listener.allow in agent.yaml)")
+    else:
+        click.echo("its listener lets through every node of this CA (allow: ['*'] in agent.yaml; restrict with --allow NODE)")
 
 
 @cli.command("status")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pki_agent.config import AgentConfig, ListenerConfig, RenewalConfig
+from pki_agent import loops
 from pki_agent.daemon import Agent
 from pkictl.authority import CertificateAuthority
 from pkictl.settings import CASettings
@@ -46,9 +47,9 @@ def echo_server():
 class RunningAgent:
     """An Agent running on its own event loop thread; call into it with :meth:`call`."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, loop_factory=asyncio.new_event_loop) -> None:
         self.agent = agent
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, daemon=True)
         self.error: BaseException | None = None
@@ -89,16 +90,39 @@ class RunningAgent:
         self.loop.close()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_factory(request):
+    """Each in-process agent test runs on asyncio's loop and on uvloop (pki-agent's default when installed)."""
+    factory, _ = loops.event_loop_factory(request.param)
+    return factory
+
+
 @pytest.fixture
-def gateway_agent(pki: PKI, echo_server: EchoServer, caplog):
-    """The gateway's agent with its listener on 127.0.0.1 (port 0), forwarding to the echo server."""
+def start_gateway_agent(pki: PKI, echo_server: EchoServer, caplog, event_loop_factory):
+    """Start the gateway's agent with its listener on 127.0.0.1 (port 0), forwarding to the echo
+    server and letting in every node; keyword arguments override listener settings (``watch=True``
+    turns on the file watcher, off by default so that tests reload explicitly)."""
     caplog.set_level(logging.INFO, logger="pki_agent")
-    config = AgentConfig(
-        name="gw", kind="gateway", credential_dir=pki.gateway,
-        renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),
-        listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", handshake_timeout=2,
-                                crl=pki.ca.crl_path),
-    )
-    running = RunningAgent(Agent(config)).start()
-    yield running
-    running.stop()
+    started = []
+
+    def start(*, watch: bool = False, metrics: dict | None = None, clock=None, **listener) -> RunningAgent:
+        settings = {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_server.port}", "handshake_timeout": 2,
+                    "crl": pki.ca.crl_path, "allow": ["*"], **listener}
+        config = AgentConfig(
+            name="gw", kind="gateway", credential_dir=pki.gateway,
+            renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),
+            listener=ListenerConfig(**settings), watch=watch, metrics=metrics,
+        )
+        running = RunningAgent(Agent(config, clock=clock), event_loop_factory).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def gateway_agent(start_gateway_agent):
+    """The gateway's agent with the default test settings (see start_gateway_agent)."""
+    return start_gateway_agent()

@@ -172,6 +172,29 @@ class TLSClient:
         self.sock.close()
 
 
+def wait_until(predicate, timeout: float = DEADLINE, what: str = "the condition") -> None:
+    """Poll ``predicate()`` every 10 ms until it is true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.01)
+
+
+def refusal_record(caplog, reason: str, timeout: float = DEADLINE):
+    """Wait (bounded) for the listener's log record of a refusal with ``reason``; fail if none comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for record in list(caplog.records):
+            event = getattr(record, "pki_event", None)
+            if event and event.get("event") == "refused" and event.get("reason") == reason:
+                return record
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no refusal with reason {reason!r} logged within {timeout} s; log:\n"
+                                 + "\n".join(r.getMessage() for r in caplog.records))
+        time.sleep(0.01)
+
+
 def refused(port: int, ctx: ssl.SSLContext) -> str:
     """Connect, try one echo, and return how it failed; raise if the gateway let it through.
 

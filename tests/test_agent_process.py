@@ -3,6 +3,7 @@ configuration stops it at start with the file and field named."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command, live_files, refused
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, command, live_files, refused
 
 NODE_CLIENT = r"""
 const tls = require('tls'); const fs = require('fs');
@@ -27,12 +28,14 @@ sock.on('error', e => { console.error('error: ' + e.message); process.exit(1); }
 """
 
 
-def _gateway_config(pki, upstream_port: int, check_interval: str = "1h") -> Path:
+def _gateway_config(pki, upstream_port: int, check_interval: str = "1h", **settings) -> Path:
     config = pki.gateway / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "name": "gw", "kind": "gateway", "credential_dir": ".",
         "renewal": {"ca_home": str(pki.home), "check_interval": check_interval},
-        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}", "crl": str(pki.ca.crl_path)},
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream_port}", "crl": str(pki.ca.crl_path),
+                     "allow": ["*"]},
+        **settings,
     }))
     return config
 
@@ -63,7 +66,7 @@ def test_pkictl_revoke_locks_the_node_out_of_the_running_gateway(pki, echo_serve
 def test_sighup_reloads_the_credential_from_disk(pki, echo_server):
     """A credential installed behind the agent's back is served only after SIGHUP, and SIGTERM
     then stops the agent with exit status 0."""
-    agent = AgentProcess(_gateway_config(pki, echo_server.port))
+    agent = AgentProcess(_gateway_config(pki, echo_server.port, watch=False))
     try:
         _, port = agent.wait_ready()
         first = TLSClient(port, bundle_context(pki.node))
@@ -135,3 +138,24 @@ def test_missing_credential_is_refused_at_start(tmp_path):
     result = subprocess.run([command("pki-agent"), "run", "--config", str(config)], capture_output=True, text=True, timeout=DEADLINE)
     assert result.returncode == 1
     assert "no credential" in result.stderr and "enroll" in result.stderr
+
+
+def test_json_log_format_writes_one_object_per_line_with_the_event_fields(pki, echo_server):
+    """With log_format: json every line pki-agent writes is a JSON object; a refusal carries
+    peer and reason, a closed connection node, serial, bytes and duration."""
+    agent = AgentProcess(_gateway_config(pki, echo_server.port, log_format="json"))
+    try:
+        _, port = agent.wait_ready()
+        refused(port, client_context(pki.node / "ca.pem"))
+        client = TLSClient(port, bundle_context(pki.node))
+        assert client.echo(b"json") == b"json"
+        client.close()
+        agent.log.wait_for(r'"event": "closed"')
+        entries = [json.loads(l) for l in agent.log.lines]  # every line parses
+        refusal = next(e for e in entries if e.get("event") == "refused")
+        assert refusal["reason"] == "no client certificate" and refusal["peer"].startswith("127.0.0.1:")
+        assert refusal["level"] == "warning" and "T" in refusal["time"]
+        closed = next(e for e in entries if e.get("event") == "closed")
+        assert (closed["node"], closed["bytes_in"], closed["bytes_out"]) == ("tw", 4, 4) and closed["duration"] >= 0
+    finally:
+        agent.stop()

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkictl.cli import cli
 from pki_agent.config import load_config
+from pki_agent.errors import ConfigError
 from pkictl.store import CredentialStore
 
 STATUS_FIELDS = {"name", "kind", "serial", "not_after", "days_left", "renewal_due", "state", "attention"}
@@ -135,6 +136,29 @@ def test_enroll_gateway_with_dns_and_ip(runner, ca_home):
     assert sans.get_values_for_type(x509.DNSName) == ["gw.example.lan"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+
+
+def test_enroll_gateway_writes_an_explicit_allow_list(runner, ca_home):
+    """Without --allow the bundle's listener says allow: ['*'] and the output says so; with
+    --allow the list holds exactly those nodes, lower case; an invalid --allow is a usage error."""
+    assert "every node of this CA" in _ok(run(runner, ca_home, "enroll-gateway", "gw", "--ip", "127.0.0.1"))
+    assert "allow: ['*']" in (ca_home / "bundles" / "gw" / "agent.yaml").read_text()
+    assert load_config(ca_home / "bundles" / "gw" / "agent.yaml").listener.allowed_names is None
+    output = _ok(run(runner, ca_home, "enroll-gateway", "gw2", "--ip", "127.0.0.1", "--allow", "TW", "--allow", "node-7"))
+    assert load_config(ca_home / "bundles" / "gw2" / "agent.yaml").listener.allowed_names == {"tw", "node-7"}
+    assert "lets through: tw, node-7" in output
+    bad = run(runner, ca_home, "enroll-gateway", "gw3", "--ip", "127.0.0.1", "--allow", "not a name")
+    assert bad.exit_code == 2 and "--allow" in bad.output and not (ca_home / "bundles" / "gw3").exists()
+
+
+def test_listener_without_allow_does_not_load(tmp_path):
+    """A hand-written listener section without allow is refused at load time, naming the field
+    and the two ways to fill it, instead of letting every node in."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("name: gw\nkind: gateway\nlistener:\n  listen: 127.0.0.1:8443\n  upstream: 127.0.0.1:18789\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    assert "listener.allow" in str(error.value) and "['*']" in str(error.value)
 
 
 def test_enroll_gateway_without_names_fails(runner, ca_home):

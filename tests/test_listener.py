@@ -178,7 +178,7 @@ def test_revoked_client_cannot_resume_an_earlier_tls12_session(pki, gateway_agen
     resumed.sendall(b"two")
     assert resumed.recv(10) == b"two"
     assert resumed.session_reused  # resumption works, so the refusal below is meaningful
-    resumed.close()
+    resumed.unwrap().close()
 
     pki.ca.revoke("TW")
     gateway_agent.call(gateway_agent.agent.maintain())

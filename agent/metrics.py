@@ -1,0 +1,171 @@
+"""The agent's local HTTP endpoint: ``/healthz`` and Prometheus ``/metrics`` (prometheus_client).
+
+Values are read from the agent at scrape time (a custom collector), so the hot paths only bump
+plain integers. Metric names follow cert-manager's (``certmanager_certificate_expiration_timestamp_seconds``)
+under the ``pki_agent_`` prefix, so dashboards and alerts written for it carry over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .daemon import Agent
+
+__all__ = ["AgentCounters", "AgentCollector", "health", "StatusServer"]
+
+log = logging.getLogger("pki_agent")
+
+
+@dataclasses.dataclass
+class AgentCounters:
+    """What the agent counts between scrapes (plain ints; the agent's loop is the only writer)."""
+
+    renewals: int = 0
+    renewal_failures: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+
+
+class AgentCollector:
+    """Turns one agent's state into Prometheus metric families at each scrape."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+
+    def collect(self):
+        agent = self.agent
+        labels = ["name", "kind"]
+        values = [agent.config.name, agent.config.kind]
+
+        def gauge(name: str, doc: str, value: float | None, extra: dict | None = None):
+            family = GaugeMetricFamily(f"pki_agent_{name}", doc, labels=labels + list(extra or {}))
+            if value is not None:
+                family.add_metric(values + list((extra or {}).values()), value)
+            return family
+
+        def counter(name: str, doc: str, value: int):
+            family = CounterMetricFamily(f"pki_agent_{name}", doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        cert = agent.credential.certificate if agent.credential is not None else None
+        yield gauge("certificate_expiration_timestamp_seconds", "The notAfter of the certificate in service, Unix time.",
+                    cert.not_valid_after_utc.timestamp() if cert else None)
+        yield gauge("certificate_not_before_timestamp_seconds", "The notBefore of the certificate in service, Unix time.",
+                    cert.not_valid_before_utc.timestamp() if cert else None)
+        yield gauge("certificate_renewal_timestamp_seconds", "When the next renewal attempt is due, Unix time.",
+                    agent.next_attempt.timestamp() if agent.next_attempt else None)
+        counters = agent.counters
+        yield counter("renewals", "Renewals installed and taken into service.", counters.renewals)
+        yield counter("renewal_failures", "Renewal attempts that failed (the current certificate stayed in service).",
+                      counters.renewal_failures)
+        yield counter("reloads", "Reloads of the credential, trust anchors and CRL from disk that succeeded.", counters.reloads)
+        yield counter("reload_failures", "Reloads that failed and kept the previous state.", counters.reload_failures)
+        tls = agent._tls
+        if tls is not None and tls.crl_next_update is not None:
+            yield gauge("crl_next_update_timestamp_seconds", "The earliest nextUpdate of the CRLs loaded, Unix time.",
+                        tls.crl_next_update.timestamp())
+        listener = agent.listener
+        if listener is None:
+            return
+        stats = listener.stats
+        yield counter("listener_connections_accepted", "Connections authorized and forwarded to the upstream.", stats.accepted)
+        refused = CounterMetricFamily("pki_agent_listener_connections_refused", "Connections refused, by reason.",
+                                      labels=labels + ["reason"])
+        for reason, count in sorted(stats.refused.items()):
+            refused.add_metric(values + [reason], count)
+        yield refused
+        yield gauge("listener_connections_open", "Connections open now, handshaking ones included.", listener.active_connections)
+        upstream, downstream = listener.bytes_forwarded()
+        forwarded = CounterMetricFamily("pki_agent_listener_forwarded_bytes", "Bytes forwarded, by direction.",
+                                        labels=labels + ["direction"])
+        forwarded.add_metric(values + ["to_upstream"], upstream)
+        forwarded.add_metric(values + ["to_node"], downstream)
+        yield forwarded
+
+
+def health(agent: "Agent") -> list[str]:
+    """What is wrong with the agent now, as messages for the operator; empty when healthy.
+
+    Unhealthy: no credential loaded, the certificate is expired or not yet valid, the CRL is
+    past its nextUpdate (every client would be refused), or the listener is not accepting.
+    """
+    now = agent.clock.now()
+    if agent.credential is None:
+        return ["no credential loaded"]
+    cert = agent.credential.certificate
+    problems = []
+    if now >= cert.not_valid_after_utc:
+        problems.append(f"certificate serial {cert.serial_number:x} expired at {cert.not_valid_after_utc.isoformat()}")
+    elif now < cert.not_valid_before_utc:
+        problems.append(f"certificate serial {cert.serial_number:x} is not valid before {cert.not_valid_before_utc.isoformat()}")
+    tls = agent._tls
+    if tls is not None and tls.crl_next_update is not None and now >= tls.crl_next_update:
+        problems.append(f"CRL past its nextUpdate {tls.crl_next_update.isoformat()}: every client is refused")
+    if agent.config.listener is not None and (agent.listener is None or not agent.listener.addresses):
+        problems.append("the listener is not accepting connections")
+    return problems
+
+
+class StatusServer:
+    """``GET /healthz`` (200 ``ok`` or 503 and the problems, JSON) and ``GET /metrics`` on one address.
+
+    Args:
+        agent: whose state to report.
+        listen: ``(host, port)``; port 0 picks a free port (see :attr:`addresses`).
+    """
+
+    def __init__(self, agent: "Agent", listen: tuple[str, int]) -> None:
+        self.agent = agent
+        self.listen = listen
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(AgentCollector(agent))
+        self._runner: "web.AppRunner | None" = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound ``(host, port)`` pairs."""
+        return [tuple(a[:2]) for a in self._runner.addresses] if self._runner else []
+
+    async def start(self) -> None:
+        """Bind and serve.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = self.listen
+        await web.TCPSite(self._runner, host or None, port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
+        problems = health(self.agent)
+        body = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
+        return web.json_response(body, status=503 if problems else 200)
+
+    async def _metrics(self, request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response

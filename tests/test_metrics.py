@@ -1,0 +1,83 @@
+"""The agent's /healthz and Prometheus /metrics endpoint, scraped over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pkictl.clock import FixedClock
+from pkictl.store import CredentialStore
+
+from support import DEADLINE, TLSClient, bundle_context, client_context, refusal_record, refused, wait_until
+
+
+def _get(running, path: str) -> tuple[int, bytes]:
+    host, port = running.agent.status_server.addresses[0]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=DEADLINE) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _samples(running) -> dict[tuple, float]:
+    """``{(sample name, ((label, value), ...) without name/kind): value}`` from one scrape."""
+    status, body = _get(running, "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            assert (sample.labels["name"], sample.labels["kind"]) == ("gw", "gateway")
+            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("name", "kind")))
+            out[(sample.name, rest)] = sample.value
+    return out
+
+
+def test_metrics_report_certificate_times_connections_and_bytes(pki, start_gateway_agent, caplog):
+    """/metrics gives the served certificate's notAfter and planned renewal, one accepted and one
+    refused connection by reason, the bytes forwarded each way, and a renewal once it happened."""
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"})
+    cert = CredentialStore(pki.gateway).load().certificate
+    before = _samples(running)
+    assert before[("pki_agent_certificate_expiration_timestamp_seconds", ())] == cert.not_valid_after_utc.timestamp()
+    assert before[("pki_agent_certificate_renewal_timestamp_seconds", ())] == running.agent.next_attempt.timestamp()
+    assert before[("pki_agent_listener_connections_accepted_total", ())] == 0
+
+    client = TLSClient(running.port, bundle_context(pki.node))
+    assert client.echo(b"12345") == b"12345"
+    client.close()
+    refused(running.port, client_context(pki.node / "ca.pem"))
+    refusal_record(caplog, "no client certificate")
+    wait_until(lambda: running.call(lambda: running.agent.listener.active_connections) == 0)
+    after = _samples(running)
+    assert after[("pki_agent_listener_connections_accepted_total", ())] == 1
+    assert after[("pki_agent_listener_connections_refused_total", (("reason", "no client certificate"),))] == 1
+    assert after[("pki_agent_listener_forwarded_bytes_total", (("direction", "to_upstream"),))] == 5
+    assert after[("pki_agent_listener_forwarded_bytes_total", (("direction", "to_node"),))] == 5
+    assert after[("pki_agent_renewals_total", ())] == 0
+
+    assert running.call(running.agent.renew()) is True
+    renewed = _samples(running)
+    new = CredentialStore(pki.gateway).load().certificate
+    assert renewed[("pki_agent_renewals_total", ())] == 1 and renewed[("pki_agent_renewal_failures_total", ())] == 0
+    assert renewed[("pki_agent_certificate_expiration_timestamp_seconds", ())] == new.not_valid_after_utc.timestamp()
+
+
+def test_healthz_is_ok_while_valid_and_503_with_the_reason_once_expired(pki, start_gateway_agent):
+    """/healthz answers 200 while the certificate and CRL are valid; with the agent's clock past
+    notAfter it answers 503 and names the expired certificate and the overdue CRL."""
+    cert = CredentialStore(pki.gateway).load().certificate
+    clock = FixedClock(dt.datetime.now(dt.timezone.utc))
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"}, clock=clock)
+    status, body = _get(running, "/healthz")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    clock.set(cert.not_valid_after_utc)
+    status, body = _get(running, "/healthz")
+    answer = json.loads(body)
+    assert status == 503 and answer["status"] == "failing"
+    assert any("expired" in p for p in answer["problems"]) and any("CRL" in p for p in answer["problems"])
+    assert _get(running, "/nothing")[0] == 404
