@@ -21,11 +21,29 @@ import time
 from typing import Callable
 
 from .config import TunnelConfig
-from .listener import _close, _peer
 
 __all__ = ["NodeTunnel", "gateway_refusal_reason"]
 
 log = logging.getLogger("pki_agent.tunnel")
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    """``host:port`` (``[v6]:port``) of the stream's peer."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+async def _close(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
+    """Close gracefully (flush what is buffered, TLS close_notify); abort if that stalls."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except (asyncio.TimeoutError, ConnectionError, OSError, ssl.SSLError):
+        writer.transport.abort()
+
 _CHUNK = 256 * 1024
 _LINGER = 5.0  # seconds: after the local client's EOF, how long the gateway may stay quiet before the tunnel closes
 

@@ -38,7 +38,8 @@ def gateway_config(pki, tmp_path, port: int, upstream: int):
     return write_config(tmp_path / "gw.yaml", {
         "name": "gw", "kind": "gateway", "trust_anchor_sha256": fingerprint(pki.ca.root), "credential_dir": str(pki.gateway),
         "renewal": {"ca_home": str(pki.home)},
-        "listener": {"listen": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{upstream}", "crl": str(pki.ca.crl_path)}})
+        "listener": {"listen": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{upstream}", "crl": str(pki.ca.crl_path),
+                     "allow": ["tw"]}})
 
 
 def doctor(path, **kwargs):
@@ -64,7 +65,8 @@ def test_gateway_certificate_without_the_ip_dialed(pki, tmp_path, echo_server) -
     dialed by its DNS name it is accepted (positive control)."""
     bundle = pki.ca.enroll("gateway", "gw2", out=tmp_path / "gw2", dns_names=["gw.example.lan"]).directory
     config = AgentConfig(name="gw2", kind="gateway", credential_dir=bundle, renewal=RenewalConfig(check_interval=3600, jitter=0),
-                         listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", crl=pki.ca.crl_path))
+                         listener=ListenerConfig(listen="127.0.0.1:0", upstream=f"127.0.0.1:{echo_server.port}", crl=pki.ca.crl_path,
+                                                 allow=["tw"]))
     running = RunningAgent(Agent(config)).start()
     try:
         path = node_config(pki, tmp_path)

@@ -34,7 +34,8 @@ def read_unit(text: str) -> configparser.SectionProxy:
 def gateway_config(tmp_path: Path, **listener) -> Path:
     return write_config(tmp_path / "agent.yaml", {
         "name": "gw", "kind": "gateway", "credential_dir": str(tmp_path / "gw"), "renewal": {"ca_home": str(tmp_path / "ca")},
-        "listener": {"listen": "0.0.0.0:8443", "upstream": "127.0.0.1:18789", "crl": str(tmp_path / "ca" / "crl.pem"), **listener}})
+        "listener": {"listen": "0.0.0.0:8443", "upstream": "127.0.0.1:18789", "crl": str(tmp_path / "ca" / "crl.pem"), "allow": ["tw"],
+                     **listener}})
 
 
 def run(*args: str):
@@ -167,7 +168,8 @@ def test_crl_refreshed_over_est_outside_the_bundle_is_writable(tmp_path) -> None
     """A gateway renewing over EST keeps its CRL fresh by rewriting it, so the CRL's directory joins ReadWritePaths."""
     config = write_config(tmp_path / "agent.yaml", {
         "name": "gw", "kind": "gateway", "credential_dir": "/var/lib/pki-agent/gw", "renewal": {"ca_url": "https://ca.example.lan:8443"},
-        "listener": {"listen": "0.0.0.0:8443", "upstream": "127.0.0.1:18789", "crl": "/var/lib/pki-agent/crl/crl.pem"}})
+        "listener": {"listen": "0.0.0.0:8443", "upstream": "127.0.0.1:18789", "crl": "/var/lib/pki-agent/crl/crl.pem",
+                     "allow": ["tw"]}})
     from pki_agent.config import load_config
     from pki_agent.service import spec_from_config
 

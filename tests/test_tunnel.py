@@ -51,7 +51,7 @@ def _gateway(bundle: Path, home: Path, upstream: int, check_interval: str = "1h"
     config.write_text(yaml.safe_dump({
         "name": "gw", "kind": "gateway", "credential_dir": ".",
         "renewal": {"ca_home": str(home), "check_interval": check_interval},
-        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream}", "crl": str(home / "crl.pem")},
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream}", "crl": str(home / "crl.pem"), "allow": ["tw"]},
     }))
     return AgentProcess(config)
 
