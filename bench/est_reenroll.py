@@ -321,11 +321,12 @@ def report(label: str, r: Round) -> None:
 class Server:
     """`pkictl serve` as a subprocess (optionally under cProfile); its log is drained by a thread."""
 
-    def __init__(self, home: Path, profile_to: Path | None = None, workers: int | None = None) -> None:
+    def __init__(self, home: Path, profile_to: Path | None = None, workers: int | None = None, loop: str = "auto") -> None:
         pkictl = str(Path(sys.executable).parent / "pkictl")
         argv = [pkictl, "--home", str(home), "serve", "--listen", "127.0.0.1:0", "--rate", "1000", "--burst", "1000"]
         if workers is not None:
             argv += ["--workers", str(workers)]
+        argv += ["--loop", loop]
         if profile_to is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile_to), *argv]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -486,6 +487,7 @@ def main() -> None:
     parser.add_argument("--profile-nodes", type=int, default=1000)
     parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile", "none"], default="auto")
     parser.add_argument("--workers", type=int, default=None, help="pkictl serve --workers (default: serve's own default)")
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="pkictl serve --loop")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     profiler = ("py-spy" if py_spy else "cprofile") if args.profiler == "auto" else args.profiler
@@ -503,7 +505,7 @@ def main() -> None:
         filesystem = subprocess.run(["df", "--output=fstype", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
         print(f"{args.nodes} nodes (+{len(profiled)} for the profile) prepared in {time.monotonic() - began:.1f} s; "
               f"CA home on {filesystem[-1] if filesystem else '?'}, {os.cpu_count()} cores, concurrency {args.concurrency}")
-        server = Server(home, workers=args.workers)
+        server = Server(home, workers=args.workers, loop=args.loop)
         try:
             warm_up(server, warmup, anchors)
             r = run_round(fleet, server.port, anchors, server.process.pid, args.concurrency, args.seconds)

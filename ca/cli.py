@@ -377,8 +377,10 @@ def rotate_issuing(obj: _Obj) -> None:
 @click.option("--burst", type=click.IntRange(1), default=20, show_default=True, help="Requests a client may send at once.")
 @click.option("--workers", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Processes that issue beside the TLS/HTTP event loop (0 = issue in the serving process).")
+@click.option("--loop", "loop_name", default="auto", show_default=True, type=click.Choice(["auto", "uvloop", "asyncio"]),
+              help="Event loop: uvloop when installed (pip install 'pkictl[fast]'), else asyncio's own.")
 @click.pass_obj
-def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers) -> None:
+def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -388,6 +390,7 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     import logging
 
     from pki_agent.config import parse_address
+    from pki_agent.loops import event_loop_factory
 
     from .authority import CertificateAuthority
     from .est import root_fingerprint
@@ -412,7 +415,11 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     def ready(bound: int) -> None:
         logging.getLogger("pkictl.serve").info("ready: EST on https://%s:%d%s (root %s)", host, bound, "/.well-known/est", root_fingerprint(ca.root))
 
-    asyncio.run(service.run(ready=ready))
+    factory, loop_label = event_loop_factory(loop_name)
+    logging.getLogger("pkictl.serve").info("event loop: %s, %s", loop_label,
+                                           f"{workers} signing worker(s)" if workers else "issuing in this process")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(service.run(ready=ready))
 
 
 @cli.command("requests")
