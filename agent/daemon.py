@@ -20,27 +20,30 @@ import os
 import random
 import signal
 import ssl
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
-from pkictl.files import atomic_write
 from pkictl.renewal import draw_jitter, renewal_time
 from pkictl.store import Credential, CredentialStore
 
 from .config import AgentConfig
 from .errors import AgentError
-from .metrics import AgentCounters, StatusServer
-from .est_client import ESTClient, self_signed
+from .endpoints import close_endpoints, describe_endpoints, start_endpoints
+from .metrics import AgentCounters
+from .est_client import ESTClient, refresh_from_est
 from .hooks import HookContext, run_hooks
-from .listener import GatewayListener
 from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
 from .state import iso, state_path, write_state
 from .tls import ServerTLS, client_context, server_context
-from .tunnel import NodeTunnel
 from .watch import credential_stamp, watch_files
+
+if TYPE_CHECKING:
+    from .listener import GatewayListener
+    from .metrics import StatusServer
+    from .tunnel import NodeTunnel
 
 __all__ = ["Agent", "backoff_delay"]
 
@@ -68,8 +71,8 @@ class Agent:
             source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store)
         self.source = source
         self.credential: Credential | None = None
-        self.listener: GatewayListener | None = None
-        self.tunnel: NodeTunnel | None = None
+        self.listener: "GatewayListener | None" = None
+        self.tunnel: "NodeTunnel | None" = None
         self._tls: ServerTLS | None = None
         self._client_tls: tuple[ssl.SSLContext, int] | None = None
         self._loaded_stamp: tuple | None = None
@@ -89,7 +92,7 @@ class Agent:
         self._forced = 0  # renew-now requests handled: renew-now waits for this to grow
         self.state_path = state_path(config.credential_dir)
         self.counters = AgentCounters()
-        self.status_server: StatusServer | None = None
+        self.status_server: "StatusServer | None" = None
 
     # -- credential and context ---------------------------------------------------------------
 
@@ -194,25 +197,14 @@ class Agent:
             await self.renew()
 
     def _refresh_from_est(self) -> None:
-        """Fetch the CRL (for the listener) and the trust bundle from the EST server; a failure
-        keeps what is on disk and is retried at the next refresh."""
+        """Fetch the CRL and the trust bundle from the EST server; a failure keeps what is on
+        disk and is retried at the next refresh."""
         self._next_refresh = self.clock.now() + self.config.renewal.refresh_interval
         source = self.source
         assert isinstance(source, ESTClient)
         try:
-            crl = self.config.listener.crl if self.config.listener else None
-            if crl is not None:
-                data = source.crl_pem()
-                if not crl.exists() or crl.read_bytes() != data:
-                    atomic_write(crl, data)
-                    log.info("CRL refreshed from %s", source.base_url)
-            roots = [c for c in source.cacerts() if self_signed(c)]
-            anchors = self.store.load_trust_anchors()
-            # Continuity: a bundle fetched over a channel authenticated by the current anchor is
-            # taken only if it still holds that anchor (a root rotation adds the new root first).
-            if any(a in roots for a in anchors) and set(roots) != set(anchors):
-                self.store.write_trust_anchors(roots)
-                log.info("trust bundle updated from %s: %d root(s)", source.base_url, len(roots))
+            for change in refresh_from_est(source, self.store, self.config.listener.crl if self.config.listener else None):
+                log.info("%s from %s", change, source.base_url)
         except (PKIError, OSError) as exc:
             log.warning("refresh from %s failed (%s); keeping the CRL and trust bundle on disk", source.base_url, exc)
 
@@ -321,9 +313,11 @@ class Agent:
     def state(self) -> dict:
         """What the state file holds (see :mod:`pki_agent.state`)."""
         cert = self.credential.certificate if self.credential else None
-        listener = None
+        listener = tunnel = None
         if self.listener is not None:
             listener = {"addresses": [f"{h}:{p}" for h, p in self.listener.addresses]}
+        if self.tunnel is not None:
+            tunnel = {"addresses": [f"{h}:{p}" for h, p in self.tunnel.addresses], "gateway": str(self.tunnel.gateway)}
         return {
             "name": self.config.name, "kind": self.config.kind, "pid": os.getpid(), "running": self._running,
             "started": iso(self._started), "updated": iso(self.clock.now()),
@@ -333,7 +327,7 @@ class Agent:
             },
             "next_attempt": iso(self._next_attempt), "failures": self._failures,
             "last_attempt": self._last_attempt, "last_renewal": iso(self._last_renewal), "forced_attempts": self._forced,
-            "listener": listener, "hooks": self._hook_results,
+            "listener": listener, "tunnel": tunnel, "hooks": self._hook_results,
         }
 
     def save_state(self) -> None:
@@ -385,27 +379,7 @@ class Agent:
         self.reload()
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)
-        if self.config.listener is not None:
-            self.listener = GatewayListener(self.config.listener, self.current_tls, self.config.trust_domain)
-            try:
-                await self.listener.start()
-            except OSError as exc:
-                raise AgentError(f"listener: cannot listen on {self.config.listener.listen[0]}:{self.config.listener.listen[1]}: {exc}") from None
-        if self.config.tunnel is not None:
-            self.tunnel = NodeTunnel(self.config.tunnel, self.current_client_tls)
-            try:
-                await self.tunnel.start()
-            except OSError as exc:
-                if self.listener is not None:
-                    await self.listener.close()
-                raise AgentError(f"tunnel: cannot listen on {self.config.tunnel.listen[0]}:{self.config.tunnel.listen[1]}: {exc}") from None
-        if self.config.metrics is not None:
-            self.status_server = StatusServer(self, self.config.metrics.listen)
-            try:
-                await self.status_server.start()
-            except OSError as exc:
-                raise AgentError(f"metrics: cannot listen on {self.config.metrics.listen[0]}:{self.config.metrics.listen[1]}: {exc}") from None
-            log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in self.status_server.addresses))
+        await start_endpoints(self)
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
@@ -419,11 +393,7 @@ class Agent:
             loop.add_signal_handler(signal.SIGUSR1, self.renew_soon)
         self._running = True
         self.save_state()
-        where = ", ".join(f"{h}:{p}" for h, p in self.listener.addresses) if self.listener else "no listener"
-        if self.tunnel is not None:
-            where += ", tunnel " + ", ".join(f"{h}:{p}" for h, p in self.tunnel.addresses) + f" -> {self.tunnel.gateway}"
-        log.info("ready: %s %s, %s", self.config.kind, self.config.name,
-                 f"listening on {where}" if self.listener else where)
+        log.info("ready: %s %s, %s", self.config.kind, self.config.name, describe_endpoints(self))
         if ready is not None:
             ready()
         try:
@@ -437,12 +407,7 @@ class Agent:
             if self._hooks_task is not None and not self._hooks_task.done():
                 self._hooks_task.cancel()  # kills a running hook's process group (agent/hooks.py)
                 await asyncio.gather(self._hooks_task, return_exceptions=True)
-            if self.listener is not None:
-                await self.listener.close()
-            if self.tunnel is not None:
-                await self.tunnel.close()
-            if self.status_server is not None:
-                await self.status_server.close()
+            await close_endpoints(self)
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")

@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from pkictl.errors import AuthenticationError, PKIError
+from pkictl.files import atomic_write
 from pkictl.est import EST_PREFIX, PKCS10, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.store import Credential, CredentialStore
 
 from .errors import RenewalError
 
-__all__ = ["ESTClient", "select_chain", "self_signed"]
+__all__ = ["ESTClient", "refresh_from_est", "select_chain", "self_signed"]
 
 _TIMEOUT = 30.0  # seconds per request
 
@@ -219,3 +220,32 @@ def _refused_after_handshake(reason) -> bool:
         return True
     text = str(reason).upper()
     return any(word in text for word in ("ALERT", "EOF", "RESET", "REMOTE END CLOSED"))
+
+
+def refresh_from_est(client: "ESTClient", store: CredentialStore, crl: Path | None) -> list[str]:
+    """Fetch the CRL (into ``crl``, for a listener) and the trust bundle (into ``store``'s
+    ``ca.pem``) from the EST server; write only what changed.
+
+    The trust bundle is taken only if it still holds one of the current anchors: it was fetched
+    over a channel authenticated by them, and a root rotation adds the new root before the old
+    one goes (continuity).
+
+    Returns:
+        What changed, as log phrases (empty when nothing did).
+
+    Raises:
+        PKIError, OSError: the server could not be reached or answered garbage; nothing on disk
+            changed then.
+    """
+    changed = []
+    if crl is not None:
+        data = client.crl_pem()
+        if not crl.exists() or crl.read_bytes() != data:
+            atomic_write(crl, data)
+            changed.append("CRL refreshed")
+    roots = [c for c in client.cacerts() if self_signed(c)]
+    anchors = store.load_trust_anchors()
+    if any(a in roots for a in anchors) and set(roots) != set(anchors):
+        store.write_trust_anchors(roots)
+        changed.append(f"trust bundle updated: {len(roots)} root(s)")
+    return changed

@@ -1,5 +1,5 @@
 """``pki-agent status``: this host's credential, its renewal, the agent's last attempt and error,
-the listener and the hooks, from the credential on disk (the truth) and the agent's state file.
+the listener or tunnel and the hooks, from the credential on disk (the truth) and the agent's state file.
 
 Exit status (as ``pkictl status``): 0 nothing needs attention; 3 attention: the certificate is
 expiring (less than 1/6 of its lifetime left), the last renewal attempt failed, a hook failed, or
@@ -106,6 +106,9 @@ def render_status(status: dict[str, Any], *, as_json: bool = False) -> str:
     listener = state.get("listener")
     if listener:
         lines.append(f"  listener       listening on {', '.join(listener['addresses'])}")
+    tunnel = state.get("tunnel")
+    if tunnel:
+        lines.append(f"  tunnel         {', '.join(tunnel['addresses'])} -> {tunnel['gateway']}")
     for hook in state.get("hooks") or []:
         lines.append(f"  hook           {hook['hook']}: {'ok' if hook['ok'] else 'FAILED'} ({hook['detail']}) at {hook['time']}")
     lines += [f"  problem        {p}" for p in status["problems"]]

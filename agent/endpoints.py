@@ -1,0 +1,62 @@
+"""The network endpoints an agent serves (gateway listener, node tunnel, health and metrics):
+started in order, and all closed again when one of them cannot start."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .errors import AgentError
+from .listener import GatewayListener
+from .metrics import StatusServer
+from .tunnel import NodeTunnel
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+__all__ = ["start_endpoints", "close_endpoints", "describe_endpoints"]
+
+log = logging.getLogger("pki_agent")
+
+
+async def start_endpoints(agent: "Agent") -> None:
+    """Start what ``agent.config`` asks for and set ``agent.listener``, ``agent.tunnel`` and
+    ``agent.status_server``.
+
+    Raises:
+        AgentError: an endpoint cannot bind its address; those started before it are closed.
+    """
+    config = agent.config
+    wanted = []
+    if config.listener is not None:
+        wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain)))
+    if config.tunnel is not None:
+        wanted.append(("tunnel", config.tunnel.listen, NodeTunnel(config.tunnel, agent.current_client_tls)))
+    if config.metrics is not None:
+        wanted.append(("status_server", config.metrics.listen, StatusServer(agent, config.metrics.listen)))
+    names = {"listener": "listener", "tunnel": "tunnel", "status_server": "metrics"}
+    for attribute, (host, port), endpoint in wanted:
+        try:
+            await endpoint.start()
+        except OSError as exc:
+            await close_endpoints(agent)
+            raise AgentError(f"{names[attribute]}: cannot listen on {host}:{port}: {exc}") from None
+        setattr(agent, attribute, endpoint)
+    if agent.status_server is not None:
+        log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in agent.status_server.addresses))
+
+
+async def close_endpoints(agent: "Agent") -> None:
+    """Close every endpoint :func:`start_endpoints` started (open connections end)."""
+    for attribute in ("listener", "tunnel", "status_server"):
+        endpoint = getattr(agent, attribute)
+        if endpoint is not None:
+            await endpoint.close()
+
+
+def describe_endpoints(agent: "Agent") -> str:
+    """What the ready line says: ``listening on HOST:PORT`` or ``no listener``, and the tunnel."""
+    where = ", ".join(f"{h}:{p}" for h, p in agent.listener.addresses) if agent.listener else "no listener"
+    if agent.tunnel is not None:
+        where += ", tunnel " + ", ".join(f"{h}:{p}" for h, p in agent.tunnel.addresses) + f" -> {agent.tunnel.gateway}"
+    return f"listening on {where}" if agent.listener else where
