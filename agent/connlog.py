@@ -141,3 +141,4 @@ def configure_logging(fmt: Literal["text", "json"], level: str = "INFO") -> None
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "1 change detected": the reload line says it
