@@ -14,11 +14,11 @@ CPU (/proc/PID/stat) and the client's own CPU are both reported, per re-enrollme
 Last, a second round of fresh nodes runs while py-spy samples the server (`pip install py-spy`;
 without it, under a cProfile'd `pkictl serve`), and the server's time is broken down by cost.
 
-Usage: python bench/est_reenroll.py [--nodes 2000] [--concurrency 32] [--seconds 60] [--workers N]
+Usage: python bench/est_reenroll.py [--nodes 2000] [--concurrency 32] [--seconds 60] [--workers N] [--loop auto|uvloop|asyncio]
                                     [--profile-nodes 1000] [--profiler auto|py-spy|cprofile|none]
 
-`pkictl serve` issues in signing worker processes beside its event loop (--workers, default the
-number of CPUs up to 4); the server CPU reported is that of the whole process tree.
+`pkictl serve` issues in a signing worker process beside its event loop (--workers, default 1) on
+uvloop when it is installed (--loop); the server CPU reported is that of the whole process tree.
 """
 
 from __future__ import annotations
