@@ -237,11 +237,7 @@ class Agent:
         assert self.credential is not None
         current = self.credential
         started = self.clock.now()
-        if self.source is None:
-            log.error(
-                "renewal of %s is due but no renewal source is configured (renewal.ca_url or renewal.ca_home); "
-                "the certificate expires at %s", self.config.name, current.certificate.not_valid_after_utc.isoformat(),
-            )
+        if self.source is None:  # _failed logs it, with the time left
             self._failed(started, current, "no renewal source is configured (renewal.ca_url or renewal.ca_home)", forced)
             return False
         if forced:
