@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def run(config_path: Path, log_level: str, loop_name: str) -> None:
     factory, name = event_loop_factory(loop_name)
     logging.getLogger("pki_agent").info("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(Agent(config).run())
+        # Once serving, what startup built (the CA library, the config models, the contexts) lives
+        # as long as the process: gc.freeze() keeps the collector from walking it again and again.
+        # Under a handshake flood that walk was 1% of the listener's CPU (bench/gateway_peers.py).
+        runner.run(Agent(config).run(ready=gc.freeze))
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),

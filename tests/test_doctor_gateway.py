@@ -173,11 +173,19 @@ def test_openssl_gateway_names_the_missing_chain_by_its_alert(pki, openssl_gatew
     assert (refused.outcome, refused.detail) == ("refused", "TLSV1_ALERT_UNKNOWN_CA")
 
 
-def test_our_listener_refuses_without_an_alert(pki, gateway_agent) -> None:
-    """pki-agent's listener closes on a leaf without chain with no alert: the node sees only an EOF after its TLS 1.3 handshake."""
+def test_our_listener_names_the_missing_chain_by_its_alert(pki, gateway_agent) -> None:
+    """pki-agent's listener, like OpenSSL's server, answers a leaf without chain with the unknown-CA alert."""
     version = live_version(pki.node)
     replace_file(version / "fullchain.pem", (version / "cert.pem").read_bytes())
     refused = probe_gateway(version, pki.node / "ca.pem", ("127.0.0.1", gateway_agent.port), "127.0.0.1")
+    assert (refused.outcome, refused.detail, refused.version) == ("refused", "TLSV1_ALERT_UNKNOWN_CA", "TLSv1.3")
+
+
+def test_our_listener_refuses_a_node_not_allowed_without_an_alert(pki, start_gateway_agent) -> None:
+    """A refusal by the listener's own checks (here: not in listener.allow) comes after a completed
+    handshake, as a close without alert; the probe says so instead of calling it accepted."""
+    running = start_gateway_agent(allow=["someone-else"])
+    refused = probe_gateway(live_version(pki.node), pki.node / "ca.pem", ("127.0.0.1", running.port), "127.0.0.1")
     assert refused.outcome == "refused" and "without an alert" in refused.detail and refused.version == "TLSv1.3"
 
 

@@ -18,7 +18,7 @@ from pkictl.pem import certificates_to_pem, private_key_to_pem
 from pkictl.profile import generate_key
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, TLSClient, bundle_context, client_context, refused
+from support import DEADLINE, TLSClient, bundle_context, client_context, refused, wait_until
 
 
 def _refusal_logged(caplog, reason: str) -> bool:
@@ -36,7 +36,9 @@ def test_node_with_our_certificate_reaches_the_upstream(pki, gateway_agent, capl
     assert client.echo(b"hello through mTLS") == b"hello through mTLS"
     assert client.sock.version() == "TLSv1.3"
     client.close()
-    assert any("accepted" in r.getMessage() and "node=tw" in r.getMessage() for r in caplog.records)
+    # Accepted and closed lines reach logging in batches, within 0.1 s of their event.
+    wait_until(lambda: any("accepted" in r.getMessage() and "node=tw" in r.getMessage() for r in caplog.records),
+               what="the accepted line of TW")
 
 
 def test_node_with_agent_client_context_verifies_the_gateway_by_ip(pki, gateway_agent):

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki_agent.connlog import TEXT_FORMAT, JSONFormatter
+from pki_agent.connlog import JSONFormatter, TextFormatter
 from pkictl.clock import FixedClock
 from pkictl.files import write_new_file
 from pkictl.pem import certificates_to_pem, private_key_to_pem
@@ -101,7 +101,7 @@ TLS_CASES = {
 
 
 def _check_both_formats(record, reason: str, node: str | None) -> None:
-    text = logging.Formatter(TEXT_FORMAT).format(record)
+    text = TextFormatter().format(record)
     assert f"refused peer=127.0.0.1:" in text and f"reason={reason!r}" in text
     assert (f"node={node}" in text) if node else ("node=" not in text)
     entry = json.loads(JSONFormatter().format(record))

@@ -162,8 +162,8 @@ def test_gateway_certificate_for_another_address_is_refused_by_the_tunnel(pki, e
 
 def test_revoked_node_is_logged_as_an_authentication_failure(pki, echo_server, tmp_path):
     """After 'pkictl revoke TW' reaches our gateway, a new tunnel connection is refused: the
-    gateway logs 'revoked', and the node an authentication failure, not a network error (our
-    listener closes without a TLS alert, so the node cannot know the reason)."""
+    gateway logs 'revoked', and the node an authentication failure with the reason of the
+    gateway's TLS alert, not a network error."""
     with _chain(pki.gateway, pki.node, pki.home, echo_server.port, tmp_path, gateway_check="1s") as (gateway, node, gw_port, port):
         assert _exchange(port, b"before") == b"before"
         revoked = subprocess.run([command("pkictl"), "--home", str(pki.home), "revoke", "TW"], capture_output=True, text=True, timeout=DEADLINE)
@@ -172,7 +172,8 @@ def test_revoked_node_is_logged_as_an_authentication_failure(pki, echo_server, t
         assert _exchange(port, b"after") == b""
         gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='revoked'")
         node.log.wait_for(rf"tunnel authentication failure: the gateway refused this node's certificate local=\S+ "
-                          rf"gateway=127\.0\.0\.1:{gw_port} serial={_serial(pki.node)} reason='closed by the gateway before any data'")
+                          rf"gateway=127\.0\.0\.1:{gw_port} serial={_serial(pki.node)} reason='revoked' "
+                          r"detail='SSLV3_ALERT_CERTIFICATE_REVOKED'")
         assert "unreachable" not in node.log.text()
 
 
