@@ -26,8 +26,8 @@ Example, with ``asyncio.start_server``::
 or without SNI) switches the connection to the current context: a reload reaches new
 connections while established ones keep theirs (../shared/DESIGN.md, "Hot reload").
 ``asyncio.start_server(ssl=...)`` drops failed handshakes without a word; to log each, accept
-plain TCP and hand each socket to ``loop.connect_accepted_socket(..., ssl=tls.context)`` as
-pki-agent's own listener does (agent/listener.py).
+plain TCP and hand each socket to ``loop.connect_accepted_socket(..., ssl=tls.context)``, or run
+TLS in a MemoryBIO over a plain transport as pki-agent's own listener does (agent/listener.py).
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ request to the EST server for its clock (HTTP ``Date``) and its CRL. Every wait 
 What a node can learn from a refused test connection depends on the gateway. An OpenSSL server
 (nginx, haproxy, ``openssl s_server``) sends an alert that names the reason: a leaf sent without
 its chain arrives as ``TLSV1_ALERT_UNKNOWN_CA``, no certificate as
-``TLSV13_ALERT_CERTIFICATE_REQUIRED``. pki-agent's own listener (asyncio) closes without an
-alert, so the node sees only an EOF right after its TLS 1.3 handshake "succeeded"; the doctor
-then names the cause from this host's own files (proven on this stack, tests/test_doctor_agent.py).
+``TLSV13_ALERT_CERTIFICATE_REQUIRED``; pki-agent's own listener sends OpenSSL's alerts too. A
+refusal by a gateway's own checks after the handshake (pki-agent's allow list, EKU, a CA
+certificate as client) comes without an alert: the node sees only an EOF right after its TLS 1.3
+handshake "succeeded", and the doctor then names the cause from this host's own files where it
+can (tests/test_doctor_agent.py, tests/test_doctor_gateway.py).
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ class NodeTunnel:
         elif gateway_first and counts["down"] == 0 and up[0] != "eof":
             # The gateway hung up without a byte while the client was still sending: how a TLS 1.3
             # gateway that checks the client after the handshake refuses when it sends no alert
-            # (our listener, nginx).
+            # (our listener's own checks: allow list, purpose, a CA certificate as client).
             self._log_refusal(local, serial, "closed by the gateway before any data",
                               "the gateway ended the connection right after the handshake; its log says why")
         log.info("tunnel closed local=%s gateway=%s serial=%x bytes_up=%d bytes_down=%d duration=%.3fs",
