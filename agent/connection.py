@@ -5,12 +5,15 @@ protocol runs TLS itself in a MemoryBIO pair, and a non-blocking socket to the u
 by ``add_reader``/``add_writer``. What that design saves, measured under a handshake flood
 (bench/gateway_peers.py, one core), against the two other ways to do TLS in asyncio:
 
-- ``create_server(ssl=...)`` / ``connect_accepted_socket(ssl=...)``: a Task, a 256 KiB buffer
-  and a decoded peer certificate per connection, 5% more CPU per handshake than an
-  ``ssl.SSLSocket`` driven by readiness callbacks;
-- that SSLSocket: OpenSSL reads each TLS record with two ``read`` calls (no read-ahead in
-  Python's ``ssl``), and its wrapper sets the socket's timeout (a system call) at every
-  handshake step: 57 system calls per connection against 34 here, and 3% more CPU.
+- asyncio's TLS transport (``connect_accepted_socket(ssl=...)``, ``create_server(ssl=...)``):
+  its SSLProtocol allocates a 256 KiB buffer and decodes the peer certificate into a dict for
+  every connection. A minimal forwarder on it used 6% more CPU per handshake than a minimal one
+  on this design; pki-agent's listener on it (with a log call per line and three timers per
+  connection) 9% more (1.25 against 1.14 ms), and 44 kB per open connection against 33 kB;
+- an ``ssl.SSLSocket`` driven by readiness callbacks: OpenSSL then reads each TLS record with
+  two ``read`` calls (Python's ``ssl`` has no read-ahead), and the wrapper sets the socket's
+  timeout (a system call) at every handshake step: 57 system calls per connection against 34
+  here, and 3% more CPU in the same minimal comparison.
 
 Nothing reaches OpenSSL but what the node sent, in order (so no ClientHello can be lost,
 cpython gh-142352); a reload swaps the context for new connections while established ones keep
@@ -20,8 +23,8 @@ so the node learns the reason too.
 Timeouts (handshake, upstream connect, idle, maximum age, close grace) are deadlines checked by
 one sweep every ``SWEEP`` seconds, not a timer per connection. Flow control: while the upstream
 has not taken a chunk, the node is not read; while the node's transport buffers more than its
-high-water mark, the upstream is not read. An open idle connection costs 33 kB of RSS (asyncio's
-TLS transport: 44 kB; nginx: 55 kB), measured with 2,000 connections open.
+high-water mark, the upstream is not read. An open idle connection costs 33 kB of RSS (nginx:
+55 kB), measured with 2,000 connections open.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .errors import PeerRejected
 if TYPE_CHECKING:
     from .listener import GatewayListener
 
-__all__ = ["Connection", "CHUNK", "SWEEP", "CONNECTING"]
+__all__ = ["Connection", "peer_name", "CHUNK", "SWEEP", "CONNECTING"]
 
 log = logging.getLogger("pki_agent.listener")
 CHUNK = 256 * 1024  # bytes read at most per wake-up (the size of the listener's shared buffers)
@@ -67,12 +70,12 @@ class Connection(asyncio.BufferedProtocol):
     __slots__ = ("listener", "loop", "peer", "transport", "incoming", "outgoing", "tls", "state", "revoked", "authorized",
                  "candidates", "upstream", "ufd", "identity", "early", "early_size", "bytes_in", "bytes_out", "started",
                  "last_activity", "active", "end_reason", "deadline", "age_due", "to_upstream",
-                 "client_paused", "upstream_paused", "logged", "task")
+                 "client_paused", "upstream_paused", "logged", "task", "adopting")
 
-    def __init__(self, listener: "GatewayListener") -> None:
+    def __init__(self, listener: "GatewayListener", peer: str) -> None:
         self.listener = listener
         self.loop = listener.loop
-        self.peer = "?"
+        self.peer = peer
         self.transport: asyncio.Transport | None = None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -101,19 +104,28 @@ class Connection(asyncio.BufferedProtocol):
         self.upstream_paused = False
         self.logged = False
         self.task: asyncio.Task | None = None  # resolving an upstream given by name
+        self.adopting: asyncio.Task | None = None  # connect_accepted_socket, until connection_made
 
     # -- the node's transport ----------------------------------------------------------------------
 
+    async def adopt(self, sock: socket.socket) -> None:
+        """Make the accepted ``sock`` the loop's transport with this protocol (then connection_made)."""
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock)
+        except OSError as exc:  # the node went between accept() and here
+            sock.close()
+            self.adopting = None
+            if self.state != _GONE:
+                self.listener._refused(self.peer, "closed during handshake", type(exc).__name__)
+                self._finish()
+        self.adopting = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        listener = self.listener
-        self.peer = _peer(transport.get_extra_info("peername"))
-        if len(listener._connections) >= listener.config.max_connections:
-            self.state = _GONE
-            transport.close()
-            listener._refused(self.peer, "connection limit", f"{listener.config.max_connections} connections open (listener.max_connections)")
+        if self.state == _GONE:  # aborted while the transport was being made (the listener closing)
+            transport.abort()
             return
-        listener._connections.add(self)
+        listener = self.listener
         tls = listener._current()
         self.revoked = tls.revoked
         self.tls = tls.context.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -427,7 +439,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.close()
 
     def _abort(self) -> None:
-        if self.state != _GONE:
+        if self.state != _GONE and self.transport is not None:
             self.transport.abort()
         self.to_upstream = b""
         self._close_upstream()
@@ -469,9 +481,7 @@ class Connection(asyncio.BufferedProtocol):
                    duration=self.loop.time() - self.started, reason=self.end_reason or "closed", batch=self.listener.events)
 
 
-def _peer(address) -> str:
-    """``host:port``, IPv6 hosts in brackets, from a transport's ``peername``."""
-    if not address:
-        return "?"
+def peer_name(address: tuple) -> str:
+    """``host:port``, IPv6 hosts in brackets, from a socket address."""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .authz import Authorizer
 from .config import ListenerConfig
-from .connection import CHUNK, CONNECTING, SWEEP, Connection
+from .connection import CHUNK, CONNECTING, SWEEP, Connection, peer_name
 from .connlog import EventBatch, log_refused
 from .tls import ServerTLS
 
@@ -62,7 +62,6 @@ class GatewayListener:
         self._sockets: list[socket.socket] = []
         self._connections: set[Connection] = set()
         self._drained: asyncio.Event | None = None
-        self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._upstream_addresses = _numeric_addresses(*config.upstream)  # None: a name, resolved per connection
         # Every read lands in one of these and is consumed before the loop runs anything else.
@@ -106,18 +105,39 @@ class GatewayListener:
                 sock.bind(address)
                 sock.listen(1024)
                 sock.setblocking(False)
-            for sock in self._sockets:
-                self._servers.append(await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
         except OSError:
             self._close_sockets()
             raise
+        for sock in self._sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listening: socket.socket) -> None:
+        # Accepting here, not in create_server, gives every connection its peer address from
+        # accept() itself: a node that resets at once has none left for getpeername() to tell.
+        for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
+            try:
+                sock, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ...: keep serving the connections there are
+                log.error("accept on %s failed: %s", listening.getsockname(), exc)
+                return
+            peer = peer_name(address)
+            if len(self._connections) >= self.config.max_connections:
+                sock.close()
+                self._refused(peer, "connection limit", f"{self.config.max_connections} connections open (listener.max_connections)")
+                continue
+            sock.setblocking(False)
+            conn = Connection(self, peer)
+            self._connections.add(conn)
+            conn.adopting = self.loop.create_task(conn.adopt(sock))
 
     def _close_sockets(self) -> None:
-        for server in self._servers:
-            server.close()
         for sock in self._sockets:
+            if self.loop is not None and sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
             sock.close()
-        self._servers, self._sockets = [], []
+        self._sockets = []
 
     def close_revoked(self, revoked: frozenset[tuple[bytes, int]]) -> int:
         """Close established connections whose certificate is in ``revoked`` (after a CRL reload).

@@ -122,6 +122,29 @@ def test_upstream_down_closes_the_node_cleanly_and_says_why(pki, start_gateway_a
     assert "refused" in record.getMessage().lower()
 
 
+def test_upstream_that_never_answers_is_given_up_after_the_handshake_timeout(pki, start_gateway_agent, caplog):
+    """An upstream whose accept queue is full drops the listener's SYNs; after the handshake
+    timeout (2 s here) the node is closed and 'upstream unreachable' says no answer came."""
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # room for one connection, taken below: later SYNs go unanswered
+        filler.connect(full.getsockname())
+        running = start_gateway_agent(upstream=f"127.0.0.1:{full.getsockname()[1]}")
+        client = TLSClient(running.port, bundle_context(pki.node))
+        assert client.sock.recv(10) == b""  # closed by the listener; the socket timeout bounds the wait
+        client.close()
+    record = _wait_record(caplog, lambda r: r.getMessage().startswith("upstream unreachable"))
+    assert "error='no answer in 2 s'" in record.getMessage()
+
+
+def test_upstream_given_by_name_is_resolved_and_reached(pki, start_gateway_agent, echo_server):
+    """``upstream: localhost:PORT`` (a name, resolved per connection) reaches the upstream."""
+    running = start_gateway_agent(upstream=f"localhost:{echo_server.port}")
+    client = TLSClient(running.port, bundle_context(pki.node))
+    assert client.echo(b"by name") == b"by name"
+    client.close()
+
+
 def _closed_event(caplog) -> dict:
     return _wait_record(caplog, lambda r: getattr(r, "pki_event", {}).get("event") == "closed").pki_event
 

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 
 import pytest
 import trustme
@@ -152,9 +153,18 @@ def _tls_1_1(port: int) -> bytes:
         return b""
 
 
+def _reset(port: int) -> bytes:
+    """Connect, then reset the connection (SO_LINGER 0) before saying anything."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return b""
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("reason,speak", [("not TLS", _plain_http), ("not TLS", _garbage), ("protocol version", _tls_1_1)],
-                         ids=["plain HTTP", "garbage bytes", "TLS 1.1"])
+@pytest.mark.parametrize("reason,speak", [("not TLS", _plain_http), ("not TLS", _garbage), ("protocol version", _tls_1_1),
+                                          ("closed during handshake", _reset)],
+                         ids=["plain HTTP", "garbage bytes", "TLS 1.1", "reset before a ClientHello"])
 def test_non_tls_client_is_refused_with_its_reason(reason, speak, pki, gateway_agent, caplog):
     """Plain HTTP, random bytes and a TLS 1.1 ClientHello get no answer but a close, each is
     logged with its reason in both formats, and TW is served right after."""
