@@ -104,7 +104,7 @@ class Connection(asyncio.BufferedProtocol):
         self.upstream_paused = False
         self.logged = False
         self.task: asyncio.Task | None = None  # resolving an upstream given by name
-        self.adopting: asyncio.Task | None = None  # connect_accepted_socket, until connection_made
+        self.adopting: asyncio.Task | None = None  # held until done: the loop keeps only weak references to tasks
 
     # -- the node's transport ----------------------------------------------------------------------
 
@@ -114,7 +114,6 @@ class Connection(asyncio.BufferedProtocol):
             await self.loop.connect_accepted_socket(lambda: self, sock)
         except OSError as exc:  # the node went between accept() and here
             sock.close()
-            self.adopting = None
             if self.state != _GONE:
                 self.listener._refused(self.peer, "closed during handshake", type(exc).__name__)
                 self._finish()
@@ -451,7 +450,9 @@ class Connection(asyncio.BufferedProtocol):
         if self.task is not None:
             self.task.cancel()
         self._log_closed()
-        if not self.to_upstream:
+        if self.to_upstream:  # the upstream still takes what the node sent, within the grace
+            self.deadline = min(self.deadline, self.loop.time() + _CLOSE_GRACE)
+        else:
             self._close_upstream()
         self._forget_if_done()
 

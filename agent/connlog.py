@@ -42,18 +42,17 @@ def log_refused(peer: str, reason: str, detail: str, *, node: str | None = None,
     log.warning("refused peer=%s reason=%r%s detail=%r", peer, reason, who, detail, extra={"pki_event": event})
 
 
-def log_accepted(peer: str, identity: PeerIdentity, tls_version: str | None, batch: "EventBatch | None" = None) -> None:
-    """Log an authorized connection whose upstream is connected (INFO), through ``batch`` if given."""
+def log_accepted(peer: str, identity: PeerIdentity, tls_version: str | None, *, batch: "EventBatch") -> None:
+    """Log an authorized connection whose upstream is connected (INFO), through ``batch``."""
     if not log.isEnabledFor(logging.INFO):
         return
     event = {"event": "accepted", "peer": peer, "node": identity.name, "serial": _hex(identity.serial), "tls": tls_version}
-    args = (peer, identity.name, identity.serial, tls_version)
-    _emit(batch, "accepted peer=%s node=%s serial=%x tls=%s", args, event)
+    batch.add("accepted peer=%s node=%s serial=%x tls=%s", (peer, identity.name, identity.serial, tls_version), event)
 
 
 def log_closed(peer: str, identity: PeerIdentity, *, bytes_in: int, bytes_out: int, duration: float, reason: str,
-               batch: "EventBatch | None" = None) -> None:
-    """Log the end of an accepted connection (INFO), through ``batch`` if given.
+               batch: "EventBatch") -> None:
+    """Log the end of an accepted connection (INFO), through ``batch``.
 
     Args:
         bytes_in: bytes forwarded from the node to the upstream.
@@ -67,14 +66,7 @@ def log_closed(peer: str, identity: PeerIdentity, *, bytes_in: int, bytes_out: i
     event = {"event": "closed", "peer": peer, "node": identity.name, "serial": _hex(identity.serial), "bytes_in": bytes_in,
              "bytes_out": bytes_out, "duration": round(duration, 3), "reason": reason}
     args = (peer, identity.name, identity.serial, bytes_in, bytes_out, duration, reason)
-    _emit(batch, "closed peer=%s node=%s serial=%x bytes_in=%d bytes_out=%d duration=%.3fs reason=%r", args, event)
-
-
-def _emit(batch: "EventBatch | None", msg: str, args: tuple, event: dict) -> None:
-    if batch is None:
-        log.info(msg, *args, extra={"pki_event": event})
-    else:
-        batch.add(msg, args, event)
+    batch.add("closed peer=%s node=%s serial=%x bytes_in=%d bytes_out=%d duration=%.3fs reason=%r", args, event)
 
 
 class EventBatch:
