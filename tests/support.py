@@ -195,6 +195,24 @@ def refusal_record(caplog, reason: str, timeout: float = DEADLINE):
         time.sleep(0.01)
 
 
+def wait_record(caplog, matches, what: str = "the log record", timeout: float = DEADLINE):
+    """Wait (bounded) for the first captured record for which ``matches(record)`` holds."""
+    found = []
+
+    def seen() -> bool:
+        found[:] = [r for r in list(caplog.records) if matches(r)]
+        return bool(found)
+
+    wait_until(seen, timeout, what)
+    return found[0]
+
+
+def closed_record(caplog, reason: str | None = None):
+    """The listener's 'closed' record (with ``reason`` if given); the lines come in batches within 0.1 s."""
+    return wait_record(caplog, lambda r: getattr(r, "pki_event", {}).get("event") == "closed"
+                       and reason in (None, r.pki_event["reason"]), f"a 'closed' record with reason {reason!r}")
+
+
 def refused(port: int, ctx: ssl.SSLContext) -> str:
     """Connect, try one echo, and return how it failed; raise if the gateway let it through.
 

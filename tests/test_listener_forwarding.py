@@ -7,10 +7,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import ssl
 import threading
 
-from support import DEADLINE, TLSClient, bundle_context
+from support import DEADLINE, TLSClient, bundle_context, closed_record, wait_record
 
 MIB = 1024 * 1024
 
@@ -64,7 +63,7 @@ def test_upload_is_delivered_whole_when_the_node_closes_right_after(pki, start_g
     client.sock.sendall(payload)
     client.close()
     assert upstream.join() == {"count": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    closed = _closed_event(caplog)
+    closed = closed_record(caplog).pki_event
     assert (closed["bytes_in"], closed["reason"]) == (len(payload), "client closed")
 
 
@@ -89,7 +88,7 @@ def test_download_is_delivered_whole_then_closed_with_close_notify(pki, start_ga
             count += len(data)
     upstream.join()
     assert (count, digest.hexdigest()) == (len(payload), hashlib.sha256(payload).hexdigest())
-    closed = _closed_event(caplog)
+    closed = closed_record(caplog).pki_event
     assert (closed["bytes_out"], closed["reason"]) == (len(payload), "upstream closed")
 
 
@@ -117,7 +116,7 @@ def test_upstream_down_closes_the_node_cleanly_and_says_why(pki, start_gateway_a
         raw = socket.create_connection(("127.0.0.1", running.port), timeout=DEADLINE)
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as tls:
             assert tls.recv(10) == b""
-    record = _wait_record(caplog, lambda r: r.getMessage().startswith("upstream unreachable"))
+    record = wait_record(caplog, lambda r: r.getMessage().startswith("upstream unreachable"), "the upstream unreachable line")
     assert "node=tw" in record.getMessage() and f"upstream=127.0.0.1:{port}" in record.getMessage()
     assert "refused" in record.getMessage().lower()
 
@@ -133,7 +132,7 @@ def test_upstream_that_never_answers_is_given_up_after_the_handshake_timeout(pki
         client = TLSClient(running.port, bundle_context(pki.node))
         assert client.sock.recv(10) == b""  # closed by the listener; the socket timeout bounds the wait
         client.close()
-    record = _wait_record(caplog, lambda r: r.getMessage().startswith("upstream unreachable"))
+    record = wait_record(caplog, lambda r: r.getMessage().startswith("upstream unreachable"), "the upstream unreachable line")
     assert "error='no answer in 2 s'" in record.getMessage()
 
 
@@ -143,20 +142,3 @@ def test_upstream_given_by_name_is_resolved_and_reached(pki, start_gateway_agent
     client = TLSClient(running.port, bundle_context(pki.node))
     assert client.echo(b"by name") == b"by name"
     client.close()
-
-
-def _closed_event(caplog) -> dict:
-    return _wait_record(caplog, lambda r: getattr(r, "pki_event", {}).get("event") == "closed").pki_event
-
-
-def _wait_record(caplog, matches):
-    from support import wait_until
-
-    found = []
-
-    def seen() -> bool:
-        found[:] = [r for r in caplog.records if matches(r)]
-        return bool(found)
-
-    wait_until(seen, what="the log record")
-    return found[0]

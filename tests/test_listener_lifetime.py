@@ -10,20 +10,7 @@ import time
 from pki_agent.connlog import JSONFormatter
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, TLSClient, bundle_context, command, refusal_record, refused, wait_until
-
-
-def _closed_record(caplog, reason: str):
-    """The listener's 'closed' record with ``reason`` (bounded wait)."""
-    found = []
-
-    def seen() -> bool:
-        found[:] = [r for r in caplog.records if getattr(r, "pki_event", {}).get("event") == "closed"
-                    and r.pki_event["reason"] == reason]
-        return bool(found)
-
-    wait_until(seen, what=f"a 'closed' record with reason {reason!r}")
-    return found[0]
+from support import DEADLINE, TLSClient, bundle_context, closed_record, command, refusal_record, refused, wait_until
 
 
 def _message_logged(caplog, text: str) -> None:
@@ -41,7 +28,7 @@ def test_idle_connection_is_closed_and_a_busy_one_is_not(pki, start_gateway_agen
         assert busy.echo(b"tick") == b"tick"
         time.sleep(0.3)
     assert quiet.sock.recv(10) == b""  # closed by the listener; the socket timeout bounds the wait
-    entry = json.loads(JSONFormatter().format(_closed_record(caplog, "idle timeout")))
+    entry = json.loads(JSONFormatter().format(closed_record(caplog, "idle timeout")))
     assert (entry["node"], entry["bytes_in"], entry["bytes_out"]) == ("tw", 5, 5) and entry["duration"] >= 1
     assert busy.echo(b"still here") == b"still here"
     busy.close()
@@ -55,7 +42,7 @@ def test_connection_is_closed_at_its_maximum_age(pki, start_gateway_agent, caplo
     client = TLSClient(running.port, bundle_context(pki.node))
     assert client.echo(b"x") == b"x"
     assert client.sock.recv(10) == b""
-    assert _closed_record(caplog, "max connection age").pki_event["duration"] >= 1
+    assert closed_record(caplog, "max connection age").pki_event["duration"] >= 1
     client.close()
     again = TLSClient(running.port, bundle_context(pki.node))
     assert again.echo(b"y") == b"y"
@@ -72,7 +59,7 @@ def test_crl_reload_closes_the_open_connection_of_a_revoked_node_only(pki, gatew
     pki.ca.revoke("TW", reason="key-compromise")
     gateway_agent.call(gateway_agent.agent.maintain())
     assert tw.sock.recv(10) == b""
-    assert _closed_record(caplog, "revoked").pki_event["node"] == "tw"
+    assert closed_record(caplog, "revoked").pki_event["node"] == "tw"
     assert ex.echo(b"ex again") == b"ex again"
     tw.close()
     ex.close()
