@@ -31,7 +31,7 @@ def run(config_path: Path, log_level: str, loop_name: str) -> None:
     from .config import load_config
     from .connlog import configure_logging
     from .daemon import Agent
-    from .loops import event_loop_factory
+    from pkictl.loops import event_loop_factory
 
     config = load_config(config_path)
     configure_logging(config.log_format, log_level)
@@ -106,7 +106,7 @@ def status(config_path: Path, as_json: bool) -> None:
                                "(loopback, plain TCP) and forwards to the gateway's listener over mTLS.")
 def enroll(ca_url, fingerprint, name, token, token_file, directory, wait, tunnel) -> None:
     """Get this node's first certificate over EST: key made here, CA pinned by fingerprint."""
-    from .config import parse_tunnel
+    from pkictl.bundle_config import parse_tunnel
     from .enroll import enroll as run_enroll
 
     if tunnel is not None:
@@ -151,7 +151,7 @@ def doctor(config_path: Path, gateway, server_name, offline, timeout, units, as_
     from pkictl.diagnosis import exit_status, render
 
     from .doctor import diagnose_agent
-    from .service import installed_service_files
+    from pkictl.secretscan import installed_service_files
 
     findings = diagnose_agent(config_path, clock=SystemClock(), gateway=gateway, server_name=server_name, offline=offline,
                               timeout=timeout, service_files=[*installed_service_files(), *units])

@@ -26,6 +26,7 @@ from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
 from pkictl.renewal import draw_jitter, renewal_time
 from pkictl.store import Credential, CredentialStore
+from pkictl.tls import client_context
 
 from .config import AgentConfig
 from .errors import AgentError
@@ -37,7 +38,7 @@ from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
 from .state import iso, state_path, write_state
-from .tls import ServerTLS, client_context, server_context
+from .tls import ServerTLS, server_context
 from .watch import credential_stamp, watch_files
 
 if TYPE_CHECKING:

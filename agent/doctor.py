@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 from typing import Sequence
 
+from pkictl.bundle_config import parse_address
 from pkictl.clock import Clock
 from pkictl.credential_checks import CREDENTIAL_CHECKS
 from pkictl.credential_facts import CredentialFacts
@@ -26,7 +27,7 @@ from pkictl.doctor import service_file_findings
 from pkictl.errors import PKIError
 from pkictl.revocation import crls_from_pem, load_crls
 
-from .config import AgentConfig, load_config, parse_address
+from .config import AgentConfig, load_config
 from .errors import ConfigError
 from .gateway_checks import GATEWAY_CHECKS
 from .hooks import BASE_PATH

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
+from pkictl.bundle_config import render_agent_config
 from pkictl.errors import PKIError, StoreError
 from pkictl.est import approval_code
 from pkictl.files import atomic_write
@@ -26,7 +27,6 @@ from pkictl.pem import certificates_to_pem
 from pkictl.profile import generate_key
 from pkictl.store import Credential, CredentialStore
 
-from .config import render_agent_config
 from .est_client import ESTClient, select_chain, self_signed
 
 __all__ = ["enroll"]

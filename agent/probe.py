@@ -26,8 +26,7 @@ from cryptography import x509
 
 from pkictl.clock import Clock
 from pkictl.est import EST_PREFIX
-
-from .tls import harden
+from pkictl.tls import harden
 
 __all__ = ["GatewayProbe", "probe_gateway", "ESTProbe", "probe_est", "served_certificate", "tcp_connect"]
 

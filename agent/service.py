@@ -5,7 +5,7 @@ One backend per service manager, with the same function names (``render``, ``def
 shipped ``systemd/pki-agent.service`` and ``launchd/net.pkictl.agent.plist``; what they take
 from the configuration is the program and config paths, the directories the agent writes, and
 the one capability a port below 1024 needs. Nothing that looks like a secret is ever written
-(:mod:`pki_agent.secretscan`).
+(:mod:`pkictl.secretscan`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Protocol
 
 from pkictl.files import PUBLIC_FILE_MODE, atomic_write
+from pkictl.secretscan import find_secrets, launchd_installed_paths, systemd_installed_paths
 
 from .config import AgentConfig, load_config
 from .errors import AgentError
-from .secretscan import find_secrets
 
 __all__ = ["ServiceSpec", "SystemdBackend", "LaunchdBackend", "BACKENDS", "backend_for", "spec_from_config",
-           "installed_service_files", "install_service"]
+           "install_service"]
 
 # systemd's own hardening hides these trees: ProtectHome= the first, PrivateTmp= the second.
 _HOME_TREES = ("/home", "/root", "/run/user")
@@ -76,15 +76,7 @@ class SystemdBackend:
 
     def installed_paths(self) -> list[Path]:
         """Where units of pki-agent and pkictl serve are installed, drop-ins (systemctl edit) included."""
-        paths = []
-        for root in (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"),
-                     Path.home() / ".config/systemd/user"):
-            for unit in ("pki-agent.service", "pkictl-serve.service"):
-                paths.append(root / unit)
-                dropins = root / f"{unit}.d"
-                if dropins.is_dir():
-                    paths.extend(sorted(dropins.glob("*.conf")))
-        return paths
+        return systemd_installed_paths()
 
     def render(self, spec: ServiceSpec) -> str:
         """The unit text.
@@ -166,8 +158,7 @@ class LaunchdBackend:
         return Path(f"/Library/LaunchDaemons/{self.label}.plist")
 
     def installed_paths(self) -> list[Path]:
-        return [root / f"net.pkictl.{which}.plist"
-                for root in (Path("/Library/LaunchDaemons"), Path.home() / "Library/LaunchAgents") for which in ("agent", "serve")]
+        return launchd_installed_paths()
 
     def render(self, spec: ServiceSpec) -> str:
         """The plist text (XML)."""
@@ -219,11 +210,6 @@ def backend_for(platform: str | None = None, *, system: str = sys.platform) -> B
         return BACKENDS[platform]
     except KeyError:
         raise AgentError(f"platform {platform!r}: want one of {', '.join(BACKENDS)}") from None
-
-
-def installed_service_files() -> list[Path]:
-    """The service definitions of pki-agent and pkictl serve that exist on this host (any backend)."""
-    return [p for backend in BACKENDS.values() for p in backend.installed_paths() if p.is_file()]
 
 
 def _installed_program() -> Path:

@@ -1,4 +1,4 @@
-"""SSLContext builders for the gateway listener (server) and node clients, from a credential store.
+"""The gateway listener's server SSLContext, from a credential store (clients: :mod:`pkictl.tls`).
 
 Every reload builds a fresh, complete context from files: a live context is never mutated
 (../shared/DESIGN.md, "Hot reload of an ssl.SSLContext").
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from pkictl.revocation import load_crls, revoked_serials
 from pkictl.store import Credential, CredentialStore
+from pkictl.tls import harden
 
-__all__ = ["ServerTLS", "server_context", "client_context", "harden"]
+__all__ = ["ServerTLS", "server_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,6 @@ class ServerTLS:
     credential: Credential
     revoked: frozenset[tuple[bytes, int]] = frozenset()
     crl_next_update: dt.datetime | None = None
-
-
-def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """TLS 1.2 minimum, no renegotiation, no session tickets (a resumed session would skip the
-    revocation check of a reloaded CRL; DESIGN.md), strict X.509 verification."""
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    return ctx
 
 
 def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS:
@@ -70,18 +62,3 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
     ctx.load_verify_locations(cafile=crl)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ServerTLS(ctx, credential, revoked_serials(crls), min(c.next_update_utc for c in crls))
-
-
-def client_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
-    """A client context that sends our certificate and chain and verifies the server against
-    our trust anchor and the name or IP address dialed (pass ``server_hostname``).
-
-    Raises:
-        StoreError, KeyProtectionError, ssl.SSLError, OSError: as :func:`server_context`.
-    """
-    version = store.current_version_dir()
-    credential = store.load(version)
-    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
-    ctx.load_verify_locations(cafile=store.trust_anchors_path)
-    return ctx, credential

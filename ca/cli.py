@@ -124,7 +124,7 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
 def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None,
                         tunnel: dict | None = None) -> Path:
     from cryptography.hazmat.primitives import hashes
-    from pki_agent.config import render_agent_config
+    from .bundle_config import render_agent_config
 
     from .files import atomic_write
 
@@ -153,7 +153,7 @@ _CA_URL_HELP = "The bundle's agent renews over EST from this 'pkictl serve' (htt
 def _tunnel(ctx, param, value):
     if value is None:
         return None
-    from pki_agent.config import parse_tunnel
+    from .bundle_config import parse_tunnel
 
     try:
         return parse_tunnel(value)
@@ -228,7 +228,7 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
 @click.pass_obj
 def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstream, allow, replace, ca_url) -> None:
     """Issue gateway NAME's server certificate (serverAuth) and write its bundle."""
-    from pki_agent.config import parse_address
+    from .bundle_config import parse_address
 
     from .names import validate_name
 
@@ -337,11 +337,10 @@ def doctor(obj: _Obj, as_json: bool, show_all: bool, units: tuple[Path, ...]) ->
       4  an error: something is broken now (expired, mismatched key, key readable by others, ...)
       1  the doctor could not run (e.g. an unreadable passphrase file)
     """
-    from pki_agent.service import installed_service_files
-
     from .clock import SystemClock
     from .diagnosis import exit_status, render
     from .doctor import diagnose_ca
+    from .secretscan import installed_service_files
 
     findings = diagnose_ca(obj.home, clock=SystemClock(), passphrase=obj.passphrase(),
                            service_files=[*installed_service_files(), *units])
@@ -389,8 +388,8 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     import asyncio
     import logging
 
-    from pki_agent.config import parse_address
-    from pki_agent.loops import event_loop_factory
+    from .bundle_config import parse_address
+    from .loops import event_loop_factory
 
     from .authority import CertificateAuthority
     from .est import root_fingerprint
@@ -504,7 +503,7 @@ def audit_head(obj: _Obj) -> None:
 @click.option("--lifetime", default="15s", show_default=True, help="Gateway and node certificate lifetime, short so a rotation happens during the demo.")
 def demo(directory: Path, lifetime: str) -> None:
     """Run the main job on this machine: CA, gateway and node TW, the agent, mTLS, a rotation."""
-    from pki_agent.demo import run_demo
+    from .demo import run_demo
 
     run_demo(directory, lifetime=lifetime, echo=click.echo)
 

@@ -281,7 +281,7 @@ def _service_checks(facts: CAFacts) -> list[Finding]:
 
 def service_file_findings(paths: Sequence[Path]) -> list[Finding]:
     """Findings for service definitions (units, drop-ins, plists) that look like they hold a secret."""
-    from pki_agent.secretscan import redact, scan_file
+    from .secretscan import redact, scan_file
 
     findings = []
     for path in paths:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pki_agent.config import AgentConfig, ListenerConfig, RenewalConfig
-from pki_agent import loops
+from pkictl import loops
 from pki_agent.daemon import Agent
 from pkictl.authority import CertificateAuthority
 from pkictl.settings import CASettings

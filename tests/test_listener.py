@@ -11,7 +11,7 @@ import time
 
 import trustme
 
-from pki_agent.tls import client_context as agent_client_context
+from pkictl.tls import client_context as agent_client_context
 from pkictl.clock import FixedClock
 from pkictl.files import write_new_file
 from pkictl.pem import certificates_to_pem, private_key_to_pem

@@ -15,7 +15,7 @@ import click
 import pytest
 
 from pki_agent.config import load_config
-from pki_agent.secretscan import find_secrets
+from pkictl.secretscan import find_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pkictl.authority import CertificateAuthority
-from pkictl.errors import PKIError
-from pkictl.files import atomic_write
-from pkictl.settings import CASettings, parse_duration
-from pkictl.clock import SystemClock
-from pkictl.status import read_status
-from pkictl.store import CredentialStore
-
-from .config import render_agent_config
+from .authority import CertificateAuthority
+from .bundle_config import render_agent_config
+from .clock import SystemClock
+from .errors import PKIError
+from .files import atomic_write
+from .settings import CASettings, parse_duration
+from .status import read_status
+from .store import CredentialStore
 from .tls import client_context
 
 __all__ = ["run_demo"]

@@ -1,11 +1,11 @@
-"""The event loop the agent runs on: uvloop when it is installed, asyncio's own otherwise."""
+"""The event loop pki-agent and pkictl serve run on: uvloop when it is installed, asyncio's own otherwise."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Callable
 
-from .errors import ConfigError
+from .errors import SettingsError
 
 __all__ = ["event_loop_factory"]
 
@@ -21,14 +21,14 @@ def event_loop_factory(choice: str = "auto") -> tuple[Callable[[], asyncio.Abstr
         choice: ``auto``, ``uvloop`` or ``asyncio``.
 
     Raises:
-        ConfigError: ``uvloop`` was asked for and is not installed.
+        SettingsError: ``uvloop`` was asked for and is not installed.
     """
     if choice in ("auto", "uvloop"):
         try:
             import uvloop
         except ImportError:
             if choice == "uvloop":
-                raise ConfigError("--loop uvloop: uvloop is not installed; install it with pip install 'pkictl[fast]'") from None
+                raise SettingsError("--loop uvloop: uvloop is not installed; install it with pip install 'pkictl[fast]'") from None
         else:
             return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
     return asyncio.new_event_loop, "asyncio"

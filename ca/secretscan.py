@@ -1,4 +1,5 @@
-"""Find what looks like a secret in a service definition (systemd unit, launchd plist) or config.
+"""Find what looks like a secret in a service definition (systemd unit, launchd plist) or config,
+and where the service definitions of pki-agent and pkictl serve are installed on a host.
 
 No unit or plist may hold a secret: a unit is world-readable and ``systemctl show`` prints its
 environment to any user; a plist sits in /Library/LaunchDaemons for everyone to read. The
@@ -13,7 +14,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["SecretHit", "SECRET_PATTERNS", "find_secrets", "scan_file", "redact"]
+__all__ = ["SecretHit", "SECRET_PATTERNS", "find_secrets", "scan_file", "redact", "systemd_installed_paths",
+           "launchd_installed_paths", "installed_service_files"]
 
 # What a secret tends to look like in a text file. The base64 pattern wants upper case, lower case
 # and a digit so that long words and paths (CapabilityBoundingSet) do not count.
@@ -83,3 +85,27 @@ def redact(line: str, limit: int = 100) -> str:
         line = SECRET_PATTERNS[name].sub("<redacted>", line)
     line = re.sub(r"-----BEGIN .*", "-----BEGIN <redacted>", line)
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def systemd_installed_paths() -> list[Path]:
+    """Where units of pki-agent and pkictl serve are installed, drop-ins (systemctl edit) included."""
+    paths = []
+    for root in (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"),
+                 Path.home() / ".config/systemd/user"):
+        for unit in ("pki-agent.service", "pkictl-serve.service"):
+            paths.append(root / unit)
+            dropins = root / f"{unit}.d"
+            if dropins.is_dir():
+                paths.extend(sorted(dropins.glob("*.conf")))
+    return paths
+
+
+def launchd_installed_paths() -> list[Path]:
+    """Where the plists of pki-agent and pkictl serve are installed (system daemons, user agents)."""
+    return [root / f"net.pkictl.{which}.plist"
+            for root in (Path("/Library/LaunchDaemons"), Path.home() / "Library/LaunchAgents") for which in ("agent", "serve")]
+
+
+def installed_service_files() -> list[Path]:
+    """The service definitions of pki-agent and pkictl serve that exist on this host (any service manager)."""
+    return [p for p in (*systemd_installed_paths(), *launchd_installed_paths()) if p.is_file()]

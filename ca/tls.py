@@ -1,0 +1,38 @@
+"""TLS settings every pkictl endpoint shares (the EST service, the gateway listener, node clients)
+and the client context of a credential store.
+
+Every reload builds a fresh, complete context from files: a live context is never mutated
+(docs/design.md, "Hot reload").
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from .store import Credential, CredentialStore
+
+__all__ = ["harden", "client_context"]
+
+
+def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 minimum, no renegotiation, no session tickets (a resumed session would skip the
+    revocation check of a reloaded CRL; DESIGN.md), strict X.509 verification."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def client_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
+    """A client context that sends our certificate and chain and verifies the server against
+    our trust anchor and the name or IP address dialed (pass ``server_hostname``).
+
+    Raises:
+        StoreError, KeyProtectionError, ssl.SSLError, OSError: as :func:`server_context`.
+    """
+    version = store.current_version_dir()
+    credential = store.load(version)
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
+    ctx.load_verify_locations(cafile=store.trust_anchors_path)
+    return ctx, credential
