@@ -138,6 +138,10 @@ def _examine(der: bytes, trust_domain: str) -> _Examined:
         problem = ("wrong purpose", f"serial {serial:x} has no extended key usage; want clientAuth")
     elif ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         problem = ("wrong purpose", f"serial {serial:x} is not for clientAuth")
+    elif not names and ExtendedKeyUsageOID.SERVER_AUTH in eku:
+        # A gateway's certificate is for clientAuth too (it renews over EST), never a node's.
+        problem = ("no node identity", f"serial {serial:x} (CN={claimed}) is a server certificate with no identity under "
+                                       f"{prefix}: a gateway's certificate does not authenticate a node")
     elif not one:
         problem = ("no node identity", f"serial {serial:x} carries {len(names)} identities under {prefix}; want exactly one")
     return _Examined(serial, cert.issuer.public_bytes(), cert.not_valid_after_utc, claimed, problem)

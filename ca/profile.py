@@ -126,10 +126,11 @@ def build_end_entity(
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
 ) -> x509.CertificateBuilder:
-    """A gateway (serverAuth) or node (clientAuth) certificate.
+    """A gateway (serverAuth + clientAuth), EST service (serverAuth) or node (clientAuth) certificate.
 
     Args:
-        kind: ``"gateway"`` or ``"service"`` (serverAuth) or ``"node"`` (clientAuth).
+        kind: ``"gateway"`` (serverAuth for its listener, clientAuth to renew over EST),
+            ``"service"`` (serverAuth) or ``"node"`` (clientAuth).
         name: the validated name; it becomes the subject CN.
         trust_domain: SPIFFE trust domain of node identities.
         public_key: the subject's public key (from a key made here or a verified CSR).
@@ -141,11 +142,15 @@ def build_end_entity(
     """
     if kind == "node":
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(node_identity(trust_domain, name))]
-        eku = ExtendedKeyUsageOID.CLIENT_AUTH
+        ekus = [ExtendedKeyUsageOID.CLIENT_AUTH]
     elif kind in ("gateway", "service"):
         sans = [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        eku = ExtendedKeyUsageOID.SERVER_AUTH
+        # A gateway renews over EST authenticated by its own certificate (RFC 7030 4.2.2), and
+        # OpenSSL verifies a TLS client against the clientAuth purpose: without it the gateway
+        # can never renew. Node identity is the node URI SAN, which a gateway never carries, so
+        # the listener still refuses it as a node (docs/design.md, "Gateway certificates").
+        ekus = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if kind == "gateway" else [])
     else:
         raise ValueError(f"kind {kind!r}: want one of {END_ENTITY_KINDS}")
     return (
@@ -159,7 +164,7 @@ def build_end_entity(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(_ski(public_key), critical=False)
         .add_extension(_aki(issuer), critical=False)

@@ -124,7 +124,7 @@ def test_enroll_node_with_out(runner, ca_home, tmp_path):
 
 
 def test_enroll_gateway_with_dns_and_ip(runner, ca_home):
-    """enroll-gateway --dns --ip issues a serverAuth certificate with exactly those SANs and an agent.yaml with a listener."""
+    """enroll-gateway --dns --ip issues a serverAuth (and clientAuth, to renew) certificate with exactly those SANs and an agent.yaml with a listener."""
     _ok(run(runner, ca_home, "enroll-gateway", "gw", "--dns", "gw.example.lan", "--ip", "127.0.0.1", "--ip", "::1", "--listen", "127.0.0.1:0"))
     bundle = ca_home / "bundles" / "gw"
     config = load_config(bundle / "agent.yaml")
@@ -135,7 +135,7 @@ def test_enroll_gateway_with_dns_and_ip(runner, ca_home):
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["gw.example.lan"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 def test_enroll_gateway_writes_an_explicit_allow_list(runner, ca_home):

@@ -18,9 +18,12 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
+from pkictl.pem import certificates_to_pem, private_key_to_pem
+from pkictl.profile import generate_key
 from pkictl.settings import CASettings
 
 from est_support import (
@@ -280,6 +283,45 @@ def test_simplereenroll_with_the_current_certificate_issues_a_successor(pki, est
     assert spki(successor) == public_key_der(key)
     assert successor.subject == current.subject and uris(successor) == uris(current) == [TW_URI]
     assert "OK" in openssl_verify_client(pki.home, successor, tmp_path)
+    assert serials(pki.home) - before == {successor.serial_number}
+
+
+def test_a_gateway_renews_over_est_with_its_own_certificate(pki, est, tmp_path):
+    """curl with the gateway's certificate chain and key gets a successor with the same DNS and IP
+    SANs (RFC 7030 4.2.2); a serverAuth-only certificate (the profile before gateways got
+    clientAuth) is refused by OpenSSL at the TLS layer and nothing is issued."""
+    service = est(pki.home)
+    files = live_files(pki.gateway)
+    current = x509.load_pem_x509_certificate(files["cert"].read_bytes())
+    csr, key = make_csr(tmp_path, subject="/CN=gw", san="IP:127.0.0.1")
+    before = serials(pki.home)
+
+    reply = reenroll(service, pki.home, csr, "--cert", str(files["fullchain"]), "--key", str(files["privkey"]))
+    assert reply.status == 200, reply
+    successor = only_certificate(reply.body)
+    assert spki(successor) == public_key_der(key) and successor.subject == current.subject
+    assert successor.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == \
+        current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert serials(pki.home) - before == {successor.serial_number}
+
+    # The old profile: serverAuth only, signed by our issuing CA.
+    issuing_key = serialization.load_pem_private_key((pki.home / "issuing" / "key.pem").read_bytes(), None)
+    old_key = generate_key()
+    old = (x509.CertificateBuilder().subject_name(current.subject).issuer_name(pki.ca.issuing.subject)
+           .public_key(old_key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(current.not_valid_before_utc).not_valid_after(current.not_valid_after_utc)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+           .add_extension(current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value, critical=False)
+           .add_extension(x509.SubjectKeyIdentifier.from_public_key(old_key.public_key()), critical=False)
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca.issuing.public_key()), critical=False)
+           .sign(issuing_key, hashes.SHA256()))
+    chain, keyfile = tmp_path / "old-chain.pem", tmp_path / "old-key.pem"
+    chain.write_bytes(certificates_to_pem([old, *pki.ca.chain]))
+    keyfile.write_bytes(private_key_to_pem(old_key))
+    csr2, _ = make_csr(tmp_path, subject="/CN=gw", san="IP:127.0.0.1")
+    refused = reenroll(service, pki.home, csr2, "--cert", str(chain), "--key", str(keyfile), "--tls-max", "1.2")
+    assert refused.returncode == 35 and refused.status == 0, refused
     assert serials(pki.home) - before == {successor.serial_number}
 
 

@@ -75,9 +75,11 @@ def test_client_from_another_ca_is_refused(pki, gateway_agent, caplog, tmp_path)
 
 
 def test_gateway_server_certificate_used_as_client_is_refused(pki, gateway_agent, caplog):
-    """Our own gateway certificate (serverAuth only) is not a client certificate."""
+    """Our own gateway certificate completes the handshake (it has clientAuth, to renew over
+    EST) and is refused all the same: it carries no node identity."""
     refused(gateway_agent.port, bundle_context(pki.gateway))
-    assert _refusal_logged(caplog, "wrong purpose")
+    assert _refusal_logged(caplog, "no node identity")
+    assert "a gateway's certificate does not authenticate a node" in caplog.text
 
 
 def test_expired_client_certificate_is_refused(pki, gateway_agent, caplog, tmp_path):

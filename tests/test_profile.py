@@ -110,10 +110,14 @@ def test_ca_certificates_have_no_extended_key_usage(issued, kind):
         _ext(_cert(issued, kind), x509.ExtendedKeyUsage)
 
 
-@pytest.mark.parametrize(("kind", "eku"), [("node", ExtendedKeyUsageOID.CLIENT_AUTH), ("gateway", ExtendedKeyUsageOID.SERVER_AUTH)])
-def test_end_entity_extended_key_usage(issued, kind, eku):
-    """A node's extKeyUsage is exactly clientAuth and a gateway's exactly serverAuth."""
-    assert list(_ext(_cert(issued, kind), x509.ExtendedKeyUsage).value) == [eku]
+@pytest.mark.parametrize(("kind", "ekus"), [
+    ("node", [ExtendedKeyUsageOID.CLIENT_AUTH]),
+    ("gateway", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+])
+def test_end_entity_extended_key_usage(issued, kind, ekus):
+    """A node's extKeyUsage is exactly clientAuth; a gateway's serverAuth for its listener and
+    clientAuth to authenticate its own renewal over EST."""
+    assert list(_ext(_cert(issued, kind), x509.ExtendedKeyUsage).value) == ekus
 
 
 # -- key identifiers -------------------------------------------------------------------------------
@@ -264,10 +268,12 @@ def test_node_is_rejected_as_a_server(issued):
         _server_verifier([issued.root], NOW, x509.DNSName("gw.example.lan")).verify(issued.node, [issued.issuing])
 
 
-def test_gateway_is_rejected_as_a_client(issued):
-    """A gateway (serverAuth) certificate fails client verification."""
-    with pytest.raises(VerificationError):
-        _client_verifier([issued.root], NOW).verify(issued.gateway, [issued.issuing])
+def test_gateway_verifies_as_a_client_but_carries_no_node_identity(issued):
+    """A gateway certificate passes client path validation (it renews over mTLS) and holds no
+    node URI SAN, the identity every node check authorizes by."""
+    _client_verifier([issued.root], NOW).verify(issued.gateway, [issued.issuing])
+    sans = _ext(issued.gateway, x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == []
 
 
 def test_foreign_root_rejects_both(issued):
