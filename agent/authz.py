@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.errors import PKIError
+from pkictl.handshake import handshake_refusal_reason  # noqa: F401 - re-exported: the listener's reasons live in the CA library
 from pkictl.names import validate_name
 
 from .errors import PeerRejected
@@ -172,40 +173,3 @@ class Authorizer:
             PeerRejected: the peer fails a rule; ``reason`` says which.
         """
         return authorize_client(ssl_object.getpeercert(binary_form=True), self.trust_domain, revoked, self.allow)
-
-
-# X509_V_ERR_* codes (OpenSSL include/openssl/x509_vfy.h) -> the reasons operators read in logs.
-_VERIFY_REASONS = {
-    2: "unknown CA", 18: "unknown CA", 19: "unknown CA", 20: "unknown CA", 21: "unknown CA",
-    9: "not yet valid", 10: "expired", 23: "revoked", 26: "wrong purpose",
-    3: "CRL unavailable", 11: "CRL not yet valid", 12: "CRL expired",
-}
-_NOT_TLS = {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
-
-
-def handshake_refusal_reason(exc: BaseException) -> tuple[str, str]:
-    """Map a server-side handshake failure to ``(reason, detail)`` for the refusal log.
-
-    ``reason`` is one of: no client certificate, unknown CA, expired, not yet valid, revoked,
-    wrong purpose, CRL unavailable/expired/not yet valid, not TLS, protocol version,
-    handshake timeout, closed during handshake, or ``TLS error`` for anything else.
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_REASONS.get(exc.verify_code, "certificate rejected"), exc.verify_message or str(exc)
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
-        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-            return "no client certificate", "the client sent no certificate"
-        if reason in _NOT_TLS:
-            return "not TLS", reason
-        if "VERSION" in reason or "PROTOCOL" in reason:
-            return "protocol version", reason
-        if reason in ("UNEXPECTED_EOF_WHILE_READING",):
-            return "closed during handshake", reason
-        return "TLS error", reason or str(exc)
-    # asyncio reports its ssl_handshake_timeout as ConnectionAbortedError("... taking longer than ...").
-    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
-        return "handshake timeout", str(exc) or "the client did not finish its handshake in time"
-    if isinstance(exc, (ConnectionError, OSError, EOFError)):
-        return "closed during handshake", type(exc).__name__
-    return "TLS error", repr(exc)
