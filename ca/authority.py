@@ -24,9 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from .clock import Clock, SystemClock
 from .errors import CANotFoundError, NotEnrolledError, PolicyError, StoreError
 from .audit import AuditLog, audits_refusals
-from .files import make_private_dir, read_private_file, write_new_file
+from .files import make_private_dir, write_new_file
 from .inventory import Inventory, Record
-from .keys import load_private_key
 from .lint import prelint
 from .names import validate_name
 from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
@@ -98,6 +97,8 @@ class CertificateAuthority(Revocation, Bootstrap):
         self._inventory: Inventory | None = None
         self._passphrase: bytes | None = None  # to open retired issuing keys, which sign their CRLs
         self.audit = AuditLog(self.home / "audit.log", clock=clock)
+        self.pending = None  # the next issuing CA while it waits for activation (pkictl.activation)
+        self._pending_state = self._issuing_state = None  # what refresh_issuing last saw on disk
 
     # -- creation and loading ---------------------------------------------------------------
 
@@ -131,18 +132,32 @@ class CertificateAuthority(Revocation, Bootstrap):
         if not cls.exists(home):
             raise CANotFoundError(f"no CA in {home}: run 'pkictl init-ca' first, or pass --home / set PKICTL_HOME")
         settings = CASettings.load(home / "ca.yaml")
-        from .lifecycle import finish_interrupted_rotation
+        from .activation import finish_interrupted_rotation, open_issuing, promote_due
 
+        clock = clock or SystemClock()
         finish_interrupted_rotation(home)
+        promote_due(home, clock.now(), audit=AuditLog(home / "audit.log", clock=clock))  # its activation time has come
         root = x509.load_pem_x509_certificate((home / "root" / "cert.pem").read_bytes())
-        issuing = x509.load_pem_x509_certificate((home / "issuing" / "cert.pem").read_bytes())
-        key_path = home / "issuing" / "key.pem"
-        issuing_key = load_private_key(read_private_file(key_path), passphrase, source=str(key_path))
-        if public_key_bytes(issuing_key.public_key()) != public_key_bytes(issuing.public_key()):
-            raise StoreError(f"{key_path} does not match {home / 'issuing' / 'cert.pem'}")
-        ca = cls(home, settings, root, issuing, issuing_key, clock or SystemClock())
-        ca._passphrase = passphrase
+        issuing, issuing_key, state = open_issuing(home, passphrase)
+        ca = cls(home, settings, root, issuing, issuing_key, clock)
+        ca._passphrase, ca._issuing_state = passphrase, state
+        ca.refresh_issuing()  # the pending issuing CA, if any
         return ca
+
+    def refresh_issuing(self) -> bool:
+        """Follow ``pkictl rotate-issuing`` made by another process: promote a pending issuing CA
+        whose activation time has come, reload the issuing CA and the pending one when they
+        changed on disk (:func:`pkictl.activation.refresh`; two stat calls when nothing did).
+
+        Returns:
+            True if the issuing CA or the pending one changed.
+
+        Raises:
+            KeyProtectionError, PassphraseError, StoreError: a new issuing key does not load.
+        """
+        from .activation import refresh
+
+        return refresh(self)
 
     @property
     def inventory(self) -> Inventory:
@@ -199,6 +214,7 @@ class CertificateAuthority(Revocation, Bootstrap):
         """
         validate_name(name)
         check_public_key(public_key)
+        self.refresh_issuing()  # a pending issuing CA whose activation time has come issues from now on
         if kind in ("gateway", "service"):
             dns_names = [check_dns_name(d) for d in dns_names]
             ip_addresses = [check_ip_address(i) for i in ip_addresses]

@@ -348,21 +348,47 @@ def doctor(obj: _Obj, as_json: bool, show_all: bool, units: tuple[Path, ...]) ->
     raise SystemExit(exit_status(findings))
 
 
+def _delay(ctx, param, value):
+    if value is None:
+        return None
+    from .settings import parse_duration
+
+    try:
+        return parse_duration(value, field=f"--{param.name.replace('_', '-')}", allow_zero=True)
+    except PKIError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command("rotate-issuing")
+@click.option("--activate-in", "activate_in", callback=_delay, metavar="DURATION",
+              help="Publish the new issuing CA now, issue from it after DURATION (e.g. 10m; 0s at once). "
+                   "Default: issuing_activation_delay in ca.yaml (10m).")
 @click.pass_obj
-def rotate_issuing(obj: _Obj) -> None:
-    """Replace the issuing CA (needs the root key); certificates already issued keep working.
+def rotate_issuing(obj: _Obj, activate_in) -> None:
+    """Create the next issuing CA (needs the root key); certificates already issued keep working.
 
     \b
-    The trust anchor (the root, ca.pem) does not change. The old issuing CA keeps signing its
-    CRL in crl.pem while a certificate it issued is unexpired; agents move to the new issuing CA
-    at their next renewal. See README, "Rotating the issuing CA".
+    The new issuing CA is published at once: its CRL goes into crl.pem (and /crl.pem of pkictl
+    serve), its certificate into /cacerts. It issues only after the activation delay, so that
+    every gateway has fetched its CRL first (a gateway checking CRLs refuses a node certificate
+    whose issuer's CRL it lacks); until then the current issuing CA keeps issuing. The trust
+    anchor (the root, ca.pem) does not change. The old issuing CA keeps signing its CRL while a
+    certificate it issued is unexpired; agents move to the new one at their next renewal. A
+    running pkictl serve follows without a restart. See README, "Rotating the issuing CA".
     """
     ca = obj.load_ca()
     old = ca.issuing
-    new = ca.rotate_issuing()
-    click.echo(f"retired: {old.subject.rfc4514_string()} (serial {old.serial_number:x}); keeps signing its CRL until its last certificate expires")
-    click.echo(f"issuing: {new.subject.rfc4514_string()} (serial {new.serial_number:x}, not after {new.not_valid_after_utc:%Y-%m-%d})")
+    new = ca.rotate_issuing(activate_in=activate_in)
+    if ca.issuing.serial_number == new.serial_number:
+        click.echo(f"retired: {old.subject.rfc4514_string()} (serial {old.serial_number:x}); keeps signing its CRL until its last certificate expires")
+        click.echo(f"issuing: {new.subject.rfc4514_string()} (serial {new.serial_number:x}, not after {new.not_valid_after_utc:%Y-%m-%d}), from now on")
+    else:
+        when = ca.pending.activate_at
+        click.echo(f"new issuing CA: {new.subject.rfc4514_string()} (serial {new.serial_number:x}, not after {new.not_valid_after_utc:%Y-%m-%d})")
+        click.echo(f"  published now in {ca.home / 'pending-issuing'}; it issues from {when.isoformat(timespec='seconds')}, "
+                   f"when the CA is next used (pkictl serve checks every --check-interval)")
+        click.echo(f"  until then {old.subject.rfc4514_string()} (serial {old.serial_number:x}) keeps issuing; "
+                   "every gateway must fetch crl.pem before that time (pki-agent does every refresh_interval)")
     click.echo(f"CRLs of both written to {ca.crl_path}; move {ca.home / 'root' / 'key.pem'} offline again")
 
 
@@ -371,19 +397,24 @@ def rotate_issuing(obj: _Obj) -> None:
 @click.option("--dns", "dns_names", multiple=True, help="DNS name nodes use to reach the service (repeatable).")
 @click.option("--ip", "ip_addresses", multiple=True, help="IP address nodes use to reach the service (repeatable).")
 @click.option("--retry-after", type=click.IntRange(1, 3600), default=10, show_default=True, help="Seconds a pending enrollment is told to wait.")
-@click.option("--check-interval", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds between checks of the service certificate and the CRL.")
+@click.option("--check-interval", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds between checks of the service certificate, the CRL and a new issuing CA.")
 @click.option("--rate", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Requests per second per client address or identity.")
 @click.option("--burst", type=click.IntRange(1), default=20, show_default=True, help="Requests a client may send at once.")
 @click.option("--workers", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Processes that issue beside the TLS/HTTP event loop (0 = issue in the serving process).")
 @click.option("--loop", "loop_name", default="auto", show_default=True, type=click.Choice(["auto", "uvloop", "asyncio"]),
               help="Event loop: uvloop when installed (pip install 'pkictl[fast]'), else asyncio's own.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
+              help="Seconds a client has to finish its TLS handshake.")
 @click.pass_obj
-def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name) -> None:
+def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
+          handshake_timeout) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
-    own server certificate and re-signs the CRL in time.
+    own server certificate, re-signs the CRL in time, and follows pkictl rotate-issuing without a
+    restart. SIGHUP reloads its certificate and the issuing CA from disk. Every refused client
+    (TLS handshake or EST request) is logged with its address and reason.
     """
     import asyncio
     import logging
@@ -409,7 +440,8 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     ca = CertificateAuthority.load(obj.home, passphrase=passphrase)
     signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
-                         retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers)
+                         retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
+                         handshake_timeout=handshake_timeout)
 
     def ready(bound: int) -> None:
         logging.getLogger("pkictl.serve").info("ready: EST on https://%s:%d%s (root %s)", host, bound, "/.well-known/est", root_fingerprint(ca.root))

@@ -74,6 +74,16 @@ class CAFacts:
         return [c for c in found if c is not None]
 
     @functools.cached_property
+    def pending(self) -> x509.Certificate | None:
+        """The next issuing CA while it waits for its activation (pkictl rotate-issuing)."""
+        return self.certificate("pending-issuing/cert.pem")
+
+    @property
+    def issuers(self) -> list[x509.Certificate]:
+        """Every issuing CA that signs a CRL: current, pending, retired."""
+        return [c for c in [self.issuing, self.pending, *self.retired] if c is not None]
+
+    @functools.cached_property
     def settings(self) -> CASettings | None:
         try:
             return CASettings.load(self.home / "ca.yaml")
@@ -96,7 +106,7 @@ def check_home(facts: CAFacts):
     home = facts.home
     missing = [n for n in ("ca.yaml", "ca.pem", "root/cert.pem", "issuing/cert.pem", "issuing/key.pem", "inventory.sqlite3")
                if not (home / n).exists()]
-    if (home / ".issuing-new").is_dir() and not (home / "issuing").exists():
+    if ((home / ".issuing-new").is_dir() or (home / "pending-issuing").is_dir()) and not (home / "issuing").exists():
         yield Finding("ca-home", W, str(home), "a rotate-issuing was interrupted between its two renames",
                       "issuing/ in place", "run any pkictl command that loads the CA (e.g. pkictl sign-crl): it finishes the rotation")
         missing = [n for n in missing if not n.startswith("issuing/")]
@@ -149,6 +159,8 @@ def check_keys(facts: CAFacts):
     """CA keys are 0600 regular files that match their certificates (the root key may be offline)."""
     yield from _key_findings(facts, "root/key.pem", facts.root, optional=True)
     yield from _key_findings(facts, "issuing/key.pem", facts.issuing, optional=False)
+    if facts.pending is not None:
+        yield from _key_findings(facts, "pending-issuing/key.pem", facts.pending, optional=False)
     for cert in facts.retired:
         yield from _key_findings(facts, f"retired/{cert.serial_number:x}/key.pem", cert, optional=False)
 
@@ -168,6 +180,8 @@ def check_certificates(facts: CAFacts):
     except (ValueError, TypeError, InvalidSignature) as exc:
         yield Finding("ca-certificates", E, str(facts.home / "issuing/cert.pem"), f"{describe(issuing)} is not signed by the root "
                       f"({type(exc).__name__})", "an issuing CA certified by root/cert.pem", "restore issuing/ from the backup")
+    if facts.pending is not None:
+        yield from _pending_findings(facts)
     for label, cert in (("root", root), ("issuing CA", issuing)):
         if now >= cert.not_valid_after_utc:
             yield Finding("ca-certificates", E, label, f"{describe(cert)} expired at {cert.not_valid_after_utc.isoformat()}",
@@ -181,12 +195,31 @@ def check_certificates(facts: CAFacts):
                       f"an issuing CA that outlives a new certificate ({lifetime.days} days)", "pkictl rotate-issuing")
 
 
+def _pending_findings(facts: CAFacts) -> list[Finding]:
+    """The next issuing CA, published and waiting for its activation: fine unless it is broken."""
+    pending, path = facts.pending, facts.home / "pending-issuing"
+    try:
+        pending.verify_directly_issued_by(facts.root)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        return [Finding("ca-certificates", E, str(path / "cert.pem"), f"{describe(pending)} is not signed by the root "
+                        f"({type(exc).__name__})", "a pending issuing CA certified by root/cert.pem",
+                        f"move {path} aside and run pkictl rotate-issuing again")]
+    try:
+        when = (path / "activate-at").read_text().strip()
+    except OSError:
+        return [Finding("ca-certificates", E, str(path / "activate-at"), "missing: the pending issuing CA has no activation time",
+                        "the activate-at file pkictl rotate-issuing writes",
+                        f"move {path} aside and run pkictl rotate-issuing again")]
+    return [Finding("ca-certificates", OK, str(path), f"{describe(pending)} is published and issues from {when} "
+                    "(the current issuing CA issues until then; whoever uses the CA next activates it)")]
+
+
 @check("crl")
 def check_crl(facts: CAFacts):
     """crl.pem holds a fresh CRL signed by each active issuing CA."""
     if facts.issuing is None:
         return
-    yield from crl_findings(facts.home / "crl.pem", [facts.issuing, *facts.retired], facts.now, fix=_CRL_FIX)
+    yield from crl_findings(facts.home / "crl.pem", facts.issuers, facts.now, fix=_CRL_FIX)
 
 
 @check("crl-inventory")
@@ -199,7 +232,7 @@ def check_crl_inventory(facts: CAFacts):
         rows = facts.query("SELECT issuer, issuer_name, number, next_update FROM crls WHERE next_update IS NOT NULL")
     except (PKIError, sqlite3.Error):
         return  # the crl and inventory checks report an unreadable file
-    issuers = {f"{c.serial_number:x}": c for c in [facts.issuing, *facts.retired] if c is not None}
+    issuers = {f"{c.serial_number:x}": c for c in facts.issuers}
     for row in rows:
         ca = issuers.get(row["issuer"])
         crl = crls.get(ca.subject.rfc4514_string()) if ca is not None else None

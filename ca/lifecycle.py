@@ -1,4 +1,4 @@
-"""The CA's life cycle: creating the root and issuing CA, and replacing the issuing CA.
+"""The CA's life cycle: creating the root and issuing CA, and creating the next issuing CA.
 
 The root key is needed only here. Day-to-day issuance, revocation and CRL signing use the issuing
 key alone, so the root key can live offline (``pkictl rotate-issuing`` asks for it back).
@@ -6,6 +6,7 @@ key alone, so the root key can live offline (``pkictl rotate-issuing`` asks for 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shutil
@@ -16,8 +17,9 @@ from cryptography.x509.oid import NameOID
 
 from .authority import CertificateAuthority, signed
 from .clock import Clock
-from .errors import CAExistsError, PKIError, StoreError
-from .files import PRIVATE_FILE_MODE, atomic_write, fsync_dir, make_private_dir, read_private_file, write_new_file
+from .errors import CAExistsError, PKIError
+from .activation import PENDING, finish_interrupted_rotation, publish_pending
+from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory
 from .keys import encrypt_private_key, load_private_key
 from .pem import certificates_to_pem, private_key_to_pem
@@ -106,29 +108,37 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
     return ca
 
 
-def finish_interrupted_rotation(home: Path) -> None:
-    """Complete a rotate-issuing that stopped between its two renames (``issuing/`` moved to
-    ``retired/``, the new one still in ``.issuing-new/``): the new issuing CA was complete."""
-    new, current = home / ".issuing-new", home / "issuing"
-    if new.is_dir() and not current.exists():
-        os.rename(new, current)
-        fsync_dir(home)
+def rotate_issuing(ca: CertificateAuthority, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
+    """Create the next issuing CA under a distinct name, certified by the root, publish it at once
+    and let it issue from ``activate_in`` on.
 
+    Until then it waits in ``<home>/pending-issuing/`` (:mod:`pkictl.activation`): its CRL is in
+    ``crl.pem`` and its certificate in /cacerts, so that every gateway can fetch its CRL before
+    a node certificate of it exists, and the current issuing CA keeps issuing. At the activation
+    time, whoever loads the CA next promotes it: the old issuing CA moves to
+    ``<home>/retired/<serial>/`` and keeps signing its CRL while a certificate it issued is
+    unexpired; its certificates keep working (they chain to the same root, the trust anchor,
+    which does not change) and move to the new issuing CA as they renew.
 
-def rotate_issuing(ca: CertificateAuthority) -> x509.Certificate:
-    """Replace ``ca``'s issuing CA with a new one under a distinct name, certified by the root.
-
-    The old issuing CA moves to ``<home>/retired/<serial>/`` and keeps signing its CRL while a
-    certificate it issued is unexpired; its certificates keep working (they chain to the same
-    root, the trust anchor, which does not change) and move to the new issuing CA as they renew.
-    New certificates are issued by the new one at once.
+    Args:
+        activate_in: the delay before the new CA issues; None takes ``issuing_activation_delay``
+            from ca.yaml; zero activates it at once.
 
     Raises:
         PKIError: the root key is not at ``<home>/root/key.pem`` (bring it back from offline
-            storage: this is the command that needs it), or it does not open.
+            storage: this is the command that needs it), or it does not open; or a new issuing
+            CA is pending already.
         LintError: the new certificate would break the profile (nothing changes).
     """
     home = ca.home
+    delay = ca.settings.issuing_activation_delay if activate_in is None else activate_in
+    ca.refresh_issuing()
+    if ca.pending is not None:
+        pending = ca.pending
+        raise PKIError(
+            f"a new issuing CA (serial {pending.certificate.serial_number:x}) already waits in {home / PENDING} and "
+            f"starts issuing at {pending.activate_at.isoformat()}; rotate again after that"
+        )
     root_key_path = home / "root" / "key.pem"
     if not root_key_path.exists():
         raise PKIError(
@@ -144,23 +154,14 @@ def rotate_issuing(ca: CertificateAuthority) -> x509.Certificate:
     subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"pkictl Issuing CA {_generation(now)}")])
     certificate = signed(build_issuing(subject, key.public_key(), ca.root, not_before, not_after, x509.random_serial_number()), root_key)
 
-    staging = home / ".issuing-new"
-    if staging.exists():
-        raise StoreError(f"{staging} exists: an earlier rotate-issuing did not finish; remove it and try again")
-    make_private_dir(staging)
-    write_new_file(staging / "cert.pem", certificates_to_pem([certificate]))
-    write_new_file(staging / "key.pem", _key_pem(key, ca._passphrase), PRIVATE_FILE_MODE)
-    fsync_dir(staging)
+    activate_at = now + delay
     cn = str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
     ca.inventory.record_intent(serial=certificate.serial_number, name=cn, kind="issuing", sans=(), now=now,
                                exclusive=False, issuer=ca.root.serial_number)
     ca.inventory.record_issued(certificate, renewal_fraction=ca.settings.renewal_fraction)
-    make_private_dir(home / "retired")
-    old = ca.issuing
-    os.rename(home / "issuing", home / "retired" / f"{old.serial_number:x}")
-    os.rename(staging, home / "issuing")  # a crash in between is finished by finish_interrupted_rotation
-    fsync_dir(home)
-    ca.issuing, ca._issuing_key = certificate, key
-    ca.audit.append("rotated-issuing", old_serial=old.serial_number, new_serial=certificate.serial_number, subject=cn)
-    ca.sign_crl()
+    publish_pending(home, certificate, _key_pem(key, ca._passphrase), activate_at)
+    ca.audit.append("issuing-created", serial=certificate.serial_number, subject=cn, activate_at=activate_at,
+                    current_serial=ca.issuing.serial_number)
+    ca.refresh_issuing()  # sees it pending, or promotes it now (activate_in 0)
+    ca.sign_crl()  # its empty CRL in crl.pem from the start
     return certificate

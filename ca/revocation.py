@@ -192,15 +192,28 @@ class Revocation:
         return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
 
     def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, object]]:
-        """The current issuing CA, and each retired one while a certificate it signed is unexpired:
-        with CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF)."""
-        signers = [(self.issuing, self._issuing_key)]
-        for cert in self.retired_issuers():
-            if self.inventory.has_unexpired(cert.serial_number, now):
-                path = self.home / "retired" / f"{cert.serial_number:x}" / "key.pem"
-                signers.append((cert, load_private_key(read_private_file(path), self._passphrase, source=str(path))))
-            else:
-                self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
+        """The current issuing CA, the pending one (its empty CRL published before it issues:
+        pkictl.activation), and each retired one while a certificate it signed is unexpired: with
+        CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF).
+        Read from disk under the issuing lock, so that a promotion by another process cannot
+        leave a CA out."""
+        from .activation import issuer_dirs
+
+        self.refresh_issuing()
+        signers: list[tuple[x509.Certificate, object]] = []
+        with issuer_dirs(self.home) as found:
+            for role, cert, directory in found:
+                if any(cert.serial_number == c.serial_number for c, _ in signers):
+                    continue
+                if role == "retired" and not self.inventory.has_unexpired(cert.serial_number, now):
+                    self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
+                    continue
+                if cert.serial_number == self.issuing.serial_number:
+                    key = self._issuing_key
+                else:
+                    path = directory / "key.pem"
+                    key = load_private_key(read_private_file(path), self._passphrase, source=str(path))
+                signers.append((cert, key))
         return signers
 
     def sign_crl(self) -> list[x509.CertificateRevocationList]:
@@ -222,11 +235,11 @@ class Revocation:
             self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
         return crls
 
-    def rotate_issuing(self) -> x509.Certificate:
-        """Replace the issuing CA: see :func:`pkictl.lifecycle.rotate_issuing`."""
+    def rotate_issuing(self, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
+        """Create the next issuing CA, active after ``activate_in``: see :func:`pkictl.lifecycle.rotate_issuing`."""
         from .lifecycle import rotate_issuing
 
-        return rotate_issuing(self)
+        return rotate_issuing(self, activate_in=activate_in)
 
     def refresh_crl(self) -> bool:
         """Re-sign the CRL when half of its validity has passed (or it is missing).

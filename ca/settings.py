@@ -18,18 +18,19 @@ _DURATION = re.compile(r"\s*(\d+)\s*([smhdy]?)\s*")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
 
 
-def parse_duration(text: str | int, *, field: str = "duration") -> dt.timedelta:
+def parse_duration(text: str | int, *, field: str = "duration", allow_zero: bool = False) -> dt.timedelta:
     """Parse ``90d``, ``12h``, ``30m``, ``10s``, ``10y`` or a bare number of seconds.
 
     Args:
         text: the duration as written by an operator, or an int of seconds.
         field: the name of the setting, for the error message.
+        allow_zero: accept ``0s`` (a delay that may be none).
 
     Returns:
-        A positive timedelta.
+        A positive timedelta (or zero, with ``allow_zero``).
 
     Raises:
-        SettingsError: not of the form ``<integer><unit>`` or not positive.
+        SettingsError: not of the form ``<integer><unit>``, or not positive.
     """
     if isinstance(text, bool):
         raise SettingsError(f"{field}: got {text!r}, want a duration such as 90d, 12h or 30s")
@@ -43,7 +44,7 @@ def parse_duration(text: str | int, *, field: str = "duration") -> dt.timedelta:
                 "(units: s, m, h, d, y = 365 d)"
             )
         seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise SettingsError(f"{field}: got {text!r}, want a duration greater than zero")
     return dt.timedelta(seconds=seconds)
 
@@ -51,6 +52,8 @@ def parse_duration(text: str | int, *, field: str = "duration") -> dt.timedelta:
 def format_duration(value: dt.timedelta) -> str:
     """The shortest exact ``<integer><unit>`` spelling of ``value`` (inverse of parse_duration)."""
     seconds = int(value.total_seconds())
+    if seconds == 0:
+        return "0s"
     for unit in ("y", "d", "h", "m"):
         if seconds % _UNIT_SECONDS[unit] == 0:
             return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
@@ -69,6 +72,9 @@ class CASettings:
         gateway_lifetime: validity of gateway (server) certificates, 90 days by default.
         renewal_fraction: renew at notBefore + fraction x lifetime, in (0, 1); 2/3 by default.
         crl_lifetime: nextUpdate - thisUpdate of each CRL; it is re-signed after half of it.
+        issuing_activation_delay: how long a new issuing CA (``pkictl rotate-issuing``) is
+            published before it issues, 10 minutes by default. It must exceed how often gateways
+            fetch crl.pem: a gateway without the new CA's CRL refuses its node certificates.
     """
 
     trust_domain: str = "pkictl.internal"
@@ -78,6 +84,7 @@ class CASettings:
     gateway_lifetime: dt.timedelta = dt.timedelta(days=90)
     renewal_fraction: float = DEFAULT_RENEWAL_FRACTION
     crl_lifetime: dt.timedelta = dt.timedelta(days=7)
+    issuing_activation_delay: dt.timedelta = dt.timedelta(minutes=10)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?", self.trust_domain):
@@ -133,6 +140,8 @@ class CASettings:
             for key, value in data.items():
                 if key.endswith("_lifetime") and key in known:
                     values[key] = parse_duration(value, field=key)
+                elif key == "issuing_activation_delay":
+                    values[key] = parse_duration(value, field=key, allow_zero=True)
                 elif key == "renewal_fraction":
                     try:
                         values[key] = float(value)

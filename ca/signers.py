@@ -1,7 +1,10 @@
 """Worker processes that issue for ``pkictl serve``, so that issuance runs beside the event loop.
 
 Each worker loads the CA from its home once and then answers ``simple_enroll`` and
-``simple_reenroll`` calls, one at a time. The event loop keeps doing TLS handshakes and HTTP while
+``simple_reenroll`` calls, one at a time. Before each call it follows ``pkictl rotate-issuing``
+(:meth:`CertificateAuthority.refresh_issuing`, two stat calls when nothing changed), so that a
+new issuing CA signs from its activation on without a restart, and no call fails or is answered
+twice on the way. The event loop keeps doing TLS handshakes and HTTP while
 workers run the issuance policy, the SQLite transactions and the audit log's fsyncs: in one
 process all of that shared one core and the loop stood still during every fsync. Workers
 coordinate through what already makes concurrent ``pkictl`` processes safe: SQLite ``BEGIN
@@ -86,6 +89,10 @@ def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
             operation, args = conn.recv()
         except (EOFError, OSError):
             return
+        try:
+            ca.refresh_issuing()  # follow rotate-issuing: the issuing CA of the moment signs this call
+        except Exception:  # noqa: BLE001 - keep issuing from the CA loaded; the service logs the failure
+            pass
         try:
             answer = ("ok", _OPERATIONS[operation](ca, *args))
         except Exception as exc:  # noqa: BLE001 - every outcome goes back to the caller

@@ -3,6 +3,7 @@ revocable, renewal moving nodes to the new issuing CA; and the root key asked fo
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import time
@@ -27,7 +28,7 @@ def test_rotation_needs_the_root_key_and_says_so(pki, tmp_path):
     shutil.move(pki.home / "root" / "key.pem", tmp_path / "offline.pem")
     before = pki.ca.issuing.serial_number
     with pytest.raises(PKIError, match="needs the root key"):
-        pki.ca.rotate_issuing()
+        pki.ca.rotate_issuing(activate_in=dt.timedelta(0))
     assert CertificateAuthority.load(pki.home).issuing.serial_number == before
     assert not (pki.home / "retired").exists()
 
@@ -37,7 +38,7 @@ def test_rotation_keeps_old_certificates_working_and_revocable(pki, gateway_agen
     issuer; the gateway admits TW (old issuer) and a new node; revoking TW uses the old issuer's
     CRL; renewal moves a node to the new issuer; status and the audit log show it all."""
     old = pki.ca.issuing
-    new = pki.ca.rotate_issuing()
+    new = pki.ca.rotate_issuing(activate_in=dt.timedelta(0))
     assert new.subject != old.subject and new.issuer == pki.ca.root.subject
     assert (pki.home / "retired" / f"{old.serial_number:x}" / "key.pem").exists()
     assert CertificateAuthority.load(pki.home).issuing.serial_number == new.serial_number
@@ -78,7 +79,7 @@ def test_rotation_keeps_old_certificates_working_and_revocable(pki, gateway_agen
 
 def test_revoked_old_issuer_certificate_is_refused_by_the_gateway(pki, gateway_agent, caplog):
     """A certificate of the retired issuing CA revoked after the rotation is refused as 'revoked'."""
-    pki.ca.rotate_issuing()
+    pki.ca.rotate_issuing(activate_in=dt.timedelta(0))
     pki.ca.revoke("TW", reason="key-compromise")
     gateway_agent.call(gateway_agent.agent.maintain())
     refused(gateway_agent.port, bundle_context(pki.node))
@@ -91,7 +92,7 @@ def test_revoked_old_issuer_certificate_is_refused_by_the_gateway(pki, gateway_a
 def test_interrupted_rotation_is_finished_on_load(pki):
     """If rotate-issuing stopped after retiring the old issuing CA, the next load installs the
     complete new one that was waiting in .issuing-new/."""
-    new = pki.ca.rotate_issuing()
+    new = pki.ca.rotate_issuing(activate_in=dt.timedelta(0))
     (pki.home / "issuing").rename(pki.home / ".issuing-new")  # as if the last rename never happened
     assert CertificateAuthority.load(pki.home).issuing.serial_number == new.serial_number
     assert (pki.home / "issuing" / "cert.pem").exists() and not (pki.home / ".issuing-new").exists()
@@ -101,7 +102,7 @@ def test_cli_rotate_issuing_reports_both_generations(pki):
     """pkictl rotate-issuing installs an issuing CA with another subject, prints the retired and
     the new one, and reminds to move the root key offline."""
     before = pki.ca.issuing
-    result = CliRunner().invoke(cli, ["--home", str(pki.home), "rotate-issuing"])
+    result = CliRunner().invoke(cli, ["--home", str(pki.home), "rotate-issuing", "--activate-in", "0s"])
     assert result.exit_code == 0, result.output
     assert "retired:" in result.output and "issuing:" in result.output and "offline" in result.output
     after = x509.load_pem_x509_certificate((pki.home / "issuing" / "cert.pem").read_bytes())
