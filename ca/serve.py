@@ -4,68 +4,64 @@ which it renews itself, and the CRL over HTTP.
 Endpoints (RFC 7030 3.2.2): ``GET /.well-known/est/cacerts``, ``POST .../simpleenroll`` (a
 one-time token in HTTP Basic authentication, or the operator's approval: 202 + Retry-After until
 then), ``POST .../simplereenroll`` (authenticated only by the client's current certificate), and
-``GET /crl`` (DER, the current issuing CA's) and ``GET /crl.pem`` (every active CRL).
+``GET /crl`` (DER, the current issuing CA's) and ``GET /crl.pem`` (every active CRL), both with a
+strong ETag for cheap polling (RFC 9110 8.8.3, 13.1.2).
+
+TLS is done per connection by :class:`pkictl.est_front.TLSFront`, which logs every client refused
+in its handshake; every answer is logged by :class:`pkictl.est_log.RequestLog`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
+import os
 import signal
 import ssl
-import time
 from typing import Callable
 
 from aiohttp import BasicAuth, web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from .authority import CertificateAuthority
-from .errors import AccessDenied, AlreadyEnrolledError, AuthenticationError, NotEnrolledError, PendingApproval, PKIError, PolicyError
+from .errors import PendingApproval, PKIError, PolicyError
 from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, decode_csr_body, encode_certs_only
+from .est_front import TLSFront
+from .est_log import BadAuthorization, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note, outcome, remember_peer
+from .logfmt import quoted
 from .policy import MAX_CSR_BYTES
-from .renewal import is_due
-from .revocation import load_crls
+from .ratelimit import RateLimiter
+from .revocation import crls_from_pem
+from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
 from .store import Credential, CredentialStore
 
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
 
 log = logging.getLogger("pkictl.serve")
-SERVICE_NAME = "est"  # the name of the service's own certificate in the inventory
-
-
-class RateLimiter:
-    """A token bucket per key: ``rate`` requests per second, bursts up to ``burst``.
-
-    Args:
-        rate: sustained requests per second.
-        burst: how many may come at once.
-        clock: monotonic seconds (injectable).
-    """
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, key: str) -> float:
-        """0 if a request of ``key`` may pass now, else the seconds to wait."""
-        now = self._clock()
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
-            if len(self._buckets) > 100_000:  # forget idle clients rather than grow without bound
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1 - tokens) / self.rate
 
 
 def _text(status: int, reason: str, **headers: str) -> web.Response:
     """An EST error: the status code and a plain-text reason (RFC 7030 4.2.3)."""
     return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)
+
+
+def _common_name(name: x509.Name) -> str | None:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else None
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match field value matches ``etag`` (RFC 9110 13.1.2: ``*`` or a list of
+    entity tags, compared weakly: a ``W/`` prefix is ignored)."""
+    if header is None:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
 class ESTService:
@@ -76,9 +72,10 @@ class ESTService:
         listen: ``(host, port)``; port 0 picks a free port.
         dns_names, ip_addresses: names nodes use to reach the service (its certificate's SANs).
         retry_after: seconds a pending enrollment is told to wait (RFC 7030 4.2.3).
-        check_interval: seconds between checks of the service certificate and the CRL.
+        check_interval: seconds between checks of the service certificate, the CRL and a new
+            issuing CA (``pkictl rotate-issuing``).
         handshake_timeout: seconds a client has to finish its TLS handshake.
-        rate, burst: per client address (enroll, cacerts) or identity (reenroll).
+        rate, burst: per client address (enroll, cacerts, CRL) or identity (reenroll).
         signers: worker processes that issue (:class:`pkictl.signers.SignerPool`, started by
             :meth:`run`); None issues on the event loop with ``ca`` itself.
     """
@@ -112,37 +109,17 @@ class ESTService:
         self.limiter = RateLimiter(rate, burst)
         self.store = CredentialStore(ca.home / "service")
         self._context: ssl.SSLContext | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._front: TLSFront | None = None
         self._runner: web.AppRunner | None = None
+        self._files: dict[str, tuple[tuple, bytes, str]] = {}  # CRL bodies and their ETags, by file state
+        self._cacerts: tuple[tuple, bytes] | None = None
 
-    # -- the service's own credential ---------------------------------------------------------
+    # -- the service's own credential and the CA it serves ------------------------------------
 
     def ensure_credential(self) -> Credential:
-        """Issue the service certificate if there is none, renew it when due, and (re)build the
-        TLS context from it. Returns the credential in service."""
-        from .profile import generate_key
-
-        now = self.ca.clock.now()
-        credential = self.store.load() if self.store.live.is_symlink() else None
-        wanted = sorted([f"DNS:{d.lower()}" for d in self.dns_names] + [f"IP:{i}" for i in self.ip_addresses])
-        if credential is not None:
-            from .authority import san_strings
-
-            cert = credential.certificate
-            fresh = not is_due(now, cert.not_valid_before_utc, cert.not_valid_after_utc, fraction=self.ca.settings.renewal_fraction)
-            if fresh and sorted(san_strings(cert)) == wanted:
-                self._build_context()
-                return credential
-        key = generate_key()
-        cert = self.ca.issue("service", SERVICE_NAME, key.public_key(), dns_names=self.dns_names,
-                             ip_addresses=self.ip_addresses, first=False)
-        credential = Credential(key, cert, self.ca.chain)
-        if self.store.live.is_symlink():
-            self.store.install(credential)
-            self.store.write_trust_anchors(self.ca.trust_anchors)
-        else:
-            CredentialStore.create(self.store.directory, credential, self.ca.trust_anchors)
-        log.info("service certificate serial %x, not after %s", cert.serial_number, cert.not_valid_after_utc.isoformat())
+        """Renew the service certificate when due (:func:`pkictl.service_credential.ensure_service_credential`)
+        and (re)build the TLS context from it. Returns the credential in service."""
+        credential, _ = ensure_service_credential(self.ca, self.store, dns_names=self.dns_names, ip_addresses=self.ip_addresses)
         self._build_context()
         return credential
 
@@ -161,20 +138,45 @@ class ESTService:
         return ctx
 
     def _build_context(self) -> None:
-        current = self._new_context()
-        if self._context is None:
-            base = self._new_context()
+        """A fresh context from the files on disk; on any error the current one keeps serving."""
+        self._context = self._new_context()  # each new connection takes the current one (TLSFront)
 
-            def pick(ssl_object, server_name, _base):  # fires with and without SNI (DESIGN.md)
-                ssl_object.context = self._current
-            base.sni_callback = pick
-            self._context = base
-        self._current = current
+    def follow_rotation(self) -> bool:
+        """Pick up a new issuing CA (``pkictl rotate-issuing``: published first, activated later)
+        and promote one whose activation time has come. Cheap when nothing changed (two stat calls).
+
+        Signing workers follow on their own, before each call they answer; this is for the
+        serving process: /cacerts, /crl and issuance with ``--workers 0``.
+
+        Returns:
+            True if the issuing CA or the pending one changed.
+        """
+        try:
+            changed = self.ca.refresh_issuing()
+        except PKIError as exc:  # keep serving with the CA loaded; maintenance retries
+            log.error("could not reload the issuing CA: %s", exc)
+            return False
+        if changed:
+            self._cacerts = None
+            pending = self.ca.pending
+            log.info("issuing CA serial %x%s", self.ca.issuing.serial_number,
+                     f"; next issuing CA serial {pending.certificate.serial_number:x} activates at {pending.activate_at.isoformat()}"
+                     if pending else "")
+        return changed
+
+    def reload(self) -> None:
+        """SIGHUP: rebuild the TLS context from disk and follow a rotation of the issuing CA."""
+        try:
+            self._build_context()
+        except (OSError, ssl.SSLError, PKIError) as exc:
+            log.error("reload: keeping the current TLS context: %s", exc)
+        self.follow_rotation()
+        log.info("reloaded (SIGHUP)")
 
     # -- HTTP -----------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer])
         app.add_routes([
             web.get(f"{EST_PREFIX}/cacerts", self.cacerts),
             web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll),
@@ -185,31 +187,35 @@ class ESTService:
         return app
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        started = time.monotonic()
-        peer = request.remote or "?"
+    async def _answer(self, request: web.Request, handler):
+        """Turn every exception into its EST answer and set the request's log line (est_log)."""
+        remember_peer(request)
+        renewing = request.path.endswith("/simplereenroll")
+        headers: dict[str, str] = {}
         try:
             response = await handler(request)
-        except web.HTTPException as exc:
-            # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
-            kept = {name: exc.headers[name] for name in ("Retry-After", "Allow") if name in exc.headers}
-            response = _text(exc.status, exc.reason or str(exc), **kept)
+            outcome(request, None, None)
+            return response
+        except PendingApproval as exc:  # no refusal: come back later (RFC 7030 4.2.3)
+            outcome(request, "pending approval", str(exc))
+            return _text(202, str(exc), **{"Retry-After": str(self.retry_after)})
         except SignerUnavailable as exc:
-            response = _text(503, str(exc), **{"Retry-After": str(self.retry_after)})
-        except PendingApproval as exc:
-            response = _text(202, str(exc), **{"Retry-After": str(self.retry_after)})
-        except AuthenticationError as exc:  # missing or invalid credentials
-            # Basic authentication (a token) helps only a first enrollment; a renewal needs a certificate.
-            challenge = {} if request.path.endswith("simplereenroll") else {"WWW-Authenticate": 'Basic realm="pkictl EST"'}
-            response = _text(401, str(exc), **challenge)
-        except (AccessDenied, AlreadyEnrolledError, NotEnrolledError) as exc:  # a decision, not a malformed request
-            response = _text(403, str(exc))
-        except PolicyError as exc:  # renewing: the certificate may not renew; enrolling: a bad request
-            response = _text(403 if request.path.endswith("simplereenroll") else 400, str(exc))
-        except PKIError as exc:
-            response = _text(400, str(exc))
-        log.info("%s %s %s -> %d (%.1f ms)", peer, request.method, request.path, response.status, (time.monotonic() - started) * 1000)
-        return response
+            refusal = Refusal(503, "signer unavailable", str(exc))
+            headers["Retry-After"] = str(self.retry_after)
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer and a log line
+            refusal = classify(exc, renewing=renewing)
+            if refusal is None:  # our bug, not the client's: the one case with a traceback
+                log.exception("internal error answering %s %s", request.method, quoted(request.path))
+                refusal = Refusal(500, "internal error", f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, web.HTTPException):
+                # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
+                headers.update((name, exc.headers[name]) for name in ("Retry-After", "Allow") if name in exc.headers)
+            if refusal.status == 401 and not renewing:
+                # Basic authentication (a token) helps only a first enrollment; a renewal needs a certificate.
+                headers["WWW-Authenticate"] = 'Basic realm="pkictl EST"'
+        outcome(request, refusal.reason, refusal.detail)
+        text = "internal error; the service's log has the details" if refusal.status == 500 else refusal.detail
+        return _text(refusal.status, text, **headers)
 
     def _limit(self, key: str) -> None:
         wait = self.limiter.allow(key)
@@ -222,31 +228,41 @@ class ESTService:
         try:
             if request.content_type not in ("application/pkcs10", "application/octet-stream", ""):
                 raise PolicyError(f"Content-Type {request.content_type}: want application/pkcs10 (RFC 7030 4.2.1)")
-            return decode_csr_body(await request.read())
+            csr = decode_csr_body(await request.read())
         except PolicyError as exc:
             raise web.HTTPBadRequest(reason=" ".join(str(exc).split())) from None
+        note(request, csr=_common_name(csr.subject))
+        return csr
 
     async def cacerts(self, request: web.Request) -> web.Response:
-        """RFC 7030 4.1: the trust anchor and the issuing CA certificates."""
+        """RFC 7030 4.1: the trust anchor and the issuing CA certificates, a pending one included
+        (published before it issues, so that clients hold it by then)."""
         self._limit(request.remote or "?")
-        body = encode_certs_only([*self.ca.trust_anchors, *self.ca.chain])
-        return web.Response(body=body, headers={"Content-Type": PKCS7_CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
+        self.follow_rotation()
+        state = (self.ca.issuing.serial_number, self.ca.pending.certificate.serial_number if self.ca.pending else None)
+        if self._cacerts is None or self._cacerts[0] != state:
+            issuers = [*self.ca.chain, *([self.ca.pending.certificate] if self.ca.pending else [])]
+            self._cacerts = (state, encode_certs_only([*self.ca.trust_anchors, *issuers]))
+        return web.Response(body=self._cacerts[1], headers={"Content-Type": PKCS7_CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
 
     async def simpleenroll(self, request: web.Request) -> web.Response:
         """RFC 7030 4.2.1: a first certificate, with a token (HTTP Basic: node name, token) or approval."""
         self._limit(request.remote or "?")
-        csr = await self._csr(request)
         name = token = None
         if "Authorization" in request.headers:
             try:
                 auth = BasicAuth.decode(request.headers["Authorization"])
             except ValueError:
-                raise AuthenticationError("Authorization: want HTTP Basic with the node name and its enrollment token") from None
+                raise BadAuthorization("Authorization: want HTTP Basic with the node name and its enrollment token") from None
             name, token = auth.login, auth.password
+            note(request, node=name)
+        csr = await self._csr(request)
+        peer = request.remote or "?"
         if self.signers is not None:
-            certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=request.remote or "?")
+            certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=peer)
         else:
-            certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=request.remote or "?")
+            self.follow_rotation()
+            certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=peer)
         return self._certificate(certificate)
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
@@ -254,12 +270,14 @@ class ESTService:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if not der:
-            raise AuthenticationError("simplereenroll needs the current certificate as the TLS client certificate")
+            raise NoClientCertificate("simplereenroll needs the current certificate as the TLS client certificate")
         current = x509.load_der_x509_certificate(der)
+        note(request, node=_common_name(current.subject), serial=current.serial_number)
         self._limit(f"serial:{current.serial_number:x}")
         csr = await self._csr(request)
         if self.signers is not None:
             return self._certificate(await self.signers.simple_reenroll(csr, current))
+        self.follow_rotation()
         return self._certificate(self.ca.simple_reenroll(csr, current))
 
     def _certificate(self, certificate: x509.Certificate) -> web.Response:
@@ -268,35 +286,66 @@ class ESTService:
         body = encode_certs_only([certificate])
         return web.Response(body=body, headers={"Content-Type": PKCS7_CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
 
-    async def crl_der(self, request: web.Request) -> web.Response:
+    def _crl_file(self, kind: str) -> tuple[bytes, str]:
+        """The body of ``/crl.pem`` (``pem``) or ``/crl`` (``der``) and its strong ETag, re-read only
+        when crl.pem changed (its inode, size or mtime) or the issuing CA did."""
+        info = os.stat(self.ca.crl_path)
+        state = (info.st_ino, info.st_size, info.st_mtime_ns, self.ca.issuing.serial_number)
+        cached = self._files.get(kind)
+        if cached is None or cached[0] != state:
+            data = self.ca.crl_path.read_bytes()
+            if kind == "der":
+                crls = [c for c in crls_from_pem(data, source=str(self.ca.crl_path)) if c.issuer == self.ca.issuing.subject]
+                if not crls:
+                    raise PKIError(f"{self.ca.crl_path} holds no CRL of the issuing CA {self.ca.issuing.subject.rfc4514_string()}")
+                data = crls[0].public_bytes(serialization.Encoding.DER)
+            cached = self._files[kind] = (state, data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
+        return cached[1], cached[2]
+
+    def _crl_answer(self, request: web.Request, kind: str, content_type: str) -> web.Response:
+        # A strong ETag (a hash of the bytes, RFC 9110 8.8.3) and no-cache: a cache may keep the
+        # CRL but must ask each time; an unchanged CRL costs a 304 without a body (RFC 9110 15.4.5).
         self._limit(request.remote or "?")
-        crls = [c for c in load_crls(self.ca.crl_path) if c.issuer == self.ca.issuing.subject]
-        return web.Response(body=crls[0].public_bytes(serialization.Encoding.DER), headers={"Content-Type": PKIX_CRL})
+        body, etag = self._crl_file(kind)
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, headers={"Content-Type": content_type, **headers})
+
+    async def crl_der(self, request: web.Request) -> web.Response:
+        """The current issuing CA's CRL, DER (RFC 5280 5, RFC 2585 4.2)."""
+        self.follow_rotation()
+        return self._crl_answer(request, "der", PKIX_CRL)
 
     async def crl_pem(self, request: web.Request) -> web.Response:
-        self._limit(request.remote or "?")
-        return web.Response(body=self.ca.crl_path.read_bytes(), headers={"Content-Type": "application/x-pem-file"})
+        """Every active CRL (one per issuing CA, a pending one included), PEM."""
+        return self._crl_answer(request, "pem", "application/x-pem-file")
 
     # -- process ---------------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self._front is not None
+        return self._front.addresses[0][1]
 
     async def start(self) -> None:
+        self.follow_rotation()
         self.ensure_credential()
         self.ca.refresh_crl()
-        self._runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=15)
+        aiohttp_log = logging.getLogger("pkictl.serve.http")
+        if not any(isinstance(f, QuietClientErrors) for f in aiohttp_log.filters):
+            aiohttp_log.addFilter(QuietClientErrors())
+        self._runner = web.AppRunner(self.app(), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
+                                     keepalive_timeout=15)
         await self._runner.setup()
-        loop = asyncio.get_running_loop()
-        host, port = self.listen
-        self._server = await loop.create_server(self._runner.server, host or None, port, ssl=self._context,
-                                                ssl_handshake_timeout=self.handshake_timeout)
+        self._front = TLSFront(self._runner.server, lambda: self._context, handshake_timeout=self.handshake_timeout)
+        await self._front.start(*self.listen)
 
     async def maintain(self) -> None:
-        """Renew the service certificate when due and re-sign the CRL at half its validity."""
+        """Follow a rotation of the issuing CA, renew the service certificate when due, and
+        re-sign the CRL at half its validity."""
         try:
+            self.follow_rotation()
             self.ensure_credential()
             if self.ca.refresh_crl():
                 log.info("CRL re-signed")
@@ -304,7 +353,7 @@ class ESTService:
             log.error("maintenance failed: %s", exc, exc_info=not isinstance(exc, PKIError))
 
     async def run(self, *, ready: Callable[[int], None] | None = None, handle_signals: bool = True) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate from disk.
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate and the issuing CA from disk.
 
         Maintenance runs from APScheduler with ``misfire_grace_time=None`` and ``coalesce=True``
         (a 1 s grace silently skipped a job after a pause: DESIGN.md, "Renewal").
@@ -323,7 +372,7 @@ class ESTService:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._build_context)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._stop = stop
         if ready:
             ready(self.port)
@@ -331,7 +380,7 @@ class ESTService:
             await stop.wait()
         finally:
             scheduler.shutdown(wait=False)
-            self._server.close()
+            await self._front.close()
             await self._runner.cleanup()
             if self.signers is not None:
                 await self.signers.close()

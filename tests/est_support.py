@@ -135,13 +135,14 @@ class ServeProcess:
 @dataclasses.dataclass
 class Reply:
     """What curl got: the exit status, the HTTP status (0 if none), the last response's headers
-    (lower-case names) and body, and curl's stderr."""
+    (lower-case names) and body, curl's stderr, and the local port it connected from (0 if none)."""
 
     returncode: int
     status: int
     headers: dict[str, str]
     body: bytes
     stderr: str
+    local_port: int = 0
 
     @property
     def text(self) -> str:
@@ -166,15 +167,17 @@ def curl(url: str, *args: str, cacert: Path, data: bytes | None = None, content_
     with tempfile.TemporaryDirectory() as scratch:
         headers, body = Path(scratch) / "headers", Path(scratch) / "body"
         argv = [CURL, "-sS", "--max-time", str(int(DEADLINE)), "--cacert", str(cacert), "-D", str(headers), "-o", str(body),
-                "-w", "%{http_code}", *args]
+                "-w", "%{http_code} %{local_port}", *args]
         if data is not None:
             argv += ["--data-binary", "@-"]
         if content_type is not None:
             argv += ["-H", f"Content-Type: {content_type}"]
         result = subprocess.run([*argv, url], check=False, input=data, capture_output=True, timeout=DEADLINE + 5)
+        status, _, port = result.stdout.decode().strip().partition(" ")
         return Reply(
             returncode=result.returncode,
-            status=int(result.stdout.decode().strip() or 0),
+            status=int(status or 0),
+            local_port=int(port or 0),
             headers=_last_headers(headers.read_text()) if headers.exists() else {},
             body=body.read_bytes() if body.exists() else b"",
             stderr=result.stderr.decode(errors="replace"),

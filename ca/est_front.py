@@ -1,0 +1,130 @@
+"""The EST service's TLS front: it binds, accepts every connection itself, does its TLS handshake,
+and logs each client refused there (peer address, exact reason) before HTTP sees the connection.
+
+``loop.create_server(ssl=ctx)`` drops failed handshakes silently (asyncio's sslproto logs them
+only in debug mode), and once a client has reset, its transport no longer knows the peer's
+address (../shared/DESIGN.md, "Facts found while building the listener and the EST service").
+Accepting here keeps the address from ``accept()`` itself, and awaiting
+``loop.connect_accepted_socket(ssl=...)`` per connection (on asyncio's loop and on uvloop alike)
+raises the handshake's failure where it can be logged. The reasons are the gateway listener's
+(:mod:`pkictl.handshake`), in the listener's line format::
+
+    refused peer=192.168.1.21:40022 reason='expired' detail='certificate has expired'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import Callable
+
+from .handshake import handshake_refusal_reason, likely_cause
+from .logfmt import peer_name, quoted
+
+__all__ = ["TLSFront", "log_tls_refusal"]
+
+log = logging.getLogger("pkictl.serve")
+
+
+def log_tls_refusal(peer: str, reason: str, detail: str) -> None:
+    """Log a client refused during its TLS handshake (WARNING), as the gateway listener does.
+
+    Args:
+        peer: ``host:port`` from ``accept()``.
+        reason: a reason of :func:`pkictl.handshake.handshake_refusal_reason`.
+        detail: what OpenSSL said, and the likely cause; escaped here (it may quote the peer).
+    """
+    log.warning("refused peer=%s reason=%s detail=%s", peer, quoted(reason), quoted(detail),
+                extra={"pki_event": {"event": "refused", "peer": peer, "reason": reason, "detail": detail}})
+
+
+class TLSFront:
+    """Accept TLS clients on ``(host, port)`` and hand each handshaken connection to ``protocol_factory``.
+
+    Args:
+        protocol_factory: makes the HTTP protocol of one connection (aiohttp's ``web.Server``).
+        context: returns the server context for a new connection (called once per connection,
+            so that a reloaded context reaches new connections only: ../shared/DESIGN.md).
+        handshake_timeout: seconds a client has to finish its handshake (slowloris).
+    """
+
+    def __init__(self, protocol_factory: Callable[[], asyncio.BaseProtocol], context: Callable[[], ssl.SSLContext], *,
+                 handshake_timeout: float) -> None:
+        self._factory = protocol_factory
+        self._context = context
+        self.handshake_timeout = handshake_timeout
+        self._sockets: list[socket.socket] = []
+        self._handshakes: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound ``(host, port)`` pairs (useful with port 0)."""
+        return [s.getsockname()[:2] for s in self._sockets]
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind every address of ``host`` (all interfaces for ``""``) on ``port`` and start accepting.
+
+        Raises:
+            OSError: an address cannot be bound (nothing stays bound).
+        """
+        self._loop = asyncio.get_running_loop()
+        infos = await self._loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        try:
+            for family, type_, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, type_, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if port == 0 and len(self._sockets) > 1:  # port 0: every address on the first one's port
+                    address = (address[0], self._sockets[0].getsockname()[1], *address[2:])
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+        except OSError:
+            self._close_sockets()
+            raise
+        for sock in self._sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
+            try:
+                sock, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ...: keep serving the connections there are
+                log.error("accept on %s failed: %s", peer_name(listening.getsockname()), exc)
+                return
+            sock.setblocking(False)
+            task = self._loop.create_task(self._handshake(sock, peer_name(address)))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, sock, ssl=self._context(),
+                                                     ssl_handshake_timeout=self.handshake_timeout)
+        except Exception as exc:  # noqa: BLE001 - every failed handshake is a logged refusal
+            # The loop closed the transport, and with it the socket (uvloop detaches it first).
+            reason, detail = handshake_refusal_reason(exc)
+            cause = likely_cause(exc)
+            log_tls_refusal(peer, reason, f"{detail}: {cause}" if cause else detail)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            if self._loop is not None and sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets = []
+
+    async def close(self) -> None:
+        """Stop accepting and abandon the handshakes under way (HTTP connections are aiohttp's to close)."""
+        self._close_sockets()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
