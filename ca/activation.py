@@ -5,7 +5,7 @@
 (empty) CRL in ``crl.pem``, while the current issuing CA keeps issuing. Gateways check client
 certificates against CRLs (VERIFY_CRL_CHECK_LEAF): a node certificate from an issuing CA whose
 CRL a gateway has not fetched yet would be refused, so the new CA issues only once every gateway
-has had time to fetch ``crl.pem`` (``issuing_activation_delay``, ../../docs/design.md).
+has had time to fetch ``crl.pem`` (``issuing_activation_delay``; README, "Rotating the issuing CA").
 
 Whoever loads the CA after the activation time (``CertificateAuthority.load``, the periodic check
 of ``pkictl serve``, a signing worker before its next call) promotes it with the renames
