@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from .authority import CertificateAuthority, signed
 from .clock import Clock
 from .errors import CAExistsError, PKIError
-from .activation import PENDING, finish_interrupted_rotation, publish_pending
+from .activation import PENDING, file_state, finish_interrupted_rotation, publish_pending
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
 from .inventory import Inventory
 from .keys import encrypt_private_key, load_private_key
@@ -101,7 +101,7 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     ca = CertificateAuthority(home, settings, root, issuing, issuing_key, clock)
-    ca._passphrase = passphrase
+    ca._passphrase, ca._issuing_state = passphrase, file_state(home / "issuing" / "cert.pem")  # loaded: no re-read
     ca.audit.append("init", root_serial=root.serial_number, issuing_serial=issuing.serial_number,
                     trust_domain=settings.trust_domain, encrypted=passphrase is not None)
     ca.sign_crl()  # an empty CRL from the start: a gateway checking CRLs needs one to admit anyone
