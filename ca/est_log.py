@@ -129,6 +129,8 @@ class RequestLog(web.AbstractAccessLogger):
     @staticmethod
     def _log(request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         status = response.status
+        if status < 400 and not log.isEnabledFor(logging.INFO):
+            return
         handled = _OUTCOME in request
         reason, detail = request[_OUTCOME] if handled else ("bad HTTP request", getattr(response, "text", None) or response.reason)
         peer = request.get(_PEER) or _peer(request)
@@ -145,13 +147,13 @@ class RequestLog(web.AbstractAccessLogger):
             fields += f" serial={identity['serial']:x}"
         if "csr" in identity:
             fields += f" csr={bare(identity['csr'])}"
-        event = {"event": "refused" if status >= 400 else "answered", "peer": peer, "status": status, "reason": reason,
-                 "detail": detail, **{k: (f"{v:x}" if k == "serial" else v) for k, v in identity.items()}}
         if status >= 400:
+            event = {"event": "refused", "peer": peer, "status": status, "reason": reason, "detail": detail,
+                     **{k: (f"{v:x}" if k == "serial" else v) for k, v in identity.items()}}
             log.warning("refused %s detail=%s", fields, quoted(" ".join(str(detail).split())), extra={"pki_event": event})
-        elif log.isEnabledFor(logging.INFO):
+        else:  # the common case: a plain line, no fields dict (one per renewal under load)
             suffix = f" detail={quoted(detail)}" if detail else ""
-            log.info("answered %s duration=%.1fms%s", fields, time * 1000, suffix, extra={"pki_event": event})
+            log.info("answered %s duration=%.1fms%s", fields, time * 1000, suffix)
 
 
 def remember_peer(request: web.BaseRequest) -> str:
