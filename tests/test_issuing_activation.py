@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -230,3 +231,19 @@ def test_a_promotion_cut_between_its_two_renames_is_finished_by_the_next_load(pk
     (pki.home / "issuing").rename(pki.home / "retired" / f"{old.serial_number:x}")  # the first rename, then a crash
     assert CertificateAuthority.load(pki.home).issuing.serial_number == new.serial_number
     assert not (pki.home / "pending-issuing").exists()
+
+
+def test_sighup_makes_serve_pick_up_a_new_issuing_ca_at_once(pki):
+    """With maintenance an hour away and no request, 'pkictl serve' learns of a rotate-issuing only
+    on SIGHUP: it then logs the pending CA and its activation time, and keeps serving."""
+    serve = ServeProcess(pki.home, "--check-interval", "3600", "--workers", "0")
+    try:
+        new = pki.ca.rotate_issuing(activate_in=DELAY)
+        start = serve.log.mark()
+        assert f"next issuing CA serial {new.serial_number:x}" not in serve.log.text()  # nothing noticed it yet
+        serve.proc.send_signal(signal.SIGHUP)
+        serve.log.wait_for(rf"next issuing CA serial {new.serial_number:x} activates at ", start=start)
+        serve.log.wait_for(r"reloaded \(SIGHUP\)", start=start)
+        assert curl(serve.url + EST + "/cacerts", cacert=pki.home / "ca.pem").status == 200
+    finally:
+        assert serve.stop() == 0
