@@ -25,7 +25,8 @@ from .credential_checks import CREDENTIAL_CHECKS
 from .credential_facts import CredentialFacts, describe
 from .crl_checks import crl_findings
 from .diagnosis import Finding, Severity, check, run_checks
-from .errors import PKIError
+from .activation import read_pending
+from .errors import PKIError, StoreError
 from .keys import is_encrypted, load_private_key
 from .pem import public_key_bytes
 from .revocation import load_crls
@@ -205,13 +206,16 @@ def _pending_findings(facts: CAFacts) -> list[Finding]:
                         f"({type(exc).__name__})", "a pending issuing CA certified by root/cert.pem",
                         f"move {path} aside and run pkictl rotate-issuing again")]
     try:
-        when = (path / "activate-at").read_text().strip()
-    except OSError:
-        return [Finding("ca-certificates", E, str(path / "activate-at"), "missing: the pending issuing CA has no activation time",
-                        "the activate-at file pkictl rotate-issuing writes",
-                        f"move {path} aside and run pkictl rotate-issuing again")]
-    return [Finding("ca-certificates", OK, str(path), f"{describe(pending)} is published and issues from {when} "
-                    "(the current issuing CA issues until then; whoever uses the CA next activates it)")]
+        found = read_pending(facts.home)
+    except (StoreError, OSError) as exc:
+        found, problem = None, str(exc)
+    else:
+        problem = "missing: the pending issuing CA has no activation time"
+    if found is None:
+        return [Finding("ca-certificates", E, str(path / "activate-at"), f"{problem}; it is never activated",
+                        "the ISO 8601 time pkictl rotate-issuing writes", f"move {path} aside and run pkictl rotate-issuing again")]
+    return [Finding("ca-certificates", OK, str(path), f"{describe(pending)} is published and issues from "
+                    f"{found.activate_at.isoformat()} (the current issuing CA issues until then; whoever uses the CA next activates it)")]
 
 
 @check("crl")

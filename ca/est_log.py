@@ -21,8 +21,8 @@ import logging
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import (AccessDenied, AlreadyEnrolledError, AuthenticationError, InvalidNameError, LintError, NotEnrolledError,
-                     PKIError, PolicyError)
+from .errors import (AccessDenied, AlreadyEnrolledError, AuditError, AuthenticationError, InventoryError, InvalidNameError,
+                     KeyProtectionError, LintError, NotEnrolledError, PassphraseError, PKIError, PolicyError, StoreError)
 from .logfmt import bare, peer_name, quoted
 
 __all__ = ["BadAuthorization", "NoClientCertificate", "QuietClientErrors", "Refusal", "RequestLog", "classify", "note", "outcome", "remember_peer"]
@@ -98,6 +98,8 @@ def classify(exc: BaseException, *, renewing: bool) -> Refusal | None:
             reason = next((r for pattern, r in _RENEWAL_REASONS if pattern in detail), "policy")
             return Refusal(403, reason, detail)
         return Refusal(400, "policy", detail)
+    if isinstance(exc, (KeyProtectionError, PassphraseError, StoreError, InventoryError, AuditError)):
+        return Refusal(500, "CA error", detail)  # the CA host's own files, not the client's request
     if isinstance(exc, PKIError):
         return Refusal(400, "refused", detail)
     return None
@@ -150,7 +152,8 @@ class RequestLog(web.AbstractAccessLogger):
         if status >= 400:
             event = {"event": "refused", "peer": peer, "status": status, "reason": reason, "detail": detail,
                      **{k: (f"{v:x}" if k == "serial" else v) for k, v in identity.items()}}
-            log.warning("refused %s detail=%s", fields, quoted(" ".join(str(detail).split())), extra={"pki_event": event})
+            level = logging.ERROR if status == 500 else logging.WARNING  # 500: the CA's own trouble
+            log.log(level, "refused %s detail=%s", fields, quoted(" ".join(str(detail).split())), extra={"pki_event": event})
         else:  # the common case: a plain line, no fields dict (one per renewal under load)
             suffix = f" detail={quoted(detail)}" if detail else ""
             log.info("answered %s duration=%.1fms%s", fields, time * 1000, suffix)

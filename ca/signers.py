@@ -91,9 +91,6 @@ def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
             return
         try:
             ca.refresh_issuing()  # follow rotate-issuing: the issuing CA of the moment signs this call
-        except Exception:  # noqa: BLE001 - keep issuing from the CA loaded; the service logs the failure
-            pass
-        try:
             answer = ("ok", _OPERATIONS[operation](ca, *args))
         except Exception as exc:  # noqa: BLE001 - every outcome goes back to the caller
             answer = ("error", exc)

@@ -247,3 +247,26 @@ def test_sighup_makes_serve_pick_up_a_new_issuing_ca_at_once(pki):
         assert curl(serve.url + EST + "/cacerts", cacert=pki.home / "ca.pem").status == 200
     finally:
         assert serve.stop() == 0
+
+
+def test_a_malformed_activation_time_is_never_promoted_and_the_doctor_says_so(pki, tmp_path):
+    """A pending CA whose activate-at is not a time keeps the current CA issuing, even far past
+    any activation, and pkictl doctor reports it as an error naming the file; a well-formed one
+    is no problem for the doctor (control)."""
+    from pkictl.doctor import diagnose_ca
+
+    from doctor_support import problems
+
+    old = pki.ca.issuing
+    pki.ca.rotate_issuing(activate_in=DELAY)
+    assert problems(diagnose_ca(pki.home, clock=pki.ca.clock)) == []
+    (pki.home / "pending-issuing" / "activate-at").write_text("tomorrow\n")
+    later = CertificateAuthority.load(pki.home, clock=FixedClock(dt.datetime.now(dt.timezone.utc) + 100 * DELAY))
+    try:
+        assert later.issuing.serial_number == old.serial_number and later.pending is None
+        assert later.enroll("node", "n8", out=tmp_path / "n8").certificate.issuer == old.subject
+    finally:
+        later.close()
+    findings = [f for f in diagnose_ca(pki.home, clock=pki.ca.clock) if f.severity.name == "ERROR"]
+    assert [f.subject for f in findings] == [str(pki.home / "pending-issuing" / "activate-at")], findings
+    assert "never activated" in findings[0].problem
