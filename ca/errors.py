@@ -42,7 +42,22 @@ class InvalidNameError(PKIError):
 
 
 class AlreadyEnrolledError(PKIError):
-    """A name already has a current certificate."""
+    """A name already has a current certificate (or is being enrolled right now).
+
+    The message says by which serial; what to do about it depends on the command, so callers add
+    it with :meth:`with_fix` (the library does not know which option the operator typed).
+
+    Attributes:
+        serial: the serial number (hex) holding the name, or None.
+    """
+
+    def __init__(self, message: str, *, serial: str | None = None) -> None:
+        super().__init__(message)
+        self.serial = serial
+
+    def with_fix(self, fix: str) -> "AlreadyEnrolledError":
+        """The same refusal with ``fix`` appended (``"...; " + fix``)."""
+        return AlreadyEnrolledError(f"{self}; {fix}", serial=self.serial)
 
 
 class NotEnrolledError(PKIError):
