@@ -110,6 +110,32 @@ class AuthenticationError(PolicyError):
     """An enrollment's credentials (token, certificate) are missing, wrong, expired or spent."""
 
 
+class CertificateUnusable(PolicyError):
+    """The certificate presented to renew itself can no longer do so (RFC 7030 4.2.2): it is
+    revoked, expired or not yet valid, from another CA, or unknown to this CA's inventory.
+
+    Attributes:
+        reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA`` or ``unknown``; the
+            EST service sends it in the ``Pkictl-Refusal`` header so that the agent can act on it
+            (:data:`pkictl.est.REFUSAL_HEADER`).
+    """
+
+    REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown")
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        if reason not in self.REASONS:
+            raise ValueError(f"reason {reason!r}: want one of {self.REASONS}")
+        self.reason = reason
+
+    def __reduce__(self):  # signing workers pickle it back to the service
+        return (_certificate_unusable, (str(self), self.reason))
+
+
+def _certificate_unusable(message: str, reason: str) -> "CertificateUnusable":
+    return CertificateUnusable(message, reason=reason)
+
+
 class AccessDenied(PolicyError):
     """The operator denied the request (``pkictl deny``)."""
 

@@ -22,8 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .authority import CertificateAuthority
-from .errors import AccessDenied, AlreadyEnrolledError, AuthenticationError, NotEnrolledError, PendingApproval, PKIError, PolicyError
-from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, decode_csr_body, encode_certs_only
+from .errors import (AccessDenied, AlreadyEnrolledError, AuthenticationError, CertificateUnusable, NotEnrolledError, PendingApproval,
+                     PKIError, PolicyError)
+from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
 from .policy import MAX_CSR_BYTES
 from .renewal import is_due
 from .revocation import load_crls
@@ -204,6 +205,8 @@ class ESTService:
             response = _text(401, str(exc), **challenge)
         except (AccessDenied, AlreadyEnrolledError, NotEnrolledError) as exc:  # a decision, not a malformed request
             response = _text(403, str(exc))
+        except CertificateUnusable as exc:  # renewing with a certificate that can no longer renew
+            response = _text(403, str(exc), **{REFUSAL_HEADER: exc.reason})
         except PolicyError as exc:  # renewing: the certificate may not renew; enrolling: a bad request
             response = _text(403 if request.path.endswith("simplereenroll") else 400, str(exc))
         except PKIError as exc:
