@@ -481,15 +481,19 @@ def requests_(obj: _Obj) -> None:
     from .inventory import Inventory
 
     inventory = Inventory(obj.require_ca() / "inventory.sqlite3")
-    rows = inventory.pending_requests()
-    inventory.close()
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        rows = [(row, inventory.unexpired(row["name"], ["node"], now)) for row in inventory.pending_requests()]
+    finally:
+        inventory.close()
     if not rows:
         click.echo("no pending requests")
         return
-    now = dt.datetime.now(dt.timezone.utc).timestamp()
-    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  WAITING")
-    for row in rows:
-        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {int(now - row['requested_at'])} s")
+    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  {'WAITING':8}  NOTE")
+    for row, current in rows:
+        note = f"replaces serial {current[0].serial:x} (valid until {current[0].not_after:%Y-%m-%d %H:%M})" if current else ""
+        waiting = f"{int(now.timestamp() - row['requested_at'])} s"
+        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {waiting:8}  {note}".rstrip())
     click.echo("approve one with: pkictl approve NAME --code CODE (compare the code with the one the node shows)")
 
 

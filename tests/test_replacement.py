@@ -59,6 +59,8 @@ def test_approving_a_node_that_holds_a_valid_certificate_replaces_and_revokes_it
     (old,) = n2_records(home).values()
     csr, key = make_csr(tmp_path, subject="/CN=N2")
     assert enroll(service, csr).status == 202
+    listed = pkictl(home, "requests").stdout
+    assert re.search(rf"^N2 +{code_of(key)} .* replaces serial {old.serial:x} \(valid until ", listed, re.M), listed
     approved = pkictl(home, "approve", "N2", "--code", code_of(key))
     assert f"it replaces node N2 serial {old.serial:x}" in approved.stdout and "revoked (superseded)" in approved.stdout
     assert n2_records(home)[old.serial].status == "issued"  # not before the new certificate exists
@@ -80,6 +82,7 @@ def test_approving_a_node_without_a_valid_certificate_revokes_nothing(service, t
     home = service.home
     csr, key = make_csr(tmp_path, subject="/CN=N3")
     assert enroll(service, csr).status == 202
+    assert "replaces" not in pkictl(home, "requests").stdout
     approved = pkictl(home, "approve", "N3", "--code", code_of(key))
     assert "replaces" not in approved.stdout
     assert enroll(service, csr).status == 200
