@@ -504,7 +504,7 @@ def audit_head(obj: _Obj) -> None:
 @click.option("--port", type=click.IntRange(1, 65531), help="Use ports PORT..PORT+4 (CA service, gateway listener, upstream, TW's and N2's tunnels) instead of free ones.")
 def demo(directory: Path, lifetime: str, port: int | None) -> None:
     """Run the real setup on this machine, on loopback: the CA as an EST service, a gateway, nodes
-    TW (token) and N2 (approval) with their tunnels, rotations, a revocation. About 25 seconds."""
+    TW (token) and N2 (approval) with their tunnels, rotations, a revocation. About 16 seconds."""
     from .demo import run_demo
 
     run_demo(directory, lifetime=lifetime, port=port, echo=click.echo)
