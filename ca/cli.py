@@ -561,13 +561,15 @@ def audit_head(obj: _Obj) -> None:
 
 
 @cli.command("demo")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("pkictl-demo"), show_default=True, help="Where the demo CA and bundles go (must not exist).")
-@click.option("--lifetime", default="15s", show_default=True, help="Gateway and node certificate lifetime, short so a rotation happens during the demo.")
-def demo(directory: Path, lifetime: str) -> None:
-    """Run the main job on this machine: CA, gateway and node TW, the agent, mTLS, a rotation."""
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("pkictl-demo"), show_default=True, help="Where the demo CA, bundles and logs go (must not exist).")
+@click.option("--lifetime", default="15s", show_default=True, help="Gateway, node and service certificate lifetime (10s to 60s), short so that every certificate rotates during the demo.")
+@click.option("--port", type=click.IntRange(1, 65531), help="Use ports PORT..PORT+4 (CA service, gateway listener, upstream, TW's and N2's tunnels) instead of free ones.")
+def demo(directory: Path, lifetime: str, port: int | None) -> None:
+    """Run the real setup on this machine, on loopback: the CA as an EST service, a gateway, nodes
+    TW (token) and N2 (approval) with their tunnels, rotations, a revocation. About 16 seconds."""
     from .demo import run_demo
 
-    run_demo(directory, lifetime=lifetime, echo=click.echo)
+    run_demo(directory, lifetime=lifetime, port=port, echo=click.echo)
 
 
 def main() -> None:
