@@ -109,6 +109,10 @@ class NodeTunnel:
         self._connections.add(task)
         try:
             await self._tunnel(reader, writer, local)
+        except asyncio.CancelledError:
+            # close() cancels open connections; ending normally keeps asyncio's stream callback
+            # from logging the cancellation as an error with a traceback at every stop.
+            pass
         finally:
             try:
                 await _close(writer)

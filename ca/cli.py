@@ -433,7 +433,7 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     import asyncio
     import logging
 
-    from .bundle_config import parse_address
+    from .bundle_config import check_loopback, parse_address
     from .loops import event_loop_factory
 
     from .authority import CertificateAuthority
@@ -445,7 +445,11 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         host, port = parse_address(listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
-    loopback = host in ("127.0.0.1", "::1", "localhost")
+    try:
+        check_loopback((host, port))
+        loopback = True
+    except ValueError:
+        loopback = False
     if not loopback and not dns_names and not ip_addresses:
         raise click.UsageError(f"--listen {listen} reaches beyond this host: give the --dns names or --ip addresses nodes dial, so that they can verify the service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -154,7 +154,7 @@ def _steps(s: Session, d: Path, pkictl: str, agent: str, lifetime: str, hosts: t
     s.section(4, f"gateway gw: its certificate for {gw_host}, its listener on {gw_host}:{gw_port}, renewal and CRL over EST")
     s.run([pkictl, "--home", str(home), "enroll-gateway", "gw", "--ip", gw_host, "--listen", f"{gw_host}:{gw_port}",
            "--upstream", f"127.0.0.1:{up_port}", "--allow", "TW", "--allow", "N2", "--ca-url", url, "--out", str(d / "gw")])
-    _tune(d / "gw" / "agent.yaml", {"check_interval": "1s", "refresh_interval": "1s"}, s.say)
+    _tune(d / "gw" / "agent.yaml", {"check_interval": "1s", "crl_refresh_interval": "1s"}, s.say)
     gw = s.start("gw", [agent, "run", "--config", str(d / "gw" / "agent.yaml")])
     gw.wait_for(rf"ready: gateway gw, listening on {re.escape(gw_host)}:{gw_port}", f"'ready: gateway gw, listening on {gw_host}:{gw_port}'")
     gw_first = gw.wait_for(rf"credential gw serial {_SERIAL}", "its credential's serial").group(1)
@@ -262,7 +262,7 @@ def _steps(s: Session, d: Path, pkictl: str, agent: str, lifetime: str, hosts: t
     gw.wait_for(r"refused peer=\S+ reason='revoked'", "'refused ... reason='revoked''", start=mark)
     n2.wait_for(r"tunnel authentication failure.* reason='revoked'", "the tunnel's authentication failure", start=n2_mark)
     s.say(f"  -> the gateway loaded a CRL with {count} revoked, closed N2's open connection and refused N2's new one "
-          f"{time.monotonic() - revoked_at:.1f} s after 'pkictl revoke' (refresh_interval 1s); N2's client got no answer")
+          f"{time.monotonic() - revoked_at:.1f} s after 'pkictl revoke' (crl_refresh_interval 1s); N2's client got no answer")
 
     s.section(11, "the CA's status report")
     s.say("  (first TW's tunnel ends the two connections its client closed: it gives the gateway 5 s of quiet for any last bytes)")

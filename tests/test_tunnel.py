@@ -331,3 +331,18 @@ def test_pki_agent_enroll_tunnel_option_over_est(tmp_path):
     finally:
         service.stop()
         ca.close()
+
+
+def test_stopping_the_node_agent_with_a_connection_open_logs_no_error(pki, echo_server, tmp_path):
+    """SIGTERM while a tunnelled connection is open (and one closed a moment ago lingers) ends
+    the agent with status 0, the open connection closed, and no ERROR or traceback in its log."""
+    with _chain(pki.gateway, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
+        assert _exchange(port, b"closed just now") == b"closed just now"  # lingers up to 5 s in the tunnel
+        open_one = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        open_one.sendall(b"still open")
+        assert open_one.recv(100) == b"still open"
+        assert node.stop() == 0
+        assert open_one.recv(100) == b""
+        open_one.close()
+        log = node.log.text()
+        assert "Traceback" not in log and " ERROR " not in log, log
