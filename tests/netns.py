@@ -185,11 +185,14 @@ class Process:
         return f"{self.host.name}/{self.name}"
 
     def wait_for(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match:
-        """Wait for a line matching ``pattern`` (see :meth:`LogWatcher.wait_for`), naming this process on failure."""
+        """Wait for a line matching ``pattern`` (see :meth:`LogWatcher.wait_for`); on failure name
+        this process and show its last lines (the fleet's report has the whole log)."""
         try:
             return self.log.wait_for(pattern, timeout, start)
         except AssertionError as exc:
-            raise AssertionError(f"{self.label}: {exc}") from None
+            first = str(exc).split("; log:", 1)[0].split(" log:", 1)[0]
+            tail = "\n".join(self.log.lines[max(start, len(self.log.lines) - 12):])
+            raise AssertionError(f"{self.label}: {first}; its last lines:\n{tail}") from None
 
     def running(self) -> bool:
         return self.popen.poll() is None
