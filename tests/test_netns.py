@@ -104,3 +104,31 @@ def test_a_crashed_runs_leftovers_are_swept_and_a_live_runs_are_not(tmp_path):
         assert live.bridge_ns not in netns.sweep_leftovers()
         assert live["b"].ns in netns._namespaces()
     assert _state(live) == set()
+
+
+def _outcome(call) -> BaseException | None:
+    """What ``call()`` raised (pytest's skip and fail included), or None."""
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - skip and fail are BaseExceptions
+        return exc
+    return None
+
+
+def test_without_namespaces_the_tests_skip_with_the_reason_but_fail_in_ci(monkeypatch):
+    """Not root (or no ip): require() skips, naming why; with PKICTL_REQUIRE_NETNS=1, as .ci/run
+    sets it, it fails instead, so that CI can never pass with these tests skipped."""
+    netns.unavailable.cache_clear()
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    try:
+        assert "need root" in netns.unavailable()
+        monkeypatch.delenv(netns.REQUIRE_ENV, raising=False)
+        skipped = _outcome(netns.require)
+        assert isinstance(skipped, pytest.skip.Exception) and "need root" in str(skipped), repr(skipped)
+        monkeypatch.setenv(netns.REQUIRE_ENV, "1")
+        failed = _outcome(netns.require)  # a skip escaping here would only skip this test: caught, it fails it
+        assert isinstance(failed, pytest.fail.Exception), repr(failed)
+        assert "PKICTL_REQUIRE_NETNS=1 but the multi-host tests cannot run: network namespaces need root" in str(failed)
+    finally:
+        netns.unavailable.cache_clear()
+    assert "PKICTL_REQUIRE_NETNS=1" in (TESTS.parent / ".ci" / "run").read_text()
