@@ -245,7 +245,9 @@ def test_the_readme_real_setup_on_four_fresh_hosts(tmp_path):
             tw_serial = re.search(r"enrolled TW: serial ([0-9a-f]+)", enrolled.stdout)
             assert tw_serial, enrolled.stdout
             tw_agent = tw.start("agent", setup.words(tw, node_run))
-            tw_agent.wait_for(r"ready: node TW, no listener, tunnel 127\.0\.0\.1:18789 -> gw\.example\.lan:8443")
+            listen, _, dialed = tunnel_words[1].partition("=")
+            ready = tw_agent.wait_for(r"ready: node TW, no listener, tunnel (\S+) -> (\S+)")
+            assert ready.groups() == (listen, dialed), f"TW's agent is not running the README's tunnel {tunnel_words[1]}: {ready.group(0)}"
 
             # the unmodified client through the tunnel reaches the real gateway, from TW's address
             outcome = wait_client_once(tw, "TW")
@@ -267,7 +269,7 @@ def test_the_readme_real_setup_on_four_fresh_hosts(tmp_path):
             n2_serial = waiting.wait_for(r"enrolled N2: serial ([0-9a-f]+)").group(1)
             assert n2.path("/var/lib/pki-agent/N2/live").is_symlink()
             n2_agent = n2.start("agent", [w.replace("/TW/", "/N2/") for w in setup.words(n2, node_run)])
-            n2_agent.wait_for(r"ready: node N2, no listener, tunnel 127\.0\.0\.1:18789 -> gw\.example\.lan:8443")
+            n2_agent.wait_for(rf"ready: node N2, no listener, tunnel {re.escape(listen)} -> {re.escape(dialed)}$")
             outcome = wait_client_once(n2, "N2")
             assert outcome["ok"], f"N2's WebSocket client did not get through its tunnel: {outcome}"
             upstream.wait_for(r'"event": "recv", "conn": \d+, "from": "N2", "seq": 1')
