@@ -320,6 +320,7 @@ def revoke_and_repair(run: Run, checks: Checks) -> None:
     run.fresh = run.client(n2, "fresh", "long", "--interval", "0.1")
     run.fresh.wait_for(r'"event": "echo"', timeout=run.left(10))
     n2_address = re.escape(n2.host.address)
+    revoked_key = x509.load_pem_x509_certificate((n2.directory / "cert.pem").read_bytes()).public_key()
     gw_mark = gateway.log.mark()
     run.pkictl("revoke", "N2", "--reason", "key-compromise")
     run.moments["revoked"] = revoked = time.monotonic()
@@ -346,7 +347,7 @@ def revoke_and_repair(run: Run, checks: Checks) -> None:
         listed = None
         deadline = time.monotonic() + run.left(2 * LIFETIME + 5)
         while listed is None and time.monotonic() < deadline:
-            listed = re.search(rf"^N2\s+({CODE})\s+{n2_address}\b", run.pkictl("requests").stdout, re.M)
+            listed = re.search(rf"^N2\s+({CODE})\s+{n2_address}\b", run.pkictl("requests").stdout, re.M | re.I)
             if listed is None:
                 time.sleep(1.0)
         said = [line for s, line in zip(n2.agent.log.stamps, n2.agent.log.lines) if s > revoked and "tunnel " not in line]
@@ -368,6 +369,8 @@ def revoke_and_repair(run: Run, checks: Checks) -> None:
         checks.figures["approve -> N2's first good message (s)"] = round(back - approved, 2)
         checks.expect(back - approved <= REPAIR_BOUND, f"[re-pair] N2 got back {back - approved:.1f} s after the approval, "
                                                          f"more than {REPAIR_BOUND} s")
+        key = x509.load_pem_x509_certificate((n2.directory / "cert.pem").read_bytes()).public_key()
+        checks.expect(key != revoked_key, "[re-pair] N2's new certificate certifies the key of the revoked one, not a new key")
 
 
 def wait_for_the_rest(run: Run, checks: Checks) -> None:

@@ -262,6 +262,9 @@ def test_the_readme_real_setup_on_four_fresh_hosts(tmp_path):
             listed = run_ca_command(setup, requests, passphrase_file)
             assert re.search(rf"^N2\s+{code}\s+{re.escape(n2.address)}\b", listed, re.M | re.I), \
                 f"pkictl requests does not list N2 with code {code} from {n2.address}:\n{listed}"
+            # not before the approval: the request waits, no certificate on N2
+            assert waiting.running() and not n2.path("/var/lib/pki-agent/N2/live").exists(), \
+                "N2 got a certificate before anyone approved it"
             approve = find(spans, r"^pkictl approve TW --code ", "pkictl approve")
             example = re.search(CODE, approve).group(0)
             run_ca_command(setup, approve.replace(" TW ", " N2 ").replace(example, code), passphrase_file)
