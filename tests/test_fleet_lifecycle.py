@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def _records(process: netns.Process) -> list[tuple[float, dict]]:
     """The JSON lines of a WebSocket script, with their arrival times."""
     process.log.mark()
     out = []
-    for stamp, line in zip(process.log.stamps, process.log.lines):
+    for stamp, line in zip(process.log.stamps, process.log.lines, strict=True):
         if line.startswith("{"):
             try:
                 out.append((stamp, json.loads(line)))
@@ -90,7 +89,7 @@ def _lines(process: netns.Process, pattern: str) -> list[tuple[float, re.Match]]
     """Every line of ``process`` matching ``pattern``, with its arrival time."""
     process.log.mark()
     regex = re.compile(pattern)
-    return [(stamp, m) for stamp, line in zip(process.log.stamps, process.log.lines) if (m := regex.search(line))]
+    return [(stamp, m) for stamp, line in zip(process.log.stamps, process.log.lines, strict=True) if (m := regex.search(line))]
 
 
 def _windows(events: list[tuple[float, str]], end: float) -> list[tuple[str, float, float]]:
@@ -208,7 +207,7 @@ class Run:
 
 
 def build(run: Run) -> None:
-    ca, gw = run.ca, run.gw
+    gw = run.gw
     run.pkictl("init-ca", "--trust-domain", "example.lan", "--node-lifetime", f"{LIFETIME}s", "--gateway-lifetime", f"{LIFETIME}s")
     run.start_serve()
 
@@ -350,7 +349,7 @@ def revoke_and_repair(run: Run, checks: Checks) -> None:
             listed = re.search(rf"^N2\s+({CODE})\s+{n2_address}\b", run.pkictl("requests").stdout, re.M | re.I)
             if listed is None:
                 time.sleep(1.0)
-        said = [line for s, line in zip(n2.agent.log.stamps, n2.agent.log.lines) if s > revoked and "tunnel " not in line]
+        said = [line for s, line in zip(n2.agent.log.stamps, n2.agent.log.lines, strict=True) if s > revoked and "tunnel " not in line]
         assert listed, (f"'pkictl requests' listed no request of N2 from {n2.host.address} within {2 * LIFETIME + 5} s of its revocation "
                         f"(renewal.reenroll: approval); N2's agent said since (tunnel lines left out):\n  " + "\n  ".join(said[:12]))
         code = listed.group(1)
@@ -431,7 +430,7 @@ def check_new_connections(run: Run, checks: Checks) -> None:
         checks.figures[f"{node.name} new connections: tried / failed (unexpected)"] = (len(probes), len(failed), len(unexpected))
         checks.expect(not unexpected, f"[new connections] {node.name}: {len(unexpected)} failed: "
                       + "; ".join(f"{s - run.started:.1f}s {r.get('error')}" for s, r in unexpected[:5]))
-        gaps = [b - a for (a, _), (b, _) in zip(probes, probes[1:])]
+        gaps = [b - a for (a, _), (b, _) in zip(probes, probes[1:], strict=False)]
         checks.expect(not gaps or max(gaps) < 4.0, f"[new connections] {node.name}: no attempt for {max(gaps or [0]):.1f} s")
 
 
@@ -442,7 +441,7 @@ def check_rotations(run: Run, checks: Checks) -> None:
         checks.expect(count >= ROTATIONS, f"[rotations] {name} rotated {count} times, fewer than {ROTATIONS}")
     for name in ("gw", "TW"):
         chain = run.renewed(name)
-        broken = [(a, b) for (_, _, a), (_, b, _) in zip(chain, chain[1:]) if a != b]
+        broken = [(a, b) for (_, _, a), (_, b, _) in zip(chain, chain[1:], strict=False) if a != b]
         checks.expect(not broken, f"[rotations] {name}'s renewals do not follow each other: {broken}")
     # what each agent says it serves is what is on its disk
     for name, directory in (("gw", run.gw_dir), ("TW", run.nodes["TW"].directory), ("N2", run.nodes["N2"].directory)):
@@ -488,7 +487,7 @@ def check_errors(run: Run, checks: Checks) -> None:
     unexpected = []
     for process in run.fleet.processes:
         process.log.mark()
-        for stamp, line in zip(process.log.stamps, process.log.lines):
+        for stamp, line in zip(process.log.stamps, process.log.lines, strict=True):
             bad = re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line) or re.search(r'"event": "(error|closed)"|"ok": false', line)
             if not bad:
                 continue
