@@ -160,7 +160,7 @@ class Agent:
         if tls is not None and tls.crl_next_update is not None:
             log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if tls is not None and tls.revoked and self.listener is not None:
-            self.listener.close_revoked(tls.revoked)  # revocation reaches established connections too
+            self.listener.close_revoked(tls.revoked, tls.superseded)  # revocation reaches established connections too
         if changed:
             self.reenrollment.unusable = None
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0

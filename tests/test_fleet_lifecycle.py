@@ -61,6 +61,8 @@ EXPECTED_ERRORS = [
     ("revoked", r"^n2$", r"^agent$", r"ERROR pki_agent\.tunnel: tunnel authentication failure: the gateway refused this "
                                      r"node's certificate .* reason='(revoked|expired or not yet valid)'"),
     ("revoked", r"^n2$", r"^agent$", r"(ERROR|CRITICAL) pki_agent: renewal of N2 failed \(.*\b(revoked|refused)\b"),
+    # ... and its agent says so once, before it files its pairing request.
+    ("revoked", r"^n2$", r"^agent$", r"ERROR pki_agent: the certificate of N2 \(serial [0-9a-f]+\) can no longer renew: revoked "),
     ("revoked", r"^n2$", r"^(long|fresh|probe)$", r'"event": "(closed|error)"|"ok": false'),
 ]
 
