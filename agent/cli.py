@@ -114,8 +114,17 @@ def enroll(ca_url, fingerprint, name, token, token_file, directory, wait, tunnel
             tunnel = parse_tunnel(tunnel)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--tunnel") from None
+    if token is not None and token_file is not None:
+        raise click.UsageError("give --token or --token-file, not both")
     if token_file is not None:
         token = token_file.read_text().strip()
+        if not token:
+            raise click.BadParameter(f"{token_file} is empty; want the token 'pkictl enroll-node {name} --token' printed",
+                                     param_hint="--token-file")
+    if token is not None and not token.strip():
+        # An empty shell variable (--token "$TOKEN") must not turn into a silent wait for approval.
+        raise click.BadParameter(f"is empty (an unset shell variable?); want the token 'pkictl enroll-node {name} --token' "
+                                 "printed, or leave --token out to wait for the operator's approval", param_hint="--token")
     run_enroll(ca_url=ca_url, fingerprint=fingerprint, name=name, directory=directory, token=token, wait=wait, say=click.echo,
                tunnel=tunnel)
 

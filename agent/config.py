@@ -56,8 +56,14 @@ class RenewalConfig(_Model):
         ca_home: the CA home directory, for renewal on the CA host itself.
         ca_url: the EST server (``https://host:port`` of ``pkictl serve``), for renewal from any
             host; exclusive with ca_home.
-        refresh_interval: how often to fetch the CRL (for the listener) and the trust bundle
-            from the EST server.
+        refresh_interval: how often to fetch the trust bundle from the EST server.
+        crl_refresh_interval: how often a gateway renewing over EST fetches the CRL for its
+            listener (a conditional request: an unchanged CRL costs one round trip). A revocation
+            reaches the listener within this interval of ``pkictl revoke``.
+        reenroll: ``approval``: when this node's certificate can no longer renew (revoked,
+            expired, from another CA), make a new key and file a pairing request with the EST
+            server, so that the operator only runs ``pkictl approve``; ``off``: say what happened
+            and keep retrying (the default).
         ca_passphrase_file: a 0600 file with the CA key passphrase, when the CA keys are
             encrypted (or set PKICTL_CA_PASSPHRASE in the agent's environment).
         fraction: renew at notBefore + fraction x lifetime (lifetime read from the certificate).
@@ -74,6 +80,8 @@ class RenewalConfig(_Model):
     ca_url: Optional[str] = Field(None, pattern=r"^https://[^/\s]+/?$")
     ca_passphrase_file: Optional[Path] = None
     refresh_interval: Duration = dt.timedelta(hours=1)
+    crl_refresh_interval: Duration = dt.timedelta(seconds=60)
+    reenroll: Literal["approval", "off"] = "off"
     fraction: float = Field(2 / 3, gt=0, lt=1)
     jitter: float = Field(0.05, ge=0, lt=0.5)
     check_interval: Duration = dt.timedelta(minutes=1)
@@ -88,6 +96,8 @@ class RenewalConfig(_Model):
             raise ValueError(f"jitter ({self.jitter}) must be smaller than fraction ({self.fraction})")
         if self.ca_home is not None and self.ca_url is not None:
             raise ValueError("give ca_home (renew on the CA host) or ca_url (renew over EST), not both")
+        if self.reenroll == "approval" and self.ca_url is None:
+            raise ValueError("reenroll: approval files the pairing request with the EST server: it needs ca_url")
         return self
 
 
@@ -302,6 +312,9 @@ class AgentConfig(_Model):
             raise ValueError("listener: only a gateway runs the mTLS listener (kind is node)")
         if self.tunnel is not None and self.kind != "node":
             raise ValueError("tunnel: only a node runs the tunnel to the gateway (kind is gateway)")
+        if self.renewal.reenroll == "approval" and self.kind != "node":
+            raise ValueError("renewal.reenroll: approval pairs nodes only; a gateway gets a new certificate from "
+                             "'pkictl enroll-gateway NAME --replace' on the CA host")
         return self
 
 

@@ -265,6 +265,7 @@ class Connection(asyncio.BufferedProtocol):
         self.state = _FORWARDING
         self.started = self.last_activity = loop.time()
         listener.stats.accepted += 1
+        listener.remember(identity)
         log_accepted(self.peer, identity, self.tls.version(), batch=listener.events)
         config = listener.config
         if config.max_connection_age is not None:

@@ -25,20 +25,23 @@ from typing import TYPE_CHECKING, Callable
 from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
 from pkictl.renewal import draw_jitter, renewal_time
+from pkictl.revocation import load_crls
 from pkictl.store import Credential, CredentialStore
 from pkictl.tls import client_context
 
 from .config import AgentConfig
-from .errors import AgentError
+from .errors import AgentError, CredentialUnusable
 from .endpoints import close_endpoints, describe_endpoints, start_endpoints
 from .metrics import AgentCounters
-from .est_client import ESTClient, refresh_from_est
+from .est_client import ESTClient
+from .reenroll import Reenrollment, find_revocation
 from .hooks import HookContext, run_hooks
 from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
 from .state import iso, state_path, write_state
 from .tls import ServerTLS, server_context
+from .upkeep import ESTUpkeep
 from .watch import credential_stamp, watch_files
 
 if TYPE_CHECKING:
@@ -81,7 +84,6 @@ class Agent:
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
         self._renew_lock = asyncio.Lock()
-        self._next_refresh = self.clock.now()
         self._stopped: asyncio.Event | None = None
         self._scheduler = None
         self._last_renewal: dt.datetime | None = None
@@ -94,6 +96,8 @@ class Agent:
         self.state_path = state_path(config.credential_dir)
         self.counters = AgentCounters()
         self.status_server: "StatusServer | None" = None
+        self.reenrollment = Reenrollment(config, self.store, source if isinstance(source, ESTClient) else None)
+        self.upkeep = ESTUpkeep(self, source) if isinstance(source, ESTClient) else None
 
     # -- credential and context ---------------------------------------------------------------
 
@@ -156,8 +160,9 @@ class Agent:
         if tls is not None and tls.crl_next_update is not None:
             log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if tls is not None and tls.revoked and self.listener is not None:
-            self.listener.close_revoked(tls.revoked)  # revocation reaches established connections too
+            self.listener.close_revoked(tls.revoked, tls.superseded)  # revocation reaches established connections too
         if changed:
+            self.reenrollment.unusable = None
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0
             self._failures = 0
             self._next_attempt = self.renewal_due()
@@ -171,6 +176,8 @@ class Agent:
                 self.config.name, credential.certificate.serial_number,
                 credential.certificate.not_valid_after_utc.isoformat(), self._next_attempt.isoformat(),
             )
+        if tls is not None and tls.revoked and (credential.certificate.issuer.public_bytes(), credential.certificate.serial_number) in tls.revoked:
+            self._credential_revoked(find_revocation(credential.certificate, load_crls(self.config.listener.crl)) or "on the CRL")
         self._schedule_wakeup()
         self.save_state()
         return True
@@ -197,18 +204,6 @@ class Agent:
         async with self._renew_lock:
             await self.renew()
 
-    def _refresh_from_est(self) -> None:
-        """Fetch the CRL and the trust bundle from the EST server; a failure keeps what is on
-        disk and is retried at the next refresh."""
-        self._next_refresh = self.clock.now() + self.config.renewal.refresh_interval
-        source = self.source
-        assert isinstance(source, ESTClient)
-        try:
-            for change in refresh_from_est(source, self.store, self.config.listener.crl if self.config.listener else None):
-                log.info("%s from %s", change, source.base_url)
-        except (PKIError, OSError) as exc:
-            log.warning("refresh from %s failed (%s); keeping the CRL and trust bundle on disk", source.base_url, exc)
-
     async def maintain(self) -> None:
         """Re-sign the CA's CRL when due (CA host only) and reload if ``live`` or the CRL file changed.
 
@@ -221,8 +216,8 @@ class Agent:
                     log.info("CRL of the CA in %s re-signed", self.source.home)
             except Exception as exc:  # noqa: BLE001 - keep serving; status shows the CRL's age
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
-        if isinstance(self.source, ESTClient) and self.clock.now() >= self._next_refresh:
-            await asyncio.to_thread(self._refresh_from_est)
+        if self.upkeep is not None:
+            await self.upkeep.maintain()
         self.reload_if_changed()
 
     async def renew(self, *, forced: bool = False) -> bool:
@@ -238,14 +233,25 @@ class Agent:
         assert self.credential is not None
         current = self.credential
         started = self.clock.now()
-        if self.source is None:  # _failed logs it, with the time left
-            self._failed(started, current, "no renewal source is configured (renewal.ca_url or renewal.ca_home)", forced)
-            return False
         if forced:
             self._forced += 1
             log.info("renewal of %s requested (renew-now)", self.config.name)
+        if self.reenrollment.pairing is not None:  # the certificate cannot renew: a new one comes by approval
+            return await self._poll_pairing(started, forced)
+        if self.source is None:  # _failed logs it, with the time left
+            self._failed(started, current, "no renewal source is configured (renewal.ca_url or renewal.ca_home)", forced)
+            return False
         try:
+            if started > current.certificate.not_valid_after_utc:
+                raise CredentialUnusable("expired", f"serial {current.certificate.serial_number:x} expired at "
+                                                    f"{current.certificate.not_valid_after_utc.isoformat()}")
             successor = await asyncio.to_thread(rotate, self.store, current, self.source, self.clock)
+        except CredentialUnusable as exc:  # retrying changes nothing: say why, and re-pair if allowed
+            self._mark_unusable(exc)
+            if self.reenrollment.pairing is not None:
+                return await self._poll_pairing(started, forced)
+            self._failed(started, current, f"{exc.reason}: {exc.detail}", forced)
+            return False
         except Exception as exc:  # noqa: BLE001 - whatever failed, keep serving and retry
             self._failed(started, current, str(exc), forced, exc_info=not isinstance(exc, (PKIError, OSError)))
             return False
@@ -258,6 +264,43 @@ class Agent:
         in_service = self.reload()
         if not in_service:
             self.save_state()  # reload() saves only what it took into service
+        if self.config.hooks and self.credential is not None:
+            self._start_hooks(self.credential)
+        return in_service
+
+    def _credential_revoked(self, detail: str) -> None:
+        if self.unusable is None or self.unusable.reason != "revoked":
+            self._mark_unusable(CredentialUnusable("revoked", detail))
+
+    @property
+    def unusable(self) -> CredentialUnusable | None:
+        """Why the certificate in service can no longer renew, or None."""
+        return self.reenrollment.unusable
+
+    def _mark_unusable(self, exc: CredentialUnusable) -> None:
+        assert self.credential is not None
+        if self.reenrollment.report(exc, self.credential.certificate):
+            self._next_attempt = self.clock.now()  # the pairing request goes out at once
+            self._schedule_wakeup()
+        self.save_state()
+
+    async def _poll_pairing(self, started: dt.datetime, forced: bool) -> bool:
+        """Ask once whether the pairing request was approved; take what it gave into service."""
+        assert self.credential is not None
+        previous = self.credential.certificate.serial_number
+        outcome = await asyncio.to_thread(self.reenrollment.poll, self.clock.now())
+        if not isinstance(outcome, Credential):  # still waiting (when to ask again), or denied (None)
+            self._next_attempt = outcome
+            self._schedule_wakeup()
+            self.save_state()
+            return False
+        log.info("re-enrolled %s: serial %x -> %x (approved at the CA), not after %s", self.config.name, previous,
+                 outcome.certificate.serial_number, outcome.certificate.not_valid_after_utc.isoformat())
+        self.counters.renewals += 1
+        self._last_renewal = self.clock.now()
+        self._last_attempt = {"started": iso(started), "ended": iso(self._last_renewal), "forced": forced, "result": "renewed",
+                              "serial": f"{outcome.certificate.serial_number:x}", "error": None, "by": "pairing request"}
+        in_service = self.reload()
         if self.config.hooks and self.credential is not None:
             self._start_hooks(self.credential)
         return in_service
@@ -325,6 +368,7 @@ class Agent:
             "next_attempt": iso(self._next_attempt), "failures": self._failures,
             "last_attempt": self._last_attempt, "last_renewal": iso(self._last_renewal), "forced_attempts": self._forced,
             "listener": listener, "tunnel": tunnel, "hooks": self._hook_results,
+            **self.reenrollment.state(),
         }
 
     def save_state(self) -> None:
@@ -380,6 +424,11 @@ class Agent:
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
+        if self.upkeep is not None and self.upkeep.listener_crl is not None:
+            # Its own job: the revocation bound is crl_refresh_interval, not check_interval.
+            self._scheduler.add_job(self.upkeep.refresh_crl, "interval", seconds=self.config.renewal.crl_refresh_interval.total_seconds(),
+                                    id="crl", misfire_grace_time=None, coalesce=True, max_instances=1,
+                                    next_run_time=dt.datetime.now(dt.timezone.utc))
         self._scheduler.start()
         self._schedule_wakeup()
         watcher = loop.create_task(watch_files(self.watched_paths(), self.reload_if_changed, self._stopped)) if self.config.watch else None
@@ -393,9 +442,11 @@ class Agent:
         log.info("ready: %s %s, %s", self.config.kind, self.config.name, describe_endpoints(self))
         if ready is not None:
             ready()
+        first_check = loop.create_task(self.check())  # the EST refresh and revocation check at start, not a period later
         try:
             await self._stopped.wait()
         finally:
+            first_check.cancel()
             log.info("stopping")
             self._scheduler.shutdown(wait=False)
             if watcher is not None:
@@ -409,6 +460,10 @@ class Agent:
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the credential from disk")
         self.reload()
+        if self.reenrollment.ask_again():  # after a denial: a new key and a new pairing request
+            self._next_attempt = self.clock.now()
+            self._schedule_wakeup()
+            self.save_state()
 
     def renew_soon(self) -> None:
         """Renew as soon as no renewal is in progress (SIGUSR1, ``pki-agent renew-now``)."""

@@ -129,7 +129,7 @@ class AgentFacts:
         return CredentialFacts(
             directory=self.config.credential_dir, now=self.now, kind=self.config.kind, name=self.config.name,
             trust_domain=self.config.trust_domain, pinned_sha256=self.config.trust_anchor_sha256, crls=crls,
-            reenroll=self.reenroll, config=str(self.config_path),
+            reenroll=self.reenroll, config=str(self.config_path), renews_over_est=self.config.renewal.ca_url is not None,
         )
 
 

@@ -31,7 +31,8 @@ async def start_endpoints(agent: "Agent") -> None:
     if config.listener is not None:
         wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain)))
     if config.tunnel is not None:
-        wanted.append(("tunnel", config.tunnel.listen, NodeTunnel(config.tunnel, agent.current_client_tls)))
+        wanted.append(("tunnel", config.tunnel.listen, NodeTunnel(config.tunnel, agent.current_client_tls,
+                                                                        agent.upkeep.note_gateway_refusal if agent.upkeep else None)))
     if config.metrics is not None:
         wanted.append(("status_server", config.metrics.listen, StatusServer(agent, config.metrics.listen)))
     names = {"listener": "listener", "tunnel": "tunnel", "status_server": "metrics"}

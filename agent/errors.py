@@ -2,7 +2,7 @@
 
 from pkictl.errors import PKIError
 
-__all__ = ["AgentError", "ConfigError", "RenewalError", "PeerRejected"]
+__all__ = ["AgentError", "ConfigError", "RenewalError", "CredentialUnusable", "PeerRejected"]
 
 
 class AgentError(PKIError):
@@ -15,6 +15,22 @@ class ConfigError(AgentError):
 
 class RenewalError(AgentError):
     """A renewal failed; the current credential stays installed and in service."""
+
+
+class CredentialUnusable(RenewalError):
+    """This host's certificate can no longer renew itself: retrying changes nothing.
+
+    Attributes:
+        reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA``, ``unknown`` (to the
+            CA's inventory) or ``refused`` (the EST server refused it at the TLS layer and said
+            no more).
+        detail: what the CA or the TLS alert said.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 class PeerRejected(AgentError):

@@ -21,12 +21,13 @@ from cryptography import x509
 
 from pkictl.errors import AuthenticationError, PKIError
 from pkictl.files import atomic_write
-from pkictl.est import EST_PREFIX, PKCS10, approval_code, decode_certs_only, encode_csr, root_fingerprint
+from pkictl.est import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.store import Credential, CredentialStore
+from pkictl.tls import alert_reason
 
-from .errors import RenewalError
+from .errors import CredentialUnusable, RenewalError
 
-__all__ = ["ESTClient", "refresh_from_est", "select_chain", "self_signed"]
+__all__ = ["ESTClient", "refresh_crl", "refresh_trust_bundle", "select_chain", "self_signed"]
 
 _TIMEOUT = 30.0  # seconds per request
 
@@ -111,10 +112,10 @@ class ESTClient:
             if client and _refused_after_handshake(reason):
                 # TLS 1.3: the server checks our certificate after the client's handshake has
                 # "succeeded", so a refusal arrives as an alert or EOF on the first read (DESIGN.md).
-                raise AuthenticationError(
-                    f"the EST server {self.base_url} refused our certificate ({reason}): it may be revoked, "
-                    "expired or from another CA; enroll again (pki-agent enroll)"
-                ) from None
+                said = alert_reason(reason)
+                why = {"expired or not yet valid": "expired", "unknown CA": "another CA"}.get(said or "", "refused")
+                raise CredentialUnusable(why, f"the EST server {self.base_url} refused our certificate at the TLS layer "
+                                              f"({said or reason}): it is expired, not issued by this CA, or not for clientAuth") from None
             raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason}") from None
 
     # -- RFC 7030 operations ---------------------------------------------------------------------
@@ -171,11 +172,17 @@ class ESTClient:
         chain comes from /cacerts. A :class:`pki_agent.rotation.RenewalSource`.
 
         Raises:
-            AuthenticationError: the server refused our certificate (401/403, or at the TLS layer).
+            CredentialUnusable: the current certificate can no longer renew (revoked, expired,
+                another CA, unknown to the CA; said by the server's ``Pkictl-Refusal`` header or
+                its TLS alert).
+            AuthenticationError: any other 401/403.
             RenewalError: any other failure (the current credential stays in service).
         """
         response = self._request("POST", f"{EST_PREFIX}/simplereenroll", body=encode_csr(csr),
                                  headers={"Content-Type": PKCS10}, client=True)
+        refusal = response.headers.get(REFUSAL_HEADER) if response.headers else None
+        if response.status == 403 and refusal:
+            raise CredentialUnusable(refusal, f"the EST server refused the renewal: {response.reason}")
         if response.status in (401, 403):
             raise AuthenticationError(f"the EST server refused the renewal: {response.reason}")
         if response.status != 200:
@@ -183,12 +190,22 @@ class ESTClient:
         certificate = decode_certs_only(response.body)[0]
         return certificate, select_chain(certificate, self.cacerts())
 
-    def crl_pem(self) -> bytes:
-        """GET /crl.pem: every CRL the CA publishes, PEM."""
-        response = self._request("GET", "/crl.pem")
+    def crl_pem(self, *, etag: str | None = None) -> tuple[bytes | None, str | None]:
+        """GET /crl.pem: every CRL the CA publishes, PEM; conditional on ``etag`` (RFC 9110
+        13.1.2), so that polling an unchanged CRL every minute costs one small round trip.
+
+        Returns:
+            ``(pem, etag)``: ``pem`` is None when the server answered 304 Not Modified.
+
+        Raises:
+            RenewalError: unreachable, or anything but a PEM CRL or a 304.
+        """
+        response = self._request("GET", "/crl.pem", headers={"If-None-Match": etag} if etag else None)
+        if response.status == 304 and etag:
+            return None, etag
         if response.status != 200 or b"-----BEGIN X509 CRL-----" not in response.body:
             raise RenewalError(f"{self.base_url}/crl.pem: HTTP {response.status}: {response.reason[:200]}")
-        return response.body
+        return response.body, response.headers.get("ETag")
 
     def wait_for_certificate(
         self, csr: x509.CertificateSigningRequest, *, name: str, token: str | None, deadline: float,
@@ -222,9 +239,31 @@ def _refused_after_handshake(reason) -> bool:
     return any(word in text for word in ("ALERT", "EOF", "RESET", "REMOTE END CLOSED"))
 
 
-def refresh_from_est(client: "ESTClient", store: CredentialStore, crl: Path | None) -> list[str]:
-    """Fetch the CRL (into ``crl``, for a listener) and the trust bundle (into ``store``'s
-    ``ca.pem``) from the EST server; write only what changed.
+def refresh_crl(client: "ESTClient", crl: Path, etag: str | None = None) -> tuple[bool, str | None]:
+    """Fetch the CA's CRLs into ``crl`` (atomically, only when they changed).
+
+    Args:
+        etag: the ETag of the last fetch, for a conditional request.
+
+    Returns:
+        ``(changed, etag)``.
+
+    Raises:
+        PKIError, OSError: the server could not be reached or answered garbage; the file is
+            unchanged then.
+    """
+    from pkictl.revocation import crls_from_pem
+
+    data, etag = client.crl_pem(etag=etag)
+    if data is None or (crl.exists() and crl.read_bytes() == data):
+        return False, etag
+    crls_from_pem(data, source=f"{client.base_url}/crl.pem")  # every block parses before it replaces the file
+    atomic_write(crl, data)
+    return True, etag
+
+
+def refresh_trust_bundle(client: "ESTClient", store: CredentialStore) -> list[str]:
+    """Fetch the trust bundle into ``store``'s ``ca.pem``; write it only if it changed.
 
     The trust bundle is taken only if it still holds one of the current anchors: it was fetched
     over a channel authenticated by them, and a root rotation adds the new root before the old
@@ -237,15 +276,9 @@ def refresh_from_est(client: "ESTClient", store: CredentialStore, crl: Path | No
         PKIError, OSError: the server could not be reached or answered garbage; nothing on disk
             changed then.
     """
-    changed = []
-    if crl is not None:
-        data = client.crl_pem()
-        if not crl.exists() or crl.read_bytes() != data:
-            atomic_write(crl, data)
-            changed.append("CRL refreshed")
     roots = [c for c in client.cacerts() if self_signed(c)]
     anchors = store.load_trust_anchors()
     if any(a in roots for a in anchors) and set(roots) != set(anchors):
         store.write_trust_anchors(roots)
-        changed.append(f"trust bundle updated: {len(roots)} root(s)")
-    return changed
+        return [f"trust bundle updated: {len(roots)} root(s)"]
+    return []

@@ -12,13 +12,17 @@ import logging
 import socket
 from typing import Callable
 
-from .authz import Authorizer
+from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
 from .connection import CHUNK, CONNECTING, SWEEP, Connection, peer_name
 from .connlog import EventBatch, log_refused
 from .tls import ServerTLS
 
 __all__ = ["GatewayListener", "ListenerStats"]
+
+# Certificates whose node the listener remembers (a few MB at most): enough for every node of a
+# large fleet through several renewals; the oldest are forgotten first.
+_REMEMBERED_SERIALS = 65536
 
 log = logging.getLogger("pki_agent.listener")
 
@@ -61,6 +65,7 @@ class GatewayListener:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sockets: list[socket.socket] = []
         self._connections: set[Connection] = set()
+        self._nodes_by_serial: dict[tuple[bytes, int], str] = {}  # insertion order = age (remember)
         self._drained: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._upstream_addresses = _numeric_addresses(*config.upstream)  # None: a name, resolved per connection
@@ -139,19 +144,41 @@ class GatewayListener:
             sock.close()
         self._sockets = []
 
-    def close_revoked(self, revoked: frozenset[tuple[bytes, int]]) -> int:
-        """Close established connections whose certificate is in ``revoked`` (after a CRL reload).
+    def remember(self, identity: PeerIdentity) -> None:
+        """Note which node a certificate belongs to (every accepted connection calls this), so
+        that a later revocation of it can close that node's other connections."""
+        key = (identity.issuer, identity.serial)
+        self._nodes_by_serial.pop(key, None)
+        self._nodes_by_serial[key] = identity.name
+        if len(self._nodes_by_serial) > _REMEMBERED_SERIALS:
+            del self._nodes_by_serial[next(iter(self._nodes_by_serial))]
+
+    def close_revoked(self, revoked: frozenset[tuple[bytes, int]], superseded: frozenset[tuple[bytes, int]] = frozenset()) -> int:
+        """After a CRL reload: close every established connection of a node one of whose
+        certificates is revoked, whichever certificate that connection authenticated with.
+
+        A revocation says "this node is out" (an operator's ``pkictl revoke NODE``, a
+        compromised key); a connection opened before the node's last renewals, with a
+        certificate that has since expired and left the CRL, belongs to the same node. Only a
+        ``superseded`` revocation (the node has a successor) leaves open connections alone: new
+        ones are refused by the CRL check, while a long-lived connection survives the rotation.
 
         Args:
             revoked: ``(issuer name DER, serial)`` pairs of the new CRL.
+            superseded: the pairs among them revoked with reason ``superseded``.
 
         Returns:
             How many connections were closed.
         """
-        hits = [c for c in self._connections if c.identity is not None and (c.identity.issuer, c.identity.serial) in revoked]
+        out = revoked - superseded
+        nodes = {self._nodes_by_serial[key] for key in out if key in self._nodes_by_serial}
+        hits = [c for c in self._connections if c.identity is not None
+                and ((c.identity.issuer, c.identity.serial) in out or c.identity.name in nodes)]
         for conn in hits:
-            log.warning("closing peer=%s node=%s serial=%x reason='revoked' detail='its serial is on the new CRL'",
-                        conn.peer, conn.identity.name, conn.identity.serial)
+            own = (conn.identity.issuer, conn.identity.serial) in out
+            detail = "its serial is on the new CRL" if own else f"another certificate of node {conn.identity.name} is on the new CRL"
+            log.warning("closing peer=%s node=%s serial=%x reason='revoked' detail=%r", conn.peer, conn.identity.name,
+                        conn.identity.serial, detail)
             conn.end("revoked")
         return len(hits)
 

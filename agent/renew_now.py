@@ -62,7 +62,7 @@ async def _renew_here(config: AgentConfig) -> tuple[bool, str]:
     agent.reload()
     await agent.renew(forced=True)
     await agent.wait_for_hooks()
-    return _outcome(agent.state(), "renewed here (no agent runs for this credential)")
+    return _outcome(agent.state(), "this command (no agent runs for this credential)")
 
 
 def _outcome(state: dict, who: str) -> tuple[bool, str]:

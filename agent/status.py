@@ -62,6 +62,14 @@ def host_status(config: AgentConfig, now: dt.datetime) -> dict[str, Any]:
         if attempt.get("result") == "failed":
             problems.append(f"the last renewal attempt ({attempt.get('started')}) failed: {attempt.get('error')}; "
                             f"{state.get('failures', 0)} failure(s) in a row, next attempt {state.get('next_attempt')}")
+        unusable, pairing = state.get("unusable"), state.get("pairing")
+        if unusable:
+            problems.append(f"the certificate can no longer renew: {unusable['reason']} ({unusable['detail']})")
+        if pairing:
+            problems.append(f"waiting for approval of a new certificate: on the CA host run 'pkictl approve {config.name} "
+                            f"--code {pairing['code']}' (compare the code with 'pkictl requests')")
+        elif state.get("pairing_denied"):
+            problems.append("the operator denied this node's pairing request; SIGHUP (systemctl reload pki-agent) asks again with a new key")
         for hook in state.get("hooks") or []:
             if not hook.get("ok"):
                 problems.append(f"hook {hook.get('hook')} failed after {hook.get('attempts')} attempt(s): {hook.get('detail')}")

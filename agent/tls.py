@@ -11,6 +11,8 @@ import datetime as dt
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+
 from pkictl.revocation import load_crls, revoked_serials
 from pkictl.store import Credential, CredentialStore
 from pkictl.tls import harden
@@ -26,12 +28,14 @@ class ServerTLS:
         context: the server SSLContext.
         credential: the certificate and key it serves.
         revoked: ``(issuer name DER, serial)`` pairs of the CRL it was built with (empty without one).
+        superseded: those of them revoked with reason ``superseded`` (RFC 5280 5.3.1).
         crl_next_update: the earliest nextUpdate of those CRLs, aware UTC (None without CRL).
     """
 
     context: ssl.SSLContext
     credential: Credential
     revoked: frozenset[tuple[bytes, int]] = frozenset()
+    superseded: frozenset[tuple[bytes, int]] = frozenset()
     crl_next_update: dt.datetime | None = None
 
 
@@ -61,4 +65,5 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
     crls = load_crls(crl)
     ctx.load_verify_locations(cafile=crl)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return ServerTLS(ctx, credential, revoked_serials(crls), min(c.next_update_utc for c in crls))
+    return ServerTLS(ctx, credential, revoked_serials(crls), revoked_serials(crls, reason=x509.ReasonFlags.superseded),
+                     min(c.next_update_utc for c in crls))

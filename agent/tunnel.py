@@ -20,9 +20,11 @@ import ssl
 import time
 from typing import Callable
 
+from pkictl.tls import alert_reason
+
 from .config import TunnelConfig
 
-__all__ = ["NodeTunnel", "gateway_refusal_reason"]
+__all__ = ["NodeTunnel"]
 
 log = logging.getLogger("pki_agent.tunnel")
 
@@ -47,32 +49,6 @@ async def _close(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
 _CHUNK = 256 * 1024
 _LINGER = 5.0  # seconds: after the local client's EOF, how long the gateway may stay quiet before the tunnel closes
 
-# TLS alerts a gateway sends when it refuses the client certificate (RFC 8446 6.2) -> the reason logged.
-_ALERTS = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED": "revoked",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "expired or not yet valid",
-    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
-    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "wrong purpose",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
-    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
-    "TLSV1_ALERT_DECRYPT_ERROR": "signature check failed",
-}
-
-
-def gateway_refusal_reason(exc: BaseException) -> str | None:
-    """The reason a gateway gave for refusing this node, from the TLS alert in ``exc``; None if
-    ``exc`` is not such an alert (a network error, say)."""
-    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
-        reason = exc.reason or ""
-        if reason in _ALERTS:
-            return _ALERTS[reason]
-        if "ALERT" in reason:
-            return reason.lower().replace("_", " ")
-    return None
-
-
 class NodeTunnel:
     """Accept plain TCP on ``config.listen`` and forward each connection over mTLS to ``config.gateway``.
 
@@ -80,11 +56,15 @@ class NodeTunnel:
         config: the tunnel's addresses and limits.
         current: returns ``(context, serial)`` for a new connection: the client SSLContext built
             from the node's current credential and that certificate's serial number (for logs).
+        on_refusal: called with the reason each time the gateway refuses this node's certificate
+            (the agent then checks whether its certificate was revoked).
     """
 
-    def __init__(self, config: TunnelConfig, current: Callable[[], tuple[ssl.SSLContext, int]]) -> None:
+    def __init__(self, config: TunnelConfig, current: Callable[[], tuple[ssl.SSLContext, int]],
+                 on_refusal: Callable[[str], None] | None = None) -> None:
         self.config = config
         self._current = current
+        self._on_refusal = on_refusal
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
@@ -129,6 +109,10 @@ class NodeTunnel:
         self._connections.add(task)
         try:
             await self._tunnel(reader, writer, local)
+        except asyncio.CancelledError:
+            # close() cancels open connections; ending normally keeps asyncio's stream callback
+            # from logging the cancellation as an error with a traceback at every stop.
+            pass
         finally:
             try:
                 await _close(writer)
@@ -144,10 +128,10 @@ class NodeTunnel:
                                         ssl_handshake_timeout=timeout, limit=_CHUNK),
                 timeout)
         except ssl.SSLCertVerificationError as exc:
-            log.error("tunnel gateway certificate rejected local=%s gateway=%s detail=%r: it is not the gateway "
-                      "this node trusts (ca.pem) under the name or IP dialed", local, self.gateway, exc.verify_message or str(exc))
+            log.error("tunnel gateway certificate rejected local=%s gateway=%s detail=%r: %s", local, self.gateway,
+                      exc.verify_message or str(exc), self._why_rejected(exc))
         except ssl.SSLError as exc:
-            reason = gateway_refusal_reason(exc)
+            reason = alert_reason(exc)
             if reason is not None:
                 self._log_refusal(local, serial, reason, exc.reason)
             else:
@@ -157,7 +141,22 @@ class NodeTunnel:
                       str(exc) or f"no connection within {timeout:g} s")
         return None
 
+    def _why_rejected(self, exc: ssl.SSLCertVerificationError) -> str:
+        """What a failed verification of the gateway's certificate means for the operator."""
+        name = self.config.server_name or self.config.gateway[0]
+        if exc.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+            return ("the gateway's certificate has expired: its agent has not renewed it (see 'pki-agent status' and its log on "
+                    "the gateway host: can it reach the EST server?)")
+        if exc.verify_code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+            return "the gateway's certificate is not valid yet: the clock of this host or of the CA is wrong"
+        if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            return (f"the gateway's certificate does not name {name}: dial a name or IP it carries, or set "
+                    "tunnel.server_name to one")
+        return "it is not from the CA this node trusts (ca.pem): another server answers there, or the CA was replaced"
+
     def _log_refusal(self, local: str, serial: int, reason: str, detail: str) -> None:
+        if self._on_refusal is not None:
+            self._on_refusal(reason)
         log.error("tunnel authentication failure: the gateway refused this node's certificate local=%s gateway=%s "
                   "serial=%x reason=%r detail=%r", local, self.gateway, serial, reason, detail)
 
@@ -216,7 +215,7 @@ class NodeTunnel:
 
     def _report_end(self, local: str, serial: int, ended: dict, counts: dict, duration: float) -> None:
         up, down = ended.get("up", ("", None)), ended.get("down", ("", None))
-        reason = gateway_refusal_reason(down[1]) if down[0] == "read" else None
+        reason = alert_reason(down[1]) if down[0] == "read" else None
         gateway_first = down[0] in ("eof", "read") or up[0] == "write"
         if reason is not None:
             self._log_refusal(local, serial, reason, down[1].reason)

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from .clock import Clock, SystemClock
-from .errors import CANotFoundError, NotEnrolledError, PolicyError, StoreError
+from .errors import CANotFoundError, CertificateUnusable, NotEnrolledError, PolicyError, StoreError
 from .audit import AuditLog, audits_refusals
 from .files import make_private_dir, write_new_file
 from .inventory import Inventory, Record
@@ -346,25 +346,29 @@ class CertificateAuthority(Revocation, Bootstrap):
             rekey: require a new key (the default; renewing with the same key is refused).
 
         Raises:
-            PolicyError: ``current`` was not issued by this CA, is expired or unknown; the CSR's
-                signature is invalid, its key unacceptable or reused, or its subject or subject
-                alternative names differ from ``current`` (RFC 7030 4.2.2: they MUST be identical).
-            NotEnrolledError: the inventory has no issued record of ``current``.
+            CertificateUnusable: ``current`` was not issued by this CA, is not valid now, is
+                revoked, or the inventory has no issued record of it (``reason`` says which).
+            PolicyError: the CSR's signature is invalid, its key unacceptable or reused, or its
+                subject or subject alternative names differ from ``current`` (RFC 7030 4.2.2:
+                they MUST be identical).
         """
         now = self.clock.now()
+        serial = f"{current.serial_number:x}"
         if not any(_issued_by(current, issuer) for issuer in (self.issuing, *self.retired_issuers())):
-            raise PolicyError(f"certificate serial {current.serial_number:x} (issuer {current.issuer.rfc4514_string()}) was not issued by this CA")
+            raise CertificateUnusable(f"certificate serial {serial} (issuer {current.issuer.rfc4514_string()}) was not issued "
+                                      "by this CA", reason="another CA")
         if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
-            raise PolicyError(
-                f"certificate serial {current.serial_number:x} is not valid now (valid "
-                f"{current.not_valid_before_utc.isoformat()} to {current.not_valid_after_utc.isoformat()}); "
-                "an expired certificate cannot renew itself: enroll again"
+            raise CertificateUnusable(
+                f"certificate serial {serial} is not valid now (valid {current.not_valid_before_utc.isoformat()} to "
+                f"{current.not_valid_after_utc.isoformat()}): a certificate renews itself only while it is valid",
+                reason="expired" if now > current.not_valid_after_utc else "not yet valid",
             )
         record = self.inventory.get(current.serial_number)
         if record is not None and record.status == "revoked":
-            raise PolicyError(f"certificate serial {current.serial_number:x} is revoked ({record.revocation_reason}); it cannot renew: enroll again")
+            raise CertificateUnusable(f"certificate serial {serial} is revoked ({record.revocation_reason}): a revoked "
+                                      "certificate cannot renew", reason="revoked")
         if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
-            raise NotEnrolledError(f"certificate serial {current.serial_number:x} is not in the inventory as an issued end entity")
+            raise CertificateUnusable(f"certificate serial {serial} is not in the inventory as an issued end entity", reason="unknown")
         if not csr.is_signature_valid:
             raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")
         if csr.subject != current.subject:

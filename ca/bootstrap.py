@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .audit import audits_refusals
-from .errors import AccessDenied, AuthenticationError, NotEnrolledError, PendingApproval, PolicyError
+from .errors import AccessDenied, AlreadyEnrolledError, AuthenticationError, NotEnrolledError, PendingApproval, PolicyError
 from .est import approval_code
 from .names import validate_name
 from .policy import check_enrollment_csr
@@ -36,25 +36,30 @@ def _spki_sha256(csr: x509.CertificateSigningRequest) -> str:
 
 class Bootstrap:
     """Token and approval enrollment of :class:`pkictl.authority.CertificateAuthority` (its base
-    class). Uses the CA's ``clock``, ``settings``, ``inventory``, ``audit`` and ``issue``."""
+    class). Uses the CA's ``clock``, ``settings``, ``inventory``, ``audit``, ``issue`` and ``revoke_records``."""
 
-    def create_token(self, name: str, *, ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> tuple[str, dt.datetime]:
+    def create_token(self, name: str, *, ttl: dt.timedelta = DEFAULT_TOKEN_TTL, replace: bool = False) -> tuple[str, dt.datetime]:
         """A single-use enrollment token for node ``name``, valid for ``ttl``.
+
+        Args:
+            replace: the certificate the token gets may replace a current one of ``name``, which
+                is then revoked as superseded (a node that lost its key, say).
 
         Returns:
             ``(token, expires_at)``; only the token's SHA-256 is stored.
 
         Raises:
             InvalidNameError: not a DNS label.
-            AlreadyEnrolledError: the name holds a current certificate.
+            AlreadyEnrolledError: the name holds a current certificate and not ``replace``.
         """
         validate_name(name)
         now = self.clock.now()
-        self.inventory.check_available("node", name, now)
+        if not replace:
+            self.inventory.check_available("node", name, now)
         token = secrets.token_urlsafe(24)  # 192 bits
         expires = now + ttl
-        self.inventory.add_token(name, _sha256(token.encode()), now=now, expires_at=expires)
-        self.audit.append("token-created", name=name, expires=expires)
+        self.inventory.add_token(name, _sha256(token.encode()), now=now, expires_at=expires, replaces=replace)
+        self.audit.append("token-created", name=name, expires=expires, replaces=replace)
         return token, expires
 
     @audits_refusals("simpleenroll")
@@ -86,9 +91,18 @@ class Bootstrap:
         check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
         now = self.clock.now()
         if token is not None:
-            if not self.inventory.consume_token(name, _sha256(token.encode()), now):
+            digest = _sha256(token.encode())
+            replaces = self.inventory.token_replaces(name, digest, now)
+            if replaces is None:
                 raise AuthenticationError(f"the enrollment token for {name} is wrong, expired or already used: ask for a new one (pkictl enroll-node {name} --token)")
-            return self.issue("node", name, csr.public_key())
+            if not replaces:  # checked before the token is spent, so that a refusal does not cost it
+                try:
+                    self.inventory.check_available("node", name, now)
+                except AlreadyEnrolledError as exc:
+                    raise exc.with_fix(f"a token for it must say so: pkictl enroll-node {name} --token --replace") from None
+            if not self.inventory.consume_token(name, digest, now):
+                raise AuthenticationError(f"the enrollment token for {name} was used meanwhile: ask for a new one (pkictl enroll-node {name} --token)")
+            return self._issue_replacing(name, csr, now) if replaces else self.issue("node", name, csr.public_key())
         spki = _spki_sha256(csr)
         request, created = self.inventory.request_approval(name=name, spki_sha256=spki, code=approval_code(csr.public_key()), peer=peer, now=now)
         if created:
@@ -102,20 +116,38 @@ class Bootstrap:
         if request["status"] == "issued":  # the answer to an earlier poll was lost: hand it out again
             record = self.inventory.get(int(request["serial"], 16))
             return x509.load_pem_x509_certificate(record.pem.encode())
-        certificate = self.issue("node", name, csr.public_key())
+        # The operator approved this key for this name: it replaces whatever the name holds.
+        certificate = self._issue_replacing(name, csr, now)
         self.inventory.request_issued(spki, certificate.serial_number)
         return certificate
 
-    def approve(self, name: str, *, code: str) -> None:
+    def _issue_replacing(self, name: str, csr: x509.CertificateSigningRequest, now: dt.datetime) -> x509.Certificate:
+        """Issue node ``name`` a certificate for the key of ``csr`` and revoke the certificates it
+        held until now as superseded (RFC 5280 5.3.1), so that an old key opens nothing."""
+        previous = self.inventory.unexpired(name, ["node"], now)
+        certificate = self.issue("node", name, csr.public_key(), first=not previous)
+        if previous:
+            self.revoke_records(previous, reason="superseded")
+        return certificate
+
+    def approve(self, name: str, *, code: str) -> list:
         """Approve node ``name``'s pending request whose key has approval ``code``.
+
+        Returns:
+            The :class:`pkictl.inventory.Record` of each current certificate of ``name`` that the
+            new one replaces: they are revoked as superseded once it is issued (empty for a node
+            without a valid certificate).
 
         Raises:
             NotEnrolledError: no pending request of ``name`` with that code.
         """
         validate_name(name)
-        if self.inventory.decide_request(name, code=code, status="approved", now=self.clock.now()) == 0:
+        now = self.clock.now()
+        if self.inventory.decide_request(name, code=code, status="approved", now=now) == 0:
             raise NotEnrolledError(f"no pending request from {name} with code {code}: see 'pkictl requests'")
-        self.audit.append("approved", name=name, code=code.upper())
+        replaced = self.inventory.unexpired(name, ["node"], now)
+        self.audit.append("approved", name=name, code=code.upper(), replaces=[f"{r.serial:x}" for r in replaced])
+        return replaced
 
     def deny(self, name: str) -> int:
         """Deny every pending request of node ``name``; return how many.

@@ -103,6 +103,7 @@ def render_agent_config(
     trust_domain: str,
     ca_home: Path | None = None,
     ca_url: str | None = None,
+    ca_passphrase_file: Path | None = None,
     fraction: float = 2 / 3,
     check_interval: str = "60s",
     listener: dict | None = None,
@@ -110,9 +111,19 @@ def render_agent_config(
     written_by: str | None = None,
     trust_anchor_sha256: str | None = None,
 ) -> str:
-    """The commented ``agent.yaml`` that ``pkictl enroll-*`` writes into a bundle.
+    """The commented ``agent.yaml`` that ``pkictl enroll-*`` and ``pki-agent enroll`` write into a bundle.
 
     Args:
+        name, kind, trust_domain: whose credential (``node`` or ``gateway``).
+        ca_home: renew with the CA in this directory (an agent on the CA host), or
+        ca_url: renew over EST from this ``https://HOST:PORT``; a node then also re-pairs by
+            approval by itself when its certificate becomes unusable (``reenroll: approval``).
+        ca_passphrase_file: with ``ca_home``, the file holding the CA key passphrase.
+        fraction: renewal point, as a share of the lifetime.
+        check_interval: the agent's periodic check, e.g. ``"60s"``.
+        listener: a gateway's ``{"listen", "upstream", "allow", "crl"}``.
+        tunnel: a node's ``{"listen", "gateway"}`` (:func:`parse_tunnel`).
+        written_by: the command named in the header comment.
         trust_anchor_sha256: the root's fingerprint (hex), recorded for ``pki-agent doctor``.
     """
     lines = [
@@ -133,6 +144,12 @@ def render_agent_config(
         "  jitter: 0.05             # ... up to 5% of the lifetime earlier",
         f"  check_interval: {check_interval}      # level-triggered re-check (survives sleep and clock jumps)",
     ]
+    if ca_home is not None and ca_passphrase_file is not None:
+        lines.append(f"  ca_passphrase_file: {ca_passphrase_file}  # the CA keys are encrypted: the agent signs with them")
+    if ca_url is not None and listener and listener.get("crl"):
+        lines.append("  crl_refresh_interval: 60s  # fetch the CRL this often: how soon a revocation reaches the listener")
+    if ca_url is not None and kind == "node":
+        lines.append("  reenroll: approval       # a revoked or expired certificate: new key, pairing request (pkictl approve)")
     if listener:
         lines += [
             "listener:",

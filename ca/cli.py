@@ -121,22 +121,44 @@ def init_ca(obj: _Obj, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
     click.echo(f"  the root key {obj.home / 'root' / 'key.pem'} is needed only to certify a new issuing CA: keep it offline")
 
 
-def _write_agent_config(ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None,
+def _write_agent_config(obj: _Obj, ca, enrollment, kind: str, name: str, listener: dict | None, ca_url: str | None = None,
                         tunnel: dict | None = None) -> Path:
     from cryptography.hazmat.primitives import hashes
-    from .bundle_config import render_agent_config
 
+    from .bundle_config import render_agent_config
     from .files import atomic_write
+    from .keys import is_encrypted
 
     path = enrollment.directory / "agent.yaml"
+    passphrase_file = None
+    if ca_url is None and is_encrypted((ca.home / "issuing" / "key.pem").read_bytes()):
+        # This bundle's agent renews with the CA keys themselves: it needs the same passphrase.
+        if obj.passphrase_file is not None:
+            passphrase_file = obj.passphrase_file.resolve()
+        else:
+            click.echo(f"warning: the CA keys are encrypted and their passphrase came from PKICTL_CA_PASSPHRASE; the "
+                       f"agent of {name} needs it too: set renewal.ca_passphrase_file in {path} to a 0600 file "
+                       "holding it, or enroll with --ca-url to renew over EST", err=True)
     text = render_agent_config(
         name=name, kind=kind, trust_domain=ca.settings.trust_domain,
-        ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url,
+        ca_home=None if ca_url else ca.home.resolve(), ca_url=ca_url, ca_passphrase_file=passphrase_file,
         fraction=ca.settings.renewal_fraction, listener=listener, tunnel=tunnel,
         trust_anchor_sha256=ca.root.fingerprint(hashes.SHA256()).hex(),
     )
     atomic_write(path, text.encode())
     return path
+
+
+_REPLACE_FIX = "to issue a new one and revoke the old (superseded), pass --replace"
+
+
+def _service_url(home: Path) -> str | None:
+    """The URL ``pkictl serve`` announced in ``<home>/service/url`` when it last started, if any."""
+    try:
+        url = (home / "service" / "url").read_text().strip()
+    except OSError:
+        return None
+    return url if url.startswith("https://") else None
 
 
 def _report_enrollment(enrollment, config_path: Path) -> None:
@@ -177,7 +199,8 @@ def _ca_url(ctx, param, value):
 @click.option("--replace", is_flag=True, help=_REPLACE_HELP)
 @click.option("--csr", "csr_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Certify the key of this CSR (PEM or DER) made on the node; no key is written.")
-@click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST).")
+@click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST); "
+                                                    "with --replace its certificate replaces a current one.")
 @click.option("--token-ttl", callback=_duration, help="How long the token is valid (default 10m).")
 @click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP)
 @click.option("--tunnel", callback=_tunnel, help=_TUNNEL_HELP)
@@ -187,16 +210,27 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
     if tunnel is not None and (token or csr_path is not None):
         raise click.UsageError("--tunnel goes into the agent.yaml of a bundle written here; with --token give "
                                "--tunnel to 'pki-agent enroll' on the node, with --csr write the tunnel: section yourself")
+    from .errors import AlreadyEnrolledError
+
     if token:
         from .est import root_fingerprint
 
         ca = obj.load_ca()
         kwargs = {"ttl": token_ttl} if token_ttl else {}
-        secret, expires = ca.create_token(name, **kwargs)
+        try:
+            secret, expires = ca.create_token(name, replace=replace, **kwargs)
+        except AlreadyEnrolledError as exc:
+            raise exc.with_fix("for a token whose certificate replaces it (and revokes the old one), pass --replace too") from None
         click.echo(f"token for {name} (single use, valid until {expires:%Y-%m-%d %H:%M:%S} UTC):")
         click.echo(f"  {secret}")
         click.echo(f"root fingerprint: {root_fingerprint(ca.root)}")
-        click.echo(f"on {name}: pki-agent enroll --name {name} --ca-url https://CA-HOST:8443 --fingerprint {root_fingerprint(ca.root)} --token {secret}")
+        url = ca_url or _service_url(ca.home)
+        click.echo(f"on {name}: pki-agent enroll --name {name} --ca-url {url or 'https://CA-HOST:PORT'} "
+                   f"--fingerprint {root_fingerprint(ca.root)} --token {secret} --dir /var/lib/pki-agent/{name}")
+        if url is None:
+            click.echo("  (CA-HOST:PORT: where 'pkictl serve' listens; it has not run from this CA home yet, or give --ca-url)")
+        if replace:
+            click.echo(f"  its certificate replaces the current one of {name}, which is then revoked (superseded)")
         return
     if csr_path is not None:
         from .policy import MAX_CSR_BYTES
@@ -204,14 +238,20 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
         with open(csr_path, "rb") as f:
             csr = f.read(MAX_CSR_BYTES + 1)  # the cap is checked by the CA, which audits the refusal
         ca = obj.load_ca()
-        enrollment = ca.enroll_csr(name, csr, out=out or ca.home / "bundles" / name, replace=replace)
+        try:
+            enrollment = ca.enroll_csr(name, csr, out=out or ca.home / "bundles" / name, replace=replace)
+        except AlreadyEnrolledError as exc:
+            raise exc.with_fix(_REPLACE_FIX) from None
         cert = enrollment.certificate
         click.echo(f"issued {cert.subject.rfc4514_string()} serial {cert.serial_number:x}, not after {cert.not_valid_after_utc.isoformat()}")
         click.echo(f"certificate: {enrollment.directory}  (cert.pem chain.pem fullchain.pem ca.pem; the key stays on the node)")
         return
     ca = obj.load_ca()
-    enrollment = ca.enroll("node", name, out=out, replace=replace)
-    _report_enrollment(enrollment, _write_agent_config(ca, enrollment, "node", name, None, ca_url, tunnel))
+    try:
+        enrollment = ca.enroll("node", name, out=out, replace=replace)
+    except AlreadyEnrolledError as exc:
+        raise exc.with_fix(_REPLACE_FIX) from None
+    _report_enrollment(enrollment, _write_agent_config(obj, ca, enrollment, "node", name, None, ca_url, tunnel))
 
 
 @cli.command("enroll-gateway")
@@ -243,8 +283,13 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
                 validate_name(node)
             except PKIError as exc:
                 raise click.BadParameter(str(exc), param_hint="--allow") from None
+    from .errors import AlreadyEnrolledError
+
     ca = obj.load_ca()
-    enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
+    try:
+        enrollment = ca.enroll("gateway", name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
+    except AlreadyEnrolledError as exc:
+        raise exc.with_fix(_REPLACE_FIX) from None
     if ca_url:  # another host: its own copy of the CRL, refreshed over EST by its agent
         from .files import atomic_write
 
@@ -252,7 +297,7 @@ def enroll_gateway(obj: _Obj, name, dns_names, ip_addresses, out, listen, upstre
         listener = {"listen": listen, "upstream": upstream, "crl": "crl.pem", "allow": allow}
     else:
         listener = {"listen": listen, "upstream": upstream, "crl": ca.crl_path.resolve(), "allow": allow}
-    path = _write_agent_config(ca, enrollment, "gateway", name, listener, ca_url)
+    path = _write_agent_config(obj, ca, enrollment, "gateway", name, listener, ca_url)
     _report_enrollment(enrollment, path)
     if allow and "*" not in allow:
         click.echo(f"its listener lets through: {', '.join(n.lower() for n in allow)} (listener.allow in agent.yaml)")
@@ -419,7 +464,7 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     import asyncio
     import logging
 
-    from .bundle_config import parse_address
+    from .bundle_config import check_loopback, parse_address
     from .loops import event_loop_factory
 
     from .authority import CertificateAuthority
@@ -431,7 +476,11 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         host, port = parse_address(listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
-    loopback = host in ("127.0.0.1", "::1", "localhost")
+    try:
+        check_loopback((host, port))
+        loopback = True
+    except ValueError:
+        loopback = False
     if not loopback and not dns_names and not ip_addresses:
         raise click.UsageError(f"--listen {listen} reaches beyond this host: give the --dns names or --ip addresses nodes dial, so that they can verify the service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -444,7 +493,13 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
                          handshake_timeout=handshake_timeout)
 
     def ready(bound: int) -> None:
-        logging.getLogger("pkictl.serve").info("ready: EST on https://%s:%d%s (root %s)", host, bound, "/.well-known/est", root_fingerprint(ca.root))
+        from .files import atomic_write
+
+        dialed = (list(dns_names) or list(ip_addresses) or [host])[0]
+        url = f"https://{f'[{dialed}]' if ':' in dialed else dialed}:{bound}"
+        # What 'pkictl enroll-node --token' prints for the node to dial (nothing secret).
+        atomic_write(obj.home / "service" / "url", (url + "\n").encode())
+        logging.getLogger("pkictl.serve").info("ready: EST on %s%s (root %s)", url, "/.well-known/est", root_fingerprint(ca.root))
 
     factory, loop_label = event_loop_factory(loop_name)
     logging.getLogger("pkictl.serve").info("event loop: %s, %s", loop_label,
@@ -462,15 +517,19 @@ def requests_(obj: _Obj) -> None:
     from .inventory import Inventory
 
     inventory = Inventory(obj.require_ca() / "inventory.sqlite3")
-    rows = inventory.pending_requests()
-    inventory.close()
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        rows = [(row, inventory.unexpired(row["name"], ["node"], now)) for row in inventory.pending_requests()]
+    finally:
+        inventory.close()
     if not rows:
         click.echo("no pending requests")
         return
-    now = dt.datetime.now(dt.timezone.utc).timestamp()
-    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  WAITING")
-    for row in rows:
-        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {int(now - row['requested_at'])} s")
+    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  {'WAITING':8}  NOTE")
+    for row, current in rows:
+        note = f"replaces serial {current[0].serial:x} (valid until {current[0].not_after:%Y-%m-%d %H:%M})" if current else ""
+        waiting = f"{int(now.timestamp() - row['requested_at'])} s"
+        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {waiting:8}  {note}".rstrip())
     click.echo("approve one with: pkictl approve NAME --code CODE (compare the code with the one the node shows)")
 
 
@@ -479,9 +538,16 @@ def requests_(obj: _Obj) -> None:
 @click.option("--code", required=True, help="The code the node shows (and 'pkictl requests' lists).")
 @click.pass_obj
 def approve(obj: _Obj, name: str, code: str) -> None:
-    """Approve NAME's pending enrollment; its agent gets the certificate at its next poll."""
-    obj.load_ca().approve(name, code=code)
+    """Approve NAME's pending enrollment; its agent gets the certificate at its next poll.
+
+    A node that still holds a valid certificate gets a new one all the same (the operator
+    approved this key for this name): the old certificate is then revoked as superseded.
+    """
+    replaced = obj.load_ca().approve(name, code=code)
     click.echo(f"approved {name} ({code.upper()}); it gets its certificate at its next poll")
+    for record in replaced:
+        click.echo(f"  it replaces {record.kind} {record.name} serial {record.serial:x} (valid until "
+                   f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC), which is revoked (superseded) once the new one is issued")
 
 
 @cli.command("deny")
@@ -531,13 +597,15 @@ def audit_head(obj: _Obj) -> None:
 
 
 @cli.command("demo")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("pkictl-demo"), show_default=True, help="Where the demo CA and bundles go (must not exist).")
-@click.option("--lifetime", default="15s", show_default=True, help="Gateway and node certificate lifetime, short so a rotation happens during the demo.")
-def demo(directory: Path, lifetime: str) -> None:
-    """Run the main job on this machine: CA, gateway and node TW, the agent, mTLS, a rotation."""
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("pkictl-demo"), show_default=True, help="Where the demo CA, bundles and logs go (must not exist).")
+@click.option("--lifetime", default="15s", show_default=True, help="Gateway, node and service certificate lifetime (10s to 60s), short so that every certificate rotates during the demo.")
+@click.option("--port", type=click.IntRange(1, 65531), help="Use ports PORT..PORT+4 (CA service, gateway listener, upstream, TW's and N2's tunnels) instead of free ones.")
+def demo(directory: Path, lifetime: str, port: int | None) -> None:
+    """Run the real setup on this machine, on loopback: the CA as an EST service, a gateway, nodes
+    TW (token) and N2 (approval) with their tunnels, rotations, a revocation. About 16 seconds."""
     from .demo import run_demo
 
-    run_demo(directory, lifetime=lifetime, echo=click.echo)
+    run_demo(directory, lifetime=lifetime, port=port, echo=click.echo)
 
 
 def main() -> None:

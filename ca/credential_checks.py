@@ -180,6 +180,11 @@ def check_identity(facts: CredentialFacts):
     if want not in purposes(leaf):
         yield Finding("identity", E, facts.subject, f"{describe(leaf)} is not for {_PURPOSE_NAMES[want]}",
                       f"a {facts.kind} certificate", f"point credential_dir in {facts.config} at the {facts.kind}'s bundle, or {facts.reenroll}")
+    elif facts.kind == "gateway" and facts.renews_over_est and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes(leaf):
+        # OpenSSL checks a TLS client for clientAuth: such a gateway can never renew over EST.
+        yield Finding("identity", E, facts.subject, f"{describe(leaf)} is for serverAuth only: it cannot authenticate its "
+                      "renewal to the EST server, so it expires unrenewed (issued before gateway certificates carried clientAuth)",
+                      "a gateway certificate for serverAuth and clientAuth", facts.reenroll)
     if facts.name is None:
         return
     cn = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

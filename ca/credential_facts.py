@@ -86,6 +86,8 @@ class CredentialFacts:
         crls: ``(where from, CRLs)`` to look the certificate up in (revocation check).
         reenroll: the fix for "this credential is unusable": the command that gets a new one.
         config: the configuration file that set these expectations, named in fixes.
+        renews_over_est: the host renews over EST, authenticated by this certificate as a TLS
+            client (so a gateway's certificate must be for clientAuth too).
     """
 
     directory: Path
@@ -97,6 +99,7 @@ class CredentialFacts:
     crls: list[tuple[str, list[x509.CertificateRevocationList]]] = dataclasses.field(default_factory=list)
     reenroll: str = "enroll again"
     config: str = "the agent configuration"
+    renews_over_est: bool = False
 
     @property
     def live(self) -> Path:

@@ -42,7 +42,22 @@ class InvalidNameError(PKIError):
 
 
 class AlreadyEnrolledError(PKIError):
-    """A name already has a current certificate."""
+    """A name already has a current certificate (or is being enrolled right now).
+
+    The message says by which serial; what to do about it depends on the command, so callers add
+    it with :meth:`with_fix` (the library does not know which option the operator typed).
+
+    Attributes:
+        serial: the serial number (hex) holding the name, or None.
+    """
+
+    def __init__(self, message: str, *, serial: str | None = None) -> None:
+        super().__init__(message)
+        self.serial = serial
+
+    def with_fix(self, fix: str) -> "AlreadyEnrolledError":
+        """The same refusal with ``fix`` appended (``"...; " + fix``)."""
+        return AlreadyEnrolledError(f"{self}; {fix}", serial=self.serial)
 
 
 class NotEnrolledError(PKIError):
@@ -93,6 +108,32 @@ class LintError(PolicyError):
 
 class AuthenticationError(PolicyError):
     """An enrollment's credentials (token, certificate) are missing, wrong, expired or spent."""
+
+
+class CertificateUnusable(PolicyError):
+    """The certificate presented to renew itself can no longer do so (RFC 7030 4.2.2): it is
+    revoked, expired or not yet valid, from another CA, or unknown to this CA's inventory.
+
+    Attributes:
+        reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA`` or ``unknown``; the
+            EST service sends it in the ``Pkictl-Refusal`` header so that the agent can act on it
+            (:data:`pkictl.est.REFUSAL_HEADER`).
+    """
+
+    REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown")
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        if reason not in self.REASONS:
+            raise ValueError(f"reason {reason!r}: want one of {self.REASONS}")
+        self.reason = reason
+
+    def __reduce__(self):  # signing workers pickle it back to the service
+        return (_certificate_unusable, (str(self), self.reason))
+
+
+def _certificate_unusable(message: str, reason: str) -> "CertificateUnusable":
+    return CertificateUnusable(message, reason=reason)
 
 
 class AccessDenied(PolicyError):

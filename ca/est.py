@@ -18,6 +18,7 @@ __all__ = [
     "PKCS7_CERTS_ONLY",
     "PKCS10",
     "PKIX_CRL",
+    "REFUSAL_HEADER",
     "encode_certs_only",
     "decode_certs_only",
     "encode_csr",
@@ -30,6 +31,9 @@ EST_PREFIX = "/.well-known/est"  # RFC 7030 3.2.2
 PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"  # RFC 7030 4.1.3, 4.2.3
 PKCS10 = "application/pkcs10"  # RFC 7030 4.2.1
 PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
+# On a 403 to simplereenroll: why the certificate presented can no longer renew
+# (pkictl.errors.CertificateUnusable.reason), for the agent to act on; the body says it in words.
+REFUSAL_HEADER = "Pkictl-Refusal"
 
 
 def encode_certs_only(certificates: list[x509.Certificate]) -> bytes:

@@ -21,8 +21,9 @@ import logging
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import (AccessDenied, AlreadyEnrolledError, AuditError, AuthenticationError, InventoryError, InvalidNameError,
-                     KeyProtectionError, LintError, NotEnrolledError, PassphraseError, PKIError, PolicyError, StoreError)
+from .errors import (AccessDenied, AlreadyEnrolledError, AuditError, AuthenticationError, CertificateUnusable, InventoryError,
+                     InvalidNameError, KeyProtectionError, LintError, NotEnrolledError, PassphraseError, PKIError, PolicyError,
+                     StoreError)
 from .logfmt import bare, peer_name, quoted
 
 __all__ = ["BadAuthorization", "NoClientCertificate", "QuietClientErrors", "Refusal", "RequestLog", "classify", "note", "outcome", "remember_peer"]
@@ -51,11 +52,9 @@ class Refusal:
     detail: str
 
 
-# PolicyError messages of CertificateAuthority.simple_reenroll (RFC 7030 4.2.2) -> reasons.
+# The other PolicyError messages of CertificateAuthority.simple_reenroll (RFC 7030 4.2.2) -> reasons;
+# a certificate that can no longer renew says why itself (CertificateUnusable.reason).
 _RENEWAL_REASONS = (
-    ("is revoked", "revoked"),
-    ("is not valid now", "not valid now"),
-    ("was not issued by this CA", "unknown CA"),
     ("differs from the current certificate", "identity changed"),
     ("alternative names differ", "identity changed"),
     ("reuses the current key", "key reused"),
@@ -83,6 +82,8 @@ def classify(exc: BaseException, *, renewing: bool) -> Refusal | None:
         return Refusal(401, "bad authorization", detail)
     if isinstance(exc, AuthenticationError):
         return Refusal(401, "bad token", detail)
+    if isinstance(exc, CertificateUnusable):  # revoked, expired, not yet valid, another CA, unknown
+        return Refusal(403, exc.reason, detail)
     if isinstance(exc, AccessDenied):
         return Refusal(403, "denied", detail)
     if isinstance(exc, AlreadyEnrolledError):

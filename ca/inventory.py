@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import AlreadyEnrolledError, InventoryError
-from .schema import SCHEMA, SCHEMA_VERSION
+from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -100,8 +100,16 @@ class Inventory:
                 f"{self.path} has inventory schema {version}, newer than this pkictl understands "
                 f"({SCHEMA_VERSION}); upgrade pkictl"
             )
+        fresh = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'certificates'").fetchone()
+        if version < SCHEMA_VERSION and not fresh:
+            with self._transaction():  # every step or none: a failed migration leaves the old schema
+                # Read again under the write lock: another process may have migrated meanwhile.
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    self._db.execute(MIGRATIONS[step])
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
-        if version < SCHEMA_VERSION:
+        if fresh:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -150,11 +158,12 @@ class Inventory:
         if row is None:
             return
         if row["status"] == "pending":
-            raise AlreadyEnrolledError(f"{kind} {row['name']} is being enrolled by another pkictl process right now (serial {row['serial']})")
+            raise AlreadyEnrolledError(f"{kind} {row['name']} is being enrolled by another pkictl process right now (serial {row['serial']})",
+                                       serial=row["serial"])
         until = _from_epoch(row["not_after"]).isoformat()  # type: ignore[union-attr]
         raise AlreadyEnrolledError(
-            f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until "
-            f"{until}); its agent renews it. To issue a new one and revoke the old, pass --replace"
+            f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until {until}); its agent renews it",
+            serial=row["serial"],
         )
 
     def record_issued(self, certificate, *, renewal_fraction: float = 2 / 3) -> None:
@@ -306,12 +315,21 @@ class Inventory:
 
     # -- bootstrap: one-time tokens and approval requests ---------------------------------------
 
-    def add_token(self, name: str, token_sha256: str, *, now: dt.datetime, expires_at: dt.datetime) -> None:
+    def add_token(self, name: str, token_sha256: str, *, now: dt.datetime, expires_at: dt.datetime, replaces: bool = False) -> None:
         with self._transaction():
             self._db.execute(
-                "INSERT INTO tokens (token_sha256, name, name_key, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (token_sha256, name, name.lower(), _epoch(now), _epoch(expires_at)),
+                "INSERT INTO tokens (token_sha256, name, name_key, created_at, expires_at, replaces) VALUES (?, ?, ?, ?, ?, ?)",
+                (token_sha256, name, name.lower(), _epoch(now), _epoch(expires_at), int(replaces)),
             )
+
+    def token_replaces(self, name: str, token_sha256: str, now: dt.datetime) -> bool | None:
+        """Whether an unexpired, unused token of ``name`` may replace a current certificate; None
+        if there is no such token (wrong, expired or spent). Nothing is spent."""
+        row = self._db.execute(
+            "SELECT replaces FROM tokens WHERE token_sha256 = ? AND name_key = ? AND used_at IS NULL AND expires_at > ?",
+            (token_sha256, name.lower(), _epoch(now)),
+        ).fetchone()
+        return None if row is None else bool(row["replaces"])
 
     def consume_token(self, name: str, token_sha256: str, now: dt.datetime) -> bool:
         """Spend a token: True once for an unexpired, unused token issued for ``name``."""

@@ -116,9 +116,18 @@ def crls_from_pem(data: bytes, *, source: str) -> list[x509.CertificateRevocatio
     return crls
 
 
-def revoked_serials(crls: Sequence[x509.CertificateRevocationList]) -> frozenset[tuple[bytes, int]]:
-    """``(issuer name DER, serial)`` of every entry: a serial number is unique only per issuer."""
-    return frozenset((crl.issuer.public_bytes(), entry.serial_number) for crl in crls for entry in crl)
+def revoked_serials(crls: Sequence[x509.CertificateRevocationList], *, reason: x509.ReasonFlags | None = None) -> frozenset[tuple[bytes, int]]:
+    """``(issuer name DER, serial)`` of every entry (a serial number is unique only per issuer),
+    or only of the entries with ``reason`` (RFC 5280 5.3.1; an entry without one is unspecified)."""
+    return frozenset((crl.issuer.public_bytes(), entry.serial_number) for crl in crls for entry in crl
+                     if reason is None or _reason(entry) == reason)
+
+
+def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return x509.ReasonFlags.unspecified
 
 
 class Revocation:

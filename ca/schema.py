@@ -1,9 +1,14 @@
 """The inventory's SQLite schema and its version (kept apart so that `pkictl status` can check
 the version without importing the inventory module)."""
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Changes from one version to the next, applied in order to an older inventory (the CREATE TABLE
+# statements below already hold them for a new one).
+MIGRATIONS = {
+    2: "ALTER TABLE tokens ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0",
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
@@ -43,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     name_key     TEXT NOT NULL,
     created_at   INTEGER NOT NULL,
     expires_at   INTEGER NOT NULL,
-    used_at      INTEGER                    -- single use: set by the enrollment that spends it
+    used_at      INTEGER,                   -- single use: set by the enrollment that spends it
+    replaces     INTEGER NOT NULL DEFAULT 0 -- 1: its certificate may replace a current one (enroll-node --token --replace)
 );
 CREATE TABLE IF NOT EXISTS requests (
     spki_sha256  TEXT PRIMARY KEY,          -- one request per key

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .authority import CertificateAuthority
-from .errors import PendingApproval, PKIError, PolicyError
-from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, decode_csr_body, encode_certs_only
+from .errors import CertificateUnusable, PendingApproval, PKIError, PolicyError
+from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
 from .est_front import TLSFront
 from .est_log import BadAuthorization, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note, outcome, remember_peer
 from .logfmt import quoted
@@ -210,6 +210,8 @@ class ESTService:
             if isinstance(exc, web.HTTPException):
                 # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
                 headers.update((name, exc.headers[name]) for name in ("Retry-After", "Allow") if name in exc.headers)
+            if isinstance(exc, CertificateUnusable):  # why it can no longer renew, for the agent to act on
+                headers[REFUSAL_HEADER] = exc.reason
             if refusal.status == 401 and not renewing:
                 # Basic authentication (a token) helps only a first enrollment; a renewal needs a certificate.
                 headers["WWW-Authenticate"] = 'Basic realm="pkictl EST"'

@@ -11,7 +11,7 @@ import ssl
 
 from .store import Credential, CredentialStore
 
-__all__ = ["harden", "client_context"]
+__all__ = ["harden", "client_context", "alert_reason"]
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -36,3 +36,31 @@ def client_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
     ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
     ctx.load_verify_locations(cafile=store.trust_anchors_path)
     return ctx, credential
+
+
+# TLS alerts a server sends when it refuses the client certificate (RFC 8446 6.2) -> the reason logged.
+_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "revoked",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "expired or not yet valid",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "wrong purpose",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+    "TLSV1_ALERT_DECRYPT_ERROR": "signature check failed",
+}
+
+
+def alert_reason(exc: BaseException) -> str | None:
+    """The reason a server (a gateway, the EST service) gave for refusing our client certificate,
+    from the TLS alert in ``exc``: ``no client certificate``, ``revoked``, ``expired or not yet
+    valid``, ``unknown CA``, ``wrong purpose``, ...; None if ``exc`` is not such an alert (a
+    network error, say). With TLS 1.3 the alert arrives on the first read after the handshake."""
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.reason or ""
+        if reason in _ALERTS:
+            return _ALERTS[reason]
+        if "ALERT" in reason:
+            return reason.lower().replace("_", " ")
+    return None

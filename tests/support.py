@@ -57,45 +57,58 @@ class LogWatcher:
 
     def __init__(self, stream) -> None:
         self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.stamps: list[float] = []  # time.monotonic() when each line arrived, beside ``lines``
+        self.ended = False  # the stream reached EOF (the process closed it or ended)
+        self.last_index = -1  # the index of the line the last wait_for matched
+        self._queue: queue.Queue[tuple[float, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
     def _pump(self, stream) -> None:
         for line in iter(stream.readline, ""):
-            self._queue.put(line.rstrip("\n"))
+            self._queue.put((time.monotonic(), line.rstrip("\n")))
         self._queue.put(None)
 
+    def _take(self, item: tuple[float, str] | None) -> bool:
+        """Append one queued line; False at the end of the stream."""
+        if item is None:
+            self.ended = True
+            return False
+        self.stamps.append(item[0])
+        self.lines.append(item[1])
+        return True
+
     def wait_for(self, pattern: str, timeout: float = DEADLINE, start: int = 0) -> re.Match:
-        """Wait until a line at index >= ``start`` matches ``pattern``; fail after ``timeout`` s."""
+        """Wait until a line at index >= ``start`` matches ``pattern``; fail after ``timeout`` s.
+        The matching line's index is left in ``last_index`` (its arrival time: ``stamps[last_index]``)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         index = start
         while True:
             while index < len(self.lines):
                 if match := regex.search(self.lines[index]):
+                    self.last_index = index
                     return match
                 index += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no line matching {pattern!r} within {timeout} s; log:\n" + "\n".join(self.lines))
+            if self.ended:
+                raise AssertionError(f"process ended before a line matched {pattern!r}; log:\n" + "\n".join(self.lines))
             try:
-                line = self._queue.get(timeout=remaining)
+                item = self._queue.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if line is None:
-                raise AssertionError(f"process ended before a line matched {pattern!r}; log:\n" + "\n".join(self.lines))
-            self.lines.append(line)
+            self._take(item)
 
     def mark(self) -> int:
         """The index the next line will get: pass it as ``start`` to wait only for newer lines."""
         while True:
             try:
-                line = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return len(self.lines)
-            if line is not None:
-                self.lines.append(line)
+            self._take(item)
 
     def text(self) -> str:
         self.mark()

@@ -68,3 +68,15 @@ def test_parse_tunnel_accepts_loopback_in_and_a_named_gateway_out():
     """The accepted form gives the tunnel: settings as written."""
     assert parse_tunnel(" 127.0.0.1:18789=gw.example.lan:8443 ") == {"listen": "127.0.0.1:18789", "gateway": "gw.example.lan:8443"}
     assert parse_tunnel("[::1]:18789=[fd00::1]:8443") == {"listen": "[::1]:18789", "gateway": "[fd00::1]:8443"}
+
+
+@pytest.mark.parametrize("example", ["gateway.yaml", "node.yaml"])
+def test_the_commented_example_configs_load(example, tmp_path):
+    """config/gateway.yaml and config/node.yaml are valid agent configurations as shipped."""
+    source = Path(__file__).resolve().parents[1] / "config" / example
+    config = load_config(source)
+    assert config.renewal.ca_url == "https://ca.example.lan:8443"
+    if config.kind == "gateway":
+        assert config.listener.crl is not None and config.renewal.crl_refresh_interval.total_seconds() == 60
+    else:
+        assert config.renewal.reenroll == "approval" and config.tunnel is not None

@@ -109,3 +109,42 @@ def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
     log.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
     truncated = pkictl(home, "audit", "verify")
     assert truncated.exit_code == 1 and "truncated" in truncated.output
+
+
+def test_a_bundle_renewing_with_an_encrypted_ca_home_names_the_passphrase_file(tmp_path, passphrase_file):
+    """enroll-gateway without --ca-url on an encrypted CA writes renewal.ca_passphrase_file (the
+    file it was given), and the bundle's agent renews with it (pki-agent renew-now, no daemon);
+    without that line the same renewal fails; with the passphrase from the environment instead,
+    the command warns that the agent needs it and how to give it."""
+    import subprocess
+
+    import yaml
+
+    from pki_agent.config import load_config
+
+    from support import command
+
+    home = tmp_path / "ca"
+    assert pkictl(home, "--passphrase-file", str(passphrase_file), "init-ca").exit_code == 0
+    result = pkictl(home, "--passphrase-file", str(passphrase_file), "enroll-gateway", "gw", "--ip", "127.0.0.1",
+                    "--listen", "127.0.0.1:0", "--out", str(tmp_path / "gw"))
+    assert result.exit_code == 0, result.output
+    config_path = tmp_path / "gw" / "agent.yaml"
+    assert load_config(config_path).renewal.ca_passphrase_file == passphrase_file.resolve()
+    env = {k: v for k, v in os.environ.items() if k != "PKICTL_CA_PASSPHRASE"}
+    renewed = subprocess.run([command("pki-agent"), "renew-now", "--config", str(config_path)], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+
+    data = yaml.safe_load(config_path.read_text())
+    del data["renewal"]["ca_passphrase_file"]
+    config_path.write_text(yaml.safe_dump(data))
+    failed = subprocess.run([command("pki-agent"), "renew-now", "--config", str(config_path)], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert failed.returncode == 1 and "passphrase" in (failed.stdout + failed.stderr).lower()
+
+    warned = CliRunner().invoke(cli, ["--home", str(home), "enroll-node", "TW", "--out", str(tmp_path / "TW")],
+                                env={"PKICTL_CA_PASSPHRASE": PASSPHRASE})
+    assert warned.exit_code == 0, warned.output
+    assert "the agent of TW needs it too: set renewal.ca_passphrase_file" in warned.output
+    assert load_config(tmp_path / "TW" / "agent.yaml").renewal.ca_passphrase_file is None

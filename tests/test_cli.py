@@ -275,3 +275,23 @@ def test_pkictl_home_env_var_is_honoured(runner, tmp_path):
     result = runner.invoke(cli, ["status"], env={"PKICTL_HOME": str(empty)})
     assert result.exit_code == 1 and str(empty) in result.output
     _ok(runner.invoke(cli, ["--home", str(home), "status"], env={"PKICTL_HOME": str(empty)}))
+
+
+def test_serve_on_any_loopback_address_needs_no_names_and_a_wider_listen_does(runner, ca_home, tmp_path):
+    """'pkictl serve --listen 127.0.0.2:0' (all of 127/8 is loopback) starts without --dns/--ip and
+    names itself by that address; --listen 0.0.0.0:0 without names is refused before anything
+    starts, saying which options give them."""
+    import os
+    import subprocess
+
+    from support import DEADLINE, LogWatcher, command
+
+    refused = run(runner, ca_home, "serve", "--listen", "0.0.0.0:0")
+    assert refused.exit_code == 2 and "give the --dns names or --ip addresses nodes dial" in refused.output
+    proc = subprocess.Popen([command("pkictl"), "--home", str(ca_home), "serve", "--listen", "127.0.0.2:0", "--workers", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        LogWatcher(proc.stderr).wait_for(r"ready: EST on https://127\.0\.0\.2:\d+")
+    finally:
+        proc.terminate()
+        assert proc.wait(DEADLINE) == 0

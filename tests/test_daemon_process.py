@@ -79,7 +79,8 @@ def test_renew_now_without_an_agent_renews_here_and_a_failure_exits_1(tmp_path):
     config, bundle = _node(tmp_path)
     before = _serial(bundle)
     result = agent_cli("renew-now", "--config", str(config))
-    assert result.returncode == 0 and "renewed here" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "renewed by this command (no agent runs for this credential)" in result.stdout, result.stdout + result.stderr
+    assert "by renewed" not in result.stdout
     renewed = _serial(bundle)
     assert renewed != before
 

@@ -194,3 +194,33 @@ def test_a_check_that_crashes_is_an_error_not_silence() -> None:
     findings = run_checks([boom, quiet], None)
     assert [(f.check, f.severity) for f in findings] == [("boom", Severity.ERROR), ("quiet", Severity.OK)]
     assert "RuntimeError: unforeseen" in findings[0].problem
+
+
+def test_a_serverauth_only_gateway_that_renews_over_est_is_an_error(pki) -> None:
+    """A gateway certificate of the old profile (serverAuth only) can never authenticate its EST
+    renewal: an identity error when the gateway renews over EST, nothing when it renews with the
+    CA home (no TLS client involved); today's profile passes both."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from pkictl.pem import certificates_to_pem
+
+    assert problems(diagnose(pki, bundle=pki.gateway, kind="gateway", name="gw", trust_domain=None, renews_over_est=True)) == []
+    version = live_version(pki.gateway)
+    current = x509.load_pem_x509_certificate((version / "cert.pem").read_bytes())
+    issuing_key = serialization.load_pem_private_key((pki.home / "issuing" / "key.pem").read_bytes(), None)
+    builder = (x509.CertificateBuilder().subject_name(current.subject).issuer_name(current.issuer).public_key(current.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(current.not_valid_before_utc)
+               .not_valid_after(current.not_valid_after_utc))
+    for extension in current.extensions:
+        value = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]) if isinstance(extension.value, x509.ExtendedKeyUsage) else extension.value
+        builder = builder.add_extension(value, critical=extension.critical)
+    old = builder.sign(issuing_key, hashes.SHA256())
+    replace_file(version / "cert.pem", certificates_to_pem([old]))
+    replace_file(version / "fullchain.pem", certificates_to_pem([old, pki.ca.issuing]))
+
+    found = only(diagnose(pki, bundle=pki.gateway, kind="gateway", name="gw", trust_domain=None, renews_over_est=True), "identity")
+    assert found.severity == Severity.ERROR and "serverAuth only: it cannot authenticate its renewal" in found.problem
+    assert found.expected == "a gateway certificate for serverAuth and clientAuth"
+    assert problems(diagnose(pki, bundle=pki.gateway, kind="gateway", name="gw", trust_domain=None)) == []

@@ -73,8 +73,8 @@ def test_main_job_end_to_end(tmp_path):
             foreign.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "foreign.pem"))
             refused(port, client_context(tw_bundle / "ca.pem", fullchain=tmp_path / "foreign.pem", key=tmp_path / "foreign.pem"))
             gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='unknown CA'")
-            refused(port, bundle_context(gw_bundle))
-            gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='wrong purpose'")
+            refused(port, bundle_context(gw_bundle))  # the gateway's own certificate is no node's
+            gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='no node identity' node=gw")
 
             # the gateway rotates on schedule and hot-reloads its listener
             renewed = gateway.log.wait_for(r"renewed gw: serial ([0-9a-f]+) -> ([0-9a-f]+)")

@@ -15,7 +15,7 @@ import yaml
 
 from pki_agent.config import load_config
 from pki_agent.enroll import enroll
-from pki_agent.errors import RenewalError
+from pki_agent.errors import CredentialUnusable, RenewalError
 from pki_agent.est_client import ESTClient
 from pki_agent.rotation import rotate
 from pkictl.authority import CertificateAuthority
@@ -133,25 +133,29 @@ def test_denied_request_is_reported_as_denied(ca, service, tmp_path):
 
 
 def test_revoked_certificate_renewal_is_refused_with_the_reason(ca, service, tmp_path):
-    """After revocation the EST server refuses the renewal, the client says so, and the
-    credential on disk is unchanged."""
+    """After revocation the EST server refuses the renewal with the reason 'revoked' (its
+    Pkictl-Refusal header), the client raises CredentialUnusable saying so, and the credential on
+    disk is unchanged."""
     bundle = ca.enroll("node", "TW", out=tmp_path / "TW").directory
     store = CredentialStore(bundle)
     current = store.load()
     ca.revoke("TW")
-    with pytest.raises(AuthenticationError, match="revoked"):
+    with pytest.raises(CredentialUnusable, match="is revoked") as refused:
         rotate(store, current, ESTClient(service.url, anchors_path=store.trust_anchors_path, store=store), SystemClock())
+    assert refused.value.reason == "revoked"
     assert store.load().certificate.serial_number == current.certificate.serial_number
 
 
 def test_expired_certificate_is_refused_at_the_tls_layer_and_said_so(ca, service, tmp_path):
     """An expired client certificate is refused in the TLS handshake; the client reports that
-    the server refused its certificate, not a network error."""
+    the server refused its certificate (CredentialUnusable: retrying changes nothing), not a
+    network error. (The agent itself knows an expired certificate before it asks.)"""
     ca.clock = FixedClock(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=100))
     bundle = ca.enroll("node", "old", out=tmp_path / "old").directory
     store = CredentialStore(bundle)
-    with pytest.raises(AuthenticationError, match="refused our certificate"):
+    with pytest.raises(CredentialUnusable, match="refused our certificate at the TLS layer") as refused:
         rotate(store, store.load(), ESTClient(service.url, anchors_path=store.trust_anchors_path, store=store), SystemClock())
+    assert refused.value.reason == "refused" and "expired, not issued by this CA, or not for clientAuth" in refused.value.detail
 
 
 def test_unreachable_server_is_a_network_error_and_the_agent_keeps_its_credential(ca, tmp_path):
@@ -193,3 +197,22 @@ def test_config_refuses_both_renewal_sources(tmp_path):
 
     with pytest.raises(ConfigError, match="ca_home.*ca_url"):
         load_config(path)
+
+
+@pytest.mark.parametrize("args", [["--token", ""], ["--token", "  "], ["--token-file", "EMPTY"]])
+def test_an_empty_token_is_refused_before_anything_is_asked(args, tmp_path):
+    """'pki-agent enroll --token ""' (an empty shell variable) or an empty token file is an error
+    naming the option, not a silent wait for approval; nothing is written and nothing is sent (the
+    CA URL does not even answer)."""
+    import subprocess
+
+    from support import command
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    result = subprocess.run([command("pki-agent"), "enroll", "--ca-url", "https://127.0.0.1:9", "--fingerprint", "sha256:" + "ab" * 32,
+                             "--name", "TW", "--dir", str(tmp_path / "TW"), *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is empty" in result.stderr and args[0] in result.stderr and "approval" not in result.stdout
+    assert not (tmp_path / "TW").exists()

@@ -65,6 +65,38 @@ def test_crl_reload_closes_the_open_connection_of_a_revoked_node_only(pki, gatew
     ex.close()
 
 
+def test_a_revocation_closes_every_connection_of_that_node_and_superseded_closes_none(pki, gateway_agent, caplog, tmp_path):
+    """TW holds a connection opened with its first certificate A and one with its renewed B;
+    revoking A as superseded closes neither (a long-lived connection survives rotation); revoking
+    B closes both, A's too (its certificate is no longer the revoked one, but it is TW's); EX's
+    connection is untouched."""
+    from pki_agent.rotation import LocalCA, rotate
+    from pkictl.clock import SystemClock
+
+    other = pki.ca.enroll("node", "EX", out=tmp_path / "EX").directory
+    store = CredentialStore(pki.node)
+    first = store.load()
+    on_a = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    assert on_a.echo(b"a") == b"a"
+    second = rotate(store, first, LocalCA(pki.home, SystemClock()), SystemClock())
+    on_b = TLSClient(gateway_agent.port, bundle_context(pki.node))
+    ex = TLSClient(gateway_agent.port, bundle_context(other))
+    assert on_b.echo(b"b") == b"b" and ex.echo(b"ex") == b"ex"
+
+    pki.ca.revoke(f"{first.certificate.serial_number:x}", reason="superseded")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    _message_logged(caplog, "CRL loaded: 1 revoked")
+    assert on_a.echo(b"still a") == b"still a" and on_b.echo(b"still b") == b"still b"
+
+    pki.ca.revoke(f"{second.certificate.serial_number:x}", reason="key-compromise")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    assert on_b.sock.recv(10) == b"" and on_a.sock.recv(10) == b""
+    _message_logged(caplog, f"serial={first.certificate.serial_number:x} reason='revoked' detail='another certificate of node tw is on the new CRL'")
+    assert ex.echo(b"ex again") == b"ex again"
+    for client in (on_a, on_b, ex):
+        client.close()
+
+
 def test_watcher_reloads_a_gateway_certificate_replaced_by_another_process(pki, start_gateway_agent, caplog):
     """'pkictl enroll-gateway --replace' run as its own process swaps the bundle's live link; the
     file watcher reloads without SIGHUP or periodic check, new connections get the new serial and

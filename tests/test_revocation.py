@@ -135,7 +135,7 @@ def test_replace_issues_anew_in_the_same_bundle_and_supersedes_the_old(ca, tmp_p
     from pkictl.errors import AlreadyEnrolledError
 
     first = ca.enroll("node", "TW", out=tmp_path / "TW")
-    with pytest.raises(AlreadyEnrolledError, match="--replace"):
+    with pytest.raises(AlreadyEnrolledError, match="already enrolled"):
         ca.enroll("node", "TW", out=tmp_path / "TW")
     second = ca.enroll("node", "TW", out=tmp_path / "TW", replace=True)
     store = CredentialStore(tmp_path / "TW")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import sqlite3
 import subprocess
 import sys
@@ -387,3 +388,31 @@ def test_a_name_being_signed_is_not_enrolled_twice_but_a_crashed_intent_expires(
     inventory.record_intent(serial=3, name="TW", kind="node", sans=(), now=later, exclusive=True)
     assert inventory.get(3).status == "pending"
     inventory.close()
+
+
+def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path):
+    """An inventory written by schema 1 (tokens without 'replaces') opens as schema 2: its token
+    still works and is a plain one, new tokens may replace; a second open changes nothing."""
+    from pkictl.schema import SCHEMA, SCHEMA_VERSION
+
+    path = tmp_path / "inventory.sqlite3"
+    old = sqlite3.connect(path)
+    version_1 = re.sub(r"used_at( +)INTEGER,(.*)\n +replaces .*\n", r"used_at\1INTEGER \2\n", SCHEMA)
+    old.executescript(version_1)
+    assert "replaces" not in [c[1] for c in old.execute("PRAGMA table_info(tokens)")]
+    old.execute("PRAGMA user_version = 1")
+    old.execute("INSERT INTO tokens (token_sha256, name, name_key, created_at, expires_at) VALUES ('aa', 'TW', 'tw', 0, 4102444800)")
+    old.commit()
+    old.close()
+
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    for _ in range(2):
+        inventory = Inventory(path)
+        assert inventory.token_replaces("tw", "aa", now) is False
+        inventory.close()
+    inventory = Inventory(path)
+    inventory.add_token("n2", "bb", now=now, expires_at=now + dt.timedelta(minutes=10), replaces=True)
+    assert inventory.token_replaces("N2", "bb", now) is True
+    assert inventory.consume_token("tw", "aa", now) and inventory.token_replaces("tw", "aa", now) is None
+    inventory.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

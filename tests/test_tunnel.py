@@ -142,6 +142,20 @@ def test_after_renewal_new_tunnel_connections_present_the_new_certificate(tmp_pa
     ca.close()
 
 
+def test_an_expired_gateway_certificate_is_named_as_expired_by_the_tunnel(pki, echo_server, tmp_path):
+    """A gateway serving an expired certificate of our CA is reported by the node as expired and
+    not renewed (where to look), not as a server from another CA."""
+    from pkictl.clock import FixedClock
+
+    pki.ca.clock = FixedClock(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=100))
+    stale = pki.ca.enroll("gateway", "stale", out=tmp_path / "stale", ip_addresses=["127.0.0.1"]).directory
+    with _chain(stale, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
+        assert _exchange(port, b"secret") == b""
+        line = node.log.wait_for(r"tunnel gateway certificate rejected .*").group(0)
+        assert "the gateway's certificate has expired: its agent has not renewed it" in line, line
+        assert "not from the CA this node trusts" not in line
+
+
 def test_gateway_certificate_for_another_address_is_refused_by_the_tunnel(pki, echo_server, tmp_path):
     """A gateway whose certificate names 127.0.0.2 while the tunnel dials 127.0.0.1 gets no
     bytes: the node logs the gateway's certificate as rejected, and the local client gets EOF;
@@ -317,3 +331,18 @@ def test_pki_agent_enroll_tunnel_option_over_est(tmp_path):
     finally:
         service.stop()
         ca.close()
+
+
+def test_stopping_the_node_agent_with_a_connection_open_logs_no_error(pki, echo_server, tmp_path):
+    """SIGTERM while a tunnelled connection is open (and one closed a moment ago lingers) ends
+    the agent with status 0, the open connection closed, and no ERROR or traceback in its log."""
+    with _chain(pki.gateway, pki.node, pki.home, echo_server.port, tmp_path) as (gateway, node, gw_port, port):
+        assert _exchange(port, b"closed just now") == b"closed just now"  # lingers up to 5 s in the tunnel
+        open_one = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        open_one.sendall(b"still open")
+        assert open_one.recv(100) == b"still open"
+        assert node.stop() == 0
+        assert open_one.recv(100) == b""
+        open_one.close()
+        log = node.log.text()
+        assert "Traceback" not in log and " ERROR " not in log, log
