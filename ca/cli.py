@@ -433,7 +433,8 @@ def rotate_issuing(obj: _Obj, activate_in) -> None:
         click.echo(f"  published now in {ca.home / 'pending-issuing'}; it issues from {when.isoformat(timespec='seconds')}, "
                    f"when the CA is next used (pkictl serve checks every --check-interval)")
         click.echo(f"  until then {old.subject.rfc4514_string()} (serial {old.serial_number:x}) keeps issuing; "
-                   "every gateway must fetch crl.pem before that time (pki-agent does every refresh_interval)")
+                   "every gateway must fetch crl.pem before that time (a pki-agent gateway renewing over EST does every "
+                   "renewal.crl_refresh_interval, 60 s by default; one on this host reads crl.pem itself)")
     click.echo(f"CRLs of both written to {ca.crl_path}; move {ca.home / 'root' / 'key.pem'} offline again")
 
 

@@ -74,7 +74,8 @@ class CASettings:
         crl_lifetime: nextUpdate - thisUpdate of each CRL; it is re-signed after half of it.
         issuing_activation_delay: how long a new issuing CA (``pkictl rotate-issuing``) is
             published before it issues, 10 minutes by default. It must exceed how often gateways
-            fetch crl.pem: a gateway without the new CA's CRL refuses its node certificates.
+            fetch crl.pem (pki-agent: ``renewal.crl_refresh_interval``, 60 s): a gateway without
+            the new CA's CRL refuses its node certificates.
     """
 
     trust_domain: str = "pkictl.internal"
