@@ -30,11 +30,11 @@ SECRET_PATTERNS = {
 }
 
 # Pointers to secrets and public values are no secrets: pkictl's option naming the CA passphrase
-# file and that file's documented path (the pkictl serve unit tells the operator where the
-# passphrase goes), and a certificate fingerprint (trust_anchor_sha256: or sha256:<hex>, which
-# pkictl prints for anyone to compare).
+# file, the agent's setting naming it (renewal.ca_passphrase_file), that file's documented path
+# (the pkictl serve unit tells the operator where the passphrase goes), and a certificate
+# fingerprint (trust_anchor_sha256: or sha256:<hex>, which pkictl prints for anyone to compare).
 _NOT_SECRETS = re.compile(
-    r"(?:--)?passphrase-file\b|(?:/usr/local)?/etc/pkictl/passphrase\b"
+    r"(?:--)?passphrase-file\b|\bca_passphrase_file\b|(?:/usr/local)?/etc/pkictl/passphrase\b"
     r"|\btrust_anchor_sha256:\s*(?:sha256:)?[0-9A-Fa-f:]{64,95}|\bsha256:[0-9A-Fa-f]{64}\b"
 )
 

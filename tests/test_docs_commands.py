@@ -14,7 +14,8 @@ from pki_agent.cli import cli as agent_cli
 from pkictl.cli import cli as pkictl_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The guides; docs/design.md holds design notes, not commands to type.
+DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "design.md")]
 PROGRAMS = {"pkictl": pkictl_cli, "pki-agent": agent_cli}
 _BLOCK = re.compile(r"^```(?:sh|bash|shell)\n(.*?)^```", re.M | re.S)
 

@@ -155,11 +155,15 @@ def test_backend_is_chosen_in_one_place() -> None:
 
 
 def test_fingerprints_are_not_secrets_and_redaction_hides_values() -> None:
-    """A root fingerprint (sha256:<hex>, trust_anchor_sha256:) passes the scanner; a redacted line keeps its key, not its value."""
+    """A root fingerprint (sha256:<hex>, trust_anchor_sha256:) and the setting naming the passphrase
+    file pass the scanner, a passphrase does not; a redacted line keeps its key, not its value."""
     digest = "ab" * 32
     assert find_secrets(f"trust_anchor_sha256: sha256:{digest}  # the root") == []
     assert find_secrets(f"trust_anchor_sha256: {digest}") == []
     assert [h.pattern for h in find_secrets(f"api_key: {digest}")] == ["hex string"]
+    # the setting that names the CA passphrase's file is a pointer, the passphrase itself is not
+    assert find_secrets("  ca_passphrase_file: /etc/pkictl/passphrase  # the CA keys are encrypted") == []
+    assert [h.pattern for h in find_secrets("  ca_passphrase: correct-horse-battery-staple")] == ["passphrase"]
     assert redact("Environment=GATEWAY_TOKEN=abcdef0123456789") == "Environment=GATEWAY_TOKEN=<redacted>"
     assert redact("ExecStart=/bin/x --token hunter2 --verbose") == "ExecStart=/bin/x --token <redacted> --verbose"
 
