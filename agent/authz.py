@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.errors import PKIError
-from pkictl.handshake import handshake_refusal_reason  # noqa: F401 - re-exported: the listener's reasons live in the CA library
+from pkictl.handshake import handshake_refusal_reason  # re-exported: the listener's reasons live in the CA library
 from pkictl.names import validate_name
 
 from .errors import PeerRejected

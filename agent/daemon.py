@@ -93,6 +93,7 @@ class Agent:
         self._started: dt.datetime | None = None
         self._running = False
         self._forced = 0  # renew-now requests handled: renew-now waits for this to grow
+        self._forced_tasks: set[asyncio.Task] = set()  # renew-now requests waiting for the renewal lock
         self.state_path = state_path(config.credential_dir)
         self.counters = AgentCounters()
         self.status_server: "StatusServer | None" = None
@@ -214,7 +215,7 @@ class Agent:
             try:
                 if await asyncio.to_thread(self.source.refresh_crl):
                     log.info("CRL of the CA in %s re-signed", self.source.home)
-            except Exception as exc:  # noqa: BLE001 - keep serving; status shows the CRL's age
+            except Exception as exc:  # keep serving; status shows the CRL's age
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
         if self.upkeep is not None:
             await self.upkeep.maintain()
@@ -472,7 +473,9 @@ class Agent:
             async with self._renew_lock:
                 await self.renew(forced=True)
 
-        asyncio.ensure_future(forced())
+        task = asyncio.ensure_future(forced())
+        self._forced_tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._forced_tasks.discard)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return; call it on the agent's event loop."""

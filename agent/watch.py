@@ -56,7 +56,7 @@ async def watch_files(paths: Iterable[Path], on_change: Callable[[], None], stop
     """
     from watchfiles import awatch
 
-    wanted = {os.path.abspath(p) for p in paths}
+    wanted = {os.path.abspath(p) for p in paths}  # noqa: ASYNC240 - no disk access (at most getcwd), once at start
     directories = sorted({os.path.dirname(p) for p in wanted})
 
     def relevant(_change, path: str) -> bool:
@@ -71,7 +71,7 @@ async def watch_files(paths: Iterable[Path], on_change: Callable[[], None], stop
             log.debug("changed on disk: %s", sorted(path for _, path in changes))
             try:
                 on_change()
-            except Exception:  # noqa: BLE001 - a failed reload is the caller's to log; keep watching
+            except Exception:  # a failed reload is the caller's to log; keep watching
                 log.exception("reloading after a change on disk failed")
     except Exception as exc:  # noqa: BLE001 - e.g. inotify watch limit reached
         log.warning("cannot watch %s for changes (%s); the periodic check still reloads", ", ".join(directories), exc)

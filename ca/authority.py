@@ -13,6 +13,7 @@ Home layout::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sqlite3
 from pathlib import Path
 from typing import Sequence
@@ -232,7 +233,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                 f"new certificate would ({not_after.isoformat()}); rotate the issuing CA first"
             )
         sans = [f"DNS:{d}" for d in dns_names] + [f"IP:{i}" for i in ip_addresses]
-        for attempt in range(_SERIAL_ATTEMPTS):
+        for _ in range(_SERIAL_ATTEMPTS):
             serial = x509.random_serial_number()
             builder = build_end_entity(
                 kind, name=name, trust_domain=self.settings.trust_domain, public_key=public_key,
@@ -246,7 +247,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                 # made, and both commit together (Inventory.record_signed).
                 certificate = self.inventory.record_signed(
                     serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first, issuer=self.issuing.serial_number,
-                    sign=lambda: builder.sign(self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
+                    sign=functools.partial(builder.sign, self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
                 )
                 break
             except sqlite3.IntegrityError:

@@ -126,7 +126,7 @@ class RequestLog(web.AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         try:
             self._log(request, response, time)
-        except Exception:  # noqa: BLE001 - a log line must never break an answer
+        except Exception:  # a log line must never break an answer
             log.exception("could not log a request")
 
     @staticmethod

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import re
 import threading
+from typing import TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,6 +47,9 @@ _SPIFFE_ID_MAX_BYTES = 2048  # SPIFFE-ID.md 2.3
 _AKI_ABSENT = "pkix.authority_key_identifier_extension_absent"
 
 _build_lock = threading.Lock()
+# The hashes a certificate may be signed with (what CertificateBuilder.sign accepts).
+_SignatureHash: TypeAlias = hashes.SHA224 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | hashes.SHA3_224 | hashes.SHA3_256 | hashes.SHA3_384 | hashes.SHA3_512
+_SHA256 = hashes.SHA256()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +215,7 @@ def prelint(
     builder: x509.CertificateBuilder,
     *,
     issuer_key_type,
-    hash_algorithm: hashes.HashAlgorithm | None = hashes.SHA256(),
+    hash_algorithm: _SignatureHash | None = _SHA256,
     predecessor: x509.Certificate | None = None,
 ) -> tuple[x509.Certificate, bool]:
     """Lint the certificate ``builder`` would make, before the real issuer signs anything.

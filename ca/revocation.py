@@ -239,7 +239,7 @@ class Revocation:
                 revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
             ))
         atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
-        for (issuer, _), crl in zip(signers, crls):
+        for (issuer, _), crl in zip(signers, crls, strict=True):
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
             self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
         return crls

@@ -202,7 +202,7 @@ class ESTService:
         except SignerUnavailable as exc:
             refusal = Refusal(503, "signer unavailable", str(exc))
             headers["Retry-After"] = str(self.retry_after)
-        except Exception as exc:  # noqa: BLE001 - every request gets an answer and a log line
+        except Exception as exc:  # every request gets an answer and a log line
             refusal = classify(exc, renewing=renewing)
             if refusal is None:  # our bug, not the client's: the one case with a traceback
                 log.exception("internal error answering %s %s", request.method, quoted(request.path))
@@ -351,7 +351,7 @@ class ESTService:
             self.ensure_credential()
             if self.ca.refresh_crl():
                 log.info("CRL re-signed")
-        except Exception as exc:  # noqa: BLE001 - keep serving with what works; retry next time
+        except Exception as exc:  # keep serving with what works; retry next time
             log.error("maintenance failed: %s", exc, exc_info=not isinstance(exc, PKIError))
 
     async def run(self, *, ready: Callable[[int], None] | None = None, handle_signals: bool = True) -> None:

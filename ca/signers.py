@@ -136,6 +136,7 @@ class SignerPool:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._slots: asyncio.Semaphore | None = None
+        self._respawning: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Start the workers and wait until each has loaded the CA.
@@ -199,7 +200,9 @@ class SignerPool:
             except PKIError as exc:
                 log.error("%s", exc)
 
-        asyncio.ensure_future(respawn())
+        task = asyncio.ensure_future(respawn())
+        self._respawning.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._respawning.discard)
 
     def _answer(self, worker: _Worker) -> None:
         """Reader callback: the answer to the worker's oldest call, or EOF because it died."""

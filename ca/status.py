@@ -97,7 +97,7 @@ def read_status(
             widths = (max(longest, len(_HEADER[0]), *(len(c["name"]) for c in crls)), *_WIDTHS[1:])
             cells = ("name", "kind", "substr(serial, 1, 16)", _TIME.format("not_after"),
                      "printf('%.1f', (not_after - :now) / 86400.0)", _TIME.format("CAST(renewal_due AS INTEGER)"), "state")
-            line = "rtrim(printf('" + "  ".join(["%-*s"] * len(cells)) + "', " + ", ".join(f"{w}, {c}" for w, c in zip(widths, cells)) + "))"
+            line = "rtrim(printf('" + "  ".join(["%-*s"] * len(cells)) + "', " + ", ".join(f"{w}, {c}" for w, c in zip(widths, cells, strict=True)) + "))"
             bodies, worst = _per_kind(db, f"SELECT group_concat({line}, char(10)), max(attention) FROM ({rows})", params)
             lines = [_line(_HEADER, widths)] + bodies + [_line(_crl_cells(c), widths) for c in crls]
             text = "\n".join(lines)
@@ -118,7 +118,7 @@ def _per_kind(db: sqlite3.Connection, query: str, params: dict) -> tuple[list[st
 
 
 def _line(cells, widths) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def _crl_row(issuer: str, number: int, this_update: int, next_update: int, now: dt.datetime, warn_days: float | None) -> dict:
