@@ -41,8 +41,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers as P  # noqa: E402  (bench/ is not a package)
-from harness import CLIENT_CPU, PIN, Running, Setup, measure, parse, pinned, reload_test, sanity  # noqa: E402
+import peers as P  # bench/ is not a package
+from harness import CLIENT_CPU, PIN, Running, Setup, measure, parse, pinned, reload_test, sanity
 
 METRICS = [  # key, heading, unit, better
     ("hs", "handshakes/s", "", "higher"),

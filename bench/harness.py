@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers as P  # noqa: E402  (bench/ is not a package)
+import peers as P  # bench/ is not a package
 
-from pkictl.authority import CertificateAuthority  # noqa: E402
-from pkictl.profile import generate_key  # noqa: E402
-from pkictl.settings import CASettings  # noqa: E402
-from pkictl.store import Credential, CredentialStore  # noqa: E402
+from pkictl.authority import CertificateAuthority
+from pkictl.profile import generate_key
+from pkictl.settings import CASettings
+from pkictl.store import Credential, CredentialStore
 
 __all__ = ["PIN", "SERVER_CPU", "CLIENT_CPU", "pinned", "Setup", "Running", "parse", "sanity", "measure", "reload_test"]
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers as P  # noqa: E402  (bench/ is not a package)
-from harness import Running, Setup, parse  # noqa: E402
+import peers as P  # bench/ is not a package
+from harness import Running, Setup, parse
 
 
 def measure(setup: Setup, run: Running, count: int) -> tuple[float, float]:

@@ -58,7 +58,7 @@ class RunningAgent:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self.agent.run(handle_signals=False, ready=self._ready.set))
-        except BaseException as exc:  # surfaced by start()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by start(), in the test's thread
             self.error = exc
             self._ready.set()
 

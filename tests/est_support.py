@@ -79,7 +79,7 @@ class RunningService:
                 self._ready.set()
 
             self.loop.run_until_complete(self.service.run(handle_signals=False, ready=ready))
-        except BaseException as exc:  # surfaced by start()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by start(), in the test's thread
             self.error = exc
             self._ready.set()
         finally:
@@ -129,7 +129,7 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(DEADLINE)
-            raise AssertionError("pkictl serve did not stop within 10 s of SIGTERM")
+            raise AssertionError("pkictl serve did not stop within 10 s of SIGTERM") from None
 
 
 @dataclasses.dataclass

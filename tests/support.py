@@ -138,7 +138,7 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout)
-            raise AssertionError("pki-agent did not stop within 10 s of SIGTERM")
+            raise AssertionError(f"pki-agent did not stop within {timeout:g} s of SIGTERM") from None
 
 
 def live_files(bundle: Path) -> dict[str, Path]:

@@ -151,7 +151,7 @@ def test_json_log_format_writes_one_object_per_line_with_the_event_fields(pki, e
         assert client.echo(b"json") == b"json"
         client.close()
         agent.log.wait_for(r'"event": "closed"')
-        entries = [json.loads(l) for l in agent.log.lines]  # every line parses
+        entries = [json.loads(line) for line in agent.log.lines]  # every line parses
         refusal = next(e for e in entries if e.get("event") == "refused")
         assert refusal["reason"] == "no client certificate" and refusal["peer"].startswith("127.0.0.1:")
         assert refusal["level"] == "warning" and "T" in refusal["time"]

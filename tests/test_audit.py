@@ -4,6 +4,7 @@ found with the line named; concurrent appends from two real processes keep one g
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import stat
@@ -58,7 +59,7 @@ def test_appends_build_a_valid_chain(log, clock):
     assert parsed == records
     assert [r["seq"] for r in parsed] == [1, 2, 3, 4, 5]
     assert parsed[0]["prev"] == GENESIS
-    assert all(b["prev"] == a["hash"] for a, b in zip(parsed, parsed[1:]))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(parsed))
     assert all(record_hash(r) == r["hash"] for r in parsed)
     assert parsed[0]["time"] == "2025-11-21T14:09:00.000000Z"
     assert parsed[4]["time"] == "2025-11-21T14:09:04.000000Z"
@@ -88,7 +89,7 @@ def test_bad_fields_are_refused_before_anything_is_written(log):
     with pytest.raises(ValueError):
         log.append("issued", ratio=float("nan"))
     with pytest.raises(ValueError, match="naive"):
-        log.append("issued", at=dt.datetime(2025, 1, 1))
+        log.append("issued", at=dt.datetime(2025, 1, 1))  # noqa: DTZ001 - the naive time under test
     assert not log.path.exists() or log.path.read_bytes() == b""
     assert log.verify() == VerifyResult(ok=True, records=0)
 

@@ -16,7 +16,7 @@ import pytest
 from support import DEADLINE, TLSClient, bundle_context, client_context, refused
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import peers  # noqa: E402  (bench/ is not a package)
+import peers  # bench/ is not a package
 
 
 @pytest.mark.parametrize("name", sorted(peers.PEERS))

@@ -241,7 +241,7 @@ def test_status_table_has_a_row_per_certificate(runner, enrolled_home):
     lines = _ok(run(runner, enrolled_home, "status")).splitlines()
     assert lines[0].split()[:3] == ["NAME", "KIND", "SERIAL"]
     assert len(lines) == 1 + 5
-    for line, row in zip(lines[1:], rows):
+    for line, row in zip(lines[1:], rows, strict=True):
         assert line.startswith(row["name"])
         assert f" {row['kind']} " in line
         assert row["serial"][:16] in line

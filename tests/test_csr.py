@@ -21,6 +21,7 @@ from pkictl.policy import MAX_CSR_BYTES, parse_csr
 from pkictl.profile import generate_key
 
 IDENTITY = "spiffe://pkictl.internal/node/tw"
+IDENTITY_SAN = x509.UniformResourceIdentifier(IDENTITY)
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def ca(tmp_path):
     authority.close()
 
 
-def _csr(key=None, *, subject=(("CN", "TW"),), sans=(x509.UniformResourceIdentifier(IDENTITY),), ca=None):
+def _csr(key=None, *, subject=(("CN", "TW"),), sans=(IDENTITY_SAN,), ca=None):
     key = key or generate_key()
     oids = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME}
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(oids[k], v) for k, v in subject]))

@@ -8,8 +8,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import textwrap

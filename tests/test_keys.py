@@ -267,7 +267,7 @@ def test_salt_and_iv_differ_between_encryptions(tmp_path: Path) -> None:
     first = _asn1parse(_private_file(tmp_path / "1.pem", encrypt_private_key(key, PASSPHRASE, p=1)))
     second = _asn1parse(_private_file(tmp_path / "2.pem", encrypt_private_key(key, PASSPHRASE, p=1)))
     octet_strings = [
-        (a.value, b.value) for a, b in zip(first, second) if a.type == b.type == "OCTET STRING"
+        (a.value, b.value) for a, b in zip(first, second, strict=True) if a.type == b.type == "OCTET STRING"
     ]
     assert len(octet_strings) == 3  # salt, IV, encryptedData
     for one, other in octet_strings:

@@ -132,7 +132,7 @@ def test_lint_pkix_cert_reports_only_the_spiffe_false_positive(issued, kind, tmp
     lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 2 * len(spiffe), done.stdout
     reported = []
-    for header, finding in zip(lines[::2], lines[1::2]):
+    for header, finding in zip(lines[::2], lines[1::2], strict=True):
         assert SPIFFE_HEADER.fullmatch(header), header
         match = SPIFFE_FINDING.fullmatch(finding)
         assert match, finding

@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 
+import pytest
 import trustme
 
 from pkictl.tls import client_context as agent_client_context
@@ -48,12 +49,8 @@ def test_node_with_agent_client_context_verifies_the_gateway_by_ip(pki, gateway_
     client = TLSClient(gateway_agent.port, ctx)
     assert client.echo(b"x") == b"x"
     client.close()
-    try:
+    with pytest.raises(ssl.SSLCertVerificationError, match="match"):  # "Hostname mismatch" / "doesn't match"
         TLSClient(gateway_agent.port, ctx, server_hostname="gateway.example.lan")
-    except Exception as exc:  # ssl.SSLCertVerificationError
-        assert "match" in str(exc) or "mismatch" in str(exc)
-    else:
-        raise AssertionError("the client accepted a gateway certificate for a name it does not carry")
 
 
 def test_client_without_certificate_is_refused_and_logged(pki, gateway_agent, caplog):

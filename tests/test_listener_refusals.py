@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import socket
 import ssl
@@ -104,7 +103,7 @@ TLS_CASES = {
 
 def _check_both_formats(record, reason: str, node: str | None) -> None:
     text = TextFormatter().format(record)
-    assert f"refused peer=127.0.0.1:" in text and f"reason={reason!r}" in text
+    assert "refused peer=127.0.0.1:" in text and f"reason={reason!r}" in text
     assert (f"node={node}" in text) if node else ("node=" not in text)
     entry = json.loads(JSONFormatter().format(record))
     assert entry["event"] == "refused" and entry["reason"] == reason and entry["peer"].startswith("127.0.0.1:")

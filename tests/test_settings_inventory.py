@@ -356,7 +356,7 @@ def test_two_processes_issuing_at_once_lose_nothing(tmp_path):
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-    for worker, (stdout, stderr) in zip(workers, results):
+    for worker, (stdout, stderr) in zip(workers, results, strict=True):
         assert worker.returncode == 0, stderr
         assert stdout.strip() == "done"
 

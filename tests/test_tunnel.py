@@ -35,7 +35,7 @@ from est_support import RunningService
 from support import DEADLINE, AgentProcess, EchoServer, command
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import peers  # noqa: E402  (bench/ is not a package: its haproxy config generator)
+import peers  # bench/ is not a package: its haproxy config generator
 
 NODE_NET_CLIENT = r"""
 const net = require('net');
