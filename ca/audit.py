@@ -51,7 +51,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .clock import Clock, utc
 from .errors import AuditError, PKIError
@@ -414,23 +414,35 @@ def _last_line(fd: int, size: int) -> bytes | None:
         block *= 4
 
 
-def audits_refusals(operation: str):
+class _Audited(Protocol):
+    @property
+    def audit(self) -> AuditLog: ...
+
+
+_Self = TypeVar("_Self", bound=_Audited)
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def audits_refusals(operation: str) -> Callable[[Callable[Concatenate[_Self, _Params], _Result]], Callable[Concatenate[_Self, _Params], _Result]]:
     """Record every refusal (a PKIError) of a CertificateAuthority operation in its audit log,
     then re-raise. The first positional argument after ``self`` (the second for ``enroll``, after
     the kind) names what was asked for: a name, a target, or a CSR."""
 
-    def decorate(method):
+    def decorate(method: Callable[Concatenate[_Self, _Params], _Result]) -> Callable[Concatenate[_Self, _Params], _Result]:
         @functools.wraps(method)
-        def wrapper(self, *args, **kwargs):
+        def wrapper(self: _Self, /, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
             try:
                 return method(self, *args, **kwargs)
             except PKIError as exc:
-                subject = args[1] if operation in ("enroll",) and len(args) > 1 else (args[0] if args else None)
-                if hasattr(subject, "subject") and hasattr(subject, "public_key"):  # a CSR
-                    subject = subject.subject.rfc4514_string()
-                elif isinstance(subject, bytes):
-                    subject = f"{len(subject)} bytes"
-                self.audit.append("refused", operation=operation, subject=str(subject), error=type(exc).__name__, reason=str(exc))
+                asked: object = args[1] if operation in ("enroll",) and len(args) > 1 else (args[0] if args else None)
+                if hasattr(asked, "subject") and hasattr(asked, "public_key"):  # a CSR
+                    subject = asked.subject.rfc4514_string()
+                elif isinstance(asked, bytes):
+                    subject = f"{len(asked)} bytes"
+                else:
+                    subject = str(asked)
+                self.audit.append("refused", operation=operation, subject=subject, error=type(exc).__name__, reason=str(exc))
                 raise
 
         return wrapper

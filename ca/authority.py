@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,6 +36,11 @@ from .revocation import Revocation
 from .profile import build_end_entity, generate_key, node_identity, validity_window
 from .settings import CASettings
 from .store import Credential, CredentialStore
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from .activation import PendingIssuer
 
 __all__ = ["CertificateAuthority", "Enrollment", "san_strings", "signed"]
 
@@ -98,8 +103,9 @@ class CertificateAuthority(Revocation, Bootstrap):
         self._inventory: Inventory | None = None
         self._passphrase: bytes | None = None  # to open retired issuing keys, which sign their CRLs
         self.audit = AuditLog(self.home / "audit.log", clock=clock)
-        self.pending = None  # the next issuing CA while it waits for activation (pkictl.activation)
-        self._pending_state = self._issuing_state = None  # what refresh_issuing last saw on disk
+        self.pending: PendingIssuer | None = None  # the next issuing CA while it waits for activation (pkictl.activation)
+        self._pending_state: tuple[int, int, int, int] | None = None  # what refresh_issuing last saw on disk
+        self._issuing_state: tuple[int, int, int, int] | None = None
 
     # -- creation and loading ---------------------------------------------------------------
 
@@ -159,6 +165,12 @@ class CertificateAuthority(Revocation, Bootstrap):
         from .activation import refresh
 
         return refresh(self)
+
+    def rotate_issuing(self, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
+        """Create the next issuing CA, active after ``activate_in``: see :func:`pkictl.lifecycle.rotate_issuing`."""
+        from .lifecycle import rotate_issuing
+
+        return rotate_issuing(self, activate_in=activate_in)
 
     @property
     def inventory(self) -> Inventory:
@@ -255,7 +267,7 @@ class CertificateAuthority(Revocation, Bootstrap):
         else:  # pragma: no cover - needs a broken random source
             raise PolicyError("could not draw an unused serial number; is the random source broken?")
         self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{node_identity(self.settings.trust_domain, name)}"],
-                          renewal=not first, lint="pkilint" if linted else f"same profile as serial {predecessor.serial_number:x}")
+                          renewal=not first, lint="pkilint" if linted or predecessor is None else f"same profile as serial {predecessor.serial_number:x}")
         return certificate
 
     @audits_refusals("enroll")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+from typing import TYPE_CHECKING, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +21,14 @@ from .errors import AccessDenied, AlreadyEnrolledError, AuthenticationError, Not
 from .est import approval_code
 from .names import validate_name
 from .policy import check_enrollment_csr
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+    from .audit import AuditLog
+    from .clock import Clock
+    from .inventory import Inventory, Record
+    from .settings import CASettings
 
 __all__ = ["Bootstrap", "DEFAULT_TOKEN_TTL"]
 
@@ -37,6 +46,19 @@ def _spki_sha256(csr: x509.CertificateSigningRequest) -> str:
 class Bootstrap:
     """Token and approval enrollment of :class:`pkictl.authority.CertificateAuthority` (its base
     class). Uses the CA's ``clock``, ``settings``, ``inventory``, ``audit``, ``issue`` and ``revoke_records``."""
+
+    if TYPE_CHECKING:  # what this class uses of CertificateAuthority, which sets or defines each
+        clock: Clock
+        settings: CASettings
+        audit: AuditLog
+
+        @property
+        def inventory(self) -> Inventory: ...
+
+        def issue(self, kind: str, name: str, public_key: CertificatePublicKeyTypes, *, dns_names: Sequence[str] = (),
+                  ip_addresses: Sequence[str] = (), first: bool = True, predecessor: x509.Certificate | None = None) -> x509.Certificate: ...
+
+        def revoke_records(self, records: Sequence[Record], *, reason: str) -> None: ...
 
     def create_token(self, name: str, *, ttl: dt.timedelta = DEFAULT_TOKEN_TTL, replace: bool = False) -> tuple[str, dt.datetime]:
         """A single-use enrollment token for node ``name``, valid for ``ttl``.
@@ -115,6 +137,7 @@ class Bootstrap:
             raise AccessDenied(f"the operator denied the request of {name} (code {request['code']})")
         if request["status"] == "issued":  # the answer to an earlier poll was lost: hand it out again
             record = self.inventory.get(int(request["serial"], 16))
+            assert record is not None, "an issued request's certificate is in the inventory"
             return x509.load_pem_x509_certificate(record.pem.encode())
         # The operator approved this key for this name: it replaces whatever the name holds.
         certificate = self._issue_replacing(name, csr, now)

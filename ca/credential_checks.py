@@ -15,6 +15,7 @@ from .credential_facts import CredentialFacts, describe, fingerprint, purposes, 
 from .diagnosis import Finding, Severity, check
 from .pem import public_key_bytes
 from .renewal import EXPIRING_FRACTION
+from .revocation import signed_by
 from .store import CREDENTIAL_FILES
 
 __all__ = [
@@ -109,6 +110,7 @@ def check_chain(facts: CredentialFacts):
         if isinstance(value, str):
             yield Finding("chain", E, facts.subject, value, f"PEM certificates in {name}", facts.reenroll)
             return
+    assert not isinstance(chain, str), "reported above"
     version = facts.version
     if not chain or all(c.subject != leaf.issuer for c in chain):
         yield Finding("chain", E, facts.subject, "this host sends its leaf without the chain, which a gateway cannot verify: "
@@ -237,7 +239,7 @@ def check_revocation(facts: CredentialFacts):
     consulted = []
     for source, crls in facts.crls:
         for crl in crls:
-            if crl.issuer != leaf.issuer or (issuers and not crl.is_signature_valid(issuers[0].public_key())):
+            if crl.issuer != leaf.issuer or (issuers and not signed_by(crl, issuers[0])):
                 continue
             consulted.append(source)
             entry = crl.get_revoked_certificate_by_serial_number(leaf.serial_number)

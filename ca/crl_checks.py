@@ -14,7 +14,7 @@ from cryptography import x509
 
 from .diagnosis import Finding, Severity
 from .errors import StoreError
-from .revocation import crl_due, load_crls
+from .revocation import crl_due, load_crls, signed_by
 
 __all__ = ["crl_findings", "CLOCK_TOLERANCE"]
 
@@ -45,7 +45,7 @@ def crl_findings(path: Path, issuers: Sequence[x509.Certificate], now: dt.dateti
     for crl in crls:
         who = crl.issuer.rfc4514_string()
         signer = next((c for c in issuers if c.subject == crl.issuer), None)
-        if signer is not None and not crl.is_signature_valid(signer.public_key()):
+        if signer is not None and not signed_by(crl, signer):
             findings.append(Finding(check, Severity.ERROR, str(path), f"the CRL of {who} does not verify with that CA's key "
                                     "(another CA generation with the same name, or forged)", f"a CRL signed by {who}", fix))
             continue

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from .audit import audits_refusals
@@ -17,7 +18,15 @@ from .inventory import Record
 from .keys import load_private_key
 from .names import validate_name
 
-__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "Revocation"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+    from .audit import AuditLog
+    from .clock import Clock
+    from .inventory import Inventory
+    from .settings import CASettings
+
+__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by", "Revocation"]
 
 # RFC 5280 5.3.1 CRLReason values an operator may give (certificateHold is deliberately absent:
 # a hold can be lifted, which makes "revoked" ambiguous; cACompromise belongs on the root's CRL).
@@ -123,6 +132,16 @@ def revoked_serials(crls: Sequence[x509.CertificateRevocationList], *, reason: x
                      if reason is None or _reason(entry) == reason)
 
 
+# Key types that sign: a certificate may hold one that cannot (X25519, X448), which no CRL verifies with.
+_SIGNING_KEYS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey, dsa.DSAPublicKey)
+
+
+def signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """True if the key of ``issuer`` verifies the signature of ``crl`` (False for a key that cannot sign)."""
+    key = issuer.public_key()
+    return isinstance(key, _SIGNING_KEYS) and crl.is_signature_valid(key)
+
+
 def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags:
     try:
         return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
@@ -134,6 +153,20 @@ class Revocation:
     """Revocation and CRL signing of :class:`pkictl.authority.CertificateAuthority` (its base
     class; kept here with the CRL profile). Uses the CA's ``home``, ``clock``, ``settings``,
     ``inventory``, ``audit``, ``issuing`` and issuing key."""
+
+    if TYPE_CHECKING:  # what this class uses of CertificateAuthority, which sets or defines each
+        home: Path
+        clock: Clock
+        settings: CASettings
+        audit: AuditLog
+        issuing: x509.Certificate
+        _issuing_key: CertificateIssuerPrivateKeyTypes
+        _passphrase: bytes | None
+
+        @property
+        def inventory(self) -> Inventory: ...
+
+        def refresh_issuing(self) -> bool: ...
 
     def find_revocable(self, target: str) -> list[Record]:
         """The certificates ``pkictl revoke TARGET`` means: a serial number (hex, colons and a
@@ -200,7 +233,7 @@ class Revocation:
             return []
         return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
 
-    def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, object]]:
+    def _crl_signers(self, now: dt.datetime) -> list[tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]]:
         """The current issuing CA, the pending one (its empty CRL published before it issues:
         pkictl.activation), and each retired one while a certificate it signed is unexpired: with
         CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF).
@@ -209,7 +242,7 @@ class Revocation:
         from .activation import issuer_dirs
 
         self.refresh_issuing()
-        signers: list[tuple[x509.Certificate, object]] = []
+        signers: list[tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]] = []
         with issuer_dirs(self.home) as found:
             for role, cert, directory in found:
                 if any(cert.serial_number == c.serial_number for c, _ in signers):
@@ -241,14 +274,9 @@ class Revocation:
         atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
         for (issuer, _), crl in zip(signers, crls, strict=True):
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            assert crl.next_update_utc is not None, "build_crl sets nextUpdate"
             self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
         return crls
-
-    def rotate_issuing(self, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
-        """Create the next issuing CA, active after ``activate_in``: see :func:`pkictl.lifecycle.rotate_issuing`."""
-        from .lifecycle import rotate_issuing
-
-        return rotate_issuing(self, activate_in=activate_in)
 
     def refresh_crl(self) -> bool:
         """Re-sign the CRL when half of its validity has passed (or it is missing).
