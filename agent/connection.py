@@ -53,7 +53,7 @@ _RECORD = 16 * 1024  # TLS's maximum plaintext per record (RFC 8446 5.1)
 _CLOSE_GRACE = 5.0  # seconds a graceful close (flush, close_notify) may take before an abort
 SWEEP = 0.25  # seconds between two looks at the connections' deadlines (their precision)
 
-_HANDSHAKE, CONNECTING, _FORWARDING, _CLOSING, _GONE = range(5)
+_ADOPTING, _HANDSHAKE, CONNECTING, _FORWARDING, _CLOSING, _GONE = range(6)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -62,9 +62,14 @@ class Connection(asyncio.BufferedProtocol):
     The node's side is the loop's plain TCP transport, and TLS runs in a MemoryBIO pair owned by
     this protocol: every byte the transport reads goes to OpenSSL first. The upstream's side is
     a plain non-blocking socket driven by ``add_reader``/``add_writer``. States, in order:
-    handshake, connecting (authorized; the upstream connect is in progress), forwarding,
-    closing (close_notify sent; the transport flushes and closes), gone (the node's transport
-    is closed; the connection is forgotten once the upstream has taken what the node sent).
+    adopting (the loop is making the transport), handshake, connecting (authorized; the upstream
+    connect is in progress), forwarding, closing (close_notify sent; the transport flushes and
+    closes), gone (the node's transport is closed; the connection is forgotten once the upstream
+    has taken what the node sent).
+
+    ``transport`` and ``tls`` exist from the handshake state on (``connection_made``), and
+    ``upstream`` while ``ufd >= 0``: they are set in their state rather than None before it, so
+    that the forwarding path reads them without a check per chunk.
     """
 
     __slots__ = ("listener", "loop", "peer", "transport", "incoming", "outgoing", "tls", "state", "revoked", "authorized",
@@ -72,20 +77,23 @@ class Connection(asyncio.BufferedProtocol):
                  "last_activity", "active", "end_reason", "deadline", "age_due", "to_upstream",
                  "client_paused", "upstream_paused", "logged", "task", "adopting")
 
+    transport: asyncio.Transport  # from connection_made on
+    tls: ssl.SSLObject  # from connection_made on
+    upstream: socket.socket  # while ufd >= 0
+
     def __init__(self, listener: "GatewayListener", peer: str) -> None:
+        loop = listener.loop
+        assert loop is not None, "connections come from a started listener"
         self.listener = listener
-        self.loop = listener.loop
+        self.loop = loop
         self.peer = peer
-        self.transport: asyncio.Transport | None = None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.tls: ssl.SSLObject | None = None
-        self.state = _HANDSHAKE
+        self.state = _ADOPTING
         self.revoked: frozenset[tuple[bytes, int]] = frozenset()
         self.authorized: PeerIdentity | None = None  # passed the checks; the upstream is being connected
         self.candidates: list[tuple[int, tuple]] = []  # upstream addresses still to try, the current one first
-        self.upstream: socket.socket | None = None
-        self.ufd = -1
+        self.ufd = -1  # the upstream socket's descriptor, -1 while there is none
         self.identity: PeerIdentity | None = None  # set once forwarding: the connection is then "accepted"
         self.early: list[bytes] = []  # what the node sent before the upstream was connected
         self.early_size = 0
@@ -120,10 +128,12 @@ class Connection(asyncio.BufferedProtocol):
         self.adopting = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # A socket's transport is a Transport (uvloop's too, though not by inheritance).
+        self.transport = transport  # type: ignore[assignment]
         if self.state == _GONE:  # aborted while the transport was being made (the listener closing)
-            transport.abort()
+            self.transport.abort()
             return
+        self.state = _HANDSHAKE
         listener = self.listener
         tls = listener._current()
         self.revoked = tls.revoked
@@ -153,14 +163,14 @@ class Connection(asyncio.BufferedProtocol):
         return True  # this protocol closes the transport itself
 
     def pause_writing(self) -> None:  # the node reads slower than the upstream sends
-        if self.upstream is not None and not self.upstream_paused:
+        if self.ufd >= 0 and not self.upstream_paused:
             self.upstream_paused = True
             self.loop.remove_reader(self.ufd)
 
     def resume_writing(self) -> None:
         if self.upstream_paused:
             self.upstream_paused = False
-            if self.upstream is not None and self.state == _FORWARDING:
+            if self.ufd >= 0 and self.state == _FORWARDING:
                 self.loop.add_reader(self.ufd, self._from_upstream)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -262,6 +272,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         listener = self.listener
         identity = self.identity = self.authorized
+        assert identity is not None and listener.events is not None, "connecting: authorized, by a started listener"
         self.state = _FORWARDING
         self.started = self.last_activity = loop.time()
         listener.stats.accepted += 1
@@ -286,6 +297,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _upstream_failed(self, exc: OSError) -> None:
         host, port = self.listener.config.upstream
+        assert self.authorized is not None, "only an authorized connection connects the upstream"
         log.error("upstream unreachable peer=%s node=%s upstream=%s:%d error=%r",
                   self.peer, self.authorized.name, host, port, exc.strerror or str(exc))
         self.end("upstream unreachable")
@@ -300,7 +312,7 @@ class Connection(asyncio.BufferedProtocol):
         # (Each read has room for a whole record, so OpenSSL never holds decrypted bytes back.)
         while incoming.pending or incoming.eof:
             try:
-                n = tls.read(CHUNK - size, view[size:])
+                n: int = tls.read(CHUNK - size, view[size:])  # type: ignore[assignment]  # into a buffer: a count (typeshed says bytes)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -420,7 +432,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.state >= _CLOSING:
             return
         self._log_closed()  # now, not after the close: a node that does not read can take the grace time
-        if self.upstream is not None:
+        if self.ufd >= 0:
             if self.to_upstream:
                 self.loop.remove_reader(self.ufd)  # its writer delivers the rest, then closes it
             else:
@@ -439,7 +451,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.close()
 
     def _abort(self) -> None:
-        if self.state != _GONE and self.transport is not None:
+        if self.state not in (_ADOPTING, _GONE):
             self.transport.abort()
         self.to_upstream = b""
         self._close_upstream()
@@ -458,7 +470,7 @@ class Connection(asyncio.BufferedProtocol):
         self._forget_if_done()
 
     def _forget_if_done(self) -> None:
-        if self.state != _GONE or self.upstream is not None:
+        if self.state != _GONE or self.ufd >= 0:
             return
         listener = self.listener
         listener._connections.discard(self)
@@ -466,21 +478,23 @@ class Connection(asyncio.BufferedProtocol):
             listener._drained.set()
 
     def _close_upstream(self) -> None:
-        if self.upstream is not None:
+        if self.ufd >= 0:
             self.loop.remove_reader(self.ufd)
             self.loop.remove_writer(self.ufd)
             self.upstream.close()
-            self.upstream, self.ufd = None, -1
+            del self.upstream
+            self.ufd = -1
 
     def _log_closed(self) -> None:
         if self.identity is None or self.logged:
             return
         self.logged = True
-        stats = self.listener.stats
+        stats, events = self.listener.stats, self.listener.events
+        assert events is not None, "made by the listener's start()"
         stats.closed_bytes_in += self.bytes_in
         stats.closed_bytes_out += self.bytes_out
         log_closed(self.peer, self.identity, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                   duration=self.loop.time() - self.started, reason=self.end_reason or "closed", batch=self.listener.events)
+                   duration=self.loop.time() - self.started, reason=self.end_reason or "closed", batch=events)
 
 
 def peer_name(address: tuple) -> str:

@@ -96,10 +96,10 @@ class GatewayListener:
         Raises:
             OSError: the address cannot be bound.
         """
-        self.loop = asyncio.get_running_loop()
-        self.events = EventBatch(self.loop)
+        loop = self.loop = asyncio.get_running_loop()
+        self.events = EventBatch(loop)
         host, port = self.config.listen
-        infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         try:
             for family, type_, proto, _, address in dict.fromkeys(infos):
                 sock = socket.socket(family, type_, proto)
@@ -114,9 +114,9 @@ class GatewayListener:
             self._close_sockets()
             raise
         for sock in self._sockets:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+            loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
-    def _accept(self, listening: socket.socket) -> None:
+    def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         # Accepting here, not in create_server, gives every connection its peer address from
         # accept() itself: a node that resets at once has none left for getpeername() to tell.
         for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
@@ -135,7 +135,7 @@ class GatewayListener:
             sock.setblocking(False)
             conn = Connection(self, peer)
             self._connections.add(conn)
-            conn.adopting = self.loop.create_task(conn.adopt(sock))
+            conn.adopting = loop.create_task(conn.adopt(sock))
 
     def _close_sockets(self) -> None:
         for sock in self._sockets:
@@ -172,13 +172,12 @@ class GatewayListener:
         """
         out = revoked - superseded
         nodes = {self._nodes_by_serial[key] for key in out if key in self._nodes_by_serial}
-        hits = [c for c in self._connections if c.identity is not None
-                and ((c.identity.issuer, c.identity.serial) in out or c.identity.name in nodes)]
-        for conn in hits:
-            own = (conn.identity.issuer, conn.identity.serial) in out
-            detail = "its serial is on the new CRL" if own else f"another certificate of node {conn.identity.name} is on the new CRL"
-            log.warning("closing peer=%s node=%s serial=%x reason='revoked' detail=%r", conn.peer, conn.identity.name,
-                        conn.identity.serial, detail)
+        hits = [(c, who) for c in self._connections if (who := c.identity) is not None
+                and ((who.issuer, who.serial) in out or who.name in nodes)]
+        for conn, who in hits:
+            own = (who.issuer, who.serial) in out
+            detail = "its serial is on the new CRL" if own else f"another certificate of node {who.name} is on the new CRL"
+            log.warning("closing peer=%s node=%s serial=%x reason='revoked' detail=%r", conn.peer, who.name, who.serial, detail)
             conn.end("revoked")
         return len(hits)
 
@@ -204,7 +203,7 @@ class GatewayListener:
         """The slow path for an upstream given by name: resolve it for this connection, then connect."""
         host, port = self.config.upstream
         try:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await conn.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             if conn.state == CONNECTING:
                 conn._upstream_failed(exc)
@@ -215,9 +214,10 @@ class GatewayListener:
 
     def _sweep_soon(self) -> None:
         if self._sweeper is None:
-            self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+            assert self.loop is not None, "connections come from a started listener"
+            self._sweeper = self.loop.call_later(SWEEP, self._sweep, self.loop)
 
-    def _sweep(self) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Act on every connection whose deadline has passed; runs while there are connections.
 
         One timer for all instead of three per connection (handshake, idle, close grace): under a
@@ -225,7 +225,7 @@ class GatewayListener:
         The idle timeout is thus measured to within ``SWEEP`` seconds.
         """
         self._sweeper = None
-        now = self.loop.time()
+        now = loop.time()
         due = []
         for conn in self._connections:
             if conn.active:  # bytes moved since the last sweep: cheaper per chunk than reading the clock
