@@ -45,6 +45,8 @@ from .upkeep import ESTUpkeep
 from .watch import credential_stamp, watch_files
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
     from .listener import GatewayListener
     from .metrics import StatusServer
     from .tunnel import NodeTunnel
@@ -85,7 +87,7 @@ class Agent:
         self._next_attempt: dt.datetime | None = None
         self._renew_lock = asyncio.Lock()
         self._stopped: asyncio.Event | None = None
-        self._scheduler = None
+        self._scheduler: AsyncIOScheduler | None = None  # made by run()
         self._last_renewal: dt.datetime | None = None
         self._last_attempt: dict | None = None
         self._hook_results: list[dict] = []
@@ -178,7 +180,9 @@ class Agent:
                 credential.certificate.not_valid_after_utc.isoformat(), self._next_attempt.isoformat(),
             )
         if tls is not None and tls.revoked and (credential.certificate.issuer.public_bytes(), credential.certificate.serial_number) in tls.revoked:
-            self._credential_revoked(find_revocation(credential.certificate, load_crls(self.config.listener.crl)) or "on the CRL")
+            listener = self.config.listener
+            assert listener is not None and listener.crl is not None, "revocations come from the listener's CRL"
+            self._credential_revoked(find_revocation(credential.certificate, load_crls(listener.crl)) or "on the CRL")
         self._schedule_wakeup()
         self.save_state()
         return True
@@ -404,17 +408,18 @@ class Agent:
                 be loaded, or the listener cannot bind.
         """
         loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
+        stopped = self._stopped = asyncio.Event()
         pid_file = PidFile(self.store.directory)
         pid_file.acquire()
         try:
-            await self._serve(loop, handle_signals, ready)
+            await self._serve(loop, stopped, handle_signals, ready)
         finally:
             self._running = False
             self.save_state()
             pid_file.release()
 
-    async def _serve(self, loop: asyncio.AbstractEventLoop, handle_signals: bool, ready: Callable[[], None] | None) -> None:
+    async def _serve(self, loop: asyncio.AbstractEventLoop, stopped: asyncio.Event, handle_signals: bool,
+                     ready: Callable[[], None] | None) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self._started = self.clock.now()
@@ -422,20 +427,20 @@ class Agent:
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)
         await start_endpoints(self)
-        self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
-        self._scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
+        scheduler = self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
+        scheduler.add_job(self.check, "interval", seconds=self.config.renewal.check_interval.total_seconds(),
                                 id="check", misfire_grace_time=None, coalesce=True, max_instances=1)
         if self.upkeep is not None and self.upkeep.listener_crl is not None:
             # Its own job: the revocation bound is crl_refresh_interval, not check_interval.
-            self._scheduler.add_job(self.upkeep.refresh_crl, "interval", seconds=self.config.renewal.crl_refresh_interval.total_seconds(),
+            scheduler.add_job(self.upkeep.refresh_crl, "interval", seconds=self.config.renewal.crl_refresh_interval.total_seconds(),
                                     id="crl", misfire_grace_time=None, coalesce=True, max_instances=1,
                                     next_run_time=dt.datetime.now(dt.timezone.utc))
-        self._scheduler.start()
+        scheduler.start()
         self._schedule_wakeup()
-        watcher = loop.create_task(watch_files(self.watched_paths(), self.reload_if_changed, self._stopped)) if self.config.watch else None
+        watcher = loop.create_task(watch_files(self.watched_paths(), self.reload_if_changed, stopped)) if self.config.watch else None
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stopped.set)
+                loop.add_signal_handler(sig, stopped.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             loop.add_signal_handler(signal.SIGUSR1, self.renew_soon)
         self._running = True
@@ -445,13 +450,13 @@ class Agent:
             ready()
         first_check = loop.create_task(self.check())  # the EST refresh and revocation check at start, not a period later
         try:
-            await self._stopped.wait()
+            await stopped.wait()
         finally:
             first_check.cancel()
             log.info("stopping")
-            self._scheduler.shutdown(wait=False)
+            scheduler.shutdown(wait=False)
             if watcher is not None:
-                self._stopped.set()
+                stopped.set()
                 await asyncio.wait({watcher}, timeout=5)
             if self._hooks_task is not None and not self._hooks_task.done():
                 self._hooks_task.cancel()  # kills a running hook's process group (agent/hooks.py)

@@ -27,7 +27,7 @@ async def start_endpoints(agent: "Agent") -> None:
         AgentError: an endpoint cannot bind its address; those started before it are closed.
     """
     config = agent.config
-    wanted = []
+    wanted: list[tuple[str, tuple[str, int], GatewayListener | NodeTunnel | StatusServer]] = []
     if config.listener is not None:
         wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain)))
     if config.tunnel is not None:

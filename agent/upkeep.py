@@ -7,6 +7,7 @@ gateway refuses this node), so that a revoked host learns it without waiting for
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ class ESTUpkeep:
         self.agent, self.client = agent, client
         listener = agent.config.listener
         self.listener_crl: Path | None = listener.crl if listener is not None else None
-        self._next_refresh = None  # the first check refreshes at once
+        self._next_refresh: dt.datetime | None = None  # the first check refreshes at once
         self._crl_etag: str | None = None
         self._crl_failing = False
         self._refusal_check: asyncio.Task | None = None
