@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import functools
 import ssl
+from typing import Sequence
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -40,7 +41,7 @@ class PeerIdentity:
     issuer: bytes = b""
 
 
-def allowed_names(allow: list[str] | tuple[str, ...]) -> frozenset[str] | None:
+def allowed_names(allow: Sequence[str]) -> frozenset[str] | None:
     """The allow list as lower-case names, or None for ``["*"]`` (every node of the CA).
 
     Raises:
@@ -94,6 +95,7 @@ def authorize_client(
     if allow is not None and found.claimed not in allow:
         raise PeerRejected("not allowed", f"node {found.claimed} (serial {found.serial:x}) is not in listener.allow",
                            node=found.claimed, serial=found.serial)
+    assert found.claimed is not None, "no problem: exactly one node identity"
     return PeerIdentity(found.claimed, found.serial, found.not_after, found.issuer)
 
 

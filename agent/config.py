@@ -360,6 +360,7 @@ def _resolve_hook(hook: Hook, base: Path) -> Hook:
     """Paths in a hook relative to the configuration file's directory ``base``."""
     if hook.sighup_pid_file is not None:
         return hook.model_copy(update={"sighup_pid_file": base / hook.sighup_pid_file})
+    assert hook.run is not None, "a hook has run or sighup_pid_file (Hook's validator)"
     program = hook.run[0]
     if "/" in program and not program.startswith("/"):
         return hook.model_copy(update={"run": [str(base / program), *hook.run[1:]]})

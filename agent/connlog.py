@@ -108,9 +108,9 @@ class EventBatch:
             self._timer.cancel()
             self._timer = None
         items, self._items = self._items, []
-        handler = _sole_handler()
-        if handler is not None:
-            line = handler.formatter.event_line
+        sole = _sole_handler()
+        if sole is not None:
+            handler, line = sole[0], sole[1].event_line
             handler.emit_lines([line(created, log.name, msg % args, event) for created, msg, args, event in items])
             return
         for created, msg, args, event in items:
@@ -121,13 +121,14 @@ class EventBatch:
             log.handle(record)
 
 
-def _sole_handler() -> "BatchingStreamHandler | None":
-    """The handler of the listener's INFO lines if it is the agent's own, alone, unfiltered and
-    with the agent's own formatter; None otherwise (pytest's caplog, an embedding application)."""
+def _sole_handler() -> "tuple[BatchingStreamHandler, TextFormatter | JSONFormatter] | None":
+    """The handler of the listener's INFO lines and its formatter if it is the agent's own, alone,
+    unfiltered and with the agent's own formatter; None otherwise (pytest's caplog, an embedding
+    application)."""
     if not log.isEnabledFor(logging.INFO):
         return None
     found = []
-    logger = log
+    logger: logging.Logger | None = log
     while logger is not None:
         if logger.filters:
             return None
@@ -138,7 +139,10 @@ def _sole_handler() -> "BatchingStreamHandler | None":
     handler = found[0]
     if type(handler) is not BatchingStreamHandler or handler.filters or handler.level > logging.INFO:
         return None
-    return handler if type(handler.formatter) in (TextFormatter, JSONFormatter) else None
+    formatter = handler.formatter
+    if type(formatter) is TextFormatter or type(formatter) is JSONFormatter:  # not a subclass: its format() could differ
+        return handler, formatter
+    return None
 
 
 def _hex(serial: int | None) -> str | None:
@@ -163,7 +167,7 @@ class TextFormatter(logging.Formatter):
 
     def event_line(self, created: float, name: str, message: str, event: dict) -> str:
         """The line :meth:`format` makes of an INFO record of logger ``name`` created at ``created``."""
-        return f"{self.formatTime(_Stamp(created))} INFO {name}: {message}"
+        return f"{self.formatTime(_Stamp(created))} INFO {name}: {message}"  # type: ignore[arg-type]  # formatTime reads created and msecs only
 
 
 class JSONFormatter(logging.Formatter):

@@ -22,7 +22,7 @@ from pkictl.clock import Clock
 from pkictl.credential_checks import CREDENTIAL_CHECKS
 from pkictl.credential_facts import CredentialFacts
 from pkictl.crl_checks import crl_findings
-from pkictl.diagnosis import Finding, Severity, check, run_checks
+from pkictl.diagnosis import Finding, Severity, check, check_name, run_checks
 from pkictl.doctor import service_file_findings
 from pkictl.errors import PKIError
 from pkictl.revocation import crls_from_pem, load_crls
@@ -240,6 +240,7 @@ def check_clock_skew(facts: AgentFacts):
         return [Finding("clock-skew", OK, "", "not checked: no answer from an EST server with a Date header")]
     skew = probe.skew.total_seconds()
     if abs(probe.skew) <= SKEW_WARNING:
+        assert facts.config.renewal.ca_url is not None, "the EST server answered: it has a URL"
         return [Finding("clock-skew", OK, facts.config.renewal.ca_url, f"{skew:+.0f} s against the EST server")]
     side = "behind" if skew > 0 else "ahead of"
     severity = E if abs(probe.skew) > SKEW_ERROR else W
@@ -317,7 +318,7 @@ def diagnose_agent(config_path: Path, *, clock: Clock, gateway: str | None = Non
     findings += run_checks(rest, facts)
     # A node dials the gateway; a gateway runs the listener in front of its upstream.
     if config.kind == "node":
-        findings += run_checks([c for c in GATEWAY_CHECKS if c.check_name == "gateway"], facts)
+        findings += run_checks([c for c in GATEWAY_CHECKS if check_name(c) == "gateway"], facts)
     elif config.listener is not None:
-        findings += run_checks([c for c in GATEWAY_CHECKS if c.check_name != "gateway"], facts)
+        findings += run_checks([c for c in GATEWAY_CHECKS if check_name(c) != "gateway"], facts)
     return findings + units

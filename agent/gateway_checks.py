@@ -62,7 +62,7 @@ def check_gateway(facts: "AgentFacts"):
     (host, port), name = facts.gateway
     where = f"{host}:{port}" + (f" as {name}" if name != host else "")
     credential = facts.credential
-    if facts.offline or credential.version is None or isinstance(credential.anchors, str):
+    if facts.offline or credential.version is None or credential.certificate is None or isinstance(credential.anchors, str):
         yield Finding("gateway", OK, where, "not checked: --offline, or no usable credential here")
         return
     result = probe_gateway(credential.version, credential.directory / "ca.pem", (host, port), name,

@@ -110,7 +110,9 @@ def probe_gateway(version_dir: Path, anchors: Path, address: tuple[str, int], se
         raw.close()
         return GatewayProbe("refused", f"closed during the handshake ({type(exc).__name__})")
     with tls:
-        served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None, "after a handshake, the server's certificate is there"
+        served = x509.load_der_x509_certificate(der)
         version = tls.version() or ""
         tls.settimeout(settle)
         try:
@@ -148,6 +150,8 @@ def probe_est(ca_url: str, anchors: Path, clock: Clock, *, timeout: float = 5.0)
     """GET ``/cacerts`` (RFC 7030 4.1) for the server's ``Date`` (RFC 9110 6.6.1), then ``/crl.pem``,
     over one TLS connection verified against ``anchors`` and the URL's host."""
     parts = urlsplit(ca_url)
+    if not parts.hostname:  # listener.ca_url's pattern lets https://:PORT through
+        return ESTProbe(error=f"{ca_url!r} names no host: want https://HOST[:PORT]")
     ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.load_verify_locations(cafile=str(anchors))
     connection = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=ctx, timeout=timeout)

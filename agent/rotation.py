@@ -119,7 +119,7 @@ def verify_successor(new: Credential, current: Credential, anchors: list[x509.Ce
         raise RenewalError(f"the new certificate does not verify against the trust anchor: {exc}") from None
 
 
-def _server_subject(certificate: x509.Certificate) -> x509.GeneralName:
+def _server_subject(certificate: x509.Certificate) -> x509.DNSName | x509.IPAddress:
     """The first DNS name (else IP address) a server certificate names, to verify it for."""
     sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     dns = sans.get_values_for_type(x509.DNSName)

@@ -66,4 +66,4 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
     ctx.load_verify_locations(cafile=crl)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ServerTLS(ctx, credential, revoked_serials(crls), revoked_serials(crls, reason=x509.ReasonFlags.superseded),
-                     min(c.next_update_utc for c in crls))
+                     min((c.next_update_utc for c in crls if c.next_update_utc is not None), default=None))

@@ -37,7 +37,7 @@ def credential_stamp(store, crl: Path | None) -> tuple:
     return live, file_stamp(crl), file_stamp(store.trust_anchors_path)
 
 
-async def watch_files(paths: Iterable[Path], on_change: Callable[[], None], stop: asyncio.Event, *, step_ms: int = 50) -> None:
+async def watch_files(paths: Iterable[Path], on_change: Callable[[], object], stop: asyncio.Event, *, step_ms: int = 50) -> None:
     """Call ``on_change()`` on the running loop after any of ``paths`` is created, replaced,
     changed or removed, until ``stop`` is set.
 

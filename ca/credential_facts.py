@@ -27,7 +27,7 @@ __all__ = ["CredentialFacts", "describe", "fingerprint", "purposes", "subject_al
 def describe(certificate: x509.Certificate) -> str:
     """``CN=TW serial 1a2b3c4d...`` (the serial shortened as pkictl status shows it)."""
     cn = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    name = f"CN={cn[0].value}" if cn else certificate.subject.rfc4514_string()
+    name = f"CN={str(cn[0].value)}" if cn else certificate.subject.rfc4514_string()
     return f"{name} serial {certificate.serial_number:x}"[:80]
 
 

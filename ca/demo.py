@@ -60,6 +60,7 @@ def _gateway_serial(bundle: Path, host: str, port: int) -> tuple[str, str]:
     ctx, _ = client_context(CredentialStore(bundle))
     with socket.create_connection((host, port), timeout=WAIT) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
         der = tls.getpeercert(binary_form=True)
+        assert der is not None, "a verified server sent its certificate"
         return f"{x509.load_der_x509_certificate(der).serial_number:x}", str(tls.version())
 
 

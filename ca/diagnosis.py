@@ -17,6 +17,7 @@ __all__ = [
     "Finding",
     "Check",
     "check",
+    "check_name",
     "run_checks",
     "exit_status",
     "render",
@@ -94,6 +95,11 @@ def check(name: str) -> Callable[[Callable[[T], Iterable[Finding]]], Callable[[T
     return decorate
 
 
+def check_name(function: Callable) -> str:
+    """The name :func:`check` gave ``function`` (else the function's own name)."""
+    return getattr(function, "check_name", function.__name__)
+
+
 def run_checks(checks: Sequence[Callable[[T], Iterable[Finding]]], facts: T) -> list[Finding]:
     """Run each check on ``facts`` in order; a check that finds nothing yields one ``ok`` finding.
 
@@ -102,7 +108,7 @@ def run_checks(checks: Sequence[Callable[[T], Iterable[Finding]]], facts: T) -> 
     """
     findings: list[Finding] = []
     for function in checks:
-        name = getattr(function, "check_name", function.__name__)
+        name = check_name(function)
         try:
             found = list(function(facts))
         except Exception as exc:  # noqa: BLE001 - reported, never swallowed

@@ -24,7 +24,7 @@ from .clock import Clock
 from .credential_checks import CREDENTIAL_CHECKS
 from .credential_facts import CredentialFacts, describe
 from .crl_checks import crl_findings
-from .diagnosis import Finding, Severity, check, run_checks
+from .diagnosis import Finding, Severity, check, check_name, run_checks
 from .activation import read_pending
 from .errors import PKIError, StoreError
 from .keys import is_encrypted, load_private_key
@@ -182,7 +182,7 @@ def check_certificates(facts: CAFacts):
         yield Finding("ca-certificates", E, str(facts.home / "issuing/cert.pem"), f"{describe(issuing)} is not signed by the root "
                       f"({type(exc).__name__})", "an issuing CA certified by root/cert.pem", "restore issuing/ from the backup")
     if facts.pending is not None:
-        yield from _pending_findings(facts)
+        yield from _pending_findings(facts, root, facts.pending)
     for label, cert in (("root", root), ("issuing CA", issuing)):
         if now >= cert.not_valid_after_utc:
             yield Finding("ca-certificates", E, label, f"{describe(cert)} expired at {cert.not_valid_after_utc.isoformat()}",
@@ -196,11 +196,11 @@ def check_certificates(facts: CAFacts):
                       f"an issuing CA that outlives a new certificate ({lifetime.days} days)", "pkictl rotate-issuing")
 
 
-def _pending_findings(facts: CAFacts) -> list[Finding]:
-    """The next issuing CA, published and waiting for its activation: fine unless it is broken."""
-    pending, path = facts.pending, facts.home / "pending-issuing"
+def _pending_findings(facts: CAFacts, root: x509.Certificate, pending: x509.Certificate) -> list[Finding]:
+    """The next issuing CA (``pending``), published and waiting for its activation: fine unless it is broken."""
+    path = facts.home / "pending-issuing"
     try:
-        pending.verify_directly_issued_by(facts.root)
+        pending.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature) as exc:
         return [Finding("ca-certificates", E, str(path / "cert.pem"), f"{describe(pending)} is not signed by the root "
                         f"({type(exc).__name__})", "a pending issuing CA certified by root/cert.pem",
@@ -310,7 +310,7 @@ def _service_checks(facts: CAFacts) -> list[Finding]:
         return [Finding("service-credential", OK, str(directory), "absent: pkictl serve never ran here")]
     fix = f"move {directory} aside and restart pkictl serve: it issues itself a new certificate"
     credential = CredentialFacts(directory=directory, now=facts.now, kind="service", reenroll=fix, config="pkictl serve")
-    findings = run_checks([c for c in CREDENTIAL_CHECKS if c.check_name not in ("identity", "revocation")], credential)
+    findings = run_checks([c for c in CREDENTIAL_CHECKS if check_name(c) not in ("identity", "revocation")], credential)
     renewing = "pkictl serve renews it at 2/3 of its lifetime: is it running? (systemctl status pkictl-serve)"
     return [dataclasses.replace(f, check=f"service-{f.check}", fix=renewing if (f.check, f.severity) == ("validity", W) else f.fix)
             for f in findings]

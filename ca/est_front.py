@@ -91,6 +91,8 @@ class TLSFront:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, listening: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None, "registered by start()"
         for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
             try:
                 sock, address = listening.accept()
@@ -100,13 +102,13 @@ class TLSFront:
                 log.error("accept on %s failed: %s", peer_name(listening.getsockname()), exc)
                 return
             sock.setblocking(False)
-            task = self._loop.create_task(self._handshake(sock, peer_name(address)))
+            task = loop.create_task(self._handshake(loop, sock, peer_name(address)))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+    async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: str) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, sock, ssl=self._context(),
+            await loop.connect_accepted_socket(self._factory, sock, ssl=self._context(),
                                                      ssl_handshake_timeout=self.handshake_timeout)
         except Exception as exc:  # noqa: BLE001 - every failed handshake is a logged refusal
             # The loop closed the transport, and with it the socket (uvloop detaches it first).

@@ -30,8 +30,12 @@ def _epoch(value: dt.datetime) -> int:
     return int(value.timestamp())
 
 
+def _utc(value: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
 def _from_epoch(value: int | None) -> dt.datetime | None:
-    return None if value is None else dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    return None if value is None else _utc(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +164,7 @@ class Inventory:
         if row["status"] == "pending":
             raise AlreadyEnrolledError(f"{kind} {row['name']} is being enrolled by another pkictl process right now (serial {row['serial']})",
                                        serial=row["serial"])
-        until = _from_epoch(row["not_after"]).isoformat()  # type: ignore[union-attr]
+        until = _utc(row["not_after"]).isoformat()  # an issued row has its validity
         raise AlreadyEnrolledError(
             f"{kind} {row['name']} is already enrolled (serial {row['serial']}, valid until {until}); its agent renews it",
             serial=row["serial"],
@@ -311,7 +315,7 @@ class Inventory:
     def crls(self) -> list[tuple[str, int, dt.datetime, dt.datetime]]:
         """``(issuer name, number, this_update, next_update)`` of each CRL written."""
         rows = self._db.execute("SELECT * FROM crls WHERE next_update IS NOT NULL ORDER BY issuer_name")
-        return [(r["issuer_name"], r["number"], _from_epoch(r["this_update"]), _from_epoch(r["next_update"])) for r in rows]
+        return [(r["issuer_name"], r["number"], _utc(r["this_update"]), _utc(r["next_update"])) for r in rows]  # set together
 
     # -- bootstrap: one-time tokens and approval requests ---------------------------------------
 

@@ -203,10 +203,11 @@ class ESTService:
             refusal = Refusal(503, "signer unavailable", str(exc))
             headers["Retry-After"] = str(self.retry_after)
         except Exception as exc:  # every request gets an answer and a log line
-            refusal = classify(exc, renewing=renewing)
-            if refusal is None:  # our bug, not the client's: the one case with a traceback
+            classified = classify(exc, renewing=renewing)
+            if classified is None:  # our bug, not the client's: the one case with a traceback
                 log.exception("internal error answering %s %s", request.method, quoted(request.path))
-                refusal = Refusal(500, "internal error", f"{type(exc).__name__}: {exc}")
+                classified = Refusal(500, "internal error", f"{type(exc).__name__}: {exc}")
+            refusal = classified
             if isinstance(exc, web.HTTPException):
                 # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
                 headers.update((name, exc.headers[name]) for name in ("Retry-After", "Allow") if name in exc.headers)
@@ -337,11 +338,17 @@ class ESTService:
         aiohttp_log = logging.getLogger("pkictl.serve.http")
         if not any(isinstance(f, QuietClientErrors) for f in aiohttp_log.filters):
             aiohttp_log.addFilter(QuietClientErrors())
-        self._runner = web.AppRunner(self.app(), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
-                                     keepalive_timeout=15)
-        await self._runner.setup()
-        self._front = TLSFront(self._runner.server, lambda: self._context, handshake_timeout=self.handshake_timeout)
+        runner = self._runner = web.AppRunner(self.app(), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
+                                              keepalive_timeout=15)
+        await runner.setup()
+        assert runner.server is not None, "made by setup()"
+        self._front = TLSFront(runner.server, self._current_context, handshake_timeout=self.handshake_timeout)
         await self._front.start(*self.listen)
+
+    def _current_context(self) -> ssl.SSLContext:
+        """What a new connection gets (TLSFront asks once per connection)."""
+        assert self._context is not None, "built by ensure_credential()"
+        return self._context
 
     async def maintain(self) -> None:
         """Follow a rotation of the issuing CA, renew the service certificate when due, and
@@ -366,6 +373,8 @@ class ESTService:
         if self.signers is not None:
             await self.signers.start()
         await self.start()
+        front, runner = self._front, self._runner
+        assert front is not None and runner is not None, "made by start()"
         loop = asyncio.get_running_loop()
         scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         scheduler.add_job(self.maintain, "interval", seconds=self.check_interval, misfire_grace_time=None,
@@ -382,8 +391,8 @@ class ESTService:
             await stop.wait()
         finally:
             scheduler.shutdown(wait=False)
-            await self._front.close()
-            await self._runner.cleanup()
+            await front.close()
+            await runner.cleanup()
             if self.signers is not None:
                 await self.signers.close()
 

@@ -31,6 +31,7 @@ import collections
 import logging
 import multiprocessing
 import signal
+from typing import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _simple_enroll(ca, csr_der: bytes, name: str | None, token: str | None, peer
     return _der(ca.simple_enroll(x509.load_der_x509_csr(csr_der), name=name, token=token, peer=peer))
 
 
-_OPERATIONS = {"simple_reenroll": _simple_reenroll, "simple_enroll": _simple_enroll}
+_OPERATIONS: dict[str, Callable[..., bytes]] = {"simple_reenroll": _simple_reenroll, "simple_enroll": _simple_enroll}
 
 
 def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
@@ -89,6 +90,7 @@ def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
             operation, args = conn.recv()
         except (EOFError, OSError):
             return
+        answer: tuple[str, bytes | Exception]
         try:
             ca.refresh_issuing()  # follow rotate-issuing: the issuing CA of the moment signs this call
             answer = ("ok", _OPERATIONS[operation](ca, *args))
@@ -97,7 +99,7 @@ def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
         try:
             conn.send(answer)
         except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
-            conn.send(("error", PKIError(f"{type(answer[1]).__name__}: {answer[1]}")))
+            conn.send(("error", PKIError(f"{type(answer[1]).__name__}: {str(answer[1])}")))  # an exception: bytes pickle
 
 
 class _Worker:

@@ -52,7 +52,7 @@ _ALERTS = {
 }
 
 
-def alert_reason(exc: BaseException) -> str | None:
+def alert_reason(exc: object) -> str | None:
     """The reason a server (a gateway, the EST service) gave for refusing our client certificate,
     from the TLS alert in ``exc``: ``no client certificate``, ``revoked``, ``expired or not yet
     valid``, ``unknown CA``, ``wrong purpose``, ...; None if ``exc`` is not such an alert (a
