@@ -160,7 +160,7 @@ class StatusServer:
         from aiohttp import web
 
         problems = health(self.agent)
-        body = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
+        body: dict[str, object] = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
         return web.json_response(body, status=503 if problems else 200)
 
     async def _metrics(self, request: "web.Request") -> "web.Response":
