@@ -3,7 +3,7 @@ and logs each client refused there (peer address, exact reason) before HTTP sees
 
 ``loop.create_server(ssl=ctx)`` drops failed handshakes silently (asyncio's sslproto logs them
 only in debug mode), and once a client has reset, its transport no longer knows the peer's
-address (../shared/DESIGN.md, "Facts found while building the listener and the EST service").
+address (docs/design.md, "The EST service").
 Accepting here keeps the address from ``accept()`` itself, and awaiting
 ``loop.connect_accepted_socket(ssl=...)`` per connection (on asyncio's loop and on uvloop alike)
 raises the handshake's failure where it can be logged. The reasons are the gateway listener's
@@ -46,7 +46,7 @@ class TLSFront:
     Args:
         protocol_factory: makes the HTTP protocol of one connection (aiohttp's ``web.Server``).
         context: returns the server context for a new connection (called once per connection,
-            so that a reloaded context reaches new connections only: ../shared/DESIGN.md).
+            so that a reloaded context reaches new connections only: docs/design.md).
         handshake_timeout: seconds a client has to finish its handshake (slowloris).
     """
 
