@@ -22,6 +22,7 @@ from typing import Callable
 
 from .handshake import handshake_refusal_reason, likely_cause
 from .logfmt import peer_name, quoted
+from .sockets import bind_listening_sockets
 
 __all__ = ["TLSFront", "log_tls_refusal"]
 
@@ -71,22 +72,7 @@ class TLSFront:
             OSError: an address cannot be bound (nothing stays bound).
         """
         self._loop = asyncio.get_running_loop()
-        infos = await self._loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        try:
-            for family, type_, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, type_, proto)
-                self._sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if port == 0 and len(self._sockets) > 1:  # port 0: every address on the first one's port
-                    address = (address[0], self._sockets[0].getsockname()[1], *address[2:])
-                sock.bind(address)
-                sock.listen(1024)
-                sock.setblocking(False)
-        except OSError:
-            self._close_sockets()
-            raise
+        self._sockets = await bind_listening_sockets(self._loop, host, port)
         for sock in self._sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
