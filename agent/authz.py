@@ -1,7 +1,7 @@
 """What the gateway checks after OpenSSL accepted a client chain, and why OpenSSL is not enough.
 
 OpenSSL accepts a client certificate with no EKU and a CA certificate used as a leaf
-(../shared/DESIGN.md, "mTLS server checks"); the application must check those itself.
+(docs/design.md, "mTLS server checks"); the application must check those itself.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from .errors import PeerRejected
 if TYPE_CHECKING:
     from .listener import GatewayListener
 
-__all__ = ["Connection", "peer_name", "CHUNK", "SWEEP", "CONNECTING"]
+__all__ = ["Connection", "CHUNK", "SWEEP", "CONNECTING"]
 
 log = logging.getLogger("pki_agent.listener")
 CHUNK = 256 * 1024  # bytes read at most per wake-up (the size of the listener's shared buffers)
@@ -496,8 +496,3 @@ class Connection(asyncio.BufferedProtocol):
         log_closed(self.peer, self.identity, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                    duration=self.loop.time() - self.started, reason=self.end_reason or "closed", batch=events)
 
-
-def peer_name(address: tuple) -> str:
-    """``host:port``, IPv6 hosts in brackets, from a socket address."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

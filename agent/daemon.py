@@ -4,7 +4,7 @@ run the post-rotation hooks, and keep the state file that ``pki-agent status`` r
 Scheduling is level-triggered: a periodic check asks "is the certificate on disk due?", and a
 one-shot job wakes up at the due time. APScheduler's default misfire grace of 1 s silently skips
 a job after a pause, so every job has ``misfire_grace_time=None`` and ``coalesce=True``
-(../shared/DESIGN.md, "Renewal"). Every decision reads the injected clock, never the scheduler's:
+(docs/design.md, "Renewal"). Every decision reads the injected clock, never the scheduler's:
 a wake-up that comes early, late (laptop sleep, SIGSTOP) or after a clock jump is harmless.
 
 Signals: SIGTERM/SIGINT stop, SIGHUP reloads from disk, SIGUSR1 renews now (``pki-agent
@@ -213,7 +213,7 @@ class Agent:
         """Re-sign the CA's CRL when due (CA host only) and reload if ``live`` or the CRL file changed.
 
         The CRL is re-signed by the long-running process on the CA host because an expired CRL
-        locks every client out (DESIGN.md, "mTLS server checks").
+        locks every client out (docs/design.md, "mTLS server checks").
         """
         if isinstance(self.source, LocalCA):
             try:

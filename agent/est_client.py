@@ -111,7 +111,7 @@ class ESTClient:
                 ) from None
             if client and _refused_after_handshake(reason):
                 # TLS 1.3: the server checks our certificate after the client's handshake has
-                # "succeeded", so a refusal arrives as an alert or EOF on the first read (DESIGN.md).
+                # "succeeded", so a refusal arrives as an alert or EOF on the first read (docs/design.md).
                 said = alert_reason(reason)
                 why = {"expired or not yet valid": "expired", "unknown CA": "another CA"}.get(said or "", "refused")
                 raise CredentialUnusable(why, f"the EST server {self.base_url} refused our certificate at the TLS layer "

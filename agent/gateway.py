@@ -24,7 +24,7 @@ Example, with ``asyncio.start_server``::
 
 ``server_context`` is one fixed SSLContext whose SNI callback (called on every handshake, with
 or without SNI) switches the connection to the current context: a reload reaches new
-connections while established ones keep theirs (../shared/DESIGN.md, "Hot reload").
+connections while established ones keep theirs (docs/design.md, "Hot reload").
 ``asyncio.start_server(ssl=...)`` drops failed handshakes without a word; to log each, accept
 plain TCP and hand each socket to ``loop.connect_accepted_socket(..., ssl=tls.context)``, or run
 TLS in a MemoryBIO over a plain transport as pki-agent's own listener does (agent/listener.py).
@@ -83,7 +83,7 @@ class GatewayTLS:
         except (PKIError, ssl.SSLError, OSError) as exc:
             raise AgentError(f"cannot load the gateway credential in {self.store.directory}: {exc}") from None
         # Built by the same builder as every reloaded context: the SNI swap keeps the base's
-        # verify mode, flags, versions and ticket settings (DESIGN.md), so they must be strict.
+        # verify mode, flags, versions and ticket settings (docs/design.md), so they must be strict.
         self._base = server_context(self.store, self.crl).context
         self._base.sni_callback = self._switch
 

@@ -12,9 +12,12 @@ import logging
 import socket
 from typing import Callable
 
+from pkictl.logfmt import peer_name
+from pkictl.sockets import bind_listening_sockets
+
 from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
-from .connection import CHUNK, CONNECTING, SWEEP, Connection, peer_name
+from .connection import CHUNK, CONNECTING, SWEEP, Connection
 from .connlog import EventBatch, log_refused
 from .tls import ServerTLS
 
@@ -99,20 +102,7 @@ class GatewayListener:
         loop = self.loop = asyncio.get_running_loop()
         self.events = EventBatch(loop)
         host, port = self.config.listen
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        try:
-            for family, type_, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, type_, proto)
-                self._sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(1024)
-                sock.setblocking(False)
-        except OSError:
-            self._close_sockets()
-            raise
+        self._sockets = await bind_listening_sockets(loop, host, port)
         for sock in self._sockets:
             loop.add_reader(sock.fileno(), self._accept, sock, loop)
 

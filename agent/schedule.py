@@ -1,6 +1,6 @@
 """Retry timing and log levels of failed renewals: pure functions of (failures, time left, lifetime).
 
-The rules (../shared/DESIGN.md, "Renewal"; the issue's "Scheduling"):
+The rules (docs/design.md, "Renewal"):
 
 - Backoff: exponential with full jitter between ``retry_initial`` and ``retry_max``
   (:func:`backoff_delay`), then capped so that a retry never lands later than a quarter of the

@@ -1,7 +1,7 @@
 """The gateway listener's server SSLContext, from a credential store (clients: :mod:`pkictl.tls`).
 
 Every reload builds a fresh, complete context from files: a live context is never mutated
-(../shared/DESIGN.md, "Hot reload of an ssl.SSLContext").
+(docs/design.md, "Hot reload").
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
     Args:
         store: the gateway's credential directory.
         crl: a PEM file of CRLs. OpenSSL then checks the leaf against it
-            (``VERIFY_CRL_CHECK_LEAF``; CRLs load only through ``cafile``, DESIGN.md), and its
+            (``VERIFY_CRL_CHECK_LEAF``; CRLs load only through ``cafile``, docs/design.md, "mTLS server checks"), and its
             entries are returned for the application's own check.
 
     Raises:

@@ -7,7 +7,7 @@ certificate while established ones keep theirs. The gateway is verified against 
 and the name or IP address dialed (or ``tunnel.server_name``).
 
 With TLS 1.3 a gateway that refuses the node's certificate does so after the client's handshake
-has "succeeded": the refusal arrives as an alert or an EOF on the first read (../shared/DESIGN.md,
+has "succeeded": the refusal arrives as an alert or an EOF on the first read (docs/design.md,
 "mTLS server checks"). The tunnel logs that as an authentication failure with the reason, apart
 from an unreachable gateway and from a gateway whose own certificate is not trusted.
 """

@@ -102,7 +102,7 @@ def check_key_match(facts: CredentialFacts):
 @check("chain")
 def check_chain(facts: CredentialFacts):
     """chain.pem holds the issuing CA and fullchain.pem is cert.pem followed by it: a client that
-    sends only its leaf is refused by a gateway that trusts only the root (DESIGN.md)."""
+    sends only its leaf is refused by a gateway that trusts only the root (docs/design.md)."""
     leaf, chain, fullchain = facts.certificate, facts.chain, facts.fullchain
     if leaf is None:
         return

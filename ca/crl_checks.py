@@ -1,7 +1,7 @@
 """Doctor checks of a CRL file: readable, signed by a CA we know, and fresh.
 
 With CRL checking on, a missing or expired CRL refuses every client, so a CRL is re-signed at
-half its validity; past that, whoever re-signs it is not running (../shared/DESIGN.md).
+half its validity; past that, whoever re-signs it is not running (docs/design.md).
 """
 
 from __future__ import annotations

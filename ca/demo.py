@@ -264,6 +264,21 @@ def _steps(s: Session, d: Path, pkictl: str, agent: str, lifetime: str, hosts: t
     n2.wait_for(r"tunnel authentication failure.* reason='revoked'", "the tunnel's authentication failure", start=n2_mark)
     s.say(f"  -> the gateway loaded a CRL with {count} revoked, closed N2's open connection and refused N2's new one "
           f"{time.monotonic() - revoked_at:.1f} s after 'pkictl revoke' (crl_refresh_interval 1s); N2's client got no answer")
+    code = n2.wait_for(r"pairing request of N2: a new key was made here; its code is ([A-Z2-7]{4}-[A-Z2-7]{4})",
+                       "N2's pairing request with a new key", start=n2_mark).group(1)
+    s.say(f"  -> N2's agent learned from the refusal that its certificate is revoked, made a new key and asks for approval: code {code}")
+    pending = s.run([pkictl, "--home", str(home), "requests"]).stdout
+    if not re.search(rf"^N2\s+{code}\s", pending, re.M):
+        raise DemoStepFailed(f"'pkictl requests' does not list N2's new request with the code {code} that N2 shows:\n{pending}")
+    s.run([pkictl, "--home", str(home), "approve", "N2", "--code", code])
+    n2_back = n2.wait_for(rf"re-enrolled N2: serial \S+ -> {_SERIAL}", "'re-enrolled N2: serial ... -> ...'", start=n2_mark).group(1)
+    n2.wait_for(rf"credential N2 serial {n2_back}", f"N2's agent taking serial {n2_back} into service", start=n2_mark)
+    back_client = LineClient("127.0.0.1", n2_port)
+    answer = back_client.exchange("N2 is back")
+    back_client.close()
+    if not answer.startswith("upstream #"):
+        raise DemoStepFailed(f"N2 re-paired (serial {n2_back}) but its tunnel got {answer!r}; expected the upstream's answer\n{n2.tail()}\n{gw.tail()}")
+    s.say(f"  -> N2 re-paired with serial {n2_back}, nothing done on N2; through its tunnel again: {answer!r}")
 
     s.section(11, "the CA's status report")
     s.say("  (first TW's tunnel ends the two connections its client closed: it gives the gateway 5 s of quiet for any last bytes)")

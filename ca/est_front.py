@@ -3,7 +3,7 @@ and logs each client refused there (peer address, exact reason) before HTTP sees
 
 ``loop.create_server(ssl=ctx)`` drops failed handshakes silently (asyncio's sslproto logs them
 only in debug mode), and once a client has reset, its transport no longer knows the peer's
-address (../shared/DESIGN.md, "Facts found while building the listener and the EST service").
+address (docs/design.md, "The EST service").
 Accepting here keeps the address from ``accept()`` itself, and awaiting
 ``loop.connect_accepted_socket(ssl=...)`` per connection (on asyncio's loop and on uvloop alike)
 raises the handshake's failure where it can be logged. The reasons are the gateway listener's
@@ -22,6 +22,7 @@ from typing import Callable
 
 from .handshake import handshake_refusal_reason, likely_cause
 from .logfmt import peer_name, quoted
+from .sockets import bind_listening_sockets
 
 __all__ = ["TLSFront", "log_tls_refusal"]
 
@@ -46,7 +47,7 @@ class TLSFront:
     Args:
         protocol_factory: makes the HTTP protocol of one connection (aiohttp's ``web.Server``).
         context: returns the server context for a new connection (called once per connection,
-            so that a reloaded context reaches new connections only: ../shared/DESIGN.md).
+            so that a reloaded context reaches new connections only: docs/design.md).
         handshake_timeout: seconds a client has to finish its handshake (slowloris).
     """
 
@@ -70,29 +71,12 @@ class TLSFront:
         Raises:
             OSError: an address cannot be bound (nothing stays bound).
         """
-        self._loop = asyncio.get_running_loop()
-        infos = await self._loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        try:
-            for family, type_, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, type_, proto)
-                self._sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if port == 0 and len(self._sockets) > 1:  # port 0: every address on the first one's port
-                    address = (address[0], self._sockets[0].getsockname()[1], *address[2:])
-                sock.bind(address)
-                sock.listen(1024)
-                sock.setblocking(False)
-        except OSError:
-            self._close_sockets()
-            raise
+        loop = self._loop = asyncio.get_running_loop()
+        self._sockets = await bind_listening_sockets(loop, host, port)
         for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
-    def _accept(self, listening: socket.socket) -> None:
-        loop = self._loop
-        assert loop is not None, "registered by start()"
+    def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
             try:
                 sock, address = listening.accept()
@@ -109,7 +93,7 @@ class TLSFront:
     async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: str) -> None:
         try:
             await loop.connect_accepted_socket(self._factory, sock, ssl=self._context(),
-                                                     ssl_handshake_timeout=self.handshake_timeout)
+                                               ssl_handshake_timeout=self.handshake_timeout)
         except Exception as exc:  # noqa: BLE001 - every failed handshake is a logged refusal
             # The loop closed the transport, and with it the socket (uvloop detaches it first).
             reason, detail = handshake_refusal_reason(exc)

@@ -1,7 +1,7 @@
 """The inventory of issued certificates: SQLite, one row per serial number, intent before signing.
 
 A JSON index lost records under two concurrent writers; SQLite with ``BEGIN IMMEDIATE`` kept all
-of them (../shared/DESIGN.md, "Files on disk").
+of them (docs/design.md, "Files on disk").
 """
 
 from __future__ import annotations

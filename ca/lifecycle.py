@@ -31,7 +31,7 @@ __all__ = ["init_ca", "rotate_issuing", "finish_interrupted_rotation"]
 
 def _generation(now) -> str:
     """A distinct suffix per CA generation: two CAs with one name and AKI-less CRLs broke CRL
-    checking (DESIGN.md), so every issuing CA gets its own subject."""
+    checking (docs/design.md), so every issuing CA gets its own subject."""
     return f"{now:%Y-%m-%d} {secrets.token_hex(2)}"
 
 

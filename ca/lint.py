@@ -30,7 +30,7 @@ __all__ = ["Finding", "lint_certificate", "prelint", "profile_difference", "is_s
 # is "value <= 2", the same threshold as ``lint_pkix_cert lint -s WARNING``.
 _WARNING = 2
 
-# The one allow-listed finding (DESIGN.md, "Certificate profile"). pkilint checks URIs with
+# The one allow-listed finding (docs/design.md, "Certificate profile"). pkilint checks URIs with
 # ``validators.url``, whose scheme list (http, https, ftp, ...) has no ``spiffe``, so every SPIFFE ID
 # is reported as "pkix.invalid_uri_syntax" although it is a well-formed URI (RFC 3986).
 _SPIFFE_FALSE_POSITIVE_CODE = "pkix.invalid_uri_syntax"

@@ -14,7 +14,7 @@ def event_loop_factory(choice: str = "auto") -> tuple[Callable[[], asyncio.Abstr
     """A loop factory for ``asyncio.Runner`` and the name of the loop it makes.
 
     uvloop forwards bulk data through Protocol objects at about half the CPU per GB of asyncio's
-    loop on this stack (../shared/DESIGN.md, "Peers and figures"), so ``auto`` takes it when it
+    loop on this stack (docs/design.md, "Peers and figures"), so ``auto`` takes it when it
     can be imported.
 
     Args:

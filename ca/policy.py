@@ -1,7 +1,7 @@
 """Issuance policy: small named validators whose errors read "got X, want Y".
 
 Identity comes from policy, never from a request: a CSR contributes its public key and the proof
-that its sender holds the private key, nothing else (DESIGN.md, "Certificate profile").
+that its sender holds the private key, nothing else (docs/design.md, "Certificate profile").
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def check_dns_name(value: str) -> str:
 
     Raises:
         PolicyError: not made of DNS labels, longer than 253 characters, or a localhost name
-            (never certified: DESIGN.md).
+            (never certified: docs/design.md, "Certificate profile").
     """
     name = value.rstrip(".").lower()  # "localhost." is "localhost": compare the canonical form
     if len(name) > 253:  # RFC 1035 2.3.4: 255 octets on the wire = 253 characters as text

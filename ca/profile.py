@@ -1,6 +1,6 @@
 """The certificate profile (RFC 5280): one builder per kind, identity taken from policy only.
 
-See ../shared/DESIGN.md, "Certificate profile", for the table these functions implement.
+See docs/design.md, "Certificate profile", for the table these functions implement.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def build_root(subject: x509.Name, public_key, not_before, not_after, serial: in
 def build_issuing(subject: x509.Name, public_key, root: x509.Certificate, not_before, not_after, serial: int) -> x509.CertificateBuilder:
     """The issuing CA: CA:TRUE pathLen 0 (critical), keyCertSign + cRLSign, SKI + AKI, no EKU.
 
-    No EKU on purpose: an issuing CA restricted to serverAuth breaks client chains (DESIGN.md).
+    No EKU on purpose: an issuing CA restricted to serverAuth breaks client chains (docs/design.md).
     """
     return (
         _base(subject, root.subject, public_key, not_before, not_after, serial)

@@ -1,6 +1,6 @@
 """When a certificate is due for renewal, and what state it is in: pure functions of time.
 
-The rule (../shared/DESIGN.md, "Renewal"): renew at notBefore + fraction x lifetime, with the
+The rule (docs/design.md, "Renewal"): renew at notBefore + fraction x lifetime, with the
 lifetime read from the certificate itself, up to ``jitter`` x lifetime earlier so that a fleet
 issued at once does not renew at once.
 """

@@ -90,7 +90,7 @@ def build_crl(
 
 def crl_due(this_update: dt.datetime, next_update: dt.datetime, now: dt.datetime) -> bool:
     """True once half of the CRL's validity has passed: re-sign well before nextUpdate, because
-    with CRL checking on, an expired CRL rejects every client (DESIGN.md)."""
+    with CRL checking on, an expired CRL rejects every client (docs/design.md)."""
     return now >= this_update + (next_update - this_update) / 2
 
 

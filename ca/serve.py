@@ -365,7 +365,7 @@ class ESTService:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate and the issuing CA from disk.
 
         Maintenance runs from APScheduler with ``misfire_grace_time=None`` and ``coalesce=True``
-        (a 1 s grace silently skipped a job after a pause: DESIGN.md, "Renewal").
+        (a 1 s grace silently skipped a job after a pause: docs/design.md, "Renewal").
         """
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 

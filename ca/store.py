@@ -8,7 +8,7 @@ Layout (what ``pkictl enroll-*`` writes and ``pki-agent`` renews in place)::
     <dir>/cert.pem -> live/cert.pem (and the other three): stable paths for other software
 
 Writing two files with temp+rename each can leave a mismatched pair after a crash; one symlink
-swap cannot (../shared/DESIGN.md, "Files on disk").
+swap cannot (docs/design.md, "Files on disk").
 """
 
 from __future__ import annotations

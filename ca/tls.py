@@ -16,7 +16,7 @@ __all__ = ["harden", "client_context", "alert_reason"]
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     """TLS 1.2 minimum, no renegotiation, no session tickets (a resumed session would skip the
-    revocation check of a reloaded CRL; DESIGN.md), strict X.509 verification."""
+    revocation check of a reloaded CRL; docs/design.md, "Hot reload"), strict X.509 verification."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT

@@ -230,7 +230,7 @@ def refused(port: int, ctx: ssl.SSLContext) -> str:
     """Connect, try one echo, and return how it failed; raise if the gateway let it through.
 
     With TLS 1.3 a rejected client certificate shows up on the client after its handshake
-    "succeeded": as an alert or EOF on the first read (DESIGN.md).
+    "succeeded": as an alert or EOF on the first read (docs/design.md).
     """
     try:
         client = TLSClient(port, ctx)

@@ -252,6 +252,26 @@ def test_revoked_n2_is_refused_by_the_running_gateway_through_its_tunnel(demo):
     assert "N2's client got no answer" in step
 
 
+def test_revoked_n2_re_pairs_by_itself_and_gets_back_in(demo):
+    """After its revocation N2's agent files a pairing request with a new key; the code it logs is
+    the one 'pkictl requests' lists and the demo approves; N2 installs the new certificate (one
+    the CA holds as valid) and its tunnel carries a line again."""
+    out, directory = demo[0], demo[1]
+    step = section(out, 10)
+    n2 = "\n".join(logged(step, "N2"))
+    code = re.search(r"pairing request of N2: a new key was made here; its code is ([A-Z2-7]{4}-[A-Z2-7]{4})", n2)
+    assert code, n2
+    assert re.search(rf"^  \$ pkictl --home \S+ approve N2 --code {code.group(1)}$", step, re.M), step
+    back = re.search(r"re-enrolled N2: serial ([0-9a-f]+) -> ([0-9a-f]+) \(approved at the CA\)", n2)
+    revoked = set(re.findall(r"^    revoked node N2 serial ([0-9a-f]+)", step, re.M))
+    assert back and back.group(1) in revoked and back.group(2) not in revoked, n2
+    assert re.search(rf"N2 re-paired with serial {back.group(2)}, nothing done on N2; through its tunnel again: 'upstream #", step), step
+    listed = subprocess.run([command("pkictl"), "--home", str(directory / "ca"), "status", "--all", "--json"], capture_output=True,
+                            text=True, timeout=60)
+    states = {r["serial"]: r["state"] for r in json.loads(listed.stdout)}
+    assert states.get(back.group(2)) not in (None, "revoked"), states
+
+
 def test_inventory_and_bundles_agree_with_the_output(demo):
     """The CA's inventory holds several serials of gw, TW and N2 (those the logs named, N2's revoked) and the gateway's archive several versions."""
     out, directory = demo[0], demo[1]

@@ -1,4 +1,4 @@
-"""The RFC 5280 certificate profile of DESIGN.md ("Certificate profile"), read back from real
+"""The RFC 5280 certificate profile of docs/design.md ("Certificate profile"), read back from real
 certificates issued by a real CA, and the chains verified with cryptography's verifier together
 with their rejected twins (wrong EKU, foreign trust anchor, expired)."""
 

@@ -228,7 +228,7 @@ def test_tunnel_names_the_reason_a_gateway_gives_in_its_tls_alert(pki, echo_serv
 
 def _node_without_eku(pki, directory: Path) -> Path:
     """A credential for node tw from our issuing CA but without extendedKeyUsage: OpenSSL admits it
-    and the gateway refuses it after the handshake (DESIGN.md), with a plain close, no alert."""
+    and the gateway refuses it after the handshake (docs/design.md), with a plain close, no alert."""
     key_path = pki.home / "issuing" / "key.pem"
     issuing_key = load_private_key(read_private_file(key_path), None, source=str(key_path))
     key, now = generate_key(), dt.datetime.now(dt.timezone.utc)

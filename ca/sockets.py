@@ -1,0 +1,41 @@
+"""Listening sockets for the endpoints that accept connections themselves (the EST service's
+TLS front, the gateway listener): accepting in the application, not in ``create_server``, gives
+every connection its peer address from ``accept()`` itself, so a refusal line names it even when
+the client has already reset."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+__all__ = ["bind_listening_sockets"]
+
+
+async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
+    """Bind every address ``host`` resolves to (all interfaces for ``""``) on ``port``,
+    non-blocking and listening; with port 0, every address on the port the first one drew.
+
+    IPv6 sockets are IPv6-only, so that ``[::]`` and ``0.0.0.0`` can be bound side by side.
+
+    Raises:
+        OSError: an address cannot be bound; nothing stays bound then.
+    """
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
