@@ -128,8 +128,7 @@ class Connection(asyncio.BufferedProtocol):
         self.adopting = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A socket's transport is a Transport (uvloop's too, though not by inheritance).
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a socket's: a Transport (uvloop's too, not by inheritance)
         if self.state == _GONE:  # aborted while the transport was being made (the listener closing)
             self.transport.abort()
             return

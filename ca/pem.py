@@ -51,12 +51,16 @@ def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
     """Decode an unencrypted PEM private key.
 
     Raises:
-        StoreError: not a PEM private key, or encrypted; the message names ``source``.
+        StoreError: not a PEM private key, encrypted, or of another type than :data:`PrivateKey`
+            (X25519, DSA...: it could not sign a CSR); the message names ``source``.
     """
     try:
-        return serialization.load_pem_private_key(data, password=None)  # type: ignore[return-value]
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise StoreError(f"{source}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        raise StoreError(f"{source}: holds a key of type {type(key).__name__.removeprefix('_')}; want an EC, RSA or Ed25519 key")
+    return key
 
 
 def public_key_bytes(key) -> bytes:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from pkictl.errors import StoreError
 from pkictl.pem import private_key_from_pem, public_key_bytes
@@ -173,6 +174,16 @@ def test_load_refuses_a_version_whose_key_was_swapped(tmp_path, issuing, anchors
     assert _mode(key) == 0o600
     with pytest.raises(StoreError, match="does not match"):
         store.load()
+
+
+def test_a_key_that_cannot_sign_is_refused_with_its_file_named():
+    """private_key_from_pem refuses an X25519 key (it could sign no CSR) with a StoreError naming the file; a P-256 key loads."""
+    pem = x25519.X25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    with pytest.raises(StoreError, match="privkey.pem: holds a key of type X25519PrivateKey"):
+        private_key_from_pem(pem, source="privkey.pem")
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    loaded = private_key_from_pem(p256.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), source="privkey.pem")
+    assert public_key_bytes(loaded.public_key()) == public_key_bytes(p256.public_key())
 
 
 def test_load_refuses_a_copy_made_by_following_links(tmp_path, issuing, anchors):
