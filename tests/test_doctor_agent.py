@@ -10,6 +10,7 @@ import pytest
 
 from pki_agent.doctor import diagnose_agent, gateway_target
 from pki_agent.config import load_config
+from pki_agent.probe import probe_est
 from pkictl.clock import FixedClock, SystemClock
 from pkictl.credential_facts import fingerprint
 
@@ -214,3 +215,9 @@ def test_agent_state_stopped_agent_failed_attempt_and_failed_hook(pki, tmp_path)
     problems_found = " | ".join(f.problem for f in agent_findings)
     assert len(agent_findings) == 3, problems_found
     assert "no pki-agent runs" in problems_found and "last renewal attempt" in problems_found and "exit status 4" in problems_found
+
+
+def test_est_probe_of_a_url_without_a_host_says_so(tmp_path) -> None:
+    """ca_url https://:8443 (its pattern lets it through) makes an EST probe that reports the missing host, not a TypeError."""
+    probe = probe_est("https://:8443", tmp_path / "ca.pem", SystemClock(), timeout=1.0)
+    assert probe.error == "'https://:8443' names no host: want https://HOST[:PORT]"

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from pki_agent.rotation import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
@@ -18,7 +19,7 @@ from pkictl.cli import cli
 from pkictl.clock import FixedClock
 from pkictl.errors import NotEnrolledError, PolicyError
 from pkictl.profile import generate_key
-from pkictl.revocation import load_crls, parse_reason
+from pkictl.revocation import load_crls, parse_reason, signed_by
 from pkictl.settings import CASettings
 from pkictl.store import CredentialStore
 
@@ -217,3 +218,15 @@ def test_crl_signature_uses_sha256_with_the_issuing_key(ca):
     crl = _crl(ca)
     assert isinstance(crl.signature_hash_algorithm, hashes.SHA256)
     assert not crl.is_signature_valid(generate_key().public_key())
+
+
+def test_signed_by_is_false_for_an_issuer_key_that_cannot_sign(ca):
+    """signed_by checks a CRL against its issuer's key; a certificate of the same name whose key is X25519 verifies nothing (no TypeError)."""
+    crl = _crl(ca)
+    assert signed_by(crl, ca.issuing)
+    x25519_key = x25519.X25519PrivateKey.generate().public_key()
+    impostor = (x509.CertificateBuilder().subject_name(ca.issuing.subject).issuer_name(ca.root.subject)
+                .public_key(x25519_key).serial_number(x509.random_serial_number())
+                .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=1))
+                .sign(generate_key(), hashes.SHA256()))
+    assert not signed_by(crl, impostor)
