@@ -69,6 +69,10 @@ class GatewayListener:
         self._sockets: list[socket.socket] = []
         self._connections: set[Connection] = set()
         self._nodes_by_serial: dict[tuple[bytes, int], str] = {}  # insertion order = age (remember)
+        # The revocations (superseded ones left out) that close_revoked has acted on; those of
+        # the CRL in service when the listener is made count as acted on.
+        tls = current()
+        self._revocations_seen: frozenset[tuple[bytes, int]] = tls.revoked - tls.superseded
         self._drained: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._upstream_addresses = _numeric_addresses(*config.upstream)  # None: a name, resolved per connection
@@ -153,6 +157,11 @@ class GatewayListener:
         ``superseded`` revocation (the node has a successor) leaves open connections alone: new
         ones are refused by the CRL check, while a long-lived connection survives the rotation.
 
+        A node-wide close happens once, for revocations this listener has not acted on before:
+        a node that re-paired with a new key after its revocation stays connected at every later
+        reload while its old certificate is still on the CRL. A connection whose own
+        certificate is on the CRL is closed at any reload.
+
         Args:
             revoked: ``(issuer name DER, serial)`` pairs of the new CRL.
             superseded: the pairs among them revoked with reason ``superseded``.
@@ -161,7 +170,8 @@ class GatewayListener:
             How many connections were closed.
         """
         out = revoked - superseded
-        nodes = {self._nodes_by_serial[key] for key in out if key in self._nodes_by_serial}
+        fresh, self._revocations_seen = out - self._revocations_seen, out
+        nodes = {self._nodes_by_serial[key] for key in fresh if key in self._nodes_by_serial}
         hits = [(c, who) for c in self._connections if (who := c.identity) is not None
                 and ((who.issuer, who.serial) in out or who.name in nodes)]
         for conn, who in hits:

@@ -69,7 +69,8 @@ def test_a_revocation_closes_every_connection_of_that_node_and_superseded_closes
     """TW holds a connection opened with its first certificate A and one with its renewed B;
     revoking A as superseded closes neither (a long-lived connection survives rotation); revoking
     B closes both, A's too (its certificate is no longer the revoked one, but it is TW's); EX's
-    connection is untouched."""
+    connection is untouched. TW then enrolls anew (certificate C) and connects; a later reload
+    (EX revoked) closes EX's connection and leaves C's open, though B is still on the CRL."""
     from pki_agent.rotation import LocalCA, rotate
     from pkictl.clock import SystemClock
 
@@ -93,7 +94,15 @@ def test_a_revocation_closes_every_connection_of_that_node_and_superseded_closes
     assert on_b.sock.recv(10) == b"" and on_a.sock.recv(10) == b""
     _message_logged(caplog, f"serial={first.certificate.serial_number:x} reason='revoked' detail='another certificate of node tw is on the new CRL'")
     assert ex.echo(b"ex again") == b"ex again"
-    for client in (on_a, on_b, ex):
+
+    again = pki.ca.enroll("node", "TW", out=tmp_path / "TW-again").directory
+    on_c = TLSClient(gateway_agent.port, bundle_context(again))
+    assert on_c.echo(b"c") == b"c"
+    pki.ca.revoke("EX", reason="key-compromise")
+    gateway_agent.call(gateway_agent.agent.maintain())
+    assert ex.sock.recv(10) == b""
+    assert on_c.echo(b"still c") == b"still c"
+    for client in (on_a, on_b, on_c, ex):
         client.close()
 
 
