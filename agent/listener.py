@@ -13,7 +13,7 @@ import socket
 from typing import Callable
 
 from pkictl.logfmt import peer_name
-from pkictl.sockets import bind_listening_sockets
+from pkictl.sockets import accept_ready, bind_listening_sockets
 
 from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
@@ -113,14 +113,7 @@ class GatewayListener:
     def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         # Accepting here, not in create_server, gives every connection its peer address from
         # accept() itself: a node that resets at once has none left for getpeername() to tell.
-        for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
-            try:
-                sock, address = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE, ENFILE, ...: keep serving the connections there are
-                log.error("accept on %s failed: %s", listening.getsockname(), exc)
-                return
+        for sock, address in accept_ready(listening, log):
             peer = peer_name(address)
             if len(self._connections) >= self.config.max_connections:
                 sock.close()

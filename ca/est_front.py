@@ -22,7 +22,7 @@ from typing import Callable
 
 from .handshake import handshake_refusal_reason, likely_cause
 from .logfmt import peer_name, quoted
-from .sockets import bind_listening_sockets
+from .sockets import accept_ready, bind_listening_sockets
 
 __all__ = ["TLSFront", "log_tls_refusal"]
 
@@ -77,14 +77,7 @@ class TLSFront:
             loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
     def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        for _ in range(128):  # drain the backlog on each wake-up, as asyncio's own accept loop does
-            try:
-                sock, address = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE, ENFILE, ...: keep serving the connections there are
-                log.error("accept on %s failed: %s", peer_name(listening.getsockname()), exc)
-                return
+        for sock, address in accept_ready(listening, log):
             sock.setblocking(False)
             task = loop.create_task(self._handshake(loop, sock, peer_name(address)))
             self._handshakes.add(task)

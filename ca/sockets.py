@@ -6,9 +6,11 @@ the client has already reset."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+from typing import Iterator
 
-__all__ = ["bind_listening_sockets"]
+__all__ = ["bind_listening_sockets", "accept_ready"]
 
 
 async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
@@ -39,3 +41,21 @@ async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, por
             sock.close()
         raise
     return sockets
+
+
+def accept_ready(listening: socket.socket, log: logging.Logger, *, limit: int = 128) -> Iterator[tuple[socket.socket, tuple]]:
+    """The connections waiting on ``listening`` (non-blocking), at most ``limit`` per wake-up, as
+    asyncio's own accept loop drains its backlog: ``(socket, peer address)`` each.
+
+    An accept that fails for want of resources (EMFILE, ENFILE, ...) is logged on ``log`` and
+    ends this round; the connections there are keep being served.
+    """
+    for _ in range(limit):
+        try:
+            sock, address = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("accept on %s failed: %s", listening.getsockname(), exc)
+            return
+        yield sock, address
