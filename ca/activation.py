@@ -28,7 +28,7 @@ from typing import Iterator
 from cryptography import x509
 
 from .errors import StoreError
-from .files import PRIVATE_FILE_MODE, fsync_dir, make_private_dir, read_private_file, write_new_file
+from .files import PRIVATE_FILE_MODE, fsync_dir, make_private_dir, read_ca_key_file, write_new_file
 from .keys import load_private_key
 from .pem import public_key_bytes
 
@@ -190,7 +190,7 @@ def open_issuing(home: Path, passphrase: bytes | None):
         state = file_state(directory / "cert.pem")
         certificate = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
         key_path = directory / "key.pem"
-        key = load_private_key(read_private_file(key_path), passphrase, source=str(key_path))
+        key = load_private_key(read_ca_key_file(key_path), passphrase, source=str(key_path))
     if public_key_bytes(key.public_key()) != public_key_bytes(certificate.public_key()):
         raise StoreError(f"{key_path} does not match {directory / 'cert.pem'}")
     return certificate, key, state

@@ -27,6 +27,7 @@ from .crl_checks import crl_findings
 from .diagnosis import Finding, Severity, check, check_name, run_checks
 from .activation import read_pending
 from .errors import PKIError, StoreError
+from .files import ca_key_protection_problem
 from .keys import is_encrypted, load_private_key
 from .pem import public_key_bytes
 from .revocation import load_crls
@@ -140,6 +141,10 @@ def _key_findings(facts: CAFacts, relative: str, certificate: x509.Certificate |
     if info.st_mode & 0o077:
         found.append(Finding("ca-keys", E, str(path), f"mode {stat.S_IMODE(info.st_mode):04o}: readable by group or others "
                              "(pkictl refuses to load it)", "0600", f"chmod 600 {path}"))
+    problem = ca_key_protection_problem(path)
+    if problem is not None:
+        found.append(Finding("ca-keys", E, str(path), f"{problem[0]} (pkictl refuses to load it)",
+                             "the key and its 0700 directory owned by the account that runs pkictl", problem[1]))
     data = path.read_bytes()
     if is_encrypted(data) and facts.passphrase is None:
         found.append(Finding("ca-keys", OK, str(path), "encrypted: its match with the certificate is checked only with "

@@ -14,6 +14,8 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "read_private_file",
+    "read_ca_key_file",
+    "ca_key_protection_problem",
     "PRIVATE_FILE_MODE",
     "PUBLIC_FILE_MODE",
 ]
@@ -116,3 +118,43 @@ def read_private_file(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def ca_key_protection_problem(path: Path) -> tuple[str, str] | None:
+    """``(problem, fix)`` when the CA key file ``path`` or its directory is not this user's own,
+    or the directory lets group or others in; None when both are protected. The key file's own
+    mode is :func:`read_private_file`'s check.
+
+    A CA key in a directory others can list, or a key file or directory another account owns
+    (which can chmod it, or replace it), is not under this account's control, whatever its mode.
+    """
+    path = Path(path)
+    uid = os.geteuid()
+    directory = path.parent
+    info = directory.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a real directory (a symlink?)", f"put the key in a directory of its own, mode 0700: mkdir -m 700 {directory}"
+    if info.st_uid != uid:
+        return (f"{directory} belongs to uid {info.st_uid}, not to this account (uid {uid})",
+                f"run pkictl as the account that owns the CA, or chown -R {uid} {directory.parent}")
+    if info.st_mode & 0o077:
+        return f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}, open to group or others", f"chmod 700 {directory}"
+    key = path.lstat()
+    if key.st_uid != uid:
+        return f"{path} belongs to uid {key.st_uid}, not to this account (uid {uid})", f"chown {uid} {path}"
+    return None
+
+
+def read_ca_key_file(path: Path) -> bytes:
+    """:func:`read_private_file` for a CA key, after :func:`ca_key_protection_problem`.
+
+    Raises:
+        KeyProtectionError: the key, or its directory, is not protected (the message says how to fix it).
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if path.exists():  # a missing key is read_private_file's FileNotFoundError, as for any key
+        problem = ca_key_protection_problem(path)
+        if problem is not None:
+            raise KeyProtectionError(f"{problem[0]}: pkictl refuses to use the CA key {path}; fix: {problem[1]}")
+    return read_private_file(path)

@@ -19,7 +19,7 @@ from .authority import CertificateAuthority, signed
 from .clock import Clock
 from .errors import CAExistsError, PKIError
 from .activation import PENDING, file_state, finish_interrupted_rotation, publish_pending
-from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_private_file, write_new_file
+from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_ca_key_file, write_new_file
 from .inventory import Inventory
 from .keys import encrypt_private_key, load_private_key
 from .pem import certificates_to_pem, private_key_to_pem
@@ -145,7 +145,7 @@ def rotate_issuing(ca: CertificateAuthority, *, activate_in: dt.timedelta | None
             f"rotate-issuing needs the root key at {root_key_path}: bring it back from offline storage "
             "for this command (nothing else needs it), then move it away again"
         )
-    root_key = load_private_key(read_private_file(root_key_path), ca._passphrase, source=str(root_key_path))
+    root_key = load_private_key(read_ca_key_file(root_key_path), ca._passphrase, source=str(root_key_path))
     now = ca.clock.now()
     key = generate_key()
     not_before, not_after = validity_window(now, ca.settings.issuing_lifetime)

@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from .audit import audits_refusals
 from .errors import NotEnrolledError, PKIError, PolicyError, StoreError
-from .files import atomic_write, read_private_file
+from .files import atomic_write, read_ca_key_file
 from .inventory import Record
 from .keys import load_private_key
 from .names import validate_name
@@ -254,7 +254,7 @@ class Revocation:
                     key = self._issuing_key
                 else:
                     path = directory / "key.pem"
-                    key = load_private_key(read_private_file(path), self._passphrase, source=str(path))
+                    key = load_private_key(read_ca_key_file(path), self._passphrase, source=str(path))
                 signers.append((cert, key))
         return signers
 

@@ -83,6 +83,37 @@ def test_group_readable_issuing_key_is_refused_with_the_fix(tmp_path):
     assert result.exit_code == 1 and "chmod 600" in result.output
 
 
+def test_an_open_issuing_directory_or_a_key_of_another_account_is_refused(tmp_path):
+    """An issuing/ directory of mode 0755, and an issuing key (0600) owned by another account,
+    are refused with the fix (chmod 700, chown) before anything is issued, and pkictl doctor
+    names each as a ca-keys error; the 0700 directory with this account's key is the control."""
+    import json
+
+    home = tmp_path / "ca"
+    assert pkictl(home, "init-ca").exit_code == 0
+    assert pkictl(home, "enroll-node", "TW", "--out", str(tmp_path / "TW")).exit_code == 0  # the control
+
+    def doctor_problems() -> list[str]:
+        result = pkictl(home, "doctor", "--json")
+        return [f["problem"] for f in json.loads(result.output)["findings"] if f["check"] == "ca-keys" and f["severity"] == "error"]
+
+    (home / "issuing").chmod(0o755)
+    opened = pkictl(home, "enroll-node", "N2", "--out", str(tmp_path / "N2"))
+    assert opened.exit_code == 1 and "has mode 0755, open to group or others" in opened.output and "chmod 700" in opened.output
+    assert not (tmp_path / "N2").exists()
+    assert any("mode 0755" in p for p in doctor_problems())
+    (home / "issuing").chmod(0o700)
+
+    os.chown(home / "issuing" / "key.pem", 65534, -1)  # nobody
+    try:
+        foreign = pkictl(home, "enroll-node", "N3", "--out", str(tmp_path / "N3"))
+        assert foreign.exit_code == 1 and "belongs to uid 65534, not to this account" in foreign.output, foreign.output
+        assert any("belongs to uid 65534" in p for p in doctor_problems())
+    finally:
+        os.chown(home / "issuing" / "key.pem", os.geteuid(), -1)
+    assert pkictl(home, "enroll-node", "N4", "--out", str(tmp_path / "N4")).exit_code == 0
+
+
 def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
     """init, issuance, a refusal and a revocation are in the audit log; audit verify passes,
     then fails with the line number once a record is edited, and on truncation."""
