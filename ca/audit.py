@@ -215,22 +215,29 @@ class AuditLog:
         fd = self._open_for_append()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            seq, prev = self._last_checked(fd)
-            time = _iso(self.clock.now())  # read under the lock: with a monotone clock, time follows seq
-            record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
-            record["hash"] = record_hash(record)
-            line = _line(record)
-            written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
-            if written != len(line):
-                raise AuditError(
-                    f"{self.path}: wrote {written} of {len(line)} bytes of record {seq + 1} (disk full?); "
-                    "the log now ends in a torn line and refuses further appends until an operator "
-                    "looks at it (pkictl audit verify)"
-                )
-            os.fsync(fd)
-            atomic_write(self.head_path, _head_bytes(seq + 1, record["hash"]), PRIVATE_FILE_MODE)
+            seq, prev, torn = self._last_checked(fd)
+            if torn is not None:  # the dropped bytes stay accounted for in the chain
+                dropped = self._write(fd, seq, prev, "torn-record-dropped", {"bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest()})
+                seq, prev = dropped["seq"], dropped["hash"]
+            record = self._write(fd, seq, prev, event, body)
         finally:
             os.close(fd)  # releases the lock
+        return record
+
+    def _write(self, fd: int, seq: int, prev: str, event: str, body: dict) -> dict:
+        """Append record ``seq + 1`` after ``prev``, fsync it, then move the head to it."""
+        time = _iso(self.clock.now())  # read under the lock: with a monotone clock, time follows seq
+        record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
+        record["hash"] = record_hash(record)
+        line = _line(record)
+        written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
+        if written != len(line):
+            raise AuditError(
+                f"{self.path}: wrote {written} of {len(line)} bytes of record {seq + 1} (disk full?); the log now "
+                "ends in a torn line, which the next append drops and records (event torn-record-dropped)"
+            )
+        os.fsync(fd)
+        atomic_write(self.head_path, _head_bytes(seq + 1, record["hash"]), PRIVATE_FILE_MODE)
         return record
 
     def _open_for_append(self) -> int:
@@ -243,19 +250,30 @@ class AuditLog:
                 raise AuditError(f"the audit log {self.path} is a symlink; pkictl appends only to a regular file") from None
             raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}") from None
 
-    def _last_checked(self, fd: int) -> tuple[int, str]:
-        """(seq, hash) of the log's last record, after checking it agrees with the head.
+    def _last_checked(self, fd: int) -> tuple[int, str, bytes | None]:
+        """(seq, hash) of the log's last record, after checking it agrees with the head, and the
+        torn tail cut off the log (None if there was none).
 
-        ``(0, GENESIS)`` for an empty log. Called under the lock.
+        A log that ends in an incomplete line after a complete record the head names (or one
+        after it) holds the start of an append that died in its write(): a write() of one line
+        is not atomic when the process is killed. That record was never acknowledged (the head
+        never named it), so it is cut off and its bytes' hash recorded by the caller; a torn line
+        anywhere else (after a record the head does not know) is refused as before.
+
+        ``(0, GENESIS, None)`` for an empty log. Called under the lock.
         """
         size = os.fstat(fd).st_size
         head = self._read_head()
+        torn = None
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            complete = _complete_size(fd, size)
+            torn, size = os.pread(fd, size - complete, complete), complete
         if size == 0:
             if head is not None:
                 raise AuditError(f"{self.path} is empty but {self.head_path.name} says seq {head[0]}: the log was truncated; refusing to append")
-            return 0, GENESIS
+            return 0, GENESIS, self._cut(fd, size, torn)
         last = _last_line(fd, size)
-        if last is None:
+        if last is None:  # pragma: no cover - size ends at a newline by construction
             raise AuditError(f"{self.path} ends in an incomplete line (a torn write?); refusing to append: run pkictl audit verify")
         try:
             record = _parse(last)
@@ -264,9 +282,13 @@ class AuditLog:
         seq, digest = record["seq"], record["hash"]
         head_seq, head_hash = head if head is not None else (0, GENESIS)
         if (head_seq, head_hash) == (seq, digest):
-            return seq, digest
+            return seq, digest, self._cut(fd, size, torn)
         if (head_seq, head_hash) == (seq - 1, record["prev"]):
-            return seq, digest  # an append died after its fsync, before the head; this one repairs it
+            # An append died after its fsync, before the head. Repair the head before this append
+            # writes: if this one dies in the same window too, the head stays one behind, never
+            # two (which would read as records appended by hand).
+            atomic_write(self.head_path, _head_bytes(seq, digest), PRIVATE_FILE_MODE)
+            return seq, digest, self._cut(fd, size, torn)
         if head is None:
             found = f"{self.head_path.name} is missing"
         elif head_seq == seq:
@@ -277,6 +299,13 @@ class AuditLog:
             f"{self.path} ends at seq {seq} but {found}: truncated, or a file replaced; refusing to "
             "append (that would hide it): run pkictl audit verify"
         )
+
+    def _cut(self, fd: int, size: int, torn: bytes | None) -> bytes | None:
+        """Truncate the log to ``size`` when it had a torn tail; return that tail."""
+        if torn is not None:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        return torn
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -341,9 +370,11 @@ class AuditLog:
     def _verify_stream(self, stream, anchor: tuple[int, str] | None, *, missing: bool) -> VerifyResult:
         prev, prev_prev, count = GENESIS, GENESIS, 0
         anchor_seen = False
+        torn = 0  # the line number of an incomplete last line
         for number, raw in enumerate(stream, start=1):
             if not raw.endswith(b"\n"):
-                return VerifyResult(False, count, f"line {number}: incomplete record, no end of line (cut mid-line or a torn write)")
+                torn = number  # the last line: nothing follows a line without its newline
+                break
             try:
                 record = _parse(raw[:-1])
             except ValueError as exc:
@@ -367,6 +398,11 @@ class AuditLog:
             head = self._read_head()
         except AuditError as exc:
             return VerifyResult(False, count, str(exc))
+        if torn:
+            if head is not None and head == (count, prev) and (anchor is None or anchor_seen):
+                return VerifyResult(True, count, note=f"line {torn} is an incomplete record after the head's: an append was "
+                                    "killed in its write (the next append drops it and records that), or it was added by hand")
+            return VerifyResult(False, count, f"line {torn}: incomplete record, no end of line (cut mid-line or a torn write)")
         if anchor is not None and not anchor_seen:
             return VerifyResult(False, count, f"log ends at seq {count} but the anchor says {anchor[0]} (truncated)")
         if count == 0:
@@ -393,6 +429,19 @@ class AuditLog:
 
 def _head_bytes(seq: int, digest: str) -> bytes:
     return json.dumps({"seq": seq, "hash": digest}, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _complete_size(fd: int, size: int) -> int:
+    """The length of the file up to and including its last newline (0 if it has none)."""
+    block = _TAIL_BLOCK
+    while True:
+        start = max(0, size - block)
+        cut = os.pread(fd, size - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        if start == 0:
+            return 0
+        block *= 4
 
 
 def _last_line(fd: int, size: int) -> bytes | None:

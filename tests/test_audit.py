@@ -246,15 +246,37 @@ def test_append_refuses_to_hide_a_truncation(log, clock):
     assert isinstance(AuditError("x"), PKIError)
 
 
-def test_append_refuses_after_a_torn_last_line(log, clock):
-    """A log ending mid-line makes append raise AuditError and leaves the bytes as they were."""
+def test_a_torn_line_after_the_heads_record_is_dropped_and_recorded(log, clock):
+    """An append killed in its write() leaves a partial line after the record the head names:
+    verify accepts it with a note, and the next append cuts it off, records its length and
+    SHA-256 (event torn-record-dropped) and then appends; the chain verifies."""
+    import hashlib
+
     _fill(log, clock, 2)
+    torn = b'{"seq":3,"ti'
     with log.path.open("ab") as f:
-        f.write(b'{"seq":3,"ti')
+        f.write(torn)
+    checked = log.verify()
+    assert checked.ok and "incomplete record after the head's" in checked.note
+    record = log.append("issued", name="late")
+    lines = _lines(log)
+    dropped = json.loads(lines[2])
+    assert (dropped["seq"], dropped["event"], dropped["bytes"], dropped["sha256"]) == (3, "torn-record-dropped", len(torn),
+                                                                                      hashlib.sha256(torn).hexdigest())
+    assert record["seq"] == 4 and len(lines) == 4 and log.verify().ok and log.head() == (4, record["hash"])
+
+
+def test_append_refuses_after_a_torn_line_the_head_does_not_lead_to(log, clock):
+    """Negative twin: a partial line after a record the head does not name (records removed, or
+    a line cut by hand) makes append raise AuditError and leaves the bytes as they were."""
+    _fill(log, clock, 3)
+    lines = _lines(log)
+    _rewrite(log, [*lines[:2], lines[2][:20]])  # record 3 cut: the head still says 3
     before = log.path.read_bytes()
-    with pytest.raises(AuditError, match="incomplete line"):
+    with pytest.raises(AuditError, match="ends at seq 2 but audit.log.head says seq 3"):
         log.append("issued", name="late")
     assert log.path.read_bytes() == before
+    assert not log.verify().ok
 
 
 def test_head_one_behind_after_an_interrupted_append_is_accepted_and_repaired(log, clock):
