@@ -39,7 +39,7 @@ from .hooks import HookContext, run_hooks
 from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
-from .state import iso, state_path, write_state
+from .state import iso, read_state, state_path, write_state
 from .tls import ServerTLS, server_context
 from .upkeep import ESTUpkeep
 from .watch import credential_stamp, watch_files
@@ -97,10 +97,23 @@ class Agent:
         self._forced = 0  # renew-now requests handled: renew-now waits for this to grow
         self._forced_tasks: set[asyncio.Task] = set()  # renew-now requests waiting for the renewal lock
         self.state_path = state_path(config.credential_dir)
+        self._last_renewal = self._last_renewal_on_disk()
         self.counters = AgentCounters()
         self.status_server: "StatusServer | None" = None
         self.reenrollment = Reenrollment(config, self.store, source if isinstance(source, ESTClient) else None)
         self.upkeep = ESTUpkeep(self, source) if isinstance(source, ESTClient) else None
+
+    def _last_renewal_on_disk(self) -> dt.datetime | None:
+        """When this credential was last renewed, by an earlier run of the agent (its state file),
+        so that the floor between renewals (``min_interval``) holds across restarts too: an
+        agent in a crash loop must not renew at every start. A time ahead of the clock (the clock
+        was set back) counts as now."""
+        try:
+            state = read_state(self.state_path) or {}
+            last = state.get("last_renewal")
+            return min(dt.datetime.fromisoformat(last), self.clock.now()) if isinstance(last, str) else None
+        except (AgentError, ValueError, TypeError):
+            return None  # an unreadable state file is rewritten; the floor then starts with this run
 
     # -- credential and context ---------------------------------------------------------------
 

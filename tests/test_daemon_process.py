@@ -205,3 +205,38 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_live_credential(tmp_path
     assert interrupted >= 5, f"only {interrupted} of {kills} kills interrupted an install"
     assert len(serials) > kills, f"only {len(serials)} distinct serials: rotation did not go on between kills"
     assert len(CredentialStore(bundle).versions()) <= 3 + 1  # keep=3, plus at most one half-written version
+
+
+def test_the_floor_between_renewals_holds_across_a_restart(tmp_path):
+    """With certificates that are due as soon as they are issued, the agent renews at start;
+    killed (kill -9) and started again, it schedules its next renewal min_interval after that
+    renewal (the time kept in its state file) instead of renewing at once; with the state file
+    gone, a start renews at once (the negative control)."""
+    settings = CASettings(node_lifetime=dt.timedelta(seconds=100), gateway_lifetime=dt.timedelta(seconds=100))
+    config, bundle = _node(tmp_path, settings, check_interval="1s")
+    data = yaml.safe_load(config.read_text())
+    data["renewal"].update({"fraction": 0.01, "jitter": 0, "min_interval": "8s"})  # due 10 s before it is even issued
+    config.write_text(yaml.safe_dump(data))
+
+    agent = AgentProcess(config)
+    agent.log.wait_for(r"renewed TW: serial")
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(DEADLINE)
+    last = dt.datetime.fromisoformat(json.loads((bundle / ".pki-agent.state.json").read_text())["last_renewal"])
+
+    again = AgentProcess(config)
+    try:
+        due = dt.datetime.fromisoformat(again.log.wait_for(r"credential TW serial [0-9a-f]+, not after \S+, renewal due (\S+)").group(1))
+        assert due >= last + dt.timedelta(seconds=8), (due, last)
+        again.wait_ready()
+    finally:
+        assert again.stop() == 0
+
+    (bundle / ".pki-agent.state.json").unlink()
+    fresh = AgentProcess(config)
+    try:
+        due = dt.datetime.fromisoformat(fresh.log.wait_for(r"credential TW serial [0-9a-f]+, not after \S+, renewal due (\S+)").group(1))
+        assert due <= dt.datetime.now(dt.timezone.utc), due
+        fresh.log.wait_for(r"renewed TW: serial")
+    finally:
+        assert fresh.stop() == 0
