@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -24,15 +23,13 @@ from cryptography.x509.oid import NameOID
 
 from pkictl.errors import AuthenticationError, PKIError
 from pkictl.est import approval_code
-from pkictl.files import PRIVATE_FILE_MODE, read_private_file, write_new_file
-from pkictl.keys import load_private_key
-from pkictl.pem import private_key_to_pem
-from pkictl.profile import generate_key, node_identity
+from pkictl.profile import node_identity
 from pkictl.store import Credential, CredentialStore
 
 from .config import AgentConfig
 from .errors import CredentialUnusable, RenewalError
 from .est_client import ESTClient, select_chain
+from .rotation import discard_pending_key, pending_key
 
 __all__ = ["Reenrollment", "Pairing", "PAIRING_KEY", "unusable_advice", "find_revocation"]
 
@@ -86,29 +83,17 @@ class Pairing:
         client: the EST client of ``renewal.ca_url``.
 
     Raises:
-        KeyProtectionError: a pending key exists and others can read it.
         OSError: the credential directory is not writable.
     """
 
     def __init__(self, store: CredentialStore, *, name: str, trust_domain: str, client: ESTClient) -> None:
         self.store, self.name, self.trust_domain, self.client = store, name, trust_domain, client
         self.key_path: Path = store.directory / PAIRING_KEY
-        try:
-            self.key = load_private_key(read_private_file(self.key_path), None, source=str(self.key_path))
-        except FileNotFoundError:
-            self.key = self._new_key()
-        except PKIError:  # half-written by a crash before its request was ever sent: start over
-            self.discard()
-            self.key = self._new_key()
+        self.key = pending_key(self.key_path)
         self.code = approval_code(self.key.public_key())
         self.csr = x509.CertificateSigningRequestBuilder().subject_name(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ).sign(self.key, hashes.SHA256())
-
-    def _new_key(self):
-        key = generate_key()
-        write_new_file(self.key_path, private_key_to_pem(key), PRIVATE_FILE_MODE)
-        return key
 
     def poll(self) -> Credential | int:
         """Ask once: the installed credential once approved, else the seconds to wait (Retry-After).
@@ -140,10 +125,7 @@ class Pairing:
 
     def discard(self) -> None:
         """Forget the pending key (after its certificate is installed, or after a denial)."""
-        try:
-            os.unlink(self.key_path)
-        except FileNotFoundError:
-            pass
+        discard_pending_key(self.key_path)
 
 
 class Reenrollment:

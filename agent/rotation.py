@@ -7,6 +7,7 @@ swapped) + reload (the caller's business, after this returns).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -17,12 +18,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.clock import Clock
 from pkictl.errors import PKIError
+from pkictl.files import PRIVATE_FILE_MODE, read_private_file, write_new_file
+from pkictl.keys import load_private_key
+from pkictl.pem import PrivateKey, private_key_to_pem, public_key_bytes
 from pkictl.profile import generate_key
 from pkictl.store import Credential, CredentialStore
 
 from .errors import RenewalError
 
-__all__ = ["RenewalSource", "LocalCA", "build_reenroll_csr", "verify_successor", "rotate"]
+__all__ = ["RenewalSource", "LocalCA", "build_reenroll_csr", "verify_successor", "rotate", "pending_key", "discard_pending_key",
+           "RENEWAL_KEY"]
 
 
 class RenewalSource(Protocol):
@@ -126,10 +131,51 @@ def _server_subject(certificate: x509.Certificate) -> x509.DNSName | x509.IPAddr
     return x509.DNSName(dns[0]) if dns else x509.IPAddress(sans.get_values_for_type(x509.IPAddress)[0])
 
 
+RENEWAL_KEY = ".renewal-key.pem"  # in the credential directory from a renewal's request until its install
+
+
+def pending_key(path: Path, *, not_for: x509.Certificate | None = None) -> PrivateKey:
+    """The key a pending request was (or is about to be) made for: the one in ``path`` if it is
+    there, else a new one written there first (0600).
+
+    A request can be answered and the answer lost (the connection drops, the process is killed
+    before it installs): the CA has then renewed the certificate, and only the same request
+    again, for the same key, gets that successor back (a renewal of a superseded certificate
+    with another key is refused). So the key outlives the process until its certificate is
+    installed.
+
+    Args:
+        path: where the pending key lives.
+        not_for: a certificate whose key must not be taken (an install whose pending key was not
+            removed: the key is the current certificate's already).
+    """
+    try:
+        key = load_private_key(read_private_file(path), None, source=str(path))
+        if not_for is None or public_key_bytes(key.public_key()) != public_key_bytes(not_for.public_key()):
+            return key
+    except FileNotFoundError:
+        pass
+    except PKIError:
+        pass  # half-written by a crash before any request went out with it: start over
+    discard_pending_key(path)
+    key = generate_key()
+    write_new_file(path, private_key_to_pem(key), PRIVATE_FILE_MODE)
+    return key
+
+
+def discard_pending_key(path: Path) -> None:
+    """Forget a pending key (its certificate is installed, or its request was refused for good)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def rotate(store: CredentialStore, current: Credential, source: RenewalSource, clock: Clock) -> Credential:
     """Rekey and renew ``current``, verify the successor and install it in ``store``.
 
-    On any error nothing on disk changes and ``current`` stays in service.
+    On any error nothing on disk changes but the pending key (:func:`pending_key`), and
+    ``current`` stays in service.
 
     Returns:
         The installed successor.
@@ -137,7 +183,8 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
     Raises:
         RenewalError: the source refused, or the successor failed verification.
     """
-    key = generate_key()
+    key_path = store.directory / RENEWAL_KEY
+    key = pending_key(key_path, not_for=current.certificate)
     csr = build_reenroll_csr(current.certificate, key)
     certificate, chain = source.simple_reenroll(csr, current)
     try:
@@ -146,4 +193,5 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
         raise RenewalError(f"the CA returned a certificate for another key: {exc}") from None
     verify_successor(successor, current, store.load_trust_anchors(), clock.now())
     store.install(successor)
+    discard_pending_key(key_path)
     return successor

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -26,7 +27,7 @@ from .clock import Clock, SystemClock
 from .errors import CANotFoundError, CertificateUnusable, NotEnrolledError, PolicyError, StoreError
 from .audit import AuditLog, audits_refusals
 from .files import make_private_dir, write_new_file
-from .inventory import Inventory, Record
+from .inventory import Inventory, Record, Superseded
 from .lint import prelint
 from .names import validate_name
 from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
@@ -260,6 +261,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                 certificate = self.inventory.record_signed(
                     serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first, issuer=self.issuing.serial_number,
                     sign=functools.partial(builder.sign, self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
+                    predecessor=predecessor.serial_number if predecessor is not None else None,
                 )
                 break
             except sqlite3.IntegrityError:
@@ -395,10 +397,37 @@ class CertificateAuthority(Revocation, Bootstrap):
             raise PolicyError("CSR subject alternative names differ from the current certificate's (RFC 7030 4.2.2)")
         if rekey and public_key_bytes(csr.public_key()) == public_key_bytes(current.public_key()):
             raise PolicyError("the CSR reuses the current key; a renewal needs a new key (rekey)")
-        dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
-        ips = [s[3:] for s in record.sans if s.startswith("IP:")]
-        return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False,
-                          predecessor=current)
+        for _ in range(2):  # a lost race is answered as the winner's state says, on a second look
+            if record.successor is not None or record.superseded:
+                return self._renewed_already(record, csr)
+            dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
+            ips = [s[3:] for s in record.sans if s.startswith("IP:")]
+            try:
+                return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False,
+                                  predecessor=current)
+            except Superseded:
+                record = self.inventory.get(current.serial_number) or record
+        raise CertificateUnusable(f"certificate serial {serial} was renewed by a concurrent request", reason="superseded")
+
+    def _renewed_already(self, record: Record, csr: x509.CertificateSigningRequest) -> x509.Certificate:
+        """The answer to a renewal of a certificate that is no longer its identity's current one.
+
+        The same request again (its key is the successor's: the first answer was lost) gets the
+        successor once more, so a renewal can be retried; any other key is refused, so that a
+        key stolen with an old certificate does not keep the identity, and concurrent renewals of
+        one certificate fork nothing.
+
+        Raises:
+            CertificateUnusable: ``superseded``, naming the certificate that is current now.
+        """
+        successor = self.inventory.get(record.successor) if record.successor is not None else None
+        spki = hashlib.sha256(public_key_bytes(csr.public_key())).hexdigest()
+        if successor is not None and successor.status == "issued" and successor.spki_sha256 == spki and not successor.superseded:
+            return x509.load_pem_x509_certificate(successor.pem.encode())
+        current = successor if successor is not None and not successor.superseded else self.inventory.current(record.kind, record.name)
+        by = f"serial {current.serial:x}" if current is not None else "a newer certificate"
+        raise CertificateUnusable(f"certificate serial {record.serial:x} is superseded by {by}: only the current certificate "
+                                  f"of {record.kind} {record.name} renews", reason="superseded")
 
     def record(self, name: str, kind: str) -> Record:
         """The newest issued record of ``name``.

@@ -115,12 +115,13 @@ class CertificateUnusable(PolicyError):
     revoked, expired or not yet valid, from another CA, or unknown to this CA's inventory.
 
     Attributes:
-        reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA`` or ``unknown``; the
+        reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA``, ``unknown`` or
+            ``superseded`` (renewed already: only an identity's current certificate renews); the
             EST service sends it in the ``Pkictl-Refusal`` header so that the agent can act on it
             (:data:`pkictl.est.REFUSAL_HEADER`).
     """
 
-    REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown")
+    REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown", "superseded")
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)

@@ -19,11 +19,23 @@ from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 if TYPE_CHECKING:
     from cryptography import x509
 
-__all__ = ["Inventory", "Record", "PENDING_TIMEOUT", "SCHEMA_VERSION"]
+__all__ = ["Inventory", "Record", "Superseded", "PENDING_TIMEOUT", "SCHEMA_VERSION"]
 
 # Seconds after which a 'pending' row (intent recorded, never signed) is taken for a crash's remains.
 PENDING_TIMEOUT = 300
 
+
+
+class Superseded(InventoryError):
+    """A renewal lost the race: its predecessor was renewed (or replaced) meanwhile.
+
+    Attributes:
+        predecessor: the serial number that may no longer renew.
+    """
+
+    def __init__(self, predecessor: int) -> None:
+        super().__init__(f"certificate serial {predecessor:x} was renewed or replaced meanwhile")
+        self.predecessor = predecessor
 
 
 def _epoch(value: dt.datetime) -> int:
@@ -52,6 +64,8 @@ class Record:
         spki_sha256: hex SHA-256 of the subject public key info ("" while pending).
         revoked_at, revocation_reason: set once revoked (RFC 5280 5.3.1 reason name).
         pem: the certificate (empty while pending).
+        superseded: a newer certificate of the same (kind, name) has been signed.
+        successor: the serial number of the certificate that renewed this one, or None.
     """
 
     serial: int
@@ -66,6 +80,8 @@ class Record:
     revoked_at: dt.datetime | None
     revocation_reason: str | None
     pem: str
+    superseded: bool = False
+    successor: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Record":
@@ -82,6 +98,8 @@ class Record:
             revoked_at=_from_epoch(row["revoked_at"]),
             revocation_reason=row["revocation_reason"],
             pem=row["pem"] or "",
+            superseded=bool(row["superseded"]) if "superseded" in row.keys() else False,
+            successor=int(row["successor"], 16) if "successor" in row.keys() and row["successor"] else None,
         )
 
 
@@ -192,6 +210,7 @@ class Inventory:
         issuer: int | None,
         sign: Callable[[], "x509.Certificate"],
         renewal_fraction: float = 2 / 3,
+        predecessor: int | None = None,
     ):
         """Record ``serial`` for ``name``, call ``sign()`` and record the certificate it returns,
         all in one transaction, and return the certificate.
@@ -203,17 +222,29 @@ class Inventory:
         :meth:`record_intent` + :meth:`record_issued`; the write lock is held while ``sign`` runs
         (one signature, well under a millisecond), so nothing else can take the name meanwhile.
 
-        Args: as :meth:`record_intent`, plus ``sign`` (makes the certificate for ``serial``) and
-            ``renewal_fraction`` (as :meth:`record_issued`).
+        Args: as :meth:`record_intent`, plus ``sign`` (makes the certificate for ``serial``),
+            ``renewal_fraction`` (as :meth:`record_issued`) and ``predecessor``: for a renewal,
+            the serial it renews, which must still be its identity's current certificate.
 
         Raises:
             AlreadyEnrolledError: ``exclusive`` and the name is taken.
+            Superseded: ``predecessor`` was renewed already, or is no longer current (checked and
+                claimed in this transaction: of concurrent renewals of one certificate exactly one
+                gets a successor); nothing is recorded then.
             sqlite3.IntegrityError: the serial number exists already (never reuse one).
             Whatever ``sign`` raises; nothing is recorded then.
         """
         with self._transaction():
             if exclusive:
                 self.check_available(kind, name, now)
+            if predecessor is not None:
+                # Compare-and-set: the successor is claimed before anything is signed.
+                claimed = self._db.execute(
+                    "UPDATE certificates SET successor = ? WHERE serial = ? AND status = 'issued' AND superseded = 0 "
+                    "AND successor IS NULL", (f"{serial:x}", f"{predecessor:x}"),
+                ).rowcount
+                if claimed != 1:
+                    raise Superseded(predecessor)
             self._insert_pending(serial=serial, name=name, kind=kind, sans=sans, now=now, issuer=issuer)
             certificate = sign()
             if certificate.serial_number != serial:
@@ -261,6 +292,26 @@ class Inventory:
                 "WHERE serial = ? AND status = 'issued'",
                 [(_epoch(at), reason, f"{s:x}") for s in serials],
             )
+
+    def current(self, kind: str, name: str) -> Record | None:
+        """The current certificate of (``kind``, ``name``): the newest signed one, or None."""
+        row = self._db.execute(
+            "SELECT * FROM certificates WHERE kind = ? AND name_key = ? AND superseded = 0 AND status IN ('issued', 'revoked') "
+            "ORDER BY not_before DESC LIMIT 1", (kind, name.lower()),
+        ).fetchone()
+        return Record.from_row(row) if row else None
+
+    def superseded_due(self, now: dt.datetime, grace: dt.timedelta) -> list[Record]:
+        """Unexpired, unrevoked end-entity certificates superseded by a newer one of the same
+        (kind, name) that was signed at least ``grace`` before ``now``: due for revocation with
+        reason superseded."""
+        rows = self._db.execute(
+            "SELECT p.* FROM certificates p WHERE p.status = 'issued' AND p.superseded = 1 AND p.not_after > :now "
+            "AND p.kind IN ('node', 'gateway', 'service') AND EXISTS (SELECT 1 FROM certificates s WHERE s.kind = p.kind "
+            "AND s.name_key = p.name_key AND s.superseded = 0 AND s.status IN ('issued', 'revoked') AND s.requested_at <= :cutoff)",
+            {"now": _epoch(now), "cutoff": _epoch(now - grace)},
+        )
+        return [Record.from_row(r) for r in rows]
 
     def unexpired(self, name: str, kinds: Sequence[str], now: dt.datetime) -> list[Record]:
         """Issued (not revoked) certificates of ``name`` still valid at ``now``, newest first."""

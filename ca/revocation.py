@@ -216,6 +216,20 @@ class Revocation:
         self.revoke_records(records, reason=reason)
         return records
 
+    def revoke_superseded(self) -> list[Record]:
+        """Revoke, with reason superseded (RFC 5280 5.3.1), every certificate renewed or replaced
+        more than ``superseded_grace`` ago, and publish the CRL: one identity, one certificate
+        that opens anything. The grace gives the host time to install the successor and its
+        software to reload; connections open with the predecessor are not closed by it.
+
+        Returns:
+            The records revoked (empty: nothing was due, no CRL written).
+        """
+        due = self.inventory.superseded_due(self.clock.now(), self.settings.superseded_grace)
+        if due:
+            self.revoke_records(due, reason="superseded")
+        return due
+
     def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
         """Mark ``records`` revoked now and publish a new CRL."""
         self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
@@ -279,11 +293,14 @@ class Revocation:
         return crls
 
     def refresh_crl(self) -> bool:
-        """Re-sign the CRL when half of its validity has passed (or it is missing).
+        """Revoke the predecessors whose grace has passed (:meth:`revoke_superseded`), and re-sign
+        the CRL when half of its validity has passed (or it is missing).
 
         Returns:
             True if a new CRL was written.
         """
+        if self.revoke_superseded():
+            return True
         now = self.clock.now()
         for _, _, this_update, next_update in self.inventory.crls():
             if not crl_due(this_update, next_update, now) and self.crl_path.exists():

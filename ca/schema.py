@@ -3,11 +3,12 @@ the version without importing the inventory module)."""
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Changes from one version to the next, applied in order to an older inventory (the CREATE TABLE
 # statements below already hold them for a new one).
 MIGRATIONS = {
     2: "ALTER TABLE tokens ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0",
+    3: "ALTER TABLE certificates ADD COLUMN successor TEXT",
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -24,6 +25,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     spki_sha256  TEXT,                      -- hex SHA-256 of the SubjectPublicKeyInfo DER
     renewal_due  REAL,                      -- notBefore + renewal fraction x lifetime (policy at issuance)
     superseded   INTEGER NOT NULL DEFAULT 0, -- 1 once a newer certificate of the same (kind, name) is signed
+    successor    TEXT,                      -- serial (hex) of the certificate that renewed this one: one at most
     revoked_at   INTEGER,
     revocation_reason TEXT,                 -- RFC 5280 5.3.1 CRLReason name
     pem          TEXT

@@ -76,6 +76,10 @@ class CASettings:
             published before it issues, 10 minutes by default. It must exceed how often gateways
             fetch crl.pem (pki-agent: ``renewal.crl_refresh_interval``, 60 s): a gateway without
             the new CA's CRL refuses its node certificates.
+        superseded_grace: how long after a renewal its predecessor stays unrevoked, 10 minutes
+            by default: time for the host to install the successor and for the software using
+            it to reload. Then the predecessor is revoked with reason superseded (RFC 5280 5.3.1)
+            at the next CRL check, so that a copy of the old key opens nothing; 0 revokes at once.
     """
 
     trust_domain: str = "pkictl.internal"
@@ -86,6 +90,7 @@ class CASettings:
     renewal_fraction: float = DEFAULT_RENEWAL_FRACTION
     crl_lifetime: dt.timedelta = dt.timedelta(days=7)
     issuing_activation_delay: dt.timedelta = dt.timedelta(minutes=10)
+    superseded_grace: dt.timedelta = dt.timedelta(minutes=10)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?", self.trust_domain):
@@ -139,10 +144,9 @@ class CASettings:
         values: dict[str, Any] = {}
         try:
             for key, value in data.items():
-                if key.endswith("_lifetime") and key in known:
-                    values[key] = parse_duration(value, field=key)
-                elif key == "issuing_activation_delay":
-                    values[key] = parse_duration(value, field=key, allow_zero=True)
+                if isinstance(known[key].default, dt.timedelta):
+                    # A lifetime must be positive; a delay or a grace may be zero (at once).
+                    values[key] = parse_duration(value, field=key, allow_zero=not key.endswith("_lifetime"))
                 elif key == "renewal_fraction":
                     try:
                         values[key] = float(value)

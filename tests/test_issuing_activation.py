@@ -20,6 +20,7 @@ from cryptography import x509
 from pkictl.authority import CertificateAuthority
 from pkictl.cli import cli
 from pkictl.clock import FixedClock
+from pkictl.pem import certificates_to_pem
 from pkictl.revocation import load_crls
 
 from est_support import EST, ServeProcess, certs_only, curl, est_body, make_csr, serials
@@ -144,15 +145,26 @@ def test_a_promotion_waits_for_the_lock_and_then_finds_it_done(pki):
     assert CertificateAuthority.load(pki.home).issuing.serial_number == new.serial_number
 
 
+_CURRENT: dict[Path, tuple[Path, Path]] = {}  # bundle -> (fullchain, key) of its current certificate
+
+
 def _renew(serve: ServeProcess, home: Path, bundle: Path, name: str, scratch: Path):
+    """Renew ``bundle``'s current certificate over EST with curl; the successor (with its chain
+    from /cacerts) becomes the current one, as an agent would install it: only the current
+    certificate may renew."""
     from support import live_files
 
     files = live_files(bundle)
-    csr, _ = make_csr(scratch, subject=f"/CN={name}", san=f"URI:spiffe://pkictl.internal/node/{name.lower()}")
-    reply = curl(serve.url + EST + "/simplereenroll", "--cert", str(files["fullchain"]), "--key", str(files["privkey"]),
+    fullchain, key = _CURRENT.get(bundle, (files["fullchain"], files["privkey"]))
+    csr, new_key = make_csr(scratch, subject=f"/CN={name}", san=f"URI:spiffe://pkictl.internal/node/{name.lower()}")
+    reply = curl(serve.url + EST + "/simplereenroll", "--cert", str(fullchain), "--key", str(key),
                  cacert=home / "ca.pem", data=est_body(csr), content_type="application/pkcs10")
     assert reply.status == 200, reply
     (certificate,) = certs_only(reply.body)
+    issuers = [c for c in certs_only(curl(serve.url + EST + "/cacerts", cacert=home / "ca.pem").body) if c.subject == certificate.issuer]
+    chain = scratch / "fullchain.pem"
+    chain.write_bytes(certificates_to_pem([certificate, *issuers]))
+    _CURRENT[bundle] = (chain, new_key)
     return certificate
 
 

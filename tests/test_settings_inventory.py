@@ -391,13 +391,15 @@ def test_a_name_being_signed_is_not_enrolled_twice_but_a_crashed_intent_expires(
 
 
 def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path):
-    """An inventory written by schema 1 (tokens without 'replaces') opens as schema 2: its token
-    still works and is a plain one, new tokens may replace; a second open changes nothing."""
+    """An inventory written by schema 1 (tokens without 'replaces', certificates without
+    'successor') opens as the current schema: its token still works and is a plain one, new
+    tokens may replace, a certificate row has a successor column; a second open changes nothing."""
     from pkictl.schema import SCHEMA, SCHEMA_VERSION
 
     path = tmp_path / "inventory.sqlite3"
     old = sqlite3.connect(path)
     version_1 = re.sub(r"used_at( +)INTEGER,(.*)\n +replaces .*\n", r"used_at\1INTEGER \2\n", SCHEMA)
+    version_1 = re.sub(r"\n +successor +TEXT,.*", "", version_1)  # schema 3's column
     old.executescript(version_1)
     assert "replaces" not in [c[1] for c in old.execute("PRAGMA table_info(tokens)")]
     old.execute("PRAGMA user_version = 1")
@@ -415,4 +417,6 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     assert inventory.token_replaces("N2", "bb", now) is True
     assert inventory.consume_token("tw", "aa", now) and inventory.token_replaces("tw", "aa", now) is None
     inventory.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert "successor" in [c[1] for c in db.execute("PRAGMA table_info(certificates)")]
