@@ -322,25 +322,37 @@ def _service_checks(facts: CAFacts) -> list[Finding]:
 
 
 def service_file_findings(paths: Sequence[Path]) -> list[Finding]:
-    """Findings for service definitions (units, drop-ins, plists) that look like they hold a secret."""
-    from .secretscan import redact, scan_file
+    """Findings for service definitions (units, drop-ins, plists) that look like they hold a
+    secret, and for the files their ``EnvironmentFile=`` lines load (a token there is in the
+    service's environment all the same)."""
+    from .secretscan import environment_files, redact, scan_file
 
     findings = []
-    for path in paths:
+    queue: list[tuple[Path, Path | None]] = [(Path(p), None) for p in paths]
+    seen: set[Path] = set()
+    while queue:
+        path, unit = queue.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
         try:
             hits = scan_file(path)
         except OSError as exc:
-            findings.append(Finding("service-files", W, str(path), f"cannot be read: {exc.strerror}", "a readable file",
-                                    "check the path given with --unit"))
-            continue
+            if unit is None:
+                findings.append(Finding("service-files", W, str(path), f"cannot be read: {exc.strerror}", "a readable file",
+                                        "check the path given with --unit"))
+            continue  # an optional EnvironmentFile= that is absent holds nothing
         by_line: dict[int, list] = {}
         for hit in hits:
             by_line.setdefault(hit.line, []).append(hit)
+        where = "a service definition: every user can read it" if unit is None else f"the environment of {unit} (EnvironmentFile=)"
         for number, line_hits in by_line.items():
             patterns = ", ".join(h.pattern for h in line_hits)
             findings.append(Finding("service-files", E, f"{path} line {number}", f"looks like it holds a secret ({patterns}): "
-                                    f"{redact(line_hits[0].text)}", "no secret in a service definition: every user can read it",
+                                    f"{redact(line_hits[0].text)}", f"no secret in {where}",
                                     "remove it; pkictl needs none (mTLS), a CA passphrase goes in a 0600 file (--passphrase-file)"))
+        if unit is None:
+            queue.extend((found, path) for found in environment_files(path))
     if not paths:
         findings.append(Finding("service-files", OK, "", "no installed unit or plist found (name one with --unit)"))
     return findings

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["SecretHit", "SECRET_PATTERNS", "find_secrets", "scan_file", "redact", "systemd_installed_paths",
-           "launchd_installed_paths", "installed_service_files"]
+__all__ = ["SecretHit", "SECRET_PATTERNS", "find_secrets", "scan_file", "redact", "environment_files",
+           "systemd_installed_paths", "launchd_installed_paths", "installed_service_files"]
 
 # What a secret tends to look like in a text file. The base64 pattern wants upper case, lower case
 # and a digit so that long words and paths (CapabilityBoundingSet) do not count.
@@ -24,6 +24,10 @@ SECRET_PATTERNS = {
     "passphrase": re.compile(r"passphrase", re.IGNORECASE),
     "token": re.compile(r"token", re.IGNORECASE),
     "secret": re.compile(r"secret", re.IGNORECASE),
+    "API key": re.compile(r"api[_-]?key|access[_-]?key", re.IGNORECASE),
+    # Provider keys (sk-..., sk_live_...) and bearer credentials, too short or dashed for the base64 rule.
+    "API key value": re.compile(r"\bsk[-_][A-Za-z0-9_-]{12,}"),
+    "bearer credential": re.compile(r"\bbearer\s+\S{8,}", re.IGNORECASE),
     "PEM private key": re.compile(r"BEGIN .*PRIVATE KEY"),
     "hex string": re.compile(r"\b[0-9A-Fa-f]{32,}\b"),
     "base64 string": re.compile(r"(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{32,}={0,2}"),
@@ -75,16 +79,40 @@ def scan_file(path: Path) -> list[SecretHit]:
     return find_secrets(data.decode("utf-8", errors="replace"))
 
 
+# A name that says its value is secret, and that value: KEY=VALUE, key: value, --opt=VALUE,
+# --opt VALUE, a quoted value whole. The name may sit inside a longer one (GATEWAY_TOKEN,
+# --gateway-token).
+_SECRET_NAME = r"[\w.-]*(?:password|passphrase|token|secret|api[_-]?key|access[_-]?key|bearer)[\w.-]*"
+_NAMED_VALUE = re.compile(rf"(?i)({_SECRET_NAME}(?:\s*[=:]\s*|\s+))(\"[^\"]*\"|'[^']*'|[^\s\"']+)")
+
+
 def redact(line: str, limit: int = 100) -> str:
-    """``line`` with whatever could be the secret replaced by ``<redacted>``, for a report that
-    names the line without repeating the secret."""
+    """``line`` with every value that could be a secret replaced by ``<redacted>``, for a report
+    that names the line without repeating the secret: the value of every secret-named key or
+    option (wherever it sits on the line), the last ``KEY=VALUE`` of the line, and every string
+    that a value pattern matched."""
     line = line.strip()
-    line = re.sub(r"([=:]\s*)[^=:\s]+$", r"\1<redacted>", line)  # KEY=VALUE, key: value
-    line = re.sub(r"(?i)((?:password|passphrase|token|secret)\S*\s+)\S+", r"\1<redacted>", line)
-    for name in ("hex string", "base64 string"):
+    line = _NAMED_VALUE.sub(r"\1<redacted>", line)
+    line = re.sub(r"([=:]\s*)(?!<redacted>)[^=:\s]+$", r"\1<redacted>", line)  # KEY=VALUE, key: value
+    for name in ("hex string", "base64 string", "API key value"):
         line = SECRET_PATTERNS[name].sub("<redacted>", line)
     line = re.sub(r"-----BEGIN .*", "-----BEGIN <redacted>", line)
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_ENVIRONMENT_FILE = re.compile(r"^\s*EnvironmentFile\s*=\s*-?(\S+)", re.MULTILINE)
+
+
+def environment_files(path: Path) -> list[Path]:
+    """The files a systemd unit or drop-in loads with ``EnvironmentFile=`` (systemd.exec(5); a
+    leading ``-`` only means "ignore if missing"), resolved against the unit's directory when
+    relative; [] when ``path`` cannot be read. Their contents become the service's environment,
+    so a token there is as shared as one in the unit."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [Path(path).parent / found for found in _ENVIRONMENT_FILE.findall(text)]
 
 
 def systemd_installed_paths() -> list[Path]:

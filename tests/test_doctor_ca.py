@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import subprocess
 
 from cryptography.hazmat.primitives import serialization
 
@@ -19,6 +20,7 @@ from pkictl.serve import ESTService
 from pkictl.settings import CASettings
 
 from doctor_support import only, problems, replace_file, snapshot
+from support import command
 
 NOW = dt.datetime.now(dt.timezone.utc)
 PASSPHRASE = b"correct horse battery staple"
@@ -158,6 +160,34 @@ def test_unit_with_a_token(pki, tmp_path) -> None:
     assert found.subject == f"{unit} line 3" and "token" in found.problem and "GATEWAY_TOKEN=<redacted>" in found.problem
     assert secret not in found.line()
     unit.write_text("[Service]\nExecStart=/usr/local/bin/pkictl --passphrase-file /etc/pkictl/passphrase serve\n")
+    assert problems(doctor(pki, service_files=[unit])) == []
+
+
+def test_every_reported_value_is_redacted_and_environment_files_are_scanned(pki, tmp_path) -> None:
+    """The installed pkictl doctor, run as a process on a unit with --gateway-token=VALUE, an
+    API_KEY=sk-... and an EnvironmentFile= holding a token, reports each line without its value
+    (and keeps the option after it); a clean EnvironmentFile= and an absent optional one add nothing."""
+    token, api_key, env_token = "hunter2hunter2", "sk-proj-4f9Qx2Lm8Rt7Vw1Zb6Nc", "envfileTOKENvalue77"
+    env = tmp_path / "gateway.env"
+    env.write_text(f"# the gateway's environment\nOPENCLAW_GATEWAY_TOKEN={env_token}\n")
+    unit = tmp_path / "pkictl-serve.service"
+    unit.write_text("[Service]\n"
+                    f"ExecStart=/usr/local/bin/gateway --gateway-token={token} --verbose\n"
+                    f'Environment="API_KEY={api_key}"\n'
+                    f"EnvironmentFile=-{env}\n"
+                    f"EnvironmentFile=-{tmp_path / 'absent.env'}\n")
+    run = subprocess.run([command("pkictl"), "--home", str(pki.home), "doctor", "--all", "--unit", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    report = run.stdout + run.stderr
+    for secret in (token, api_key, env_token):
+        assert secret not in report
+    assert "--gateway-token=<redacted> --verbose" in report
+    assert "API_KEY=<redacted>" in report
+    assert f"{env} line 2" in report and "OPENCLAW_GATEWAY_TOKEN=<redacted>" in report
+    assert "absent.env" not in report
+    assert run.returncode != 0
+    env.write_text("LOG_LEVEL=info\n")
+    unit.write_text(f"[Service]\nExecStart=/usr/local/bin/pkictl serve\nEnvironmentFile={env}\n")
     assert problems(doctor(pki, service_files=[unit])) == []
 
 

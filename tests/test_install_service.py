@@ -160,7 +160,7 @@ def test_fingerprints_are_not_secrets_and_redaction_hides_values() -> None:
     digest = "ab" * 32
     assert find_secrets(f"trust_anchor_sha256: sha256:{digest}  # the root") == []
     assert find_secrets(f"trust_anchor_sha256: {digest}") == []
-    assert [h.pattern for h in find_secrets(f"api_key: {digest}")] == ["hex string"]
+    assert [h.pattern for h in find_secrets(f"api_key: {digest}")] == ["API key", "hex string"]
     # the setting that names the CA passphrase's file is a pointer, the passphrase itself is not
     assert find_secrets("  ca_passphrase_file: /etc/pkictl/passphrase  # the CA keys are encrypted") == []
     assert [h.pattern for h in find_secrets("  ca_passphrase: correct-horse-battery-staple")] == ["passphrase"]
@@ -180,3 +180,16 @@ def test_crl_refreshed_over_est_outside_the_bundle_is_writable(tmp_path) -> None
     spec = spec_from_config(config, load_config(config), user="pki-agent", program=PROGRAM)
     assert read_unit(SystemdBackend().render(spec))["Service"]["ReadWritePaths"] == "/var/lib/pki-agent/gw /var/lib/pki-agent/crl"
     assert "chown -R pki-agent: /var/lib/pki-agent/gw /var/lib/pki-agent/crl" in SystemdBackend().next_steps(Path("/x/pki-agent.service"), spec)
+
+
+def test_api_keys_and_bearer_credentials_are_found_and_every_value_redacted() -> None:
+    """An API key by its name (API_KEY=, ACCESS_KEY:) or by its form (sk-..., Bearer ...) is a hit, and
+    redaction hides the value of a secret-named option wherever it sits, not the word after it."""
+    assert [h.pattern for h in find_secrets("Environment=API_KEY=abc123")] == ["API key"]
+    assert [h.pattern for h in find_secrets("aws_access_key: short")] == ["API key"]
+    assert [h.pattern for h in find_secrets("ExecStart=/bin/client sk-proj-4f9Qx2Lm8Rt7")] == ["API key value"]
+    assert [h.pattern for h in find_secrets("Environment=AUTH=Bearer eyJhbGciOi.x")] == ["bearer credential"]
+    assert find_secrets("ExecStart=/usr/bin/ssh-keygen -t ed25519 --skip-checks") == []
+    assert redact("ExecStart=/bin/x --gateway-token=VALUE --verbose") == "ExecStart=/bin/x --gateway-token=<redacted> --verbose"
+    assert redact('Environment="API_KEY=sk-proj-4f9Qx2Lm8Rt7"') == 'Environment="API_KEY=<redacted>"'
+    assert redact("ExecStart=/bin/client sk-proj-4f9Qx2Lm8Rt7 --verbose") == "ExecStart=/bin/client <redacted> --verbose"
