@@ -20,9 +20,10 @@ import socket
 import ssl
 from typing import Callable
 
+from .errors import PKIError
 from .handshake import handshake_refusal_reason, likely_cause
 from .logfmt import peer_name, quoted
-from .sockets import accept_ready, bind_listening_sockets
+from .sockets import accept_ready, bind_listening_sockets, bind_problem
 
 __all__ = ["TLSFront", "log_tls_refusal"]
 
@@ -69,10 +70,14 @@ class TLSFront:
         """Bind every address of ``host`` (all interfaces for ``""``) on ``port`` and start accepting.
 
         Raises:
-            OSError: an address cannot be bound (nothing stays bound).
+            PKIError: an address cannot be bound (in use, not this host's, privileged); nothing
+                stays bound.
         """
         loop = self._loop = asyncio.get_running_loop()
-        self._sockets = await bind_listening_sockets(loop, host, port)
+        try:
+            self._sockets = await bind_listening_sockets(loop, host, port)
+        except OSError as exc:
+            raise PKIError(bind_problem(host, port, exc)) from exc
         for sock in self._sockets:
             loop.add_reader(sock.fileno(), self._accept, sock, loop)
 

@@ -366,13 +366,32 @@ class ESTService:
 
         Maintenance runs from APScheduler with ``misfire_grace_time=None`` and ``coalesce=True``
         (a 1 s grace silently skipped a job after a pause: docs/design.md, "Renewal").
+
+        Raises:
+            PKIError: start-up failed (the listen address cannot be bound, a --dns or --ip of the
+                service certificate is refused, a signing worker cannot load the CA); nothing is
+                left running, signing workers included.
         """
+        if self.signers is not None:
+            await self.signers.start()
+        try:
+            await self._serve(ready, handle_signals)
+        finally:
+            # Also when start-up fails: a worker ignores SIGTERM (it must not be cut off in an
+            # issuance) and ends only when its pipe closes, so an open pipe kept the process alive.
+            if self.signers is not None:
+                await self.signers.close()
+
+    async def _serve(self, ready: Callable[[int], None] | None, handle_signals: bool) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         stop = asyncio.Event()
-        if self.signers is not None:
-            await self.signers.start()
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            if self._runner is not None:
+                await self._runner.cleanup()
+            raise
         front, runner = self._front, self._runner
         assert front is not None and runner is not None, "made by start()"
         loop = asyncio.get_running_loop()
@@ -393,8 +412,6 @@ class ESTService:
             scheduler.shutdown(wait=False)
             await front.close()
             await runner.cleanup()
-            if self.signers is not None:
-                await self.signers.close()
 
     def stop(self) -> None:
         self._stop.set()

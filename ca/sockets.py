@@ -6,11 +6,12 @@ the client has already reset."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from typing import Iterator
 
-__all__ = ["bind_listening_sockets", "accept_ready"]
+__all__ = ["bind_listening_sockets", "accept_ready", "bind_problem"]
 
 
 async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
@@ -41,6 +42,22 @@ async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, por
             sock.close()
         raise
     return sockets
+
+
+def bind_problem(host: str, port: int, exc: OSError) -> str:
+    """One line for an address that cannot be bound: which, why, and what to do.
+
+    Args:
+        host, port: the address asked for ("" for every interface).
+        exc: the error of ``bind()`` (or of resolving ``host``).
+    """
+    where = f"{f'[{host}]' if ':' in host else host or '*'}:{port}"
+    hints = {
+        errno.EADDRINUSE: f"another process listens there (find it: ss -ltnp 'sport = :{port}'): stop it, or use another port",
+        errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port, or grant the capability",
+        errno.EADDRNOTAVAIL: f"{host} is not an address of this host (ip -brief address lists them)",
+    }
+    return f"cannot listen on {where}: {exc.strerror or exc}; {hints.get(exc.errno or 0, 'check the address')}"
 
 
 def accept_ready(listening: socket.socket, log: logging.Logger, *, limit: int = 128) -> Iterator[tuple[socket.socket, tuple]]:

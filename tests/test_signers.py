@@ -8,6 +8,8 @@ import asyncio
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from pkictl.settings import CASettings
 from pkictl.signers import SignerPool
 
 from est_support import EST, RunningService, curl, est_body, make_csr, pkictl, serials
-from support import DEADLINE
+from support import DEADLINE, command, wait_until
 from test_est_server import only_certificate, reenroll, tw_credential, uris
 
 
@@ -84,6 +86,43 @@ def test_a_worker_that_cannot_load_the_ca_stops_the_start(tmp_path):
     with pytest.raises(PKIError, match="could not load the CA") as caught:
         asyncio.run(pool.start())
     assert "passphrase" in str(caught.value).lower()
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+@pytest.mark.parametrize("problem", ["invalid --dns", "port in use"])
+def test_a_start_up_error_exits_at_once_with_one_line(pki, workers, problem):
+    """The installed pkictl serve, with signing workers and without, exits non-zero within the
+    bound on an invalid --dns and on a listen port in use, prints one line naming the cause (no
+    traceback), and leaves no process behind (a worker ignores SIGTERM and once kept it alive)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    args = ["--listen", "127.0.0.1:0", "--dns", "bad..name"] if problem == "invalid --dns" else ["--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen([command("pkictl"), "--home", str(pki.home), "serve", "--workers", str(workers), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"pkictl serve --workers {workers} with {problem} did not exit within {DEADLINE:g} s")
+    finally:
+        holder.close()
+    assert process.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert "Traceback" not in stderr and len(errors) == 1, stderr
+    expected = "'bad..name': want a DNS name" if problem == "invalid --dns" else f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert expected in errors[0]
+    wait_until(lambda: not _group_alive(process.pid), what="every process of pkictl serve's group to end")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_errors_with_extra_fields_survive_the_trip_from_a_worker():
