@@ -122,7 +122,12 @@ class ListenerConfig(_Model):
             ``["*"]`` for every node certificate of this CA. Required: a listener without it
             refuses to start rather than let everyone in.
         handshake_timeout: a client that has not finished its handshake by then is dropped.
-        max_connections: connections beyond this many are refused.
+        max_connections: connections beyond this many are refused; a quarter of them is kept for
+            nodes that passed the checks, and when the rest is full the oldest connection without
+            a checked certificate (of the busiest address) makes room for a new one.
+        max_connections_per_peer: connections from one address beyond this many are refused
+            (a node behind NAT shares its address with its neighbours: keep it generous); unset,
+            a quarter of max_connections (at least 1).
         idle_timeout: a connection with no bytes in either direction for this long is closed.
         max_connection_age: when set, a connection is closed this long after its handshake, so
             that a revocation or a new certificate reaches long-lived connections too.
@@ -137,6 +142,7 @@ class ListenerConfig(_Model):
     crl: Optional[Path] = None
     handshake_timeout: Duration = dt.timedelta(seconds=10)
     max_connections: int = Field(1024, ge=1)
+    max_connections_per_peer: Optional[int] = Field(None, ge=1)
     idle_timeout: Duration = dt.timedelta(minutes=10)
     max_connection_age: Optional[Duration] = None
 
@@ -152,6 +158,18 @@ class ListenerConfig(_Model):
         if value is not None and value <= dt.timedelta(0):
             raise ValueError("must be at least 1s")
         return value
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> "ListenerConfig":
+        if self.max_connections_per_peer is not None and self.max_connections_per_peer > self.max_connections:
+            raise ValueError(f"max_connections_per_peer: got {self.max_connections_per_peer}, want at most "
+                             f"max_connections ({self.max_connections})")
+        return self
+
+    @property
+    def per_peer_limit(self) -> int:
+        """max_connections_per_peer, or its default: a quarter of max_connections."""
+        return self.max_connections_per_peer or max(1, self.max_connections // 4)
 
     @property
     def allowed_names(self) -> frozenset[str] | None:

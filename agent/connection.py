@@ -207,6 +207,7 @@ class Connection(asyncio.BufferedProtocol):
             listener._refused(self.peer, exc.reason, exc.detail, node=exc.node, serial=exc.serial)
             self.end(exc.reason)
             return
+        listener.admission.proved(self)
         self.state = CONNECTING
         if listener._upstream_addresses is None:
             self.task = self.loop.create_task(listener._resolve_upstream(self))
@@ -449,6 +450,12 @@ class Connection(asyncio.BufferedProtocol):
         self.deadline = self.loop.time() + _CLOSE_GRACE
         self.transport.close()
 
+    def evicted(self) -> None:
+        """Abort at once (the listener made room for a newer connection; it logged why)."""
+        if self.end_reason is None:
+            self.end_reason = "evicted"
+        self._abort()
+
     def _abort(self) -> None:
         if self.state not in (_ADOPTING, _GONE):
             self.transport.abort()
@@ -473,6 +480,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         listener = self.listener
         listener._connections.discard(self)
+        listener.admission.release(self)
         if not listener._connections and listener._drained is not None:
             listener._drained.set()
 

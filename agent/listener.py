@@ -12,6 +12,7 @@ import logging
 import socket
 from typing import Callable
 
+from pkictl.admission import Admission, AdmissionLimits
 from pkictl.logfmt import peer_name
 from pkictl.sockets import accept_ready, bind_listening_sockets
 
@@ -68,6 +69,10 @@ class GatewayListener:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sockets: list[socket.socket] = []
         self._connections: set[Connection] = set()
+        # A quarter of the slots is kept for nodes that passed the checks (docs/design.md,
+        # "Connection admission"): a flood of handshakes cannot take those.
+        self.admission = Admission(AdmissionLimits(total=config.max_connections, per_peer=config.per_peer_limit,
+                                                   reserved=config.max_connections // 4))
         self._nodes_by_serial: dict[tuple[bytes, int], str] = {}  # insertion order = age (remember)
         # The revocations (superseded ones left out) that close_revoked has acted on; those of
         # the CRL in service when the listener is made count as acted on.
@@ -115,14 +120,26 @@ class GatewayListener:
         # accept() itself: a node that resets at once has none left for getpeername() to tell.
         for sock, address in accept_ready(listening, log):
             peer = peer_name(address)
-            if len(self._connections) >= self.config.max_connections:
-                sock.close()
-                self._refused(peer, "connection limit", f"{self.config.max_connections} connections open (listener.max_connections)")
-                continue
-            sock.setblocking(False)
             conn = Connection(self, peer)
+            decision = self.admission.admit(conn, peer)
+            if not decision.admitted:
+                sock.close()
+                setting = "listener.max_connections_per_peer" if decision.reason == "peer connection limit" else "listener.max_connections"
+                self._refused(peer, decision.reason, f"{decision.detail} ({setting})")
+                continue
+            if isinstance(decision.evict, Connection):
+                self.evict(decision.evict, peer)
+            sock.setblocking(False)
             self._connections.add(conn)
             conn.adopting = loop.create_task(conn.adopt(sock))
+
+    def evict(self, conn: Connection, newcomer: str) -> None:
+        """Close ``conn``, a connection that has not passed the checks yet, to make room for
+        ``newcomer``: every slot without a node in it was taken."""
+        limits = self.admission.limits
+        self._refused(conn.peer, "evicted", f"{limits.total - limits.reserved} connections without a checked certificate "
+                      f"were open; the oldest of the busiest address made room for {newcomer}")
+        conn.evicted()
 
     def _close_sockets(self) -> None:
         for sock in self._sockets:
