@@ -7,7 +7,6 @@ directory copied anywhere keeps working.
 from __future__ import annotations
 
 import datetime as dt
-import grp
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from pkictl.names import validate_name
 from pkictl.settings import parse_duration
 
 from .authz import allowed_names
+from .consumer_config import Pkcs12Config, group_id
 from .errors import ConfigError
 
 __all__ = [
@@ -263,31 +263,6 @@ class MetricsConfig(_Model):
     listen: Address
 
 
-class Pkcs12Config(_Model):
-    """A PKCS#12 keystore for Java (``keystore.p12`` in every credential version, pkictl.formats).
-
-    Attributes:
-        password_file: the file holding the keystore password on one line (relative to the
-            configuration file), read at every install; the Java program reads the same file.
-            Missing, unreadable or empty, it fails the configuration at load time.
-    """
-
-    password_file: Path
-
-
-def _group_id(name: str) -> int:
-    """The id of group ``name`` (or of a numeric group id).
-
-    Raises:
-        ValueError: no such group on this host.
-    """
-    try:
-        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ValueError(f"no group {name!r} on this host: create it (groupadd {name}) and add the consumer's user to it "
-                         f"(usermod -aG {name} USER), or correct credential_group") from None
-
-
 class AgentConfig(_Model):
     """One host's agent: whose credential, where it lives, how it renews, what it serves (a
     gateway's listener, a node's tunnel), and the hooks run (in order) after each rotation.
@@ -329,7 +304,7 @@ class AgentConfig(_Model):
     def _group(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        gid = _group_id(value)
+        gid = group_id(value)
         if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
             raise ValueError(f"the agent runs as uid {os.geteuid()}, neither root nor a member of group {value}, so it cannot "
                              f"give the key files to that group: add its user to the group (usermod -aG {value} USER, or "
@@ -342,7 +317,7 @@ class AgentConfig(_Model):
         Raises:
             ValueError: ``credential_group`` no longer exists on this host.
         """
-        group = _group_id(self.credential_group) if self.credential_group is not None else None
+        group = group_id(self.credential_group) if self.credential_group is not None else None
         keystore = Keystore(self.pkcs12.password_file, self.name) if self.pkcs12 is not None else None
         return VersionLayout(group=group, keystore=keystore)
 

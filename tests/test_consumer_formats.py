@@ -28,6 +28,7 @@ from pkictl.clock import FixedClock
 from pkictl.pem import private_key_from_pem, public_key_bytes
 from pkictl.store import CredentialStore
 
+from conftest import RunningAgent
 from support import DEADLINE, TLSClient, bundle_context, client_context, refused, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -249,3 +250,20 @@ def test_a_bad_keystore_password_file_fails_the_configuration(tmp_path, content,
         load_config(path)
     assert str(tmp_path / "pw") in str(raised.value)
     assert not list((tmp_path).glob("archive"))
+
+
+def test_a_running_agent_writes_a_newly_configured_keystore_at_start(fleet, tmp_path):
+    """An agent started with pkcs12 on a credential enrolled without it installs the same
+    certificate again, with keystore.p12, before it serves: not weeks later at the next renewal."""
+    clock, home, _, node = fleet
+    (tmp_path / "pw").write_text("s3cret\n")
+    before = CredentialStore(node).load().certificate
+    config = AgentConfig(name="TW", kind="node", credential_dir=node, renewal=RenewalConfig(ca_home=home, jitter=0),
+                         pkcs12={"password_file": tmp_path / "pw"}, watch=False)
+    running = RunningAgent(Agent(config, clock=clock)).start()
+    try:
+        assert os.readlink(node / "live") == "archive/2"
+        _, certificate, _ = pkcs12.load_key_and_certificates((node / "keystore.p12").read_bytes(), b"s3cret")
+        assert certificate == before == running.agent.credential.certificate
+    finally:
+        running.stop()
