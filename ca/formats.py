@@ -46,8 +46,9 @@ def pkcs12_keystore(key: PrivateKey, certificate: x509.Certificate, chain: Seque
     """A PKCS#12 keystore (RFC 7292) Java 11+ loads with ``KeyStore.getInstance("PKCS12")``.
 
     Key and certificates are encrypted with PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC) and the file
-    is MACed with HMAC-SHA256 (RFC 9579), :data:`PKCS12_KDF_ROUNDS` iterations: what OpenJDK
-    writes by default since 11.0.12 and reads since then; the legacy RC2/3DES forms are not used.
+    is MACed with HMAC-SHA256 (RFC 9579), :data:`PKCS12_KDF_ROUNDS` iterations: the algorithms OpenJDK
+    writes its own keystores with since 11.0.12 (tests/test_consumer_formats.py loads it with the
+    installed Java); the legacy RC2/3DES forms are not used.
 
     Args:
         key, certificate, chain: the credential (chain: intermediates, the leaf's issuer first).
