@@ -7,6 +7,7 @@ directory copied anywhere keeps working.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -15,10 +16,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pkictl.bundle_config import check_gateway_port, check_loopback, parse_address
 from pkictl.errors import PKIError
+from pkictl.formats import Keystore, VersionLayout, read_keystore_password
 from pkictl.names import validate_name
 from pkictl.settings import parse_duration
 
 from .authz import allowed_names
+from .consumer_config import Pkcs12Config, group_id
 from .errors import ConfigError
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "ListenerConfig",
     "TunnelConfig",
     "MetricsConfig",
+    "Pkcs12Config",
     "Hook",
     "load_config",
 ]
@@ -291,6 +295,11 @@ class AgentConfig(_Model):
         watch: reload as soon as the credential, trust anchors or CRL change on disk (watchfiles);
             the periodic check stays the fallback.
         metrics: the optional ``/healthz`` and ``/metrics`` endpoint.
+        pkcs12: also write a PKCS#12 keystore for Java with every version.
+        credential_group: a group that may read the key (a consumer that runs as its own user:
+            nginx's workers, a Node.js gateway): the credential directory, ``archive/`` and each
+            version become 0750 and the key files 0640, of this group, at every install. It must
+            exist, and the agent must be root or a member of it.
     """
 
     name: str
@@ -305,6 +314,30 @@ class AgentConfig(_Model):
     log_format: Literal["text", "json"] = "text"
     watch: bool = True
     metrics: Optional[MetricsConfig] = None
+    pkcs12: Optional[Pkcs12Config] = None
+    credential_group: Optional[str] = Field(None, min_length=1)
+
+    @field_validator("credential_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        gid = group_id(value)
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise ValueError(f"the agent runs as uid {os.geteuid()}, neither root nor a member of group {value}, so it cannot "
+                             f"give the key files to that group: add its user to the group (usermod -aG {value} USER, or "
+                             f"SupplementaryGroups={value} in its service) or run it as root")
+        return value
+
+    def version_layout(self) -> VersionLayout:
+        """What each installed version holds beyond the PEM files, and who may read its keys.
+
+        Raises:
+            ValueError: ``credential_group`` no longer exists on this host.
+        """
+        group = group_id(self.credential_group) if self.credential_group is not None else None
+        keystore = Keystore(self.pkcs12.password_file, self.name) if self.pkcs12 is not None else None
+        return VersionLayout(group=group, keystore=keystore)
 
     @field_validator("name")
     @classmethod
@@ -370,8 +403,15 @@ def load_config(path: Path) -> AgentConfig:
     if listener is not None and listener.crl is not None:
         listener = listener.model_copy(update={"crl": base / listener.crl})
     hooks = [_resolve_hook(hook, base) for hook in config.hooks]
+    pkcs12 = config.pkcs12
+    if pkcs12 is not None:
+        pkcs12 = pkcs12.model_copy(update={"password_file": base / pkcs12.password_file})
+        try:
+            read_keystore_password(pkcs12.password_file)  # here, not at the first rotation weeks later
+        except PKIError as exc:
+            raise ConfigError(f"{path}: pkcs12.password_file: {exc}") from None
     return config.model_copy(update={"credential_dir": base / config.credential_dir, "renewal": renewal, "listener": listener,
-                                     "hooks": hooks})
+                                     "hooks": hooks, "pkcs12": pkcs12})
 
 
 def _resolve_hook(hook: Hook, base: Path) -> Hook:

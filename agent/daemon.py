@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Callable
 
 from pkictl.clock import Clock, SystemClock
 from pkictl.errors import PKIError
+from pkictl.formats import VersionLayout
 from pkictl.renewal import draw_jitter, renewal_time
 from pkictl.revocation import load_crls
 from pkictl.store import Credential, CredentialStore
 from pkictl.tls import client_context
 
 from .config import AgentConfig
-from .errors import AgentError, CredentialUnusable
+from .errors import AgentError, ConfigError, CredentialUnusable
 from .endpoints import close_endpoints, describe_endpoints, start_endpoints
 from .metrics import AgentCounters
 from .est_client import ESTClient
@@ -56,6 +57,13 @@ __all__ = ["Agent", "backoff_delay"]
 log = logging.getLogger("pki_agent")
 
 
+def _layout(config: AgentConfig) -> VersionLayout:
+    try:
+        return config.version_layout()
+    except ValueError as exc:  # the group was removed since the configuration was loaded
+        raise ConfigError(f"credential_group: {exc}") from None
+
+
 class Agent:
     """One host's rotation agent.
 
@@ -70,7 +78,7 @@ class Agent:
         self.config = config
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions)
+        self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions, layout=_layout(config))
         if source is None and config.renewal.ca_home is not None:
             source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file)
         elif source is None and config.renewal.ca_url is not None:
@@ -116,6 +124,28 @@ class Agent:
             return None  # an unreadable state file is rewritten; the floor then starts with this run
 
     # -- credential and context ---------------------------------------------------------------
+
+    def conform_layout(self) -> bool:
+        """Install the live credential again, as a new version, when the live version is not as
+        the configuration asks (no combined.pem or keystore.p12, keys of another mode or group):
+        so a new ``pkcs12`` or ``credential_group`` takes effect at start, not at the next
+        renewal. The certificate and key stay the same, so no hook runs. A failure is logged and
+        the version on disk kept.
+
+        Returns:
+            True if a new version was installed.
+        """
+        try:
+            if not self.store.live.is_symlink() or (problem := self.store.layout_problem()) is None:
+                return False
+            credential = self.store.load()
+            version = self.store.install(credential)
+        except (PKIError, OSError) as exc:
+            log.error("cannot install the credential in %s again as the configuration asks (combined.pem, pkcs12, "
+                      "credential_group): %s; keeping the version on disk", self.store.directory, exc)
+            return False
+        log.info("installed serial %x again as version %s: %s", credential.certificate.serial_number, version.name, problem)
+        return True
 
     def current_tls(self) -> ServerTLS:
         """What new connections get (swapped whole on reload, never mutated)."""
@@ -436,6 +466,7 @@ class Agent:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self._started = self.clock.now()
+        self.conform_layout()
         self.reload()
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)

@@ -130,7 +130,14 @@ class AgentFacts:
             directory=self.config.credential_dir, now=self.now, kind=self.config.kind, name=self.config.name,
             trust_domain=self.config.trust_domain, pinned_sha256=self.config.trust_anchor_sha256, crls=crls,
             reenroll=self.reenroll, config=str(self.config_path), renews_over_est=self.config.renewal.ca_url is not None,
+            key_group=self._key_group(),
         )
+
+    def _key_group(self) -> int | None:
+        try:
+            return self.config.version_layout().group
+        except ValueError:
+            return None  # the group is gone: group-readable keys are then reported as such
 
 
 def _missing(path: Path, what: str, fix: str, *, directory: bool = False) -> Finding | None:

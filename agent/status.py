@@ -31,7 +31,10 @@ def host_status(config: AgentConfig, now: dt.datetime) -> dict[str, Any]:
     ``state`` (the agent's state file, or None), ``problems`` (one line each).
     """
     problems: list[str] = []
-    store = CredentialStore(config.credential_dir)
+    try:
+        store = CredentialStore(config.credential_dir, layout=config.version_layout())
+    except ValueError:  # the group is gone: read as without it (a group-readable key is then reported)
+        store = CredentialStore(config.credential_dir)
     try:
         cert = store.load().certificate
         credential = {

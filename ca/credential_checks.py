@@ -13,6 +13,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .credential_facts import CredentialFacts, describe, fingerprint, purposes, subject_alternative_names, verify_chain
 from .diagnosis import Finding, Severity, check
+from .files import key_mode_problem
+from .formats import COMBINED_FILE, KEYSTORE_FILE
 from .pem import public_key_bytes
 from .renewal import EXPIRING_FRACTION
 from .revocation import signed_by
@@ -61,7 +63,8 @@ def check_archive(facts: CredentialFacts):
 
 @check("key-permissions")
 def check_key_permissions(facts: CredentialFacts):
-    """Private keys are 0600 regular files, and no one else may write the directories that choose them."""
+    """Private keys (privkey.pem, combined.pem, keystore.p12) are 0600 regular files, or 0640 of the
+    configured group, and no one else may write the directories that choose them."""
     for directory in (facts.directory, facts.directory / "archive"):
         try:
             mode = stat.S_IMODE(directory.lstat().st_mode)
@@ -72,18 +75,20 @@ def check_key_permissions(facts: CredentialFacts):
                           "0700", f"chmod 700 {directory}")
     if facts.version is None:
         return
+    group = facts.key_group
+    wanted = "0600" if group is None else f"0600, or 0640 of group {group} (credential_group)"
     for version in sorted((facts.directory / "archive").iterdir()):
-        key = version / "privkey.pem"
-        try:
-            info = key.lstat()
-        except OSError:
-            continue
-        if stat.S_ISLNK(info.st_mode):
-            yield Finding("key-permissions", E, str(key), "a symlink; keys are loaded only from regular files", "a 0600 file",
-                          f"replace the link with the key file itself (cp --remove-destination \"$(readlink -f {key})\" {key})")
-        elif info.st_mode & 0o077:
-            yield Finding("key-permissions", E, str(key), f"mode {stat.S_IMODE(info.st_mode):04o}: readable by group or others", "0600",
-                          f"chmod 600 {key}")
+        for key in (version / "privkey.pem", version / COMBINED_FILE, version / KEYSTORE_FILE):
+            try:
+                info = key.lstat()
+            except OSError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                yield Finding("key-permissions", E, str(key), "a symlink; keys are loaded only from regular files", "a 0600 file",
+                              f"replace the link with the key file itself (cp --remove-destination \"$(readlink -f {key})\" {key})")
+            elif problem := key_mode_problem(info, group):
+                fix = f"chmod 600 {key}" if group is None else f"chgrp {group} {key} && chmod 640 {key}"
+                yield Finding("key-permissions", E, str(key), problem, wanted, fix)
 
 
 @check("key-match")

@@ -88,6 +88,8 @@ class CredentialFacts:
         config: the configuration file that set these expectations, named in fixes.
         renews_over_est: the host renews over EST, authenticated by this certificate as a TLS
             client (so a gateway's certificate must be for clientAuth too).
+        key_group: the group id that may read the key files (the agent's ``credential_group``),
+            or None: keys must then be 0600.
     """
 
     directory: Path
@@ -100,6 +102,7 @@ class CredentialFacts:
     reenroll: str = "enroll again"
     config: str = "the agent configuration"
     renews_over_est: bool = False
+    key_group: int | None = None
 
     @property
     def live(self) -> Path:

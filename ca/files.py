@@ -10,12 +10,14 @@ from .errors import KeyProtectionError
 
 __all__ = [
     "make_private_dir",
+    "open_dir_to_group",
     "write_new_file",
     "atomic_write",
     "fsync_dir",
     "read_private_file",
     "read_ca_key_file",
     "ca_key_protection_problem",
+    "key_mode_problem",
     "PRIVATE_FILE_MODE",
     "PUBLIC_FILE_MODE",
 ]
@@ -47,6 +49,21 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
+def open_dir_to_group(path: Path, group: int) -> None:
+    """Give the real directory ``path`` to ``group`` with mode 0750 (list and enter, not write).
+
+    Raises:
+        OSError: ``path`` is a symlink or no directory (ELOOP, ENOTDIR), or this account may not
+            give it to ``group``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fchown(fd, -1, group)
+        os.fchmod(fd, 0o750)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry change (create, rename, symlink) to disk."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -56,14 +73,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> None:
+def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE, *, group: int | None = None) -> None:
     """Create ``path`` with ``mode`` and ``data``, fsync it; refuse to overwrite or follow a link.
+
+    Args:
+        group: a group id to give the file to; then ``mode`` is set exactly (not filtered by the
+            umask, which the service's ``UMask=0077`` would make 0600), before any byte is written.
 
     Raises:
         FileExistsError: ``path`` exists already (also when it is a symlink).
+        PermissionError: this account may not give files to ``group`` (neither root nor a member).
     """
-    fd = os.open(path, _CREATE_FLAGS, mode)
+    fd = os.open(path, _CREATE_FLAGS, mode & 0o700 if group is not None else mode)
     try:
+        if group is not None:
+            # Owner-only until the file is the group's: the data comes after both calls.
+            os.fchown(fd, -1, group)
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -85,12 +111,30 @@ def atomic_write(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> None:
     fsync_dir(path.parent)
 
 
-def read_private_file(path: Path) -> bytes:
-    """Read a private key file after checking it is protected.
+def key_mode_problem(info: os.stat_result, group: int | None = None) -> str | None:
+    """Why a file holding a private key (``info`` from ``stat``) is not protected, or None.
+
+    A key is private to its owner (no bits for group or others) or, when ``group`` is given,
+    readable, never writable, by that one group: the consumer the operator named
+    (``credential_group`` in the agent's configuration; docs/design.md, "Files for other software").
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077 or (group is not None and mode & 0o077 == 0o040 and info.st_gid == group):
+        return None
+    if group is not None and mode & 0o077 == 0o040:
+        return f"mode {mode:04o}, readable by group {info.st_gid}, not by the configured group {group}"
+    return f"mode {mode:04o}, readable by group or others"
+
+
+def read_private_file(path: Path, *, group: int | None = None) -> bytes:
+    """Read a private key file after checking it is protected (:func:`key_mode_problem`).
+
+    Args:
+        group: a group id that may read the key (mode 0640, that group); None: 0600 only.
 
     Raises:
         KeyProtectionError: the file is a symlink, not a regular file, or readable or writable by
-            group or others; the message says how to fix it.
+            group or others (beyond ``group``'s read); the message says how to fix it.
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -107,11 +151,12 @@ def read_private_file(path: Path) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyProtectionError(f"{path} is not a regular file; expected a PEM private key file")
-        if info.st_mode & 0o077:
-            raise KeyProtectionError(
-                f"{path} has mode {stat.S_IMODE(info.st_mode):04o}, readable by group or others; "
-                f"expected 0600: run chmod 600 {path}"
-            )
+        problem = key_mode_problem(info, group)
+        if problem is not None:
+            if group is None:
+                raise KeyProtectionError(f"{path} has {problem}; expected 0600: run chmod 600 {path}")
+            raise KeyProtectionError(f"{path} has {problem}; expected 0640 of group {group} or 0600: "
+                                     f"run chgrp {group} {path} && chmod 640 {path}")
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)

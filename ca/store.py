@@ -3,9 +3,10 @@
 Layout (what ``pkictl enroll-*`` writes and ``pki-agent`` renews in place)::
 
     <dir>/ca.pem                trust anchors (our root)
-    <dir>/archive/<N>/          cert.pem chain.pem fullchain.pem privkey.pem (0600)
+    <dir>/archive/<N>/          cert.pem chain.pem fullchain.pem privkey.pem (0600), combined.pem
+                                (0600), keystore.p12 when configured (pkictl.formats)
     <dir>/live -> archive/<N>   replaced atomically, so a certificate and its key change together
-    <dir>/cert.pem -> live/cert.pem (and the other three): stable paths for other software
+    <dir>/cert.pem -> live/cert.pem (and the others): stable paths for other software
 
 Writing two files with temp+rename each can leave a mismatched pair after a crash; one symlink
 swap cannot (docs/design.md, "Files on disk").
@@ -23,14 +24,15 @@ from cryptography import x509
 
 from .errors import StoreError
 from .files import (
-    PRIVATE_FILE_MODE,
     PUBLIC_FILE_MODE,
     atomic_write,
     fsync_dir,
     make_private_dir,
+    open_dir_to_group,
     read_private_file,
     write_new_file,
 )
+from .formats import KEYSTORE_FILE, VersionLayout
 from .pem import (
     PrivateKey,
     certificates_from_pem,
@@ -76,11 +78,15 @@ class CredentialStore:
     Args:
         directory: the credential directory.
         keep: how many versions :meth:`install` keeps under ``archive/`` (at least 2).
+        layout: the files beyond the four PEM files and who may read the keys
+            (:class:`pkictl.formats.VersionLayout`); :meth:`install` writes it, :meth:`load`
+            accepts keys readable by its group.
     """
 
-    def __init__(self, directory: Path, *, keep: int = 5) -> None:
+    def __init__(self, directory: Path, *, keep: int = 5, layout: VersionLayout | None = None) -> None:
         self.directory = Path(directory)
         self.keep = max(2, keep)
+        self.layout = layout or VersionLayout()
 
     @property
     def live(self) -> Path:
@@ -144,7 +150,7 @@ class CredentialStore:
         try:
             cert_data = (version / "cert.pem").read_bytes()
             chain_data = (version / "chain.pem").read_bytes()
-            key_data = read_private_file(version / "privkey.pem")
+            key_data = read_private_file(version / "privkey.pem", group=self.layout.group)
         except FileNotFoundError as exc:
             raise StoreError(f"{exc.filename} is missing from the credential version {version}") from None
         certificate = certificates_from_pem(cert_data, source=str(version / "cert.pem"))[0]
@@ -155,16 +161,40 @@ class CredentialStore:
         except StoreError as exc:
             raise StoreError(f"{version}: {exc}") from None
 
+    def layout_problem(self) -> str | None:
+        """Why the live version is not as :attr:`layout` would write it now (a file missing, a
+        key of another mode or group), or None; see :meth:`pkictl.formats.VersionLayout.problem`.
+
+        Raises:
+            StoreError: as :meth:`current_version_dir`.
+        """
+        return self.layout.problem(self.directory, self.current_version_dir())
+
     def install(self, credential: Credential) -> Path:
         """Write ``credential`` as a new version and point ``live`` at it atomically.
 
-        The new version is complete and flushed to disk before the link moves; a crash at any
-        moment leaves ``live`` on a complete, matching version. Old versions beyond ``keep`` are
-        removed afterwards.
+        Every file of the version (the four PEM files and :attr:`layout`'s extra files, with
+        its modes and group) is built first, then written, and flushed to disk before the link
+        moves; a crash at any moment leaves ``live`` on a complete, matching version. Old
+        versions beyond ``keep`` are removed afterwards.
 
         Returns:
             The new version directory.
+
+        Raises:
+            StoreError: an extra file cannot be built (the keystore password file is unreadable
+                or empty); nothing was written.
+            OSError: writing failed (``live`` still points at the previous version).
         """
+        layout = self.layout
+        key = credential.private_key
+        files = [
+            ("cert.pem", certificates_to_pem([credential.certificate])),
+            ("chain.pem", certificates_to_pem(credential.chain)),
+            ("fullchain.pem", certificates_to_pem(credential.fullchain)),
+            ("privkey.pem", private_key_to_pem(key)),
+            *layout.render_extra(key, credential.certificate, credential.chain),
+        ]
         make_private_dir(self.archive)
         number = (self.versions() or [0])[-1] + 1
         while True:
@@ -174,10 +204,14 @@ class CredentialStore:
                 break
             except FileExistsError:
                 number += 1  # another writer, or a half-written version left by a crash
-        write_new_file(version / "cert.pem", certificates_to_pem([credential.certificate]))
-        write_new_file(version / "chain.pem", certificates_to_pem(credential.chain))
-        write_new_file(version / "fullchain.pem", certificates_to_pem(credential.fullchain))
-        write_new_file(version / "privkey.pem", private_key_to_pem(credential.private_key), PRIVATE_FILE_MODE)
+        for name, data in files:
+            mode = layout.key_mode if name in layout.key_files else PUBLIC_FILE_MODE
+            write_new_file(version / name, data, mode, group=layout.group)
+        if layout.group is not None:
+            # The group may enter the new version, then archive/ and the directory: all before
+            # live moves, so a consumer never meets a live version it cannot read.
+            for directory in (version, self.archive, self.directory):
+                open_dir_to_group(directory, layout.group)
         fsync_dir(version)
         fsync_dir(self.archive)
 
@@ -214,10 +248,13 @@ class CredentialStore:
         return store
 
     def _ensure_stable_links(self) -> None:
-        for name in CREDENTIAL_FILES:
+        for name in (*CREDENTIAL_FILES, *self.layout.extra_files):
             link = self.directory / name
             if not link.is_symlink() and not link.exists():
                 os.symlink(f"live/{name}", link)
+        keystore = self.directory / KEYSTORE_FILE
+        if self.layout.keystore is None and keystore.is_symlink() and os.readlink(keystore) == f"live/{KEYSTORE_FILE}":
+            keystore.unlink()  # no longer configured: a link to nothing would only mislead
 
     def _prune(self, *, current: int) -> None:
         old = [n for n in self.versions() if n != current]

@@ -54,7 +54,7 @@ def _serial(path: Path) -> int:
 
 
 def test_create_writes_version_1_behind_relative_links(tmp_path, issuing, anchors):
-    """create writes ca.pem, archive/1/{cert,chain,fullchain,privkey}.pem, live -> archive/1 and cert.pem -> live/cert.pem etc., all relative."""
+    """create writes ca.pem, archive/1/{cert,chain,fullchain,privkey,combined}.pem, live -> archive/1 and cert.pem -> live/cert.pem etc., all relative."""
     credential = _credential(issuing)
     directory = tmp_path / "bundle"
     CredentialStore.create(directory, credential, anchors)
@@ -62,10 +62,10 @@ def test_create_writes_version_1_behind_relative_links(tmp_path, issuing, anchor
     assert x509.load_pem_x509_certificates((directory / "ca.pem").read_bytes()) == anchors
     assert not (directory / "ca.pem").is_symlink()
     assert sorted(p.name for p in (directory / "archive").iterdir()) == ["1"]
-    assert sorted(p.name for p in (directory / "archive" / "1").iterdir()) == sorted(CREDENTIAL_FILES)
+    assert sorted(p.name for p in (directory / "archive" / "1").iterdir()) == sorted([*CREDENTIAL_FILES, "combined.pem"])
     assert (directory / "live").is_symlink()
     assert os.readlink(directory / "live") == "archive/1"
-    for name in CREDENTIAL_FILES:
+    for name in (*CREDENTIAL_FILES, "combined.pem"):
         assert (directory / name).is_symlink()
         assert os.readlink(directory / name) == f"live/{name}"
     version = directory / "archive" / "1"
@@ -77,11 +77,12 @@ def test_create_writes_version_1_behind_relative_links(tmp_path, issuing, anchor
 
 
 def test_private_key_is_0600_and_directories_0700(tmp_path, issuing, anchors):
-    """privkey.pem is born 0600, the certificates are world-readable but not writable, and the directories are 0700."""
+    """privkey.pem and combined.pem are born 0600, the certificates are world-readable but not writable, and the directories are 0700."""
     directory = tmp_path / "bundle"
     CredentialStore.create(directory, _credential(issuing), anchors)
     version = directory / "archive" / "1"
     assert _mode(version / "privkey.pem") == 0o600
+    assert _mode(version / "combined.pem") == 0o600
     for name in ("cert.pem", "chain.pem", "fullchain.pem"):
         assert _mode(version / name) & 0o022 == 0
     assert _mode(directory) == 0o700
@@ -234,7 +235,7 @@ def test_half_written_version_breaks_neither_install_nor_load(tmp_path, issuing,
     assert version == store.archive / "3"
     assert os.readlink(store.live) == "archive/3"
     assert store.load().certificate == second.certificate
-    assert sorted(p.name for p in version.iterdir()) == sorted(CREDENTIAL_FILES)
+    assert sorted(p.name for p in version.iterdir()) == sorted([*CREDENTIAL_FILES, "combined.pem"])
     third = _credential(issuing)
     assert store.install(third) == store.archive / "4"
     assert store.load().certificate == third.certificate
