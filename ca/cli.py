@@ -452,9 +452,17 @@ def rotate_issuing(obj: _Obj, activate_in) -> None:
               help="Event loop: uvloop when installed (pip install 'pkictl[fast]'), else asyncio's own.")
 @click.option("--handshake-timeout", type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
               help="Seconds a client has to finish its TLS handshake.")
+@click.option("--header-timeout", type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
+              help="Seconds a connection has to send a complete request header (after its handshake or the previous answer).")
+@click.option("--body-timeout", type=click.FloatRange(0.1, 600), default=30.0, show_default=True,
+              help="Seconds a request has to send its body once its header is in (then HTTP 408).")
+@click.option("--max-connections", type=click.IntRange(2, 65536), default=1024, show_default=True,
+              help="Connections open at once; a quarter is kept for clients presenting a certificate of this CA.")
+@click.option("--max-connections-per-peer", type=click.IntRange(1, 65536), default=None,
+              help="Connections open at once from one address.  [default: a quarter of --max-connections]")
 @click.pass_obj
 def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
-          handshake_timeout) -> None:
+          handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -468,10 +476,20 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     from .bundle_config import check_loopback, parse_address
     from .loops import event_loop_factory
 
+    from .admission import AdmissionLimits
     from .authority import CertificateAuthority
     from .est import root_fingerprint
+    from .est_front import FrontLimits
     from .serve import ESTService
     from .signers import SignerPool
+    from .sockets import ensure_file_limit
+
+    per_peer = max_connections_per_peer or max(1, max_connections // 4)
+    if per_peer > max_connections:
+        raise click.BadParameter(f"got {per_peer}, want at most --max-connections ({max_connections})",
+                                 param_hint="--max-connections-per-peer")
+    limits = FrontLimits(header_timeout=header_timeout, body_timeout=body_timeout,
+                         admission=AdmissionLimits(total=max_connections, per_peer=per_peer, reserved=max_connections // 4))
 
     try:
         host, port = parse_address(listen)
@@ -491,7 +509,7 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
-                         handshake_timeout=handshake_timeout)
+                         handshake_timeout=handshake_timeout, limits=limits)
 
     def ready(bound: int) -> None:
         from .files import atomic_write
@@ -502,6 +520,9 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         atomic_write(obj.home / "service" / "url", (url + "\n").encode())
         logging.getLogger("pkictl.serve").info("ready: EST on %s%s (root %s)", url, "/.well-known/est", root_fingerprint(ca.root))
 
+    short = ensure_file_limit(max_connections + 64)  # listening sockets, the CA's files, workers' pipes
+    if short:
+        logging.getLogger("pkictl.serve").warning("%s", short)
     factory, loop_label = event_loop_factory(loop_name)
     logging.getLogger("pkictl.serve").info("event loop: %s, %s", loop_label,
                                            f"{workers} signing worker(s)" if workers else "issuing in this process")

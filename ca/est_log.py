@@ -61,7 +61,7 @@ _RENEWAL_REASONS = (
     ("signature does not verify", "bad CSR"),
     ("rotate the issuing CA first", "issuing CA expiring"),
 )
-_HTTP_REASONS = {400: "bad request", 404: "not found", 405: "method not allowed", 413: "body too large",
+_HTTP_REASONS = {400: "bad request", 404: "not found", 405: "method not allowed", 408: "body timeout", 413: "body too large",
                  429: "too many requests", 503: "unavailable"}
 
 

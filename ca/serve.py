@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from .authority import CertificateAuthority
 from .errors import CertificateUnusable, PendingApproval, PKIError, PolicyError
 from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
-from .est_front import TLSFront
+from .est_front import FrontLimits, TLSFront
 from .est_log import BadAuthorization, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note, outcome, remember_peer
 from .logfmt import quoted
 from .policy import MAX_CSR_BYTES
@@ -78,6 +78,8 @@ class ESTService:
         rate, burst: per client address (enroll, cacerts, CRL) or identity (reenroll).
         signers: worker processes that issue (:class:`pkictl.signers.SignerPool`, started by
             :meth:`run`); None issues on the event loop with ``ca`` itself.
+        limits: header and body timeouts and connection caps of the front
+            (:class:`pkictl.est_front.FrontLimits`; its defaults when None).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class ESTService:
         rate: float = 5.0,
         burst: int = 20,
         signers: SignerPool | None = None,
+        limits: FrontLimits | None = None,
     ) -> None:
         self.ca = ca
         self.signers = signers
@@ -106,6 +109,7 @@ class ESTService:
         self.retry_after = retry_after
         self.check_interval = check_interval
         self.handshake_timeout = handshake_timeout
+        self.limits = limits or FrontLimits()
         self.limiter = RateLimiter(rate, burst)
         self.store = CredentialStore(ca.home / "service")
         self._context: ssl.SSLContext | None = None
@@ -175,8 +179,10 @@ class ESTService:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer])
+    def app(self, front: TLSFront) -> web.Application:
+        """The EST routes; ``front``'s middleware times each request's body (inside :meth:`_answer`,
+        so that a 408 is answered and logged like every refusal)."""
+        app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer, front.middleware])
         app.add_routes([
             web.get(f"{EST_PREFIX}/cacerts", self.cacerts),
             web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll),
@@ -338,12 +344,17 @@ class ESTService:
         aiohttp_log = logging.getLogger("pkictl.serve.http")
         if not any(isinstance(f, QuietClientErrors) for f in aiohttp_log.filters):
             aiohttp_log.addFilter(QuietClientErrors())
-        runner = self._runner = web.AppRunner(self.app(), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
-                                              keepalive_timeout=15)
+
+        def protocol() -> asyncio.BaseProtocol:
+            assert runner.server is not None, "made by setup()"
+            return runner.server()
+
+        front = self._front = TLSFront(protocol, self._current_context, handshake_timeout=self.handshake_timeout, limits=self.limits)
+        # The front's header_timeout closes an idle keep-alive connection; aiohttp's is a backstop.
+        runner = self._runner = web.AppRunner(self.app(front), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
+                                              keepalive_timeout=max(15.0, self.limits.header_timeout + 1))
         await runner.setup()
-        assert runner.server is not None, "made by setup()"
-        self._front = TLSFront(runner.server, self._current_context, handshake_timeout=self.handshake_timeout)
-        await self._front.start(*self.listen)
+        await front.start(*self.listen)
 
     def _current_context(self) -> ssl.SSLContext:
         """What a new connection gets (TLSFront asks once per connection)."""

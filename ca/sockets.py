@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
 import socket
 from typing import Iterator
 
-__all__ = ["bind_listening_sockets", "accept_ready", "bind_problem"]
+__all__ = ["bind_listening_sockets", "accept_ready", "bind_problem", "ensure_file_limit"]
 
 
 async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
@@ -76,3 +77,25 @@ def accept_ready(listening: socket.socket, log: logging.Logger, *, limit: int = 
             log.error("accept on %s failed: %s", listening.getsockname(), exc)
             return
         yield sock, address
+
+
+def ensure_file_limit(wanted: int) -> str | None:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to ``wanted`` if the hard
+    limit allows: a 1024 soft limit (the usual default) runs out before a 1024-connection cap.
+
+    Returns:
+        None when the process may hold ``wanted`` files, else one line saying what it got and
+        how to raise it (accepts beyond the file limit fail, and are logged, before a cap is reached).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return None
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target >= wanted:
+        return None
+    return (f"open files are limited to {target} (hard limit {hard}), fewer than the {wanted} the connection caps need: "
+            "raise LimitNOFILE= in the unit (or ulimit -n), or lower --max-connections")
