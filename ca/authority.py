@@ -30,7 +30,7 @@ from .files import make_private_dir, write_new_file
 from .inventory import Inventory, Record, Superseded
 from .lint import prelint
 from .names import validate_name
-from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
+from .policy import check_csr_signature, check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, public_key_bytes
 from .bootstrap import Bootstrap
 from .revocation import Revocation
@@ -363,9 +363,9 @@ class CertificateAuthority(Revocation, Bootstrap):
         Raises:
             CertificateUnusable: ``current`` was not issued by this CA, is not valid now, is
                 revoked, or the inventory has no issued record of it (``reason`` says which).
-            PolicyError: the CSR's signature is invalid, its key unacceptable or reused, or its
-                subject or subject alternative names differ from ``current`` (RFC 7030 4.2.2:
-                they MUST be identical).
+            PolicyError: the CSR's signature is weak or invalid, its key unacceptable or reused,
+                or its subject or subject alternative names differ from ``current`` (RFC 7030
+                4.2.2: they MUST be identical).
         """
         now = self.clock.now()
         serial = f"{current.serial_number:x}"
@@ -384,8 +384,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                                       "certificate cannot renew", reason="revoked")
         if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
             raise CertificateUnusable(f"certificate serial {serial} is not in the inventory as an issued end entity", reason="unknown")
-        if not csr.is_signature_valid:
-            raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")
+        check_csr_signature(csr)
         if csr.subject != current.subject:
             raise PolicyError(f"CSR subject {csr.subject.rfc4514_string()!r} differs from the current certificate's {current.subject.rfc4514_string()!r} (RFC 7030 4.2.2)")
         try:
