@@ -209,7 +209,9 @@ class CertificateAuthority(Revocation, Bootstrap):
         """Sign an end-entity certificate for ``name`` with the identity policy gives it.
 
         The serial is recorded in the inventory before signing and the certificate is committed
-        with it in one transaction, so no certificate ever leaves this method unrecorded.
+        with it in one transaction, so no certificate ever leaves this method unrecorded. In the
+        same transaction the key is checked to be nobody else's: not a CA key, not certified for
+        or awaiting approval as another identity (:meth:`pkictl.inventory.Inventory.check_key_unused`).
 
         Args:
             kind: ``"node"`` (clientAuth) or ``"gateway"`` (serverAuth).
@@ -224,6 +226,7 @@ class CertificateAuthority(Revocation, Bootstrap):
 
         Raises:
             InvalidNameError, PolicyError: bad name, SAN or key.
+            KeyReused: the key is a CA key or another identity's.
             AlreadyEnrolledError: ``first`` and the name is taken.
         """
         validate_name(name)
@@ -262,6 +265,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                     serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first, issuer=self.issuing.serial_number,
                     sign=functools.partial(builder.sign, self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
                     predecessor=predecessor.serial_number if predecessor is not None else None,
+                    spki_sha256=hashlib.sha256(public_key_bytes(public_key)).hexdigest(),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -325,8 +329,16 @@ class CertificateAuthority(Revocation, Bootstrap):
         """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
         and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
 
+        Args:
+            name: the node name.
+            csr: the CSR, parsed or as the file's bytes (:func:`pkictl.policy.parse_csr`: exactly one CSR).
+            out: the directory to write; it must not exist or be empty.
+            replace: issue although ``name`` holds a current certificate, then revoke it as superseded.
+
         Raises:
-            InvalidNameError, PolicyError: see :func:`pkictl.policy.check_enrollment_csr`.
+            InvalidNameError, PolicyError: see :func:`pkictl.policy.parse_csr` and
+                :func:`pkictl.policy.check_enrollment_csr`.
+            KeyReused: the CSR's key is a CA key or another identity's (``operator_message`` says whose).
             AlreadyEnrolledError: the name holds a current certificate and not ``replace``.
             StoreError: ``out`` exists and is not empty (checked before anything is issued).
         """
@@ -366,6 +378,7 @@ class CertificateAuthority(Revocation, Bootstrap):
             PolicyError: the CSR's signature is weak or invalid, its key unacceptable or reused,
                 or its subject or subject alternative names differ from ``current`` (RFC 7030
                 4.2.2: they MUST be identical).
+            KeyReused: the new key is a CA key or another identity's.
         """
         now = self.clock.now()
         serial = f"{current.serial_number:x}"
