@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .clock import Clock, utc
-from .errors import AuditError, PKIError
+from .errors import AuditError, KeyReused, PKIError
 from .files import PRIVATE_FILE_MODE, atomic_write
 
 __all__ = [
@@ -491,7 +491,9 @@ def audits_refusals(operation: str) -> Callable[[Callable[Concatenate[_Self, _Pa
                     subject = f"{len(asked)} bytes"
                 else:
                     subject = str(asked)
-                self.audit.append("refused", operation=operation, subject=subject, error=type(exc).__name__, reason=str(exc))
+                # The operator's own log names whose a reused key is; the client's answer does not.
+                reason = exc.operator_message if isinstance(exc, KeyReused) else str(exc)
+                self.audit.append("refused", operation=operation, subject=subject, error=type(exc).__name__, reason=reason)
                 raise
 
         return wrapper

@@ -30,7 +30,7 @@ from .files import make_private_dir, write_new_file
 from .inventory import Inventory, Record, Superseded
 from .lint import prelint
 from .names import validate_name
-from .policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
+from .policy import check_csr_signature, check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, public_key_bytes
 from .bootstrap import Bootstrap
 from .revocation import Revocation
@@ -209,7 +209,9 @@ class CertificateAuthority(Revocation, Bootstrap):
         """Sign an end-entity certificate for ``name`` with the identity policy gives it.
 
         The serial is recorded in the inventory before signing and the certificate is committed
-        with it in one transaction, so no certificate ever leaves this method unrecorded.
+        with it in one transaction, so no certificate ever leaves this method unrecorded. In the
+        same transaction the key is checked to be nobody else's: not a CA key, not certified for
+        or awaiting approval as another identity (:meth:`pkictl.inventory.Inventory.check_key_unused`).
 
         Args:
             kind: ``"node"`` (clientAuth) or ``"gateway"`` (serverAuth).
@@ -224,6 +226,7 @@ class CertificateAuthority(Revocation, Bootstrap):
 
         Raises:
             InvalidNameError, PolicyError: bad name, SAN or key.
+            KeyReused: the key is a CA key or another identity's.
             AlreadyEnrolledError: ``first`` and the name is taken.
         """
         validate_name(name)
@@ -262,6 +265,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                     serial=serial, name=name, kind=kind, sans=sans, now=now, exclusive=first, issuer=self.issuing.serial_number,
                     sign=functools.partial(builder.sign, self._issuing_key, hashes.SHA256()), renewal_fraction=self.settings.renewal_fraction,
                     predecessor=predecessor.serial_number if predecessor is not None else None,
+                    spki_sha256=hashlib.sha256(public_key_bytes(public_key)).hexdigest(),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -325,8 +329,16 @@ class CertificateAuthority(Revocation, Bootstrap):
         """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
         and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
 
+        Args:
+            name: the node name.
+            csr: the CSR, parsed or as the file's bytes (:func:`pkictl.policy.parse_csr`: exactly one CSR).
+            out: the directory to write; it must not exist or be empty.
+            replace: issue although ``name`` holds a current certificate, then revoke it as superseded.
+
         Raises:
-            InvalidNameError, PolicyError: see :func:`pkictl.policy.check_enrollment_csr`.
+            InvalidNameError, PolicyError: see :func:`pkictl.policy.parse_csr` and
+                :func:`pkictl.policy.check_enrollment_csr`.
+            KeyReused: the CSR's key is a CA key or another identity's (``operator_message`` says whose).
             AlreadyEnrolledError: the name holds a current certificate and not ``replace``.
             StoreError: ``out`` exists and is not empty (checked before anything is issued).
         """
@@ -363,9 +375,10 @@ class CertificateAuthority(Revocation, Bootstrap):
         Raises:
             CertificateUnusable: ``current`` was not issued by this CA, is not valid now, is
                 revoked, or the inventory has no issued record of it (``reason`` says which).
-            PolicyError: the CSR's signature is invalid, its key unacceptable or reused, or its
-                subject or subject alternative names differ from ``current`` (RFC 7030 4.2.2:
-                they MUST be identical).
+            PolicyError: the CSR's signature is weak or invalid, its key unacceptable or reused,
+                or its subject or subject alternative names differ from ``current`` (RFC 7030
+                4.2.2: they MUST be identical).
+            KeyReused: the new key is a CA key or another identity's.
         """
         now = self.clock.now()
         serial = f"{current.serial_number:x}"
@@ -384,8 +397,7 @@ class CertificateAuthority(Revocation, Bootstrap):
                                       "certificate cannot renew", reason="revoked")
         if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
             raise CertificateUnusable(f"certificate serial {serial} is not in the inventory as an issued end entity", reason="unknown")
-        if not csr.is_signature_valid:
-            raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")
+        check_csr_signature(csr)
         if csr.subject != current.subject:
             raise PolicyError(f"CSR subject {csr.subject.rfc4514_string()!r} differs from the current certificate's {current.subject.rfc4514_string()!r} (RFC 7030 4.2.2)")
         try:

@@ -103,6 +103,8 @@ class Bootstrap:
             AuthenticationError: the token is wrong, expired or spent.
             AccessDenied: the operator denied the request.
             PolicyError, InvalidNameError, AlreadyEnrolledError: the request breaks policy.
+            KeyReused: the key is a CA key or another identity's; checked before a token is spent
+                or a request recorded (its message does not say whose: the client is not yet known).
         """
         if name is None:
             cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -111,6 +113,9 @@ class Bootstrap:
             name = str(cns[0].value)
         validate_name(name)
         check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
+        spki = _spki_sha256(csr)
+        # Before anything is written or spent; issue() checks again in its transaction.
+        self.inventory.check_key_unused(spki, kind="node", name=name)
         now = self.clock.now()
         if token is not None:
             digest = _sha256(token.encode())
@@ -125,12 +130,13 @@ class Bootstrap:
             if not self.inventory.consume_token(name, digest, now):
                 raise AuthenticationError(f"the enrollment token for {name} was used meanwhile: ask for a new one (pkictl enroll-node {name} --token)")
             return self._issue_replacing(name, csr, now) if replaces else self.issue("node", name, csr.public_key())
-        spki = _spki_sha256(csr)
         request, created = self.inventory.request_approval(name=name, spki_sha256=spki, code=approval_code(csr.public_key()), peer=peer, now=now)
         if created:
             self.audit.append("approval-requested", name=name, code=request["code"], peer=peer)
         if request["name_key"] != name.lower():
-            raise PolicyError(f"this key was already presented for {request['name']}; make a new key for {name}")
+            # Another node's request for this key, denied (a pending or approved one is refused above):
+            # whose is not the client's to know.
+            raise PolicyError(f"this key was already presented for another node; make a new key for {name}")
         if request["status"] == "pending":
             raise PendingApproval(name, request["code"])
         if request["status"] == "denied":

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import PKIError
+from .errors import KeyReused, PKIError
 
 __all__ = ["main", "cli", "default_home", "PKIGroup"]
 
@@ -67,7 +67,8 @@ class PKIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PKIError as exc:
-            raise click.ClickException(str(exc)) from exc
+            # The operator may read whose a reused key is; an EST client may not (KeyReused).
+            raise click.ClickException(exc.operator_message if isinstance(exc, KeyReused) else str(exc)) from exc
 
 
 @click.group(cls=PKIGroup, context_settings={"help_option_names": ["-h", "--help"]})

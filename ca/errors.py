@@ -10,6 +10,7 @@ __all__ = [
     "NotEnrolledError",
     "KeyProtectionError",
     "PolicyError",
+    "KeyReused",
     "StoreError",
     "InventoryError",
     "PassphraseError",
@@ -70,6 +71,29 @@ class KeyProtectionError(PKIError):
 
 class PolicyError(PKIError):
     """A request (CSR, re-enrollment) breaks the issuance policy."""
+
+
+class KeyReused(PolicyError):
+    """A request's public key is a CA key of this CA, or belongs to another identity: certified
+    for another (kind, name), or waiting for approval as another node's (docs/design.md, "CSR policy").
+
+    ``str()`` never names the other identity, so it can go to an unauthenticated EST client;
+    :attr:`operator_message` does, for the operator (the CLI, the audit log).
+
+    Attributes:
+        operator_message: the refusal naming the identity that holds the key.
+    """
+
+    def __init__(self, message: str, *, operator_message: str) -> None:
+        super().__init__(message)
+        self.operator_message = operator_message
+
+    def __reduce__(self):  # pickled by pkictl serve's signing workers
+        return (_key_reused, (str(self), self.operator_message))
+
+
+def _key_reused(message: str, operator_message: str) -> "KeyReused":
+    return KeyReused(message, operator_message=operator_message)
 
 
 class StoreError(PKIError):

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from .errors import PolicyError
+from .policy import parse_csr
 
 __all__ = [
     "EST_PREFIX",
@@ -60,19 +61,27 @@ def encode_csr(csr: x509.CertificateSigningRequest) -> bytes:
 
 
 def decode_csr_body(body: bytes) -> x509.CertificateSigningRequest:
-    """Parse a simpleenroll / simplereenroll body (base64 DER PKCS#10; PEM is tolerated).
+    """Parse a simpleenroll / simplereenroll body: base64 of one DER PKCS#10 (RFC 7030 4.2.1;
+    one PEM CSR is tolerated), held to :func:`pkictl.policy.parse_csr`'s "exactly one CSR".
+
+    The base64 is decoded strictly, line breaks and spaces aside (RFC 2045 6.8 lines): a lax
+    decoder skips characters outside the alphabet and stops at the first padding, so junk after
+    the CSR would pass unseen.
+
+    Args:
+        body: the HTTP request body.
 
     Raises:
-        PolicyError: not a CSR.
+        PolicyError: not base64 of exactly one DER CSR (junk, padding in the middle, bytes after
+            the DER), or not exactly one PEM CSR.
     """
-    from .policy import parse_csr
-
     if body.lstrip().startswith(b"-----BEGIN"):
         return parse_csr(body, source="request body")
     try:
-        der = base64.b64decode(body, validate=False)
+        der = binascii.a2b_base64(body.translate(None, b" \t\r\n"), strict_mode=True)
     except binascii.Error as exc:
-        raise PolicyError(f"request body: not base64 ({exc})") from None
+        raise PolicyError(f"request body: not base64 ({exc}); want the base64 of one DER CSR and nothing else "
+                          "(RFC 7030 4.2.1)") from None
     return parse_csr(der, source="request body")
 
 

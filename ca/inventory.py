@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import AlreadyEnrolledError, InventoryError
+from .errors import AlreadyEnrolledError, InventoryError, KeyReused
 from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -188,6 +188,46 @@ class Inventory:
             serial=row["serial"],
         )
 
+    def check_key_unused(self, spki_sha256: str, *, kind: str, name: str) -> None:
+        """Refuse a key that belongs to anyone but (``kind``, ``name``): one key, one identity.
+
+        A key is taken by every signed certificate ever recorded for it (issued or revoked,
+        expired or not: the root and every issuing CA are recorded too) and by a pairing request
+        waiting for approval or approved. The same identity with its own key is a renewal
+        (renew, not rekey) and passes. Two indexed lookups (``certificates_by_spki``, the
+        ``requests`` primary key).
+
+        Args:
+            spki_sha256: hex SHA-256 of the key's SubjectPublicKeyInfo DER.
+            kind, name: the identity the key is to be certified for (names compare without case).
+
+        Raises:
+            KeyReused: ``str()`` says only that the key is taken (safe for an EST client);
+                ``operator_message`` names by whom (kind, name, serial or approval code).
+        """
+        row = self._db.execute(
+            "SELECT serial, kind, name FROM certificates WHERE spki_sha256 = ? AND status IN ('issued', 'revoked') "
+            "AND NOT (kind = ? AND name_key = ?) ORDER BY kind IN ('root', 'issuing') DESC LIMIT 1",
+            (spki_sha256, kind, name.lower()),
+        ).fetchone()
+        fix = f"make a new key for {kind} {name}"
+        if row is not None and row["kind"] in ("root", "issuing"):
+            # Public knowledge (/cacerts serves every CA certificate), so the client may read it.
+            message = f"the key is the {row['kind']} CA's ({row['name']}, serial {row['serial']}): a CA key never certifies an end entity; {fix}"
+            raise KeyReused(message, operator_message=message)
+        if row is not None:
+            raise KeyReused(f"the key is already certified for another identity: a key belongs to one identity; {fix}",
+                            operator_message=f"the key is already certified for {row['kind']} {row['name']} (serial {row['serial']}): "
+                                             f"a key belongs to one identity; {fix}")
+        request = self._db.execute(
+            "SELECT name, code FROM requests WHERE spki_sha256 = ? AND status IN ('pending', 'approved') AND NOT (? = 'node' AND name_key = ?)",
+            (spki_sha256, kind, name.lower()),
+        ).fetchone()
+        if request is not None:
+            raise KeyReused(f"the key already waits for approval as another identity's: a key belongs to one identity; {fix}",
+                            operator_message=f"the key already waits for approval as node {request['name']}'s (code {request['code']}, "
+                                             f"see 'pkictl requests'): a key belongs to one identity; {fix}")
+
     def record_issued(self, certificate, *, renewal_fraction: float = 2 / 3) -> None:
         """Complete the intent row of ``certificate`` (an ``x509.Certificate``) once it is signed.
 
@@ -211,6 +251,7 @@ class Inventory:
         sign: Callable[[], "x509.Certificate"],
         renewal_fraction: float = 2 / 3,
         predecessor: int | None = None,
+        spki_sha256: str | None = None,
     ):
         """Record ``serial`` for ``name``, call ``sign()`` and record the certificate it returns,
         all in one transaction, and return the certificate.
@@ -223,11 +264,15 @@ class Inventory:
         (one signature, well under a millisecond), so nothing else can take the name meanwhile.
 
         Args: as :meth:`record_intent`, plus ``sign`` (makes the certificate for ``serial``),
-            ``renewal_fraction`` (as :meth:`record_issued`) and ``predecessor``: for a renewal,
-            the serial it renews, which must still be its identity's current certificate.
+            ``renewal_fraction`` (as :meth:`record_issued`), ``predecessor``: for a renewal,
+            the serial it renews, which must still be its identity's current certificate, and
+            ``spki_sha256``: the subject key's hex SHA-256, checked with
+            :meth:`check_key_unused` in this transaction (two concurrent requests cannot both
+            take one key for two identities).
 
         Raises:
             AlreadyEnrolledError: ``exclusive`` and the name is taken.
+            KeyReused: the key is a CA key or another identity's; nothing is recorded then.
             Superseded: ``predecessor`` was renewed already, or is no longer current (checked and
                 claimed in this transaction: of concurrent renewals of one certificate exactly one
                 gets a successor); nothing is recorded then.
@@ -237,6 +282,8 @@ class Inventory:
         with self._transaction():
             if exclusive:
                 self.check_available(kind, name, now)
+            if spki_sha256 is not None:
+                self.check_key_unused(spki_sha256, kind=kind, name=name)
             if predecessor is not None:
                 # Compare-and-set: the successor is claimed before anything is signed.
                 claimed = self._db.execute(

@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS certificates (
 );
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
 CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (status, not_after);
+-- one key, one identity: every issuance looks its key up (Inventory.check_key_unused); created by
+-- CREATE ... IF NOT EXISTS on open, so an existing inventory gets it without a schema change
+CREATE INDEX IF NOT EXISTS certificates_by_spki ON certificates (spki_sha256, kind, name_key);
 -- cover pkictl status: the report reads these indexes only, never the wide rows with their PEM
 CREATE INDEX IF NOT EXISTS certificates_current
     ON certificates (superseded, kind, name_key, not_before, status, not_after, renewal_due, serial, name);
