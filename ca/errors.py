@@ -11,6 +11,7 @@ __all__ = [
     "KeyProtectionError",
     "PolicyError",
     "StoreError",
+    "CRLRollbackError",
     "InventoryError",
     "PassphraseError",
     "AuditError",
@@ -74,6 +75,11 @@ class PolicyError(PKIError):
 
 class StoreError(PKIError):
     """A credential directory is missing, incomplete or inconsistent."""
+
+
+class CRLRollbackError(StoreError):
+    """A CRL file holds, for some issuer, an older CRL than the one in service (a lower CRL
+    number, RFC 5280 5.2.3), or another CRL under the same number: a replay or a rollback."""
 
 
 class InventoryError(PKIError):
