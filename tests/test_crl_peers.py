@@ -8,6 +8,7 @@ The servers must be installed (.ci/run installs them); a missing one fails the t
 from __future__ import annotations
 
 import http.client
+import re
 import shutil
 import ssl
 import subprocess
@@ -24,46 +25,34 @@ from support import DEADLINE, client_context, live_files
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import peers  # bench/ is not a package
 
-NGINX_HTTP = """daemon off;
-master_process on;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {fullchain};
-        ssl_certificate_key {key};
-        ssl_verify_client on;
-        ssl_verify_depth 2;
-        ssl_client_certificate {ca};
-        ssl_crl {crl};
-        location / {{ return 200 "in: $ssl_client_s_dn\\n"; }}
-    }}
-}}
-"""
+README = Path(__file__).resolve().parents[1] / "README.md"
+BUNDLE = "/var/lib/pki-agent/gw/"  # the gateway's bundle directory in the README's snippets
 
-HAPROXY = """global
-    nbthread 1
-    pidfile {work}/haproxy.pid
 
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 10s
-    timeout server 10s
+def readme_snippet(language: str) -> str:
+    """The README's ```nginx or ```haproxy block (section "CRLs for nginx and haproxy"): the tests
+    run exactly those directives."""
+    [block] = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
+    return block
 
-frontend gw
-    bind 127.0.0.1:{port} ssl crt {combined} ca-file {ca} verify required crl-file {crl}
-    http-request return status 200 content-type text/plain string "in"
-"""
+
+def nginx_config(work: Path, port: int, gateway: Path, crl: Path) -> str:
+    server = readme_snippet("nginx")
+    server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;").replace(f"{BUNDLE}crl.pem", str(crl))
+    server = server.replace(BUNDLE, f"{gateway}/").rstrip().removesuffix("}")
+    server += '    location / { return 200 "in: $ssl_client_s_dn\\n"; }\n}\n'
+    temps = "".join(f"    {kind}_temp_path {work}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"daemon off;\nmaster_process on;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log info;\n"
+            f"events {{ worker_connections 64; }}\nhttp {{\n    access_log off;\n{temps}{server}}}\n")
+
+
+def haproxy_config(work: Path, port: int, gateway: Path, crl: Path, combined: Path) -> str:
+    frontend = readme_snippet("haproxy")
+    frontend = frontend.replace("bind :443", f"bind 127.0.0.1:{port}").replace("/etc/haproxy/gw.pem", str(combined))
+    frontend = frontend.replace(f"{BUNDLE}crl.pem", str(crl)).replace(BUNDLE, f"{gateway}/")
+    return (f"global\n    nbthread 1\n    pidfile {work}/haproxy.pid\n\ndefaults\n    mode http\n    timeout connect 5s\n"
+            f"    timeout client 10s\n    timeout server 10s\n\n{frontend}"
+            '    http-request return status 200 content-type text/plain string "in"\n')
 
 
 def program(name: str) -> str:
@@ -73,7 +62,8 @@ def program(name: str) -> str:
 
 
 class Server:
-    """nginx or haproxy on a free loopback port with the gateway's credential, ca.pem and ``crl``."""
+    """nginx or haproxy on a free loopback port, configured with the README's snippet: the
+    gateway's bundle (fullchain.pem, privkey.pem, ca.pem) and ``crl`` as its crl.pem."""
 
     def __init__(self, kind: str, pki, crl: Path, work: Path) -> None:
         work.mkdir()
@@ -82,16 +72,13 @@ class Server:
         combined.touch(0o600)
         combined.write_bytes(files["fullchain"].read_bytes() + files["privkey"].read_bytes())
         self.port = peers.free_port()
-        values = dict(work=work, port=self.port, fullchain=files["fullchain"], key=files["privkey"], combined=combined,
-                      ca=pki.home / "ca.pem", crl=crl)
         config = work / "server.conf"
         self.error_log = work / "error.log"
         if kind == "nginx":
-            config.write_text(NGINX_HTTP.format(**values))
-            exe = program("nginx")
-            argv = [exe, "-p", str(work), "-e", str(self.error_log), "-c", str(config)]
+            config.write_text(nginx_config(work, self.port, pki.gateway, crl))
+            argv = [program("nginx"), "-p", str(work), "-e", str(self.error_log), "-c", str(config)]
         else:
-            config.write_text(HAPROXY.format(**values))
+            config.write_text(haproxy_config(work, self.port, pki.gateway, crl, combined))
             argv = [program("haproxy"), "-db", "-f", str(config)]
         self.log = (work / "stdout.log").open("w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
