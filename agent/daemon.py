@@ -23,7 +23,7 @@ import ssl
 from typing import TYPE_CHECKING, Callable
 
 from pkictl.clock import Clock, SystemClock
-from pkictl.errors import PKIError
+from pkictl.errors import CRLRollbackError, PKIError
 from pkictl.formats import VersionLayout
 from pkictl.renewal import draw_jitter, renewal_time
 from pkictl.revocation import load_crls
@@ -90,6 +90,7 @@ class Agent:
         self._tls: ServerTLS | None = None
         self._client_tls: tuple[ssl.SSLContext, int] | None = None
         self._loaded_stamp: tuple | None = None
+        self._refused_stamp: tuple | None = None  # files whose older CRL a reload refused: said once, not retried
         self._jitter = 0.0
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
@@ -169,7 +170,7 @@ class Agent:
 
     def reload_if_changed(self) -> None:
         """Reload if what is on disk differs from what was loaded (the file watcher's callback)."""
-        if self._loaded_stamp is not None and self._disk_stamp() != self._loaded_stamp:
+        if self._loaded_stamp is not None and self._disk_stamp() not in (self._loaded_stamp, self._refused_stamp):
             log.info("credential, trust anchors or CRL changed on disk: reloading")
             self.reload()
 
@@ -186,13 +187,19 @@ class Agent:
         try:
             client_tls = None
             if self.config.listener is not None:
-                tls = server_context(self.store, self.config.listener.crl)
+                tls = server_context(self.store, self.config.listener.crl, held=self._tls.crl_numbers if self._tls else None)
                 credential = tls.credential
             elif self.config.tunnel is not None:
                 context, credential = client_context(self.store)
                 client_tls, tls = (context, credential.certificate.serial_number), None
             else:
                 credential, tls = self.store.load(), None
+        except CRLRollbackError as exc:  # the first load holds no CRL yet, so this is a reload
+            assert self.credential is not None
+            log.error("reload refused, still serving serial %x with its CRL: %s", self.credential.certificate.serial_number, exc)
+            self._refused_stamp = stamp
+            self.counters.reload_failures += 1
+            return False
         except (PKIError, ssl.SSLError, OSError) as exc:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None

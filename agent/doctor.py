@@ -201,7 +201,8 @@ def _hook_findings(hook, where: str):
 
 @check("crl")
 def check_crl(facts: AgentFacts):
-    """The listener's CRL (or, on the CA host, the CA's) is fresh and signed by our issuing CA."""
+    """The listener's CRL (or, on the CA host, the CA's) is fresh and signed by our issuing CA,
+    and the root's CRL beside it by our root."""
     path = facts.crl_path
     if path is None:
         yield Finding("crl", OK, "", "not checked: no CRL on this host (listener.crl, or renewal.ca_home's crl.pem)")
@@ -215,7 +216,11 @@ def check_crl(facts: AgentFacts):
         fix = f"pkictl --home {facts.config.renewal.ca_home} sign-crl (the agent re-signs it at half its validity: is it running?)"
     else:
         fix = "copy a fresh crl.pem from the CA host (pkictl sign-crl there)"
-    yield from crl_findings(path, chain, facts.now, fix=fix)
+    anchors = facts.credential.anchors if isinstance(facts.credential.anchors, list) else []
+    where = f"pkictl --home {facts.config.renewal.ca_home}" if facts.config.renewal.ca_home else "on the CA host, pkictl"
+    root_fix = (f"{where} sign-crl --root, with the root key brought back for it (this host's listener checks only the leaf's "
+                "CRL; servers that check every level of the chain, such as nginx ssl_crl or haproxy crl-file, need the root's)")
+    yield from crl_findings(path, chain, facts.now, fix=fix, roots=anchors, root_fix=root_fix)
 
 
 @check("est-server")

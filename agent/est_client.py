@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from pkictl.errors import AuthenticationError, PKIError
+from pkictl.errors import AuthenticationError, PKIError, StoreError
 from pkictl.files import atomic_write
 from pkictl.est import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.store import Credential, CredentialStore
@@ -249,15 +249,24 @@ def refresh_crl(client: "ESTClient", crl: Path, etag: str | None = None) -> tupl
         ``(changed, etag)``.
 
     Raises:
+        CRLRollbackError: the server's CRL of some issuer is older than the installed one (a lower
+            CRL number, or the same with other content: RFC 5280 5.2.3), as a replaying or
+            rolled-back server would send; the file is unchanged.
         PKIError, OSError: the server could not be reached or answered garbage; the file is
             unchanged then.
     """
-    from pkictl.revocation import crls_from_pem
+    from pkictl.crl_numbers import held_crls, refuse_older
+    from pkictl.revocation import crls_from_pem, load_crls
 
     data, etag = client.crl_pem(etag=etag)
     if data is None or (crl.exists() and crl.read_bytes() == data):
         return False, etag
-    crls_from_pem(data, source=f"{client.base_url}/crl.pem")  # every block parses before it replaces the file
+    offered = crls_from_pem(data, source=f"{client.base_url}/crl.pem")  # every block parses before it replaces the file
+    try:
+        installed = load_crls(crl)
+    except StoreError:
+        installed = []  # none yet, or unreadable: nothing to compare with, the fetched file replaces it
+    refuse_older(held_crls(installed), offered, source=f"{client.base_url}/crl.pem (installed: {crl})")
     atomic_write(crl, data)
     return True, etag
 

@@ -10,9 +10,11 @@ import dataclasses
 import datetime as dt
 import ssl
 from pathlib import Path
+from typing import Mapping
 
 from cryptography import x509
 
+from pkictl.crl_numbers import CRLKey, HeldCRL, refuse_older
 from pkictl.revocation import load_crls, revoked_serials
 from pkictl.store import Credential, CredentialStore
 from pkictl.tls import harden
@@ -30,6 +32,8 @@ class ServerTLS:
         revoked: ``(issuer name DER, serial)`` pairs of the CRL it was built with (empty without one).
         superseded: those of them revoked with reason ``superseded`` (RFC 5280 5.3.1).
         crl_next_update: the earliest nextUpdate of those CRLs, aware UTC (None without CRL).
+        crl_numbers: the CRL number of each issuer's CRL in service (and of issuers whose CRL
+            has left the file since): a reload offering a lower one is refused.
     """
 
     context: ssl.SSLContext
@@ -37,9 +41,10 @@ class ServerTLS:
     revoked: frozenset[tuple[bytes, int]] = frozenset()
     superseded: frozenset[tuple[bytes, int]] = frozenset()
     crl_next_update: dt.datetime | None = None
+    crl_numbers: Mapping[CRLKey, HeldCRL] = dataclasses.field(default_factory=dict)
 
 
-def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS:
+def server_context(store: CredentialStore, crl: Path | None = None, *, held: Mapping[CRLKey, HeldCRL] | None = None) -> ServerTLS:
     """An mTLS server context: our certificate and chain; clients must present a certificate
     that chains to our trust anchor and, with ``crl``, is not revoked.
 
@@ -48,8 +53,13 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
         crl: a PEM file of CRLs. OpenSSL then checks the leaf against it
             (``VERIFY_CRL_CHECK_LEAF``; CRLs load only through ``cafile``, docs/design.md, "mTLS server checks"), and its
             entries are returned for the application's own check.
+        held: the CRL numbers in service (the current ServerTLS's ``crl_numbers``); None on the
+            first load.
 
     Raises:
+        CRLRollbackError: ``crl`` holds an older CRL of some issuer than ``held`` (a lower CRL
+            number, or the same with other content: RFC 5280 5.2.3); a replayed CRL must not let
+            revoked clients back in.
         StoreError, KeyProtectionError: the credential or the CRL is missing or malformed.
         ssl.SSLError, OSError: OpenSSL refused the files.
     """
@@ -63,7 +73,8 @@ def server_context(store: CredentialStore, crl: Path | None = None) -> ServerTLS
     if crl is None:
         return ServerTLS(ctx, credential)
     crls = load_crls(crl)
+    numbers = refuse_older(held or {}, crls, source=str(crl))
     ctx.load_verify_locations(cafile=crl)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ServerTLS(ctx, credential, revoked_serials(crls), revoked_serials(crls, reason=x509.ReasonFlags.superseded),
-                     min((c.next_update_utc for c in crls if c.next_update_utc is not None), default=None))
+                     min((c.next_update_utc for c in crls if c.next_update_utc is not None), default=None), numbers)

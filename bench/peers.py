@@ -36,10 +36,10 @@ class Material:
         key: the gateway's private key (PEM, 0600).
         combined: fullchain + key in one file (haproxy's ``crt``).
         ca: our root, the only trust anchor.
-        crl: the issuing CA's CRL (what our listener loads, ``listener.crl``).
-        crl_all: the issuing CA's and the root's CRLs: nginx, haproxy and stunnel check the CRL of
-            every certificate in the chain (X509_V_FLAG_CRL_CHECK_ALL) and refuse every client
-            without the root's.
+        crl: the CA's crl.pem (what our listener loads, ``listener.crl``).
+        crl_all: the same file, which holds the issuing CA's and the root's CRLs: nginx, haproxy
+            and stunnel check the CRL of every certificate in the chain (X509_V_FLAG_CRL_CHECK_ALL)
+            and refuse every client without the root's.
         gateway_dir: the gateway's credential directory (our listener reads it).
     """
 
@@ -54,17 +54,13 @@ class Material:
 
 def make_material(ca, gateway_dir: Path, out: Path) -> Material:
     """Copies of the gateway's current credential for the peers (the reload test's rotations
-    prune old versions from ``archive/``), and the CRL file they need.
+    prune old versions from ``archive/``), and the CRL file they need (the CA's crl.pem).
 
     Args:
-        ca: the :class:`pkictl.authority.CertificateAuthority` (its root key is read from its home).
+        ca: the :class:`pkictl.authority.CertificateAuthority`.
         gateway_dir: the gateway's credential directory.
         out: a new directory for the copies.
     """
-    from cryptography.hazmat.primitives import serialization
-    from pkictl.files import read_private_file
-    from pkictl.keys import load_private_key
-    from pkictl.revocation import build_crl
     from pkictl.store import CredentialStore
 
     out.mkdir(mode=0o700)
@@ -75,13 +71,7 @@ def make_material(ca, gateway_dir: Path, out: Path) -> Material:
     for path, data in ((key, key_pem), (combined, chain_pem + key_pem)):
         path.touch(0o600)
         path.write_bytes(data)
-    root_key_path = ca.home / "root" / "key.pem"
-    root_key = load_private_key(read_private_file(root_key_path), None, source=str(root_key_path))
-    root_crl = build_crl(issuer=ca.root, issuer_key=root_key, revoked=[], number=1, now=ca.clock.now(),
-                         lifetime=ca.settings.crl_lifetime)
-    crl_all = out / "crl-all.pem"
-    crl_all.write_bytes(ca.crl_path.read_bytes() + root_crl.public_bytes(serialization.Encoding.PEM))
-    return Material(fullchain, key, combined, ca.home / "ca.pem", ca.crl_path, crl_all, gateway_dir)
+    return Material(fullchain, key, combined, ca.home / "ca.pem", ca.crl_path, ca.crl_path, gateway_dir)
 
 
 @dataclasses.dataclass(frozen=True)

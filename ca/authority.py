@@ -4,7 +4,9 @@ Home layout::
 
     <home>/ca.yaml                 settings (written last by init: its presence means "a CA is here")
     <home>/ca.pem                  trust anchor (the root certificate)
-    <home>/root/{cert,key}.pem     root; the key is needed only to certify an issuing CA
+    <home>/root/{cert,key}.pem     root; the key is needed only to certify an issuing CA and sign its own CRL
+    <home>/root/crl.pem            the root's last CRL, copied into crl.pem (:mod:`pkictl.root_crl`)
+    <home>/crl.pem                 the issuing CAs' CRLs and the root's (:mod:`pkictl.revocation`)
     <home>/issuing/{cert,key}.pem  issuing CA; signs every end-entity certificate
     <home>/inventory.sqlite3       every issued certificate (:mod:`pkictl.inventory`)
     <home>/bundles/<name>/         default output of enroll-node / enroll-gateway

@@ -351,13 +351,41 @@ def revoke(obj: _Obj, target: str, reason: str) -> None:
 
 
 @cli.command("sign-crl")
+@click.option("--root", "with_root", is_flag=True,
+              help="Also sign the root's CRL (root_crl_lifetime, 365 days by default); needs the root key back at "
+                   "<home>/root/key.pem for this command.")
 @click.pass_obj
-def sign_crl(obj: _Obj) -> None:
+def sign_crl(obj: _Obj, with_root: bool) -> None:
     """Re-sign the CRL of each active issuing CA now, from the inventory (pkictl doctor's fix for
-    an overdue, expired or stale crl.pem)."""
+    an overdue, expired or stale crl.pem); with --root, the root's CRL too.
+
+    \b
+    crl.pem always carries the root's last CRL beside the issuing CAs': servers that check every
+    level of the chain (nginx ssl_crl, haproxy crl-file) refuse every client without it.
+    """
+    from .revocation import load_crls
+    from .root_crl import read_root_crl, root_crl_path
+
     ca = obj.load_ca()
-    for crl in ca.sign_crl():
-        click.echo(f"signed the CRL of {crl.issuer.rfc4514_string()}: {len(crl)} revoked, next update {crl.next_update_utc.isoformat()}")
+    if with_root:
+        root_crl = ca.sign_root_crl()  # and the issuing CAs' CRLs with it
+        crls = [c for c in load_crls(ca.crl_path) if c.issuer != ca.root.subject]
+    else:
+        crls, root_crl = ca.sign_crl(), read_root_crl(ca.home, ca.root)
+    def next_update(crl) -> str:
+        return crl.next_update_utc.isoformat() if crl.next_update_utc is not None else "none"
+
+    for crl in crls:
+        click.echo(f"signed the CRL of {crl.issuer.rfc4514_string()}: {len(crl)} revoked, next update {next_update(crl)}")
+    if root_crl is None:
+        click.echo(f"no root CRL in {root_crl_path(ca.home)}: servers that check every level of the chain (nginx ssl_crl, "
+                   "haproxy crl-file) refuse every client; run pkictl sign-crl --root with the root key back")
+    elif with_root:
+        click.echo(f"signed the root's CRL ({root_crl.issuer.rfc4514_string()}): {len(root_crl)} revoked, next update "
+                   f"{next_update(root_crl)}; move {ca.home / 'root' / 'key.pem'} offline again")
+    else:
+        click.echo(f"kept the root's CRL: next update {next_update(root_crl)} "
+                   "(renew it before then: pkictl sign-crl --root, with the root key back)")
     click.echo(f"written to {ca.crl_path}")
 
 

@@ -30,7 +30,8 @@ from .errors import PKIError, StoreError
 from .files import ca_key_protection_problem
 from .keys import is_encrypted, load_private_key
 from .pem import public_key_bytes
-from .revocation import load_crls
+from .crl import crl_number, load_crls
+from .root_crl import root_crl_fix
 from .settings import CASettings
 
 __all__ = ["CAFacts", "CA_CHECKS", "diagnose_ca", "service_file_findings"]
@@ -225,10 +226,12 @@ def _pending_findings(facts: CAFacts, root: x509.Certificate, pending: x509.Cert
 
 @check("crl")
 def check_crl(facts: CAFacts):
-    """crl.pem holds a fresh CRL signed by each active issuing CA."""
+    """crl.pem holds a fresh CRL signed by each active issuing CA, and one signed by the root."""
     if facts.issuing is None:
         return
-    yield from crl_findings(facts.home / "crl.pem", facts.issuers, facts.now, fix=_CRL_FIX)
+    roots = [facts.root] if facts.root is not None else []
+    yield from crl_findings(facts.home / "crl.pem", facts.issuers, facts.now, fix=_CRL_FIX, roots=roots,
+                            root_fix=root_crl_fix(facts.home), want_root=True)
 
 
 @check("crl-inventory")
@@ -242,24 +245,28 @@ def check_crl_inventory(facts: CAFacts):
     except (PKIError, sqlite3.Error):
         return  # the crl and inventory checks report an unreadable file
     issuers = {f"{c.serial_number:x}": c for c in facts.issuers}
+    root = facts.root
+    if root is not None:
+        issuers[f"{root.serial_number:x}"] = root
     for row in rows:
         ca = issuers.get(row["issuer"])
         crl = crls.get(ca.subject.rfc4514_string()) if ca is not None else None
+        fix = root_crl_fix(facts.home) if ca is not None and ca is root else _CRL_FIX
         if crl is None:
             yield Finding("crl-inventory", E, str(path), f"no CRL of {row['issuer_name']}, which the inventory says is active",
-                          "a CRL of each issuing CA with unexpired certificates", _CRL_FIX)
+                          "a CRL of each issuing CA with unexpired certificates, and the root's", fix)
             continue
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        number = crl_number(crl)
         if number != row["number"]:
             yield Finding("crl-inventory", W, str(path), f"holds CRL number {number} of {row['issuer_name']}, the inventory's last is "
-                          f"{row['number']}: an older crl.pem was restored?", "the last CRL signed", _CRL_FIX)
+                          f"{row['number']}: an older crl.pem was restored?", "the last CRL signed", fix)
         revoked = {f"{r['serial']}" for r in facts.query(
             "SELECT serial FROM certificates WHERE status = 'revoked' AND issuer = ? AND not_after > ?",
             (row["issuer"], int(facts.now.timestamp())))}
         listed = {f"{entry.serial_number:x}" for entry in crl}
         for serial in sorted(revoked - listed):
             yield Finding("crl-inventory", E, f"serial {serial}", "revoked in the inventory but not on crl.pem: gateways still admit it",
-                          "every revoked, unexpired certificate on the CRL", _CRL_FIX)
+                          "every revoked, unexpired certificate on the CRL", fix)
         for serial in sorted(listed - revoked):
             state = facts.query("SELECT status, not_after FROM certificates WHERE serial = ?", (serial,))
             if state and state[0]["status"] != "revoked":

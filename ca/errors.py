@@ -12,6 +12,7 @@ __all__ = [
     "PolicyError",
     "KeyReused",
     "StoreError",
+    "CRLRollbackError",
     "InventoryError",
     "PassphraseError",
     "AuditError",
@@ -98,6 +99,11 @@ def _key_reused(message: str, operator_message: str) -> "KeyReused":
 
 class StoreError(PKIError):
     """A credential directory is missing, incomplete or inconsistent."""
+
+
+class CRLRollbackError(StoreError):
+    """A CRL file holds, for some issuer, an older CRL than the one in service (a lower CRL
+    number, RFC 5280 5.2.3), or another CRL under the same number: a replay or a rollback."""
 
 
 class InventoryError(PKIError):

@@ -410,10 +410,12 @@ class Inventory:
         ).fetchone()
         return row is not None
 
-    def crls(self) -> list[tuple[str, int, dt.datetime, dt.datetime]]:
-        """``(issuer name, number, this_update, next_update)`` of each CRL written."""
+    def crls(self) -> list[tuple[int, str, int, dt.datetime, dt.datetime]]:
+        """``(issuer serial, issuer name, number, this_update, next_update)`` of each CRL written
+        (the issuing CAs' and the root's)."""
         rows = self._db.execute("SELECT * FROM crls WHERE next_update IS NOT NULL ORDER BY issuer_name")
-        return [(r["issuer_name"], r["number"], _utc(r["this_update"]), _utc(r["next_update"])) for r in rows]  # set together
+        return [(int(r["issuer"], 16), r["issuer_name"], r["number"], _utc(r["this_update"]), _utc(r["next_update"]))
+                for r in rows]  # set together
 
     # -- bootstrap: one-time tokens and approval requests ---------------------------------------
 

@@ -1,7 +1,8 @@
 """The CA's life cycle: creating the root and issuing CA, and creating the next issuing CA.
 
-The root key is needed only here. Day-to-day issuance, revocation and CRL signing use the issuing
-key alone, so the root key can live offline (``pkictl rotate-issuing`` asks for it back).
+The root key is needed only here and for the root's own CRL (:mod:`pkictl.root_crl`, signed here
+too). Day-to-day issuance, revocation and CRL signing use the issuing key alone, so the root key
+can live offline (``pkictl rotate-issuing`` and ``pkictl sign-crl --root`` ask for it back).
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
     ca._passphrase, ca._issuing_state = passphrase, file_state(home / "issuing" / "cert.pem")  # loaded: no re-read
     ca.audit.append("init", root_serial=root.serial_number, issuing_serial=issuing.serial_number,
                     trust_domain=settings.trust_domain, encrypted=passphrase is not None)
-    ca.sign_crl()  # an empty CRL from the start: a gateway checking CRLs needs one to admit anyone
+    # Empty CRLs from the start, the root's too (while its key is here): a server checking CRLs
+    # needs one for each level of the chain to admit anyone (pkictl.root_crl).
+    ca.sign_root_crl(root_key)
     return ca
 
 
@@ -163,5 +166,5 @@ def rotate_issuing(ca: CertificateAuthority, *, activate_in: dt.timedelta | None
     ca.audit.append("issuing-created", serial=certificate.serial_number, subject=cn, activate_at=activate_at,
                     current_serial=ca.issuing.serial_number)
     ca.refresh_issuing()  # sees it pending, or promotes it now (activate_in 0)
-    ca.sign_crl()  # its empty CRL in crl.pem from the start
+    ca.sign_root_crl(root_key)  # its empty CRL in crl.pem from the start, and the root's renewed while its key is back
     return certificate

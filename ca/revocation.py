@@ -1,22 +1,27 @@
-"""Revocation: reason names, the CRL profile (RFC 5280 section 5), and reading CRLs back."""
+"""Revocation: revoking end-entity certificates and signing the CRLs that crl.pem publishes.
+
+The CRL profile itself is :mod:`pkictl.crl` (re-exported here); the root's CRL, signed only where
+the root key is, is :mod:`pkictl.root_crl`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .audit import audits_refusals
-from .errors import NotEnrolledError, PKIError, PolicyError, StoreError
+from .crl import REASONS, build_crl, crl_due, crl_number, crls_from_pem, load_crls, parse_reason, revoked_serials, signed_by
+from .errors import NotEnrolledError, PKIError, PolicyError
 from .files import atomic_write, read_ca_key_file
 from .inventory import Record
 from .keys import load_private_key
 from .names import validate_name
+from .root_crl import load_root_key, read_root_crl, root_crl_due, root_key_path, sign_root_crl
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -26,127 +31,8 @@ if TYPE_CHECKING:
     from .inventory import Inventory
     from .settings import CASettings
 
-__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by", "Revocation"]
-
-# RFC 5280 5.3.1 CRLReason values an operator may give (certificateHold is deliberately absent:
-# a hold can be lifted, which makes "revoked" ambiguous; cACompromise belongs on the root's CRL).
-REASONS: dict[str, x509.ReasonFlags] = {
-    "unspecified": x509.ReasonFlags.unspecified,
-    "key-compromise": x509.ReasonFlags.key_compromise,
-    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
-    "superseded": x509.ReasonFlags.superseded,
-    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
-    "privilege-withdrawn": x509.ReasonFlags.privilege_withdrawn,
-}
-
-
-def parse_reason(text: str) -> str:
-    """Normalise a reason name (``key-compromise``, ``keyCompromise`` or ``key_compromise``).
-
-    Raises:
-        PolicyError: not one of :data:`REASONS`.
-    """
-    key = "".join("-" + c.lower() if c.isupper() else c for c in text).replace("_", "-").strip("-")
-    if key not in REASONS:
-        raise PolicyError(f"revocation reason {text!r}: want one of {', '.join(REASONS)} (RFC 5280 5.3.1)")
-    return key
-
-
-def build_crl(
-    *,
-    issuer: x509.Certificate,
-    issuer_key,
-    revoked: Iterable[Record],
-    number: int,
-    now: dt.datetime,
-    lifetime: dt.timedelta,
-) -> x509.CertificateRevocationList:
-    """Sign a CRL for ``issuer`` (RFC 5280 section 5).
-
-    thisUpdate is backdated like certificates (min(5 min, lifetime / 10)) for clock skew;
-    nextUpdate = now + lifetime. Extensions: AKI (RFC 5280 5.2.1, needed to tell CA generations
-    apart) and CRL number (5.2.3). Each entry carries its revocation date and, unless it is
-    ``unspecified``, a reasonCode (5.3.1: unspecified SHOULD be left out).
-    """
-    backdate = min(dt.timedelta(minutes=5), lifetime / 10)
-    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.subject)
-        .last_update((now - backdate).replace(microsecond=0))
-        .next_update((now + lifetime).replace(microsecond=0))
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .add_extension(x509.CRLNumber(number), critical=False)
-    )
-    for record in revoked:
-        assert record.revoked_at is not None
-        entry = x509.RevokedCertificateBuilder().serial_number(record.serial).revocation_date(record.revoked_at)
-        reason = record.revocation_reason or "unspecified"
-        if reason != "unspecified":
-            entry = entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
-        builder = builder.add_revoked_certificate(entry.build())
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def crl_due(this_update: dt.datetime, next_update: dt.datetime, now: dt.datetime) -> bool:
-    """True once half of the CRL's validity has passed: re-sign well before nextUpdate, because
-    with CRL checking on, an expired CRL rejects every client (docs/design.md)."""
-    return now >= this_update + (next_update - this_update) / 2
-
-
-def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    """Read every CRL of a PEM file (one per issuing CA during a rotation).
-
-    Raises:
-        StoreError: the file is missing or holds no PEM CRL.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no CRL file; on the CA host it is <home>/crl.pem") from None
-    return crls_from_pem(data, source=str(path))
-
-
-def crls_from_pem(data: bytes, *, source: str) -> list[x509.CertificateRevocationList]:
-    """Every CRL of PEM ``data`` (from ``source``, named in errors).
-
-    Raises:
-        StoreError: a block is not a CRL, or there is none.
-    """
-    crls = []
-    marker = b"-----BEGIN X509 CRL-----"
-    for chunk in data.split(marker)[1:]:
-        try:
-            crls.append(x509.load_pem_x509_crl(marker + chunk))
-        except ValueError as exc:
-            raise StoreError(f"{source}: not a PEM CRL ({exc})") from None
-    if not crls:
-        raise StoreError(f"{source}: holds no PEM CRL (-----BEGIN X509 CRL-----)")
-    return crls
-
-
-def revoked_serials(crls: Sequence[x509.CertificateRevocationList], *, reason: x509.ReasonFlags | None = None) -> frozenset[tuple[bytes, int]]:
-    """``(issuer name DER, serial)`` of every entry (a serial number is unique only per issuer),
-    or only of the entries with ``reason`` (RFC 5280 5.3.1; an entry without one is unspecified)."""
-    return frozenset((crl.issuer.public_bytes(), entry.serial_number) for crl in crls for entry in crl
-                     if reason is None or _reason(entry) == reason)
-
-
-# Key types that sign: a certificate may hold one that cannot (X25519, X448), which no CRL verifies with.
-_SIGNING_KEYS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey, dsa.DSAPublicKey)
-
-
-def signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-    """True if the key of ``issuer`` verifies the signature of ``crl`` (False for a key that cannot sign)."""
-    key = issuer.public_key()
-    return isinstance(key, _SIGNING_KEYS) and crl.is_signature_valid(key)
-
-
-def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags:
-    try:
-        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    except x509.ExtensionNotFound:
-        return x509.ReasonFlags.unspecified
+__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by",
+           "Revocation"]
 
 
 class Revocation:
@@ -159,6 +45,7 @@ class Revocation:
         clock: Clock
         settings: CASettings
         audit: AuditLog
+        root: x509.Certificate
         issuing: x509.Certificate
         _issuing_key: CertificateIssuerPrivateKeyTypes
         _passphrase: bytes | None
@@ -274,7 +161,13 @@ class Revocation:
 
     def sign_crl(self) -> list[x509.CertificateRevocationList]:
         """Sign a new CRL for each active issuing CA and write them all to ``<home>/crl.pem``
-        atomically (one file, one CRL per issuer, each with its own AKI and CRL number)."""
+        atomically (one file, one CRL per issuer, each with its own AKI and CRL number), with the
+        root's last CRL after them, unchanged (:mod:`pkictl.root_crl`: servers that check every
+        level of the chain need it, and its key is offline).
+
+        Returns:
+            The issuing CAs' CRLs just signed (not the root's, which is carried along).
+        """
         now = self.clock.now()
         signers = self._crl_signers(now)
         crls = []
@@ -285,25 +178,54 @@ class Revocation:
                 issuer=issuer, issuer_key=key, number=number, now=now,
                 revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
             ))
-        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls))
+        root_crl = read_root_crl(self.home, self.root)
+        published = [*crls, *([root_crl] if root_crl is not None else [])]
+        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in published))
         for (issuer, _), crl in zip(signers, crls, strict=True):
-            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-            assert crl.next_update_utc is not None, "build_crl sets nextUpdate"
-            self.inventory.record_crl(issuer.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+            signed_number = crl_number(crl)
+            assert signed_number is not None and crl.next_update_utc is not None, "build_crl sets the CRL number and nextUpdate"
+            self.inventory.record_crl(issuer.serial_number, number=signed_number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
         return crls
 
+    def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList:
+        """Sign the root's next CRL (:func:`pkictl.root_crl.sign_root_crl`, ``root_crl_lifetime``)
+        and publish it in crl.pem with fresh CRLs of the issuing CAs (:meth:`sign_crl`).
+
+        Args:
+            root_key: the root's private key if the caller holds it (init-ca, rotate-issuing);
+                None reads it from ``<home>/root/key.pem``.
+
+        Raises:
+            PKIError: the root key is not in the CA home (it is kept offline), or does not open.
+        """
+        key = root_key if root_key is not None else load_root_key(self.home, self._passphrase, command="sign-crl --root")
+        crl = sign_root_crl(home=self.home, root=self.root, root_key=key, inventory=self.inventory,
+                            now=self.clock.now(), lifetime=self.settings.root_crl_lifetime)
+        self.audit.append("root-crl-signed", number=crl_number(crl), revoked=len(crl), next_update=crl.next_update_utc)
+        self.sign_crl()
+        return crl
+
     def refresh_crl(self) -> bool:
-        """Revoke the predecessors whose grace has passed (:meth:`revoke_superseded`), and re-sign
-        the CRL when half of its validity has passed (or it is missing).
+        """Revoke the predecessors whose grace has passed (:meth:`revoke_superseded`), re-sign
+        the issuing CAs' CRLs when half of their validity has passed (or crl.pem is missing), and
+        the root's likewise when the root key is in the CA home (otherwise ``pkictl status`` and
+        ``pkictl doctor`` say when ``pkictl sign-crl --root`` is needed).
 
         Returns:
             True if a new CRL was written.
+
+        Raises:
+            PKIError: the root's CRL was due and its key present, but it did not open (the issuing
+                CAs' CRLs were refreshed first).
         """
-        if self.revoke_superseded():
-            return True
+        written = bool(self.revoke_superseded())
         now = self.clock.now()
-        for _, _, this_update, next_update in self.inventory.crls():
-            if not crl_due(this_update, next_update, now) and self.crl_path.exists():
-                return False
-        self.sign_crl()
-        return True
+        due = any(crl_due(this_update, next_update, now)
+                  for issuer, _, _, this_update, next_update in self.inventory.crls() if issuer != self.root.serial_number)
+        if not written and (due or not self.crl_path.exists()):
+            self.sign_crl()
+            written = True
+        if root_key_path(self.home).exists() and root_crl_due(self.home, self.root, now):
+            self.sign_root_crl()
+            written = True
+        return written

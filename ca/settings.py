@@ -71,7 +71,12 @@ class CASettings:
         node_lifetime: validity of node (client) certificates, 90 days by default.
         gateway_lifetime: validity of gateway (server) certificates, 90 days by default.
         renewal_fraction: renew at notBefore + fraction x lifetime, in (0, 1); 2/3 by default.
-        crl_lifetime: nextUpdate - thisUpdate of each CRL; it is re-signed after half of it.
+        crl_lifetime: nextUpdate - thisUpdate of each issuing CA's CRL; it is re-signed after half of it.
+        root_crl_lifetime: nextUpdate - thisUpdate of the root's CRL, 365 days by default. The
+            root key is offline, so this CRL is signed only at init-ca, rotate-issuing and
+            ``pkictl sign-crl --root`` (or re-signed at half of it while the root key is in the
+            CA home); at most the root_lifetime. Servers that check every level of the chain
+            (nginx ``ssl_crl``, haproxy ``crl-file``) refuse every client once it has expired.
         issuing_activation_delay: how long a new issuing CA (``pkictl rotate-issuing``) is
             published before it issues, 10 minutes by default. It must exceed how often gateways
             fetch crl.pem (pki-agent: ``renewal.crl_refresh_interval``, 60 s): a gateway without
@@ -89,6 +94,7 @@ class CASettings:
     gateway_lifetime: dt.timedelta = dt.timedelta(days=90)
     renewal_fraction: float = DEFAULT_RENEWAL_FRACTION
     crl_lifetime: dt.timedelta = dt.timedelta(days=7)
+    root_crl_lifetime: dt.timedelta = dt.timedelta(days=365)
     issuing_activation_delay: dt.timedelta = dt.timedelta(minutes=10)
     superseded_grace: dt.timedelta = dt.timedelta(minutes=10)
 
@@ -106,6 +112,11 @@ class CASettings:
         if self.issuing_lifetime > self.root_lifetime:
             raise SettingsError(
                 f"issuing_lifetime: got {format_duration(self.issuing_lifetime)}, want at most the "
+                f"root_lifetime {format_duration(self.root_lifetime)}"
+            )
+        if self.root_crl_lifetime > self.root_lifetime:
+            raise SettingsError(
+                f"root_crl_lifetime: got {format_duration(self.root_crl_lifetime)}, want at most the "
                 f"root_lifetime {format_duration(self.root_lifetime)}"
             )
         longest_leaf = max(self.node_lifetime, self.gateway_lifetime)

@@ -43,6 +43,10 @@ FROM (
     WHERE {where} kind = :kind AND status IN ('issued', 'revoked')
 )
 """
+# The CRLs, the issuing CAs' first, then the root's (told apart by its issuer's kind).
+_CRLS = ("SELECT issuer_name, number, this_update, next_update, "
+         "EXISTS (SELECT 1 FROM certificates WHERE serial = crls.issuer AND kind = 'root') AS is_root "
+         "FROM crls WHERE next_update IS NOT NULL ORDER BY is_root, issuer_name")
 _KINDS = ("root", "issuing", "service", "gateway", "node")
 _HEADER = ("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")
 _WIDTHS = (None, 7, 16, 19, 9, 19, 13)  # every column but the name has a known maximum width
@@ -59,8 +63,9 @@ def read_status(
         latest_only: only the newest certificate of each (kind, name); False adds superseded ones.
         warn_days: rows with fewer days left need attention (EXIT_WARNING); revoked ones never do.
         as_json: a JSON array of objects (name, kind, serial -- hex, or ``#<CRL number>`` --,
-            not_after and renewal_due in ISO 8601 UTC, days_left, state, attention) instead of a
-            table with times in UTC to the second.
+            not_after and renewal_due in ISO 8601 UTC, days_left, state, attention; and fix, on
+            the root's CRL once it needs attention) instead of a table with times in UTC to the
+            second (and a line with that fix after it).
 
     Returns:
         ``(text, exit code)``: the exit code is the worst attention level, EXIT_OK,
@@ -78,10 +83,8 @@ def read_status(
         if version != SCHEMA_VERSION:
             raise InventoryError(f"{db_path} has inventory schema {version}, this pkictl reads {SCHEMA_VERSION}: "
                                  "use the pkictl version that created the CA")
-        for issuer, number, this_update, next_update in db.execute(
-            "SELECT issuer_name, number, this_update, next_update FROM crls WHERE next_update IS NOT NULL"
-        ):
-            crls.append(_crl_row(issuer, number, this_update, next_update, now, warn_days))
+        for issuer, number, this_update, next_update, is_root in db.execute(_CRLS):
+            crls.append(_crl_row(issuer, number, this_update, next_update, now, warn_days, root=bool(is_root)))
         if as_json:
             obj = (f"json_object('name', name, 'kind', kind, 'serial', serial, 'not_after', {_ISO.format('not_after')}, "
                    "'days_left', round((not_after - :now) / 86400.0, 3), "
@@ -100,6 +103,7 @@ def read_status(
             line = "rtrim(printf('" + "  ".join(["%-*s"] * len(cells)) + "', " + ", ".join(f"{w}, {c}" for w, c in zip(widths, cells, strict=True)) + "))"
             bodies, worst = _per_kind(db, f"SELECT group_concat({line}, char(10)), max(attention) FROM ({rows})", params)
             lines = [_line(_HEADER, widths)] + bodies + [_line(_crl_cells(c), widths) for c in crls]
+            lines += [f"{c['name']}: {c['fix']}" for c in crls if "fix" in c]
             text = "\n".join(lines)
     finally:
         db.close()
@@ -121,9 +125,13 @@ def _line(cells, widths) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
-def _crl_row(issuer: str, number: int, this_update: int, next_update: int, now: dt.datetime, warn_days: float | None) -> dict:
+def _crl_row(issuer: str, number: int, this_update: int, next_update: int, now: dt.datetime, warn_days: float | None,
+             *, root: bool = False) -> dict:
     """A CRL as a report row. It is re-signed at half its validity, so past that whoever
-    re-signs it is not running: unlike a certificate's, its 'renewal due' needs attention."""
+    re-signs it is not running: unlike a certificate's, its 'renewal due' needs attention. The
+    root's CRL is re-signed only where the root key is: from then on its row carries a ``fix``
+    naming ``pkictl sign-crl --root`` and the date it must run by (docs/design.md, "CRLs for
+    every level of the chain")."""
     utc = dt.timezone.utc
     state = certificate_state(now, dt.datetime.fromtimestamp(this_update, utc), dt.datetime.fromtimestamp(next_update, utc), fraction=0.5)
     days_left = (next_update - now.timestamp()) / 86400
@@ -131,9 +139,14 @@ def _crl_row(issuer: str, number: int, this_update: int, next_update: int, now: 
     if warn_days is not None and days_left < warn_days:
         attention = max(attention, EXIT_WARNING)
     due = (this_update + next_update) // 2
-    return {"name": issuer, "kind": "crl", "serial": f"#{number}",
-            "not_after": dt.datetime.fromtimestamp(next_update, utc).isoformat(), "days_left": round(days_left, 3),
-            "renewal_due": dt.datetime.fromtimestamp(due, utc).isoformat(), "state": state, "attention": attention}
+    row = {"name": issuer, "kind": "crl", "serial": f"#{number}",
+           "not_after": dt.datetime.fromtimestamp(next_update, utc).isoformat(), "days_left": round(days_left, 3),
+           "renewal_due": dt.datetime.fromtimestamp(due, utc).isoformat(), "state": state, "attention": attention}
+    if root and attention:
+        what = ("has expired (servers that check every level of the chain refuse every client)" if state == "expired"
+                else f"must be re-signed before {row['not_after']}")
+        row["fix"] = f"the root's CRL {what}: bring the root key back and run pkictl sign-crl --root"
+    return row
 
 
 def _crl_cells(row: dict) -> tuple[str, ...]:

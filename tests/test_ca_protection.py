@@ -115,7 +115,7 @@ def test_an_open_issuing_directory_or_a_key_of_another_account_is_refused(tmp_pa
 
 
 def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
-    """init, issuance, a refusal and a revocation are in the audit log; audit verify passes,
+    """init (and the root's first CRL), issuance, a refusal and a revocation are in the audit log; audit verify passes,
     then fails with the line number once a record is edited, and on truncation."""
     home = tmp_path / "ca"
     assert pkictl(home, "init-ca").exit_code == 0
@@ -123,11 +123,12 @@ def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
     assert pkictl(home, "enroll-node", "../etc").exit_code == 1
     assert pkictl(home, "revoke", "TW", "--reason", "key-compromise").exit_code == 0
     records = [json.loads(line) for line in (home / "audit.log").read_text().splitlines()]
-    assert [r["event"] for r in records] == ["init", "issued", "refused", "revoked"]
-    assert records[1]["name"] == "TW" and records[2]["subject"] == "../etc" and records[3]["reason"] == "key-compromise"
+    assert [r["event"] for r in records] == ["init", "root-crl-signed", "issued", "refused", "revoked"]
+    assert records[1]["number"] == 1 and records[1]["revoked"] == 0  # the root key signed the root's first CRL
+    assert records[2]["name"] == "TW" and records[3]["subject"] == "../etc" and records[4]["reason"] == "key-compromise"
 
     ok = pkictl(home, "audit", "verify")
-    assert ok.exit_code == 0 and "4 records" in ok.output
+    assert ok.exit_code == 0 and "5 records" in ok.output
     head = pkictl(home, "audit", "head").output.strip()
     assert pkictl(home, "audit", "verify", "--anchor", head).exit_code == 0
 
@@ -135,7 +136,7 @@ def test_audit_log_records_and_verifies_then_detects_an_edit(tmp_path):
     original = log.read_bytes()
     log.write_bytes(original.replace(b'"name":"TW"', b'"name":"TX"', 1))
     edited = pkictl(home, "audit", "verify")
-    assert edited.exit_code == 1 and "line 2" in edited.output
+    assert edited.exit_code == 1 and "line 3" in edited.output
 
     log.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
     truncated = pkictl(home, "audit", "verify")

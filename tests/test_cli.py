@@ -208,10 +208,11 @@ def enrolled_home(runner, ca_home) -> Path:
 
 
 def test_status_json(runner, enrolled_home):
-    """status --json lists root, issuing CA, gateway, node and the CRL with name, kind, serial,
-    not_after, days_left, renewal_due, state and attention."""
+    """status --json lists root, issuing CA, gateway, node and the CRLs (the issuing CA's, then the
+    root's) with name, kind, serial, not_after, days_left, renewal_due, state and attention."""
     rows = json.loads(_ok(run(runner, enrolled_home, "status", "--json")))
-    assert [r["kind"] for r in rows] == ["root", "issuing", "gateway", "node", "crl"]
+    assert [r["kind"] for r in rows] == ["root", "issuing", "gateway", "node", "crl", "crl"]
+    assert [r["name"] for r in rows][-2:] == [rows[1]["name"], rows[0]["name"]]
     for row in rows:
         assert set(row) == STATUS_FIELDS
         assert row["state"] == "ok" and row["attention"] == 0
@@ -240,7 +241,7 @@ def test_status_table_has_a_row_per_certificate(runner, enrolled_home):
     rows = json.loads(_ok(run(runner, enrolled_home, "status", "--json")))
     lines = _ok(run(runner, enrolled_home, "status")).splitlines()
     assert lines[0].split()[:3] == ["NAME", "KIND", "SERIAL"]
-    assert len(lines) == 1 + 5
+    assert len(lines) == 1 + 6
     for line, row in zip(lines[1:], rows, strict=True):
         assert line.startswith(row["name"])
         assert f" {row['kind']} " in line

@@ -224,3 +224,23 @@ def test_listen_port_held_by_something_that_is_not_tls(pki, tmp_path, echo_serve
     """A plain TCP server on the listen port is one listener warning: it answers, but not with TLS."""
     found = only(doctor(gateway_config(pki, tmp_path, echo_server.port, echo_server.port)), "listener")
     assert "not with TLS" in found.problem
+
+
+def test_gateway_crl_judges_the_root_crl_by_the_root(pki, tmp_path) -> None:
+    """In the listener's crl.pem the root's CRL must verify with the trust anchor (a forged one is
+    a crl error), and once expired it is a crl error whose fix is pkictl sign-crl --root."""
+    from cryptography.hazmat.primitives import serialization
+
+    from pkictl.profile import generate_key
+    from pkictl.revocation import build_crl
+
+    issuing, root = load_crls(pki.ca.crl_path)
+    config = gateway_config(pki, tmp_path, closed_port(), closed_port())
+    expired = [f for f in doctor(config, now=root.next_update_utc + dt.timedelta(seconds=1)) if "root's CRL" in f.problem]
+    assert [(f.check, f.severity.label) for f in expired] == [("crl", "error")] and "expired at" in expired[0].problem
+    assert f"pkictl --home {pki.home} sign-crl --root" in expired[0].fix
+
+    forged = build_crl(issuer=pki.ca.root, issuer_key=generate_key(), revoked=[], number=7, now=NOW, lifetime=dt.timedelta(days=365))
+    pki.ca.crl_path.write_bytes(issuing.public_bytes(serialization.Encoding.PEM) + forged.public_bytes(serialization.Encoding.PEM))
+    bad = [f for f in doctor(config) if f.check == "crl" and f.severity.label != "ok"]
+    assert [f.severity.label for f in bad] == ["error"] and "the root's CRL" in bad[0].problem and "does not verify" in bad[0].problem

@@ -45,7 +45,7 @@ def test_a_new_issuing_ca_is_published_at_once_and_issues_from_its_activation_ti
         new = ca.rotate_issuing(activate_in=DELAY)
         assert ca.issuing.serial_number == old.serial_number and ca.pending.certificate.serial_number == new.serial_number
         assert ca.pending.activate_at == start + DELAY
-        assert {c.issuer for c in load_crls(ca.crl_path)} == {old.subject, new.subject}
+        assert {c.issuer for c in load_crls(ca.crl_path)} == {old.subject, new.subject, ca.root.subject}
         assert [r["serial"] for r in audit_events(pki.home, "issuing-created")] == [f"{new.serial_number:x}"]
 
         clock.set(start + DELAY - dt.timedelta(seconds=1))
@@ -62,7 +62,7 @@ def test_a_new_issuing_ca_is_published_at_once_and_issues_from_its_activation_ti
         assert (pki.home / "retired" / f"{old.serial_number:x}" / "cert.pem").exists()
         assert not (pki.home / "pending-issuing").exists()
         assert len(audit_events(pki.home, "issuing-activated")) == 1
-        assert {c.issuer for c in load_crls(ca.crl_path)} == {old.subject, new.subject}  # both still published
+        assert {c.issuer for c in load_crls(ca.crl_path)} == {old.subject, new.subject, ca.root.subject}  # both still published
         assert CliRunner().invoke(cli, ["--home", str(pki.home), "audit", "verify"]).exit_code == 0
     finally:
         ca.close()
@@ -184,7 +184,7 @@ def test_a_running_serve_renews_from_the_new_issuing_ca_after_its_activation_wit
         assert {c.serial_number for c in cacerts} == {pki.ca.root.serial_number, old.serial_number, new.serial_number}
         published = tmp_path / "published-crl.pem"
         published.write_bytes(curl(serve.url + "/crl.pem", cacert=pki.home / "ca.pem").body)
-        assert {c.issuer for c in load_crls(published)} == {old.subject, new.subject}
+        assert {c.issuer for c in load_crls(published)} == {old.subject, new.subject, pki.ca.root.subject}
         renewed.append(_renew(serve, pki.home, pki.node, "TW", tmp_path / "r1"))
         assert [c.issuer for c in renewed] == [old.subject, old.subject]
 

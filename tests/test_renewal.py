@@ -136,11 +136,11 @@ def test_ca_host_agent_re_signs_the_crl_at_half_its_validity(tmp_path):
     agent, _ = _node_agent(tmp_path, clock)
     agent.reload()
     crl_path = tmp_path / "ca" / "crl.pem"
-    (first,) = load_crls(crl_path)
+    first, _root = load_crls(crl_path)
     half = first.last_update_utc + (first.next_update_utc - first.last_update_utc) / 2
 
     def number():
-        (crl,) = load_crls(crl_path)
+        crl, _root = load_crls(crl_path)
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
     clock.set(half - SECOND)

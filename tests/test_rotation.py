@@ -45,7 +45,7 @@ def test_rotation_keeps_old_certificates_working_and_revocable(pki, gateway_agen
 
     fresh = pki.ca.enroll("node", "fresh", out=tmp_path / "fresh")
     assert fresh.certificate.issuer == new.subject
-    assert {crl.issuer for crl in load_crls(pki.ca.crl_path)} == {old.subject, new.subject}
+    assert {crl.issuer for crl in load_crls(pki.ca.crl_path)} == {old.subject, new.subject, pki.ca.root.subject}
 
     gateway_agent.call(gateway_agent.agent.maintain())  # the CRL file changed: reload
     for bundle in (pki.node, fresh.directory):  # TW's chain: old issuer; fresh's: new issuer
@@ -73,7 +73,7 @@ def test_rotation_keeps_old_certificates_working_and_revocable(pki, gateway_agen
     status = CliRunner().invoke(cli, ["--home", str(pki.home), "status", "--json"])
     rows = json.loads(status.output)
     assert sorted(r["serial"] for r in rows if r["kind"] == "issuing") == sorted([f"{old.serial_number:x}", f"{new.serial_number:x}"])
-    assert len([r for r in rows if r["kind"] == "crl"]) == 2
+    assert len([r for r in rows if r["kind"] == "crl"]) == 3  # both issuing CAs' and the root's
     assert CliRunner().invoke(cli, ["--home", str(pki.home), "audit", "verify"]).exit_code == 0
 
 

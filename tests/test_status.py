@@ -67,5 +67,6 @@ def test_rows_come_in_display_order(home, tmp_path):
     ca.enroll("gateway", "gw", out=tmp_path / "gw", ip_addresses=["127.0.0.1"])
     ca.close()
     rows, _ = _rows(home, T0)
-    assert [(r["kind"], r["name"]) for r in rows][2:] == [("gateway", "gw"), ("node", "alpha"), ("node", "TW"), ("crl", rows[-1]["name"])]
+    assert [(r["kind"], r["name"]) for r in rows][2:] == [("gateway", "gw"), ("node", "alpha"), ("node", "TW"),
+                                                           ("crl", rows[1]["name"]), ("crl", rows[0]["name"])]  # the root's CRL last
     assert [r["kind"] for r in rows][:2] == ["root", "issuing"]
