@@ -8,8 +8,8 @@ The answer lists what :func:`pkictl.policy.check_public_key` and
   (an ``oid`` entry, RFC 7030 4.5.2);
 - an ``id-ecPublicKey`` attribute whose values are the named curves accepted (P-256, P-384), an
   ``rsaEncryption`` attribute whose value is the smallest RSA modulus accepted (2048 bits), and
-  ``id-Ed25519``: the key types (RFC 7030 4.5.2 and its example; RFC 9908 section 3.3 gives an
-  RSA key size as an INTEGER);
+  ``id-Ed25519``: the key types (RFC 7030 4.5.2 and its example; RFC 9908 gives an RSA key size
+  as an INTEGER value of ``rsaEncryption``, here the smallest size accepted);
 - an ``extensionRequest`` attribute naming ``subjectAltName``: the one extension a CSR may carry.
 
 What RFC 7030 cannot express is said elsewhere: the subject alternative name, if any, must be
