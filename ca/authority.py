@@ -408,7 +408,10 @@ class CertificateAuthority(Revocation, Bootstrap):
             csr_sans = None
         current_sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if csr_sans != current_sans:
-            raise PolicyError("CSR subject alternative names differ from the current certificate's (RFC 7030 4.2.2)")
+            got = [str(getattr(n, "value", n)) for n in csr_sans] if csr_sans is not None else []
+            want = [str(getattr(n, "value", n)) for n in current_sans]
+            raise PolicyError(f"CSR subject alternative names differ from the current certificate's: got {got}, want exactly "
+                              f"{want} (RFC 7030 4.2.2)")
         if rekey and public_key_bytes(csr.public_key()) == public_key_bytes(current.public_key()):
             raise PolicyError("the CSR reuses the current key; a renewal needs a new key (rekey)")
         for _ in range(2):  # a lost race is answered as the winner's state says, on a second look

@@ -140,7 +140,8 @@ class Bootstrap:
         if request["status"] == "pending":
             raise PendingApproval(name, request["code"])
         if request["status"] == "denied":
-            raise AccessDenied(f"the operator denied the request of {name} (code {request['code']})")
+            raise AccessDenied(f"the operator denied the request of {name} (code {request['code']}): this key will not be "
+                               "certified; a request with a new key waits for approval anew")
         if request["status"] == "issued":  # the answer to an earlier poll was lost: hand it out again
             record = self.inventory.get(int(request["serial"], 16))
             assert record is not None, "an issued request's certificate is in the inventory"

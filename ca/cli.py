@@ -201,13 +201,22 @@ def _ca_url(ctx, param, value):
 @click.option("--csr", "csr_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Certify the key of this CSR (PEM or DER) made on the node; no key is written.")
 @click.option("--token", "token", is_flag=True, help="Print a one-time token for 'pki-agent enroll' on the node instead (EST); "
-                                                    "with --replace its certificate replaces a current one.")
+                                                    "any other EST client sends it to simpleenroll in HTTP Basic authentication, "
+                                                    "user NAME and password the token (curl -u NAME:TOKEN). "
+                                                    "With --replace its certificate replaces a current one.")
 @click.option("--token-ttl", callback=_duration, help="How long the token is valid (default 10m).")
 @click.option("--ca-url", callback=_ca_url, help=_CA_URL_HELP)
 @click.option("--tunnel", callback=_tunnel, help=_TUNNEL_HELP)
 @click.pass_obj
 def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path: Path | None, token: bool, token_ttl, ca_url, tunnel) -> None:
-    """Issue node NAME's client certificate (clientAuth) and write its bundle."""
+    """Issue node NAME's client certificate (clientAuth) and write its bundle.
+
+    With --token nothing is issued yet: the node makes its own key and enrolls over EST
+    (pkictl serve), sending the token in HTTP Basic authentication (user NAME, password the
+    token; the name is compared without case, the token exactly). The token is spent by the one
+    enrollment it authenticates. A wrong, expired or spent token, or one of another node, gets
+    401 and spends nothing; a CSR that breaks the policy gets 400 before the token is looked at.
+    """
     if tunnel is not None and (token or csr_path is not None):
         raise click.UsageError("--tunnel goes into the agent.yaml of a bundle written here; with --token give "
                                "--tunnel to 'pki-agent enroll' on the node, with --csr write the tunnel: section yourself")
@@ -228,6 +237,8 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
         url = ca_url or _service_url(ca.home)
         click.echo(f"on {name}: pki-agent enroll --name {name} --ca-url {url or 'https://CA-HOST:PORT'} "
                    f"--fingerprint {root_fingerprint(ca.root)} --token {secret} --dir /var/lib/pki-agent/{name}")
+        click.echo(f"  any other EST client: POST {url or 'https://CA-HOST:PORT'}/.well-known/est/simpleenroll with HTTP Basic "
+                   f"user {name}, password the token")
         if url is None:
             click.echo("  (CA-HOST:PORT: where 'pkictl serve' listens; it has not run from this CA home yet, or give --ca-url)")
         if replace:
@@ -498,6 +509,16 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     own server certificate, re-signs the CRL in time, and follows pkictl rotate-issuing without a
     restart. SIGHUP reloads its certificate and the issuing CA from disk. Every refused client
     (TLS handshake or EST request) is logged with its address and reason.
+
+    \b
+    Endpoints (under /.well-known/est):
+      GET  cacerts         the CA certificates (PKCS#7, base64)
+      GET  csrattrs        what a CSR must carry (RFC 7030 4.5)
+      POST simpleenroll    a first certificate: HTTP Basic user = the node name, password = the
+                           one-time token of 'pkictl enroll-node NAME --token' (401 if wrong,
+                           expired or spent); without credentials, 202 until 'pkictl approve'
+      POST simplereenroll  a renewal, authenticated by the current certificate (TLS client cert)
+    and GET /crl (DER), /crl.pem. Every 4xx answer says what was wrong and what was expected.
     """
     import asyncio
     import logging

@@ -26,7 +26,7 @@ from .errors import (AccessDenied, AlreadyEnrolledError, AuditError, Authenticat
                      StoreError)
 from .logfmt import bare, peer_name, quoted
 
-__all__ = ["BadAuthorization", "NoClientCertificate", "QuietClientErrors", "Refusal", "RequestLog", "classify", "note", "outcome", "remember_peer"]
+__all__ = ["BadAuthorization", "MalformedRequest", "NoClientCertificate", "QuietClientErrors", "Refusal", "RequestLog", "classify", "note", "outcome", "remember_peer"]
 
 log = logging.getLogger("pkictl.serve")
 
@@ -41,6 +41,12 @@ class NoClientCertificate(AuthenticationError):
 
 class BadAuthorization(AuthenticationError):
     """simpleenroll with an Authorization header that is not HTTP Basic NAME:TOKEN."""
+
+
+class MalformedRequest(PKIError):
+    """A simpleenroll / simplereenroll body that is no CSR, or sent with the wrong Content-Type:
+    400 on both (on simplereenroll a PolicyError would read as a 403, "this certificate may not
+    renew", which a client takes as final)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,8 @@ def classify(exc: BaseException, *, renewing: bool) -> Refusal | None:
     if isinstance(exc, web.HTTPException):
         return Refusal(exc.status, _HTTP_REASONS.get(exc.status, exc.reason or "refused"), exc.reason or str(exc))
     detail = " ".join(str(exc).split())
+    if isinstance(exc, MalformedRequest):
+        return Refusal(400, "bad request", detail)
     if isinstance(exc, NoClientCertificate):
         return Refusal(401, "no client certificate", detail)
     if isinstance(exc, BadAuthorization):

@@ -1,11 +1,13 @@
 """``pkictl serve``: the CA as an EST service (RFC 7030) over HTTPS, with its own certificate,
 which it renews itself, and the CRL over HTTP.
 
-Endpoints (RFC 7030 3.2.2): ``GET /.well-known/est/cacerts``, ``POST .../simpleenroll`` (a
-one-time token in HTTP Basic authentication, or the operator's approval: 202 + Retry-After until
-then), ``POST .../simplereenroll`` (authenticated only by the client's current certificate), and
-``GET /crl`` (DER, the current issuing CA's) and ``GET /crl.pem`` (every active CRL), both with a
-strong ETag for cheap polling (RFC 9110 8.8.3, 13.1.2).
+Endpoints (RFC 7030 3.2.2): ``GET /.well-known/est/cacerts``, ``GET .../csrattrs`` (what a CSR
+must carry, RFC 7030 4.5: :mod:`pkictl.est_csrattrs`), ``POST .../simpleenroll`` (a one-time token
+in HTTP Basic authentication, user = the node name and password = the token, or the operator's
+approval: 202 + Retry-After until then), ``POST .../simplereenroll`` (authenticated only by the
+client's current certificate), and ``GET /crl`` (DER, the current issuing CA's) and ``GET
+/crl.pem`` (every active CRL), both with a strong ETag for cheap polling (RFC 9110 8.8.3, 13.1.2).
+Every 4xx says what was wrong and what was expected (:mod:`pkictl.est_answers`).
 
 TLS is done per connection by :class:`pkictl.est_front.TLSFront`, which logs every client refused
 in its handshake; every answer is logged by :class:`pkictl.est_log.RequestLog`.
@@ -28,11 +30,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .authority import CertificateAuthority
-from .errors import CertificateUnusable, PendingApproval, PKIError, PolicyError
+from .errors import CertificateUnusable, InvalidNameError, PendingApproval, PKIError, PolicyError
 from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
+from .est_answers import BASIC_WANTED, CLIENT_CERTIFICATE_WANTED, CSR_BODY_WANTED, echo, http_refusal, text_answer
+from .est_csrattrs import CSRATTRS, encode_csr_attributes
 from .est_front import FrontLimits, TLSFront
-from .est_log import BadAuthorization, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note, outcome, remember_peer
+from .est_log import (BadAuthorization, MalformedRequest, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note,
+                      outcome, remember_peer)
 from .logfmt import quoted
+from .names import validate_name
 from .policy import MAX_CSR_BYTES
 from .ratelimit import RateLimiter
 from .revocation import crls_from_pem
@@ -43,11 +49,6 @@ from .store import Credential, CredentialStore
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
 
 log = logging.getLogger("pkictl.serve")
-
-
-def _text(status: int, reason: str, **headers: str) -> web.Response:
-    """An EST error: the status code and a plain-text reason (RFC 7030 4.2.3)."""
-    return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)
 
 
 def _common_name(name: x509.Name) -> str | None:
@@ -185,6 +186,7 @@ class ESTService:
         app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer, front.middleware])
         app.add_routes([
             web.get(f"{EST_PREFIX}/cacerts", self.cacerts),
+            web.get(f"{EST_PREFIX}/csrattrs", self.csrattrs),
             web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll),
             web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll),
             web.get("/crl", self.crl_der),
@@ -198,13 +200,14 @@ class ESTService:
         remember_peer(request)
         renewing = request.path.endswith("/simplereenroll")
         headers: dict[str, str] = {}
+        hint = ""  # for the client only: how to do it right, which the log line need not repeat
         try:
             response = await handler(request)
             outcome(request, None, None)
             return response
         except PendingApproval as exc:  # no refusal: come back later (RFC 7030 4.2.3)
             outcome(request, "pending approval", str(exc))
-            return _text(202, str(exc), **{"Retry-After": str(self.retry_after)})
+            return text_answer(202, str(exc), **{"Retry-After": str(self.retry_after)})
         except SignerUnavailable as exc:
             refusal = Refusal(503, "signer unavailable", str(exc))
             headers["Retry-After"] = str(self.retry_after)
@@ -215,6 +218,8 @@ class ESTService:
                 classified = Refusal(500, "internal error", f"{type(exc).__name__}: {exc}")
             refusal = classified
             if isinstance(exc, web.HTTPException):
+                worded = http_refusal(exc, request)  # aiohttp says only "Not Found" and the like
+                refusal = Refusal(refusal.status, refusal.reason, worded) if worded else refusal
                 # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
                 headers.update((name, exc.headers[name]) for name in ("Retry-After", "Allow") if name in exc.headers)
             if isinstance(exc, CertificateUnusable):  # why it can no longer renew, for the agent to act on
@@ -222,9 +227,11 @@ class ESTService:
             if refusal.status == 401 and not renewing:
                 # Basic authentication (a token) helps only a first enrollment; a renewal needs a certificate.
                 headers["WWW-Authenticate"] = 'Basic realm="pkictl EST"'
+                if "HTTP Basic" not in refusal.detail:  # the CA's own words (a wrong token) say what, not how
+                    hint = f"; want {BASIC_WANTED}"
         outcome(request, refusal.reason, refusal.detail)
-        text = "internal error; the service's log has the details" if refusal.status == 500 else refusal.detail
-        return _text(refusal.status, text, **headers)
+        text = "internal error; the service's log has the details" if refusal.status == 500 else refusal.detail + hint
+        return text_answer(refusal.status, text, **headers)
 
     def _limit(self, key: str) -> None:
         wait = self.limiter.allow(key)
@@ -232,14 +239,14 @@ class ESTService:
             raise web.HTTPTooManyRequests(reason=f"too many requests from {key}; retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
 
     async def _csr(self, request: web.Request) -> x509.CertificateSigningRequest:
-        # A malformed request is a 400 on both endpoints (on simplereenroll a PolicyError would
-        # read as a 403, "this certificate may not renew", which a client takes as final).
+        # A malformed request is a 400 on both endpoints (MalformedRequest, never a 403).
+        if request.content_type not in ("application/pkcs10", "application/octet-stream", ""):
+            raise MalformedRequest(f"Content-Type {echo(request.content_type)}: want application/pkcs10 (RFC 7030 4.2.1) "
+                                   f"with {CSR_BODY_WANTED}")
         try:
-            if request.content_type not in ("application/pkcs10", "application/octet-stream", ""):
-                raise PolicyError(f"Content-Type {request.content_type}: want application/pkcs10 (RFC 7030 4.2.1)")
             csr = decode_csr_body(await request.read())
         except PolicyError as exc:
-            raise web.HTTPBadRequest(reason=" ".join(str(exc).split())) from None
+            raise MalformedRequest(f"{' '.join(str(exc).split())}; want {CSR_BODY_WANTED}") from None
         note(request, csr=_common_name(csr.subject))
         return csr
 
@@ -254,6 +261,11 @@ class ESTService:
             self._cacerts = (state, encode_certs_only([*self.ca.trust_anchors, *issuers]))
         return web.Response(body=self._cacerts[1], headers={"Content-Type": PKCS7_CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
 
+    async def csrattrs(self, request: web.Request) -> web.Response:
+        """RFC 7030 4.5: what a CSR must carry (:func:`pkictl.est_csrattrs.csr_attributes`), to anyone."""
+        self._limit(request.remote or "?")
+        return web.Response(body=encode_csr_attributes(), headers={"Content-Type": CSRATTRS, "Content-Transfer-Encoding": "base64"})
+
     async def simpleenroll(self, request: web.Request) -> web.Response:
         """RFC 7030 4.2.1: a first certificate, with a token (HTTP Basic: node name, token) or approval."""
         self._limit(request.remote or "?")
@@ -262,10 +274,15 @@ class ESTService:
             try:
                 auth = BasicAuth.decode(request.headers["Authorization"])
             except ValueError:
-                raise BadAuthorization("Authorization: want HTTP Basic with the node name and its enrollment token") from None
+                raise BadAuthorization(f"the Authorization header is not HTTP Basic USER:PASSWORD; want {BASIC_WANTED}") from None
             name, token = auth.login, auth.password
             note(request, node=name)
         csr = await self._csr(request)
+        try:
+            if name is not None:
+                validate_name(name)
+        except InvalidNameError:  # its own message would quote the whole name
+            raise InvalidNameError(f"HTTP Basic user {echo(name)} is no node name (a DNS label such as TW); want {BASIC_WANTED}") from None
         peer = request.remote or "?"
         if self.signers is not None:
             certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=peer)
@@ -279,7 +296,7 @@ class ESTService:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if not der:
-            raise NoClientCertificate("simplereenroll needs the current certificate as the TLS client certificate")
+            raise NoClientCertificate(f"no TLS client certificate came with this request; simplereenroll wants {CLIENT_CERTIFICATE_WANTED}")
         current = x509.load_der_x509_certificate(der)
         note(request, node=_common_name(current.subject), serial=current.serial_number)
         self._limit(f"serial:{current.serial_number:x}")

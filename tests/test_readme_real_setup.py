@@ -36,10 +36,9 @@ from pathlib import Path
 
 
 import netns
+from readme_support import readme_section, shell_blocks
 from support import BIN
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 TESTS = Path(__file__).resolve().parent
 SECTION = "A real setup"
 CODE = r"[A-Z2-7]{4}-[A-Z2-7]{4}"  # an approval code, e.g. ZMT6-DQMB
@@ -53,23 +52,6 @@ HOSTS = {
 
 
 # -- reading the README -------------------------------------------------------------------------------
-
-
-def readme_section(title: str) -> str:
-    """The text of the README section whose '## ' heading starts with ``title``."""
-    text = README.read_text()
-    match = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## )", text, re.M | re.S)
-    assert match, f"README.md has no section '## {title}...' any more"
-    return match.group(1)
-
-
-def shell_blocks(section: str) -> list[list[str]]:
-    """The commands of each ```sh block (indented ones in lists too), continuation lines joined."""
-    blocks = []
-    for body in re.findall(r"^ *```sh\n(.*?)^ *```", section, re.M | re.S):
-        lines = [line.split(" # ", 1)[0].strip() for line in body.replace("\\\n", " ").splitlines()]
-        blocks.append([" ".join(line.split()) for line in lines if line and not line.startswith("#")])
-    return blocks
 
 
 def inline_commands(section: str) -> list[str]:
