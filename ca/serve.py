@@ -51,6 +51,9 @@ __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
 log = logging.getLogger("pkictl.serve")
 
 
+_ENROLLMENT_PATHS = (f"{EST_PREFIX}/simpleenroll", f"{EST_PREFIX}/simplereenroll")
+
+
 def _common_name(name: x509.Name) -> str | None:
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if values else None
@@ -222,6 +225,8 @@ class ESTService:
                 refusal = Refusal(refusal.status, refusal.reason, worded) if worded else refusal
                 # Keep the headers that are part of the answer: Retry-After of a 429 (RFC 6585 4), Allow of a 405.
                 headers.update((name, exc.headers[name]) for name in ("Retry-After", "Allow") if name in exc.headers)
+            if isinstance(exc, MalformedRequest) or (refusal.status == 413 and request.path in _ENROLLMENT_PATHS):
+                self._audit_body_refusal(request, refusal)
             if isinstance(exc, CertificateUnusable):  # why it can no longer renew, for the agent to act on
                 headers[REFUSAL_HEADER] = exc.reason
             if refusal.status == 401 and not renewing:
@@ -232,6 +237,19 @@ class ESTService:
         outcome(request, refusal.reason, refusal.detail)
         text = "internal error; the service's log has the details" if refusal.status == 500 else refusal.detail + hint
         return text_answer(refusal.status, text, **headers)
+
+    def _audit_body_refusal(self, request: web.Request, refusal: Refusal) -> None:
+        """Record a simpleenroll / simplereenroll refused for its body (not base64, not one CSR,
+        the wrong Content-Type, too large) as the CA records its own refusals: it never reached
+        the CA, and the audit log would otherwise miss it. A failure to write is logged, and the
+        client still gets its answer."""
+        operation = "simple_reenroll" if request.path.endswith("/simplereenroll") else "simple_enroll"
+        try:
+            self.ca.audit.append("refused", operation=operation, subject=f"request from {request.remote or '?'}",
+                                 error="MalformedRequest" if refusal.status == 400 else "RequestEntityTooLarge",
+                                 reason=refusal.detail, peer=request.remote or "?")
+        except (OSError, PKIError) as exc:
+            log.error("cannot record a refusal in the audit log: %s", exc)
 
     def _limit(self, key: str) -> None:
         wait = self.limiter.allow(key)

@@ -156,3 +156,30 @@ def test_serve_refuses_to_certify_itself_for_an_undialable_address(pki, address)
     assert "ready: EST" not in result.stderr
     assert disk_state(pki.home).certificates == before.certificates
     assert not (pki.home / "service").exists()
+
+
+def test_body_level_refusals_are_audited(pki, serve, tmp_path):
+    """A simpleenroll body that is not base64, base64 that is no CSR, a wrong Content-Type, a body
+    over the limit, and a simplereenroll body that is no CSR are each answered (400, 413) and
+    recorded as a refusal in the audit log with the peer and the reason; a clean enrollment
+    after them adds an 'issued' record and no refusal (control)."""
+    token = _token(pki)
+    body = est_body(openssl_csr(tmp_path, openssl_key(tmp_path), subject="/CN=n2", der=True))
+    url = serve.url + EST + "/simpleenroll"
+    auth = ("-u", f"n2:{token}")
+    cases = [
+        (curl(url, *auth, cacert=pki.home / "ca.pem", data=b"%%% not base64 %%%", content_type="application/pkcs10"), 400, "simple_enroll", "not base64"),
+        (curl(url, *auth, cacert=pki.home / "ca.pem", data=base64.encodebytes(b"no CSR at all"), content_type="application/pkcs10"), 400, "simple_enroll", "want"),
+        (curl(url, *auth, cacert=pki.home / "ca.pem", data=body, content_type="text/plain"), 400, "simple_enroll", "Content-Type 'text/plain'"),
+        (curl(url, *auth, cacert=pki.home / "ca.pem", data=b"A" * 40000, content_type="application/pkcs10"), 413, "simple_enroll", ""),
+        (_reenroll(pki, serve, b"%%%"), 400, "simple_reenroll", "not base64"),
+    ]
+    records = [r for r in audit_records(pki.home) if r["event"] == "refused"]
+    assert len(records) == len(cases)
+    for (reply, status, operation, words), record in zip(cases, records):
+        assert reply.status == status, reply
+        assert record["operation"] == operation and record["peer"] == "127.0.0.1" and words in record["reason"], record
+    before = len(audit_records(pki.home))
+    assert _enroll(pki, serve, body, token=token).status == 200
+    assert "refused" not in [r["event"] for r in audit_records(pki.home)[before:]]
+    assert "issued" in [r["event"] for r in audit_records(pki.home)[before:]]
