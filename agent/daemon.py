@@ -211,7 +211,13 @@ class Agent:
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
         self._client_tls = client_tls
         if tls is not None and tls.crl_next_update is not None:
-            log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
+            if tls.crl_next_update <= self.clock.now():
+                # OpenSSL refuses every client certificate against a CRL past its nextUpdate.
+                log.error("CRL loaded has EXPIRED (next update was %s): every node is refused until a fresh crl.pem "
+                          "is installed (pkictl sign-crl on the CA host; with renewal.ca_url the agent fetches it)",
+                          tls.crl_next_update.isoformat())
+            else:
+                log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if tls is not None and tls.revoked and self.listener is not None:
             self.listener.close_revoked(tls.revoked, tls.superseded)  # revocation reaches established connections too
         if changed:

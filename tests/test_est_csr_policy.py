@@ -176,7 +176,7 @@ def test_body_level_refusals_are_audited(pki, serve, tmp_path):
     ]
     records = [r for r in audit_records(pki.home) if r["event"] == "refused"]
     assert len(records) == len(cases)
-    for (reply, status, operation, words), record in zip(cases, records):
+    for (reply, status, operation, words), record in zip(cases, records, strict=True):
         assert reply.status == status, reply
         assert record["operation"] == operation and record["peer"] == "127.0.0.1" and words in record["reason"], record
     before = len(audit_records(pki.home))

@@ -10,6 +10,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from pkictl.clock import FixedClock
+from pkictl.revocation import load_crls
 from pkictl.store import CredentialStore
 
 from support import DEADLINE, TLSClient, bundle_context, client_context, refusal_record, refused, wait_until
@@ -81,3 +82,20 @@ def test_healthz_is_ok_while_valid_and_503_with_the_reason_once_expired(pki, sta
     assert status == 503 and answer["status"] == "failing"
     assert any("expired" in p for p in answer["problems"]) and any("CRL" in p for p in answer["problems"])
     assert _get(running, "/nothing")[0] == 404
+
+
+def test_an_expired_crl_is_an_error_when_loaded_and_in_healthz(pki, start_gateway_agent, caplog):
+    """A crl.pem past its nextUpdate (the agent's clock one second after it, the certificate still
+    valid) is logged at ERROR when loaded, saying every node is refused, and /healthz is 503
+    naming the CRL; at a time before nextUpdate the load is an INFO line (control)."""
+    next_update = min(c.next_update_utc for c in load_crls(pki.ca.crl_path))
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"}, clock=FixedClock(next_update + dt.timedelta(seconds=1)))
+    record = next(r for r in caplog.records if "CRL loaded" in r.getMessage())
+    assert record.levelname == "ERROR" and "EXPIRED" in record.getMessage() and "every node is refused" in record.getMessage()
+    status, body = _get(running, "/healthz")
+    assert status == 503 and any("CRL past its nextUpdate" in p for p in json.loads(body)["problems"])
+    running.stop()
+    caplog.clear()
+    start_gateway_agent(clock=FixedClock(next_update - dt.timedelta(seconds=1)))
+    record = next(r for r in caplog.records if "CRL loaded" in r.getMessage())
+    assert record.levelname == "INFO"
