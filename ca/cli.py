@@ -500,9 +500,11 @@ def rotate_issuing(obj: _Obj, activate_in) -> None:
               help="Connections open at once; a quarter is kept for clients presenting a certificate of this CA.")
 @click.option("--max-connections-per-peer", type=click.IntRange(1, 65536), default=None,
               help="Connections open at once from one address.  [default: a quarter of --max-connections]")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Serve GET /healthz and Prometheus GET /metrics over plain HTTP here (keep it on loopback: no authentication).")
 @click.pass_obj
 def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
-          handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer) -> None:
+          handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer, metrics_listen) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -545,6 +547,12 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         host, port = parse_address(listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
+    status_address = None
+    if metrics_listen is not None:
+        try:
+            status_address = parse_address(metrics_listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
     try:
         check_loopback((host, port))
         loopback = True
@@ -559,7 +567,7 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
-                         handshake_timeout=handshake_timeout, limits=limits)
+                         handshake_timeout=handshake_timeout, limits=limits, metrics_listen=status_address)
 
     def ready(bound: int) -> None:
         from .files import atomic_write
@@ -569,6 +577,9 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         # What 'pkictl enroll-node --token' prints for the node to dial (nothing secret).
         atomic_write(obj.home / "service" / "url", (url + "\n").encode())
         logging.getLogger("pkictl.serve").info("ready: EST on %s%s (root %s)", url, "/.well-known/est", root_fingerprint(ca.root))
+        if service.status_server is not None:
+            logging.getLogger("pkictl.serve").info("metrics and health on %s", ", ".join(
+                f"http://{f'[{h}]' if ':' in h else h}:{p}/metrics" for h, p in service.status_server.addresses))
 
     short = ensure_file_limit(max_connections + 64)  # listening sockets, the CA's files, workers' pipes
     if short:

@@ -130,11 +130,14 @@ class TLSFront:
         handshake_timeout: seconds a client has to finish its handshake (slowloris).
         limits: header and body timeouts and connection caps; the app must run
             :meth:`middleware` for the timeouts to apply.
+        on_refusal: called with the reason of each client refused here (for the metrics).
     """
 
     def __init__(self, protocol_factory: Callable[[], asyncio.BaseProtocol], context: Callable[[], ssl.SSLContext], *,
-                 handshake_timeout: float, limits: FrontLimits | None = None) -> None:
+                 handshake_timeout: float, limits: FrontLimits | None = None,
+                 on_refusal: Callable[[str], None] | None = None) -> None:
         self._factory = protocol_factory
+        self._on_refusal = on_refusal
         self._context = context
         self.handshake_timeout = handshake_timeout
         self.limits = limits or FrontLimits()
@@ -172,7 +175,7 @@ class TLSFront:
             decision = self.admission.admit(slot, peer)
             if not decision.admitted:
                 sock.close()
-                log_tls_refusal(peer, decision.reason, decision.detail)
+                self._refuse(peer, decision.reason, decision.detail)
                 continue
             if isinstance(decision.evict, _Slot):
                 self._evict(decision.evict, peer)
@@ -183,7 +186,7 @@ class TLSFront:
 
     def _evict(self, slot: _Slot, newcomer: str) -> None:
         limits = self.limits.admission
-        log_tls_refusal(slot.peer, "evicted", f"{limits.total - limits.reserved} connections without a client certificate "
+        self._refuse(slot.peer, "evicted", f"{limits.total - limits.reserved} connections without a client certificate "
                         f"were open; the oldest of the busiest address made room for {newcomer}")
         slot.evicted = True
         if slot.transport is not None:
@@ -213,7 +216,7 @@ class TLSFront:
                 return  # logged as such
             reason, detail = handshake_refusal_reason(exc)
             cause = likely_cause(exc)
-            log_tls_refusal(slot.peer, reason, f"{detail}: {cause}" if cause else detail)
+            self._refuse(slot.peer, reason, f"{detail}: {cause}" if cause else detail)
 
     # -- connections past their handshake ------------------------------------------------------
 
@@ -244,7 +247,7 @@ class TLSFront:
                 timeout = self.limits.header_timeout
                 detail = (f"{slot.received} bytes and no complete request header within {timeout:g} s" if slot.received
                           else f"no request within {timeout:g} s of the handshake")
-                log_tls_refusal(slot.peer, "header timeout", detail)
+                self._refuse(slot.peer, "header timeout", detail)
             slot.transport.abort()  # type: ignore[attr-defined]  # a socket's transport: a Transport
         if self._slots:
             self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
@@ -268,6 +271,11 @@ class TLSFront:
             if slot is not None and self._loop is not None:
                 slot.received, slot.answered = 0, slot.answered + 1
                 slot.deadline = self._loop.time() + self.limits.header_timeout
+
+    def _refuse(self, peer: str, reason: str, detail: str) -> None:
+        log_tls_refusal(peer, reason, detail)
+        if self._on_refusal is not None:
+            self._on_refusal(reason)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets:

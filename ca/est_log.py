@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable, ClassVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -131,8 +132,23 @@ class RequestLog(web.AbstractAccessLogger):
     answered itself (no outcome set: reason ``bad HTTP request``).
     """
 
+    # Told of every answer, (path, status, reason, seconds), for the metrics; see counting(). A
+    # tuple, not a bare function: a function as class attribute would become a method.
+    on_answer: ClassVar[tuple[Callable[[str, int, "str | None", float], None], ...]] = ()
+
+    @classmethod
+    def counting(cls, on_answer: Callable[[str, int, "str | None", float], None]) -> type["RequestLog"]:
+        """This logger, also calling ``on_answer(path, status, reason, seconds)`` for every answer
+        (``path`` is "" for a request aiohttp could not parse)."""
+        return type("CountingRequestLog", (cls,), {"on_answer": (on_answer,)})
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         try:
+            if self.on_answer:
+                handled = _OUTCOME in request
+                reason = request[_OUTCOME][0] if handled else "bad HTTP request"
+                for hook in self.on_answer:
+                    hook(request.path if handled else "", response.status, reason, time)
             self._log(request, response, time)
         except Exception:  # a log line must never break an answer
             log.exception("could not log a request")

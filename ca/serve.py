@@ -42,8 +42,10 @@ from .names import validate_name
 from .policy import MAX_CSR_BYTES
 from .ratelimit import RateLimiter
 from .revocation import crls_from_pem
+from .serve_metrics import ServiceMetrics, StatusServer
 from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
+from .sockets import bind_problem
 from .store import Credential, CredentialStore
 
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
@@ -84,6 +86,8 @@ class ESTService:
             :meth:`run`); None issues on the event loop with ``ca`` itself.
         limits: header and body timeouts and connection caps of the front
             (:class:`pkictl.est_front.FrontLimits`; its defaults when None).
+        metrics_listen: ``(host, port)`` of the plain-HTTP ``/healthz`` and ``/metrics``
+            endpoint (:mod:`pkictl.serve_metrics`); None serves none.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class ESTService:
         burst: int = 20,
         signers: SignerPool | None = None,
         limits: FrontLimits | None = None,
+        metrics_listen: tuple[str, int] | None = None,
     ) -> None:
         self.ca = ca
         self.signers = signers
@@ -114,6 +119,10 @@ class ESTService:
         self.check_interval = check_interval
         self.handshake_timeout = handshake_timeout
         self.limits = limits or FrontLimits()
+        self.metrics = ServiceMetrics(self)
+        self.metrics_listen = metrics_listen
+        self.status_server: StatusServer | None = None
+        self.credential: Credential | None = None  # the service's own, once ensure_credential() ran
         self.limiter = RateLimiter(rate, burst)
         self.store = CredentialStore(ca.home / "service")
         self._context: ssl.SSLContext | None = None
@@ -129,6 +138,7 @@ class ESTService:
         and (re)build the TLS context from it. Returns the credential in service."""
         credential, _ = ensure_service_credential(self.ca, self.store, dns_names=self.dns_names, ip_addresses=self.ip_addresses)
         self._build_context()
+        self.credential = credential
         return credential
 
     def _new_context(self) -> ssl.SSLContext:
@@ -384,12 +394,24 @@ class ESTService:
             assert runner.server is not None, "made by setup()"
             return runner.server()
 
-        front = self._front = TLSFront(protocol, self._current_context, handshake_timeout=self.handshake_timeout, limits=self.limits)
+        front = self._front = TLSFront(protocol, self._current_context, handshake_timeout=self.handshake_timeout, limits=self.limits,
+                                       on_refusal=self.metrics.refused_handshake)
         # The front's header_timeout closes an idle keep-alive connection; aiohttp's is a backstop.
-        runner = self._runner = web.AppRunner(self.app(front), access_log_class=RequestLog, access_log=log, logger=aiohttp_log,
+        runner = self._runner = web.AppRunner(self.app(front), access_log_class=RequestLog.counting(self.metrics.answered), access_log=log, logger=aiohttp_log,
                                               keepalive_timeout=max(15.0, self.limits.header_timeout + 1))
         await runner.setup()
         await front.start(*self.listen)
+        if self.metrics_listen is not None:
+            self.status_server = StatusServer(self, self.metrics_listen)
+            try:
+                await self.status_server.start()
+            except OSError as exc:
+                raise PKIError(bind_problem(*self.metrics_listen, exc)) from exc
+
+    @property
+    def front(self) -> TLSFront | None:
+        """The TLS front, once started."""
+        return self._front
 
     def _current_context(self) -> ssl.SSLContext:
         """What a new connection gets (TLSFront asks once per connection)."""
@@ -435,6 +457,8 @@ class ESTService:
         try:
             await self.start()
         except BaseException:
+            if self.status_server is not None:
+                await self.status_server.close()
             if self._runner is not None:
                 await self._runner.cleanup()
             raise
@@ -457,6 +481,8 @@ class ESTService:
         finally:
             scheduler.shutdown(wait=False)
             await front.close()
+            if self.status_server is not None:
+                await self.status_server.close()
             await runner.cleanup()
 
     def stop(self) -> None:

@@ -140,6 +140,11 @@ class SignerPool:
         self._slots: asyncio.Semaphore | None = None
         self._respawning: set[asyncio.Task] = set()
 
+    @property
+    def alive(self) -> int:
+        """Workers running and answering calls now (a replaced one is back once it loaded the CA)."""
+        return len(self._workers)
+
     async def start(self) -> None:
         """Start the workers and wait until each has loaded the CA.
 
