@@ -100,6 +100,8 @@ class Bootstrap:
 
         Raises:
             PendingApproval: no token, and the operator has not approved (yet).
+            RequestLimitError: no token, a new key, and too many requests wait already (for this
+                name or in all: the settings pending_requests_per_name, pending_requests_total).
             AuthenticationError: the token is wrong, expired or spent.
             AccessDenied: the operator denied the request.
             PolicyError, InvalidNameError, AlreadyEnrolledError: the request breaks policy.
@@ -130,7 +132,12 @@ class Bootstrap:
             if not self.inventory.consume_token(name, digest, now):
                 raise AuthenticationError(f"the enrollment token for {name} was used meanwhile: ask for a new one (pkictl enroll-node {name} --token)")
             return self._issue_replacing(name, csr, now) if replaces else self.issue("node", name, csr.public_key())
-        request, created = self.inventory.request_approval(name=name, spki_sha256=spki, code=approval_code(csr.public_key()), peer=peer, now=now)
+        settings = self.settings
+        request, created, expired = self.inventory.request_approval(
+            name=name, spki_sha256=spki, code=approval_code(csr.public_key()), peer=peer, now=now,
+            per_name=settings.pending_requests_per_name, total=settings.pending_requests_total, ttl=settings.pending_request_ttl)
+        for old in expired:
+            self.audit.append("approval-request-expired", name=old["name"], code=old["code"], peer=old["peer"])
         if created:
             self.audit.append("approval-requested", name=name, code=request["code"], peer=peer)
         if request["name_key"] != name.lower():

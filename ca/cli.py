@@ -594,25 +594,34 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
 @cli.command("requests")
 @click.pass_obj
 def requests_(obj: _Obj) -> None:
-    """List enrollment requests waiting for approval (name, code, address, age)."""
+    """List enrollment requests waiting for approval: name, code, the address it came from, when
+    it was filed and how long it has waited (expired ones, older than pending_request_ttl, are not
+    listed)."""
     import datetime as dt
 
     from .inventory import Inventory
+    from .settings import CASettings, format_duration
 
-    inventory = Inventory(obj.require_ca() / "inventory.sqlite3")
+    home = obj.require_ca()
+    settings = CASettings.load(home / "ca.yaml")
+    inventory = Inventory(home / "inventory.sqlite3")
     now = dt.datetime.now(dt.timezone.utc)
     try:
-        rows = [(row, inventory.unexpired(row["name"], ["node"], now)) for row in inventory.pending_requests()]
+        rows = [(row, inventory.unexpired(row["name"], ["node"], now))
+                for row in inventory.pending_requests(now=now, ttl=settings.pending_request_ttl)]
     finally:
         inventory.close()
     if not rows:
         click.echo("no pending requests")
         return
-    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  {'WAITING':8}  NOTE")
+    click.echo(f"{'NAME':24}  {'CODE':9}  {'FROM':22}  {'FILED (UTC)':19}  {'WAITING':8}  NOTE")
     for row, current in rows:
         note = f"replaces serial {current[0].serial:x} (valid until {current[0].not_after:%Y-%m-%d %H:%M})" if current else ""
+        filed = dt.datetime.fromtimestamp(row["requested_at"], dt.timezone.utc)
         waiting = f"{int(now.timestamp() - row['requested_at'])} s"
-        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {waiting:8}  {note}".rstrip())
+        click.echo(f"{row['name']:24}  {row['code']:9}  {row['peer'] or '?':22}  {filed:%Y-%m-%d %H:%M:%S}  {waiting:8}  {note}".rstrip())
+    click.echo(f"{len(rows)} waiting (at most {settings.pending_requests_per_name} per name and {settings.pending_requests_total} in all; "
+               f"each expires after {format_duration(settings.pending_request_ttl)})")
     click.echo("approve one with: pkictl approve NAME --code CODE (compare the code with the one the node shows)")
 
 

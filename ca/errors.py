@@ -19,6 +19,7 @@ __all__ = [
     "LintError",
     "AuthenticationError",
     "AccessDenied",
+    "RequestLimitError",
     "PendingApproval",
 ]
 
@@ -169,6 +170,11 @@ def _certificate_unusable(message: str, reason: str) -> "CertificateUnusable":
 
 class AccessDenied(PolicyError):
     """The operator denied the request (``pkictl deny``)."""
+
+
+class RequestLimitError(PolicyError):
+    """An enrollment request is not recorded: too many wait for approval already, under its node
+    name or in total (``pending_requests_per_name``, ``pending_requests_total``)."""
 
 
 class PendingApproval(Exception):

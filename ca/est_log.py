@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import (AccessDenied, AlreadyEnrolledError, AuditError, AuthenticationError, CertificateUnusable, InventoryError,
                      InvalidNameError, KeyProtectionError, LintError, NotEnrolledError, PassphraseError, PKIError, PolicyError,
-                     StoreError)
+                     RequestLimitError, StoreError)
 from .logfmt import bare, peer_name, quoted
 
 __all__ = ["BadAuthorization", "MalformedRequest", "NoClientCertificate", "QuietClientErrors", "Refusal", "RequestLog", "classify", "note", "outcome", "remember_peer"]
@@ -101,6 +101,8 @@ def classify(exc: BaseException, *, renewing: bool) -> Refusal | None:
         return Refusal(403, "not enrolled", detail)
     if isinstance(exc, InvalidNameError):
         return Refusal(400, "invalid name", detail)
+    if isinstance(exc, RequestLimitError):
+        return Refusal(429, "too many pending requests", detail)
     if isinstance(exc, LintError):
         return Refusal(403 if renewing else 400, "lint", detail)
     if isinstance(exc, PolicyError):

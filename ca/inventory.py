@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import AlreadyEnrolledError, InventoryError, KeyReused
+from .errors import AlreadyEnrolledError, InventoryError, KeyReused, RequestLimitError
 from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -444,19 +444,46 @@ class Inventory:
             )
             return cursor.rowcount == 1
 
-    def request_approval(self, *, name: str, spki_sha256: str, code: str, peer: str, now: dt.datetime) -> tuple[sqlite3.Row, bool]:
-        """Record a request for ``name``'s key (once; later polls find the same row).
+    def request_approval(self, *, name: str, spki_sha256: str, code: str, peer: str, now: dt.datetime,
+                         per_name: int, total: int, ttl: dt.timedelta) -> tuple[sqlite3.Row, bool, list[sqlite3.Row]]:
+        """Record a request for ``name``'s key (once; later polls find the same row), after
+        dropping the pending requests older than ``ttl``; in one transaction.
+
+        Args:
+            per_name, total: how many requests may be pending at once for ``name`` and in all.
+            ttl: how long a request stays pending before it expires.
 
         Returns:
-            ``(row, created)``: created is True for the first request of this key.
+            ``(row, created, expired)``: created is True for the first request of this key;
+            expired lists the requests dropped now.
+
+        Raises:
+            RequestLimitError: a new key, and ``per_name`` requests of ``name`` (or ``total``
+                requests) wait already; nothing is recorded.
         """
         with self._transaction():
-            created = self._db.execute(
-                "INSERT OR IGNORE INTO requests (spki_sha256, name, name_key, code, peer, requested_at, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+            cutoff = _epoch(now - ttl)
+            expired = self._db.execute("SELECT * FROM requests WHERE status = 'pending' AND requested_at <= ?", (cutoff,)).fetchall()
+            if expired:
+                self._db.execute("DELETE FROM requests WHERE status = 'pending' AND requested_at <= ?", (cutoff,))
+            row = self._db.execute("SELECT * FROM requests WHERE spki_sha256 = ?", (spki_sha256,)).fetchone()
+            if row is not None:
+                return row, False, expired
+            waiting = self._db.execute("SELECT COUNT(*) FROM requests WHERE status = 'pending' AND name_key = ?",
+                                       (name.lower(),)).fetchone()[0]
+            if waiting >= per_name:
+                raise RequestLimitError(
+                    f"{waiting} requests for {name} wait for approval already (at most {per_name}): this one is not recorded; "
+                    f"the operator approves the right one by its code or denies them all (pkictl requests, pkictl deny {name})")
+            if self._db.execute("SELECT COUNT(*) FROM requests WHERE status = 'pending'").fetchone()[0] >= total:
+                raise RequestLimitError(
+                    f"{total} requests wait for approval already, the most the CA keeps: this one is not recorded; "
+                    "retry later, or enroll with a token (pkictl enroll-node NAME --token)")
+            self._db.execute(
+                "INSERT INTO requests (spki_sha256, name, name_key, code, peer, requested_at, status) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
                 (spki_sha256, name, name.lower(), code, peer, _epoch(now)),
-            ).rowcount == 1
-            return self._db.execute("SELECT * FROM requests WHERE spki_sha256 = ?", (spki_sha256,)).fetchone(), created
+            )
+            return self._db.execute("SELECT * FROM requests WHERE spki_sha256 = ?", (spki_sha256,)).fetchone(), True, expired
 
     def decide_request(self, name: str, *, code: str | None, status: str, now: dt.datetime) -> int:
         """Approve (with ``code``) or deny (any code) the pending requests of ``name``; return how many."""
@@ -472,8 +499,13 @@ class Inventory:
         with self._transaction():
             self._db.execute("UPDATE requests SET status = 'issued', serial = ? WHERE spki_sha256 = ?", (f"{serial:x}", spki_sha256))
 
-    def pending_requests(self) -> list[sqlite3.Row]:
-        return self._db.execute("SELECT * FROM requests WHERE status = 'pending' ORDER BY requested_at").fetchall()
+    def pending_requests(self, *, now: dt.datetime | None = None, ttl: dt.timedelta | None = None) -> list[sqlite3.Row]:
+        """The requests waiting for approval, oldest first; with ``now`` and ``ttl``, not those
+        older than ``ttl`` (expired: the next request drops them)."""
+        if now is None or ttl is None:
+            return self._db.execute("SELECT * FROM requests WHERE status = 'pending' ORDER BY requested_at").fetchall()
+        return self._db.execute("SELECT * FROM requests WHERE status = 'pending' AND requested_at > ? ORDER BY requested_at",
+                                (_epoch(now - ttl),)).fetchall()
 
     def get(self, serial: int) -> Record | None:
         row = self._db.execute("SELECT * FROM certificates WHERE serial = ?", (f"{serial:x}",)).fetchone()

@@ -85,6 +85,12 @@ class CASettings:
             by default: time for the host to install the successor and for the software using
             it to reload. Then the predecessor is revoked with reason superseded (RFC 5280 5.3.1)
             at the next CRL check, so that a copy of the old key opens nothing; 0 revokes at once.
+        pending_requests_per_name: enrollment requests (no token: they wait for ``pkictl
+            approve``) that may wait at once under one node name, 3 by default; more are refused
+            unrecorded, so that anyone reaching the EST port cannot bury a node's real request.
+        pending_requests_total: requests that may wait at once, 100 by default.
+        pending_request_ttl: how long a request waits before it expires unapproved (it is
+            dropped, and audited as approval-request-expired), a day by default.
     """
 
     trust_domain: str = "pkictl.internal"
@@ -97,8 +103,19 @@ class CASettings:
     root_crl_lifetime: dt.timedelta = dt.timedelta(days=365)
     issuing_activation_delay: dt.timedelta = dt.timedelta(minutes=10)
     superseded_grace: dt.timedelta = dt.timedelta(minutes=10)
+    pending_requests_per_name: int = 3
+    pending_requests_total: int = 100
+    pending_request_ttl: dt.timedelta = dt.timedelta(days=1)
 
     def __post_init__(self) -> None:
+        for name in ("pending_requests_per_name", "pending_requests_total"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SettingsError(f"{name}: got {getattr(self, name)!r}, want a whole number of at least 1")
+        if self.pending_requests_per_name > self.pending_requests_total:
+            raise SettingsError(f"pending_requests_per_name: got {self.pending_requests_per_name}, want at most "
+                                f"pending_requests_total ({self.pending_requests_total})")
+        if self.pending_request_ttl <= dt.timedelta(0):
+            raise SettingsError("pending_request_ttl: want a positive duration such as 1d or 12h")
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?", self.trust_domain):
             raise SettingsError(
                 f"trust_domain: got {self.trust_domain!r}, want a lower-case DNS name such as "
@@ -158,6 +175,11 @@ class CASettings:
                 if isinstance(known[key].default, dt.timedelta):
                     # A lifetime must be positive; a delay or a grace may be zero (at once).
                     values[key] = parse_duration(value, field=key, allow_zero=not key.endswith("_lifetime"))
+                elif isinstance(known[key].default, int) and not isinstance(known[key].default, bool):
+                    try:
+                        values[key] = int(value)
+                    except (TypeError, ValueError):
+                        raise SettingsError(f"{key}: got {value!r}, want a whole number") from None
                 elif key == "renewal_fraction":
                     try:
                         values[key] = float(value)
