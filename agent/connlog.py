@@ -19,6 +19,8 @@ import logging
 import time
 from typing import Callable, Literal
 
+from pkictl.logfmt import bare
+
 from .authz import PeerIdentity
 
 __all__ = ["log_refused", "log_accepted", "log_closed", "EventBatch", "TextFormatter", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
@@ -38,7 +40,8 @@ def log_refused(peer: str, reason: str, detail: str, *, node: str | None = None,
         serial: its serial number, likewise.
     """
     event = {"event": "refused", "peer": peer, "reason": reason, "node": node, "serial": _hex(serial), "detail": detail}
-    who = (f" node={node}" if node else "") + (f" serial={serial:x}" if serial is not None else "")
+    # The name comes from a certificate: escaped as everything from a peer is, though our CA's names are plain.
+    who = (f" node={bare(node)}" if node else "") + (f" serial={serial:x}" if serial is not None else "")
     log.warning("refused peer=%s reason=%r%s detail=%r", peer, reason, who, detail, extra={"pki_event": event})
 
 

@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from pki_agent.authz import PeerIdentity
-from pki_agent.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed
+from pki_agent.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed, log_refused
 
 NODE = PeerIdentity("tw", 0x7A3F00C1, dt.datetime(2027, 3, 1, tzinfo=dt.timezone.utc), b"issuer")
 EVENT_TIME = 1_796_000_000.25  # 2026-11-30T00:53:20.250Z
@@ -126,3 +126,11 @@ def test_nothing_is_held_when_info_is_off():
     finally:
         loop.close()
     assert stream.getvalue() == ""
+
+
+def test_a_refusal_line_escapes_what_the_peer_supplied(caplog):
+    """A claimed node name and a detail with a newline are escaped on the refusal line, which stays one line."""
+    caplog.set_level(logging.WARNING, logger="pki_agent.listener")
+    log_refused("192.0.2.1:5000", "not allowed", "detail\nrefused peer=forged", node="ex\n2026 INFO forged", serial=0x3a)
+    line = caplog.records[-1].getMessage()
+    assert "\n" not in line and "node='ex\\n2026 INFO forged'" in line and "serial=3a" in line
