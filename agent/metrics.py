@@ -11,13 +11,12 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pkictl.status_http import HealthMetricsServer
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .daemon import Agent
 
 __all__ = ["AgentCounters", "AgentCollector", "health", "StatusServer"]
@@ -116,8 +115,8 @@ def health(agent: "Agent") -> list[str]:
     return problems
 
 
-class StatusServer:
-    """``GET /healthz`` (200 ``ok`` or 503 and the problems, JSON) and ``GET /metrics`` on one address.
+class StatusServer(HealthMetricsServer):
+    """The agent's ``GET /healthz`` (:func:`health`) and ``GET /metrics`` (:class:`AgentCollector`).
 
     Args:
         agent: whose state to report.
@@ -125,47 +124,7 @@ class StatusServer:
     """
 
     def __init__(self, agent: "Agent", listen: tuple[str, int]) -> None:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(AgentCollector(agent))
+        super().__init__(listen, lambda: health(agent), registry)
         self.agent = agent
-        self.listen = listen
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(AgentCollector(agent))
-        self._runner: "web.AppRunner | None" = None
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The bound ``(host, port)`` pairs."""
-        return [tuple(a[:2]) for a in self._runner.addresses] if self._runner else []
-
-    async def start(self) -> None:
-        """Bind and serve.
-
-        Raises:
-            OSError: the address cannot be bound.
-        """
-        from aiohttp import web
-
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        host, port = self.listen
-        await web.TCPSite(self._runner, host or None, port).start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _healthz(self, request: "web.Request") -> "web.Response":
-        from aiohttp import web
-
-        problems = health(self.agent)
-        body: dict[str, object] = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
-        return web.json_response(body, status=503 if problems else 200)
-
-    async def _metrics(self, request: "web.Request") -> "web.Response":
-        from aiohttp import web
-
-        response = web.Response(body=generate_latest(self.registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .est import EST_PREFIX
+from .status_http import HealthMetricsServer
 
 if TYPE_CHECKING:
     from .serve import ESTService
@@ -130,49 +129,14 @@ def service_health(service: "ESTService") -> list[str]:
     return problems
 
 
-class StatusServer:
-    """``GET /healthz`` (200 ``ok``, or 503 and the problems, JSON) and ``GET /metrics`` on one
-    plain-HTTP address; keep it on loopback (no authentication), as the agent's.
+class StatusServer(HealthMetricsServer):
+    """The service's ``/healthz`` (:func:`service_health`) and ``/metrics`` (:class:`ServiceMetrics`).
 
     Args:
         service: whose state to report.
-        listen: ``(host, port)``; port 0 picks a free port (see :attr:`addresses`).
+        listen: ``(host, port)``; port 0 picks a free port.
     """
 
     def __init__(self, service: "ESTService", listen: tuple[str, int]) -> None:
+        super().__init__(listen, lambda: service_health(service), service.metrics.registry)
         self.service = service
-        self.listen = listen
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The bound ``(host, port)`` pairs."""
-        return [tuple(a[:2]) for a in self._runner.addresses] if self._runner else []
-
-    async def start(self) -> None:
-        """Bind and serve.
-
-        Raises:
-            OSError: the address cannot be bound.
-        """
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        host, port = self.listen
-        await web.TCPSite(self._runner, host or None, port).start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        problems = service_health(self.service)
-        body: dict[str, object] = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
-        return web.json_response(body, status=503 if problems else 200)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(self.service.metrics.registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
