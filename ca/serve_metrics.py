@@ -10,18 +10,19 @@ loop as requests end; the rest is read at scrape time.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from .authority import CertificateAuthority
 from .est import EST_PREFIX
+from .est_front import TLSFront
+from .signers import SignerPool
 from .status_http import HealthMetricsServer
+from .store import Credential
 
-if TYPE_CHECKING:
-    from .serve import ESTService
-
-__all__ = ["ServiceMetrics", "service_health", "StatusServer"]
+__all__ = ["ServiceMetrics", "ServiceState", "service_health", "StatusServer"]
 
 log = logging.getLogger("pkictl.serve")
 
@@ -31,6 +32,20 @@ _ENDPOINTS.update({"/crl": "crl", "/crl.pem": "crl.pem"})
 _ISSUING = {f"{EST_PREFIX}/simpleenroll": "simple_enroll", f"{EST_PREFIX}/simplereenroll": "simple_reenroll"}
 
 
+class ServiceState(Protocol):
+    """What the metrics read of the EST service (:class:`pkictl.serve.ESTService`)."""
+
+    ca: CertificateAuthority
+    credential: Credential | None
+    signers: SignerPool | None
+
+    @property
+    def front(self) -> TLSFront | None: ...
+
+    @property
+    def metrics(self) -> "ServiceMetrics": ...
+
+
 def _endpoint(path: str) -> str:
     return _ENDPOINTS.get(path, "other")
 
@@ -38,7 +53,7 @@ def _endpoint(path: str) -> str:
 class ServiceMetrics:
     """The service's counters and its registry (one per service, never the global one)."""
 
-    def __init__(self, service: "ESTService") -> None:
+    def __init__(self, service: ServiceState) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.issued = Counter("pkictl_serve_certificates_issued", "Certificates issued over EST, by operation.",
                               ["operation"], registry=self.registry)
@@ -65,7 +80,7 @@ class ServiceMetrics:
 class _StateCollector:
     """Gauges read from the service at scrape time."""
 
-    def __init__(self, service: "ESTService") -> None:
+    def __init__(self, service: ServiceState) -> None:
         self.service = service
 
     def describe(self):
@@ -101,7 +116,7 @@ class _StateCollector:
         yield gauge("connections_open", "Connections open now, handshaking ones included.", front.admission.open if front else 0)
 
 
-def service_health(service: "ESTService") -> list[str]:
+def service_health(service: ServiceState) -> list[str]:
     """What is wrong with the service now, as messages for the operator; empty when healthy.
 
     Unhealthy: not accepting connections, its own certificate expired or not yet valid, a CRL
@@ -137,6 +152,6 @@ class StatusServer(HealthMetricsServer):
         listen: ``(host, port)``; port 0 picks a free port.
     """
 
-    def __init__(self, service: "ESTService", listen: tuple[str, int]) -> None:
+    def __init__(self, service: ServiceState, listen: tuple[str, int]) -> None:
         super().__init__(listen, lambda: service_health(service), service.metrics.registry)
         self.service = service
