@@ -25,12 +25,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
+from .activation import file_state
 from .clock import Clock, SystemClock
 from .errors import CANotFoundError, CertificateUnusable, NotEnrolledError, PolicyError, StoreError
 from .audit import AuditLog, audits_refusals
 from .files import make_private_dir, write_new_file
 from .inventory import Inventory, Record, Superseded
-from .lint import prelint
+from .lifecycle import init_ca, rotate_issuing
+from .lint import prelint, signed
 from .names import validate_name
 from .policy import check_csr_signature, check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 from .pem import certificates_to_pem, public_key_bytes
@@ -68,12 +70,6 @@ def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
         return True
     except (ValueError, TypeError, InvalidSignature):
         return False
-
-
-def signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
-    """Lint ``builder`` with a throwaway key, then sign it with ``key`` (SHA-256)."""
-    prelint(builder, issuer_key_type=key)
-    return builder.sign(key, hashes.SHA256())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +116,19 @@ class CertificateAuthority(Revocation, Bootstrap):
     def init(
         cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None, passphrase: bytes | None = None
     ) -> "CertificateAuthority":
-        """Create a root and an issuing CA in ``home``: see :func:`pkictl.lifecycle.init_ca`."""
-        from .lifecycle import init_ca
-
-        return init_ca(home, settings or CASettings(), clock=clock or SystemClock(), passphrase=passphrase)
+        """Create a root and an issuing CA in ``home`` (:func:`pkictl.lifecycle.init_ca` writes
+        them) and return it loaded; its audit log starts with ``init``, and the root's CRL is
+        signed while the root key is at hand."""
+        home, settings, clock = Path(home), settings or CASettings(), clock or SystemClock()
+        made = init_ca(home, settings, clock=clock, passphrase=passphrase)
+        ca = cls(home, settings, made.root, made.issuing, made.issuing_key, clock)
+        ca._passphrase, ca._issuing_state = passphrase, file_state(home / "issuing" / "cert.pem")  # loaded: no re-read
+        ca.audit.append("init", root_serial=made.root.serial_number, issuing_serial=made.issuing.serial_number,
+                        trust_domain=settings.trust_domain, encrypted=passphrase is not None)
+        # Empty CRLs from the start, the root's too (while its key is here): a server checking CRLs
+        # needs one for each level of the chain to admit anyone (pkictl.root_crl).
+        ca.sign_root_crl(made.root_key)
+        return ca
 
     @classmethod
     def load(cls, home: Path, *, clock: Clock | None = None, passphrase: bytes | None = None) -> "CertificateAuthority":
@@ -171,8 +176,6 @@ class CertificateAuthority(Revocation, Bootstrap):
 
     def rotate_issuing(self, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
         """Create the next issuing CA, active after ``activate_in``: see :func:`pkictl.lifecycle.rotate_issuing`."""
-        from .lifecycle import rotate_issuing
-
         return rotate_issuing(self, activate_in=activate_in)
 
     @property

@@ -7,27 +7,31 @@ can live offline (``pkictl rotate-issuing`` and ``pkictl sign-crl --root`` ask f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from .authority import CertificateAuthority, signed
 from .clock import Clock
 from .errors import CAExistsError, PKIError
-from .activation import PENDING, file_state, finish_interrupted_rotation, publish_pending
+from .activation import PENDING, PendingIssuer, finish_interrupted_rotation, publish_pending
+from .audit import AuditLog
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_ca_key_file, write_new_file
 from .inventory import Inventory
+from .lint import signed
 from .keys import encrypt_private_key, load_private_key
 from .pem import certificates_to_pem, private_key_to_pem
 from .profile import build_issuing, build_root, generate_key, validity_window
 from .settings import CASettings
 
-__all__ = ["init_ca", "rotate_issuing", "finish_interrupted_rotation"]
+__all__ = ["NewCA", "RotatingCA", "init_ca", "rotate_issuing", "finish_interrupted_rotation"]
 
 
 def _generation(now) -> str:
@@ -40,8 +44,39 @@ def _key_pem(key, passphrase: bytes | None) -> bytes:
     return encrypt_private_key(key, passphrase) if passphrase else private_key_to_pem(key)
 
 
-def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes | None = None) -> CertificateAuthority:
-    """Create a root and an issuing CA in ``home``.
+@dataclasses.dataclass(frozen=True)
+class NewCA:
+    """What :func:`init_ca` made: the two CA certificates and their keys."""
+
+    root: x509.Certificate
+    issuing: x509.Certificate
+    issuing_key: CertificateIssuerPrivateKeyTypes
+    root_key: CertificateIssuerPrivateKeyTypes
+
+
+class RotatingCA(Protocol):
+    """What :func:`rotate_issuing` uses of a loaded CA (:class:`pkictl.authority.CertificateAuthority`)."""
+
+    home: Path
+    settings: CASettings
+    clock: Clock
+    root: x509.Certificate
+    audit: AuditLog
+    _passphrase: bytes | None
+    issuing: x509.Certificate
+    pending: PendingIssuer | None
+
+    @property
+    def inventory(self) -> Inventory: ...
+
+    def refresh_issuing(self) -> bool: ...
+
+    def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList: ...
+
+
+def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes | None = None) -> NewCA:
+    """Write a root and an issuing CA into ``home`` (:meth:`pkictl.authority.CertificateAuthority.init`
+    loads it, starts its audit log and signs the root's CRL).
 
     Everything is written into a staging directory first and moved into place with
     ``ca.yaml`` last, so an interrupted init never looks like a CA. Both certificates are
@@ -56,7 +91,7 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
         LintError: a CA certificate would break the profile (nothing is written).
     """
     home = Path(home)
-    if CertificateAuthority.exists(home):
+    if (home / "ca.yaml").exists():
         raise CAExistsError(f"a CA exists already in {home}; pkictl never overwrites a CA. Use another --home")
     leftovers = [n for n in ("root", "issuing", "ca.pem", "inventory.sqlite3") if (home / n).exists()]
     if leftovers:
@@ -101,17 +136,10 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
         atomic_write(home / "ca.yaml", ("# pkictl CA settings, written by init-ca\n" + yaml.safe_dump(settings.to_dict(), sort_keys=False)).encode())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    ca = CertificateAuthority(home, settings, root, issuing, issuing_key, clock)
-    ca._passphrase, ca._issuing_state = passphrase, file_state(home / "issuing" / "cert.pem")  # loaded: no re-read
-    ca.audit.append("init", root_serial=root.serial_number, issuing_serial=issuing.serial_number,
-                    trust_domain=settings.trust_domain, encrypted=passphrase is not None)
-    # Empty CRLs from the start, the root's too (while its key is here): a server checking CRLs
-    # needs one for each level of the chain to admit anyone (pkictl.root_crl).
-    ca.sign_root_crl(root_key)
-    return ca
+    return NewCA(root, issuing, issuing_key, root_key)
 
 
-def rotate_issuing(ca: CertificateAuthority, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
+def rotate_issuing(ca: RotatingCA, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
     """Create the next issuing CA under a distinct name, certified by the root, publish it at once
     and let it issue from ``activate_in`` on.
 

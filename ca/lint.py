@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .errors import LintError
 
-__all__ = ["Finding", "lint_certificate", "prelint", "profile_difference", "is_spiffe_id"]
+__all__ = ["Finding", "lint_certificate", "prelint", "profile_difference", "is_spiffe_id", "signed"]
 
 # pkilint severities run FATAL=0, ERROR=1, WARNING=2, NOTICE=3, INFO=4, DEBUG=5; "at least WARNING"
 # is "value <= 2", the same threshold as ``lint_pkix_cert lint -s WARNING``.
@@ -341,3 +341,13 @@ def profile_difference(certificate: x509.Certificate, predecessor: x509.Certific
     if shape[0] != shape[1]:
         return "extensions differ"
     return None
+
+
+def signed(builder: x509.CertificateBuilder, key) -> x509.Certificate:
+    """Lint ``builder`` with a throwaway key (:func:`prelint`), then sign it with ``key`` (SHA-256).
+
+    Raises:
+        LintError: the certificate would break the profile; nothing is signed.
+    """
+    prelint(builder, issuer_key_type=key)
+    return builder.sign(key, hashes.SHA256())
