@@ -1,8 +1,9 @@
 """``pki-agent doctor``: check this host's agent end to end and name each problem with its fix.
 
 The configuration, the files it points at, the credential (:mod:`pkictl.credential_checks`), the
-CRL, the EST server (reachable, our CA, its clock, its CRL), the gateway as this node sees it
-(a real test connection), the local listener and upstream on a gateway, and the installed service
+CRL, the EST server (reachable, our CA, its clock, its CRL), on a node who holds the tunnel's
+port (:mod:`pki_agent.tunnel_checks`) and the gateway as this node sees it (a real test
+connection), the local listener and upstream on a gateway, and the installed service
 definitions. Nothing is modified; every network wait is bounded (``timeout``).
 """
 
