@@ -44,8 +44,8 @@ def check_tunnel_port(facts: "AgentFacts"):
     start = f"{service.start_command()} (or pki-agent run --config {facts.config_path})"
     try:
         agent = running_agent_pid(facts.config.credential_dir)
-    except PKIError:
-        agent = None  # the agent check reports the unreadable PID file
+    except (PKIError, OSError):
+        agent = None  # the agent check reports an unreadable PID file; a user who may not read it cannot tell either
     error = tcp_connect((host, port), timeout=facts.timeout)
     if error:
         if agent is None:
