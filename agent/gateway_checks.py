@@ -74,17 +74,41 @@ def check_gateway(facts: "AgentFacts"):
                       "check the address (--gateway, or the tunnel's gateway), that pki-agent runs on the gateway, and the firewall")
     elif result.outcome == "server-rejected":
         yield _server_rejected(facts, where, name, result)
+    elif result.outcome == "closed":
+        yield _closed(facts, where, result)
     else:
         meaning = ALERT_MEANINGS.get(result.detail, result.detail)
         cause = _local_cause(facts)
         if cause is not None:
-            shown = cause.problem if len(cause.problem) <= 120 else cause.problem[:117] + "..."
-            yield Finding("gateway", E, where, f"the gateway refused this node: {meaning}; the cause found here: {shown} "
-                          f"(the {cause.check} finding)", "the gateway to admit this node", cause.fix)
+            yield Finding("gateway", E, where, f"the gateway refused this node's certificate ({result.detail}): {meaning}; "
+                          f"the cause found here: {_short(cause.problem)} (the {cause.check} finding)",
+                          "the gateway to accept this node's certificate", cause.fix)
         else:
-            yield Finding("gateway", E, where, f"the gateway refused this node: {meaning}", "the gateway to admit this node",
+            yield Finding("gateway", E, where, f"the gateway refused this node's certificate during the handshake "
+                          f"({result.detail}): {meaning}", "the gateway to accept this node's certificate",
                           "read the gateway's log for the reason (journalctl -u pki-agent there: 'refused peer=...'), and run "
-                          "pki-agent doctor on the gateway; a node must be on its allow list")
+                          "pki-agent doctor on the gateway")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _closed(facts: "AgentFacts", where: str, result) -> Finding:
+    """The handshake completed and the gateway closed without an alert. pki-agent's listener does
+    that both for a node its rules refuse (listener.allow, EKU, a CA certificate as client) and
+    when its upstream cannot be connected: from here the two look the same (docs/design.md)."""
+    cause = _local_cause(facts)
+    if cause is not None:  # this node's own certificate breaks a rule the listener checks after the handshake
+        return Finding("gateway", E, where, f"the gateway accepted the TLS handshake, then closed without an alert "
+                       f"({result.detail}); the cause found here: {_short(cause.problem)} (the {cause.check} finding)",
+                       "the gateway to keep the connection open", cause.fix)
+    name = facts.config.name or "this node"
+    return Finding("gateway", E, where, f"the gateway accepted the TLS handshake and then closed without an alert "
+                   f"({result.detail}): either {name} is not in its listener.allow or its upstream is down; this node "
+                   "cannot tell which, the gateway's log says it", "the gateway to keep the connection open",
+                   f"on the gateway: journalctl -u pki-agent (\"refused ... reason='not allowed'\" names the allow list: add {name} "
+                   "to listener.allow; \"upstream unreachable\" names the upstream: start it), or pki-agent doctor there")
 
 
 def _server_rejected(facts: "AgentFacts", where: str, name: str, result) -> Finding:
@@ -92,6 +116,11 @@ def _server_rejected(facts: "AgentFacts", where: str, name: str, result) -> Find
     shown = f"{describe(served)} naming {', '.join(san_strings(served)) or 'nothing'}" if served is not None else "its certificate"
     cn = served.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if served is not None else []
     gateway = str(cn[0].value) if cn else "GATEWAY"
+    if facts.credential.pin_mismatch:
+        # Verified against a ca.pem we may not trust: nothing about the gateway follows from it.
+        return Finding("gateway", E, where, f"this node cannot verify the gateway's certificate ({result.detail}): ca.pem is not "
+                       f"the pinned root (the trust-anchor finding); {shown}", "ca.pem holding the pinned root",
+                       "restore ca.pem as the trust-anchor finding says; nothing to change on the gateway")
     if result.verify_code in _NAME_MISMATCH:
         kind = "--ip" if result.verify_code == 64 else "--dns"
         return Finding("gateway", E, where, f"the gateway's certificate lacks the name this node dials: {shown}",

@@ -4,11 +4,14 @@ request to the EST server for its clock (HTTP ``Date``) and its CRL. Every wait 
 What a node can learn from a refused test connection depends on the gateway. An OpenSSL server
 (nginx, haproxy, ``openssl s_server``) sends an alert that names the reason: a leaf sent without
 its chain arrives as ``TLSV1_ALERT_UNKNOWN_CA``, no certificate as
-``TLSV13_ALERT_CERTIFICATE_REQUIRED``; pki-agent's own listener sends OpenSSL's alerts too. A
-refusal by a gateway's own checks after the handshake (pki-agent's allow list, EKU, a CA
-certificate as client) comes without an alert: the node sees only an EOF right after its TLS 1.3
-handshake "succeeded", and the doctor then names the cause from this host's own files where it
-can (tests/test_doctor_agent.py, tests/test_doctor_gateway.py).
+``TLSV13_ALERT_CERTIFICATE_REQUIRED``, a revoked one as ``SSLV3_ALERT_CERTIFICATE_REVOKED``;
+pki-agent's own listener sends OpenSSL's alerts too. That is the outcome ``refused``: the gateway
+refused this node's certificate. What pki-agent's listener decides after the handshake (the
+allow list, EKU, a CA certificate as client) and an upstream it cannot connect to both end the
+connection with a close_notify and no alert, right after the node's TLS 1.3 handshake
+"succeeded": the outcome ``closed``, which the node cannot split further (docs/design.md, "What
+a node can tell from the gateway's refusals"); the doctor then names the cause from this host's
+own files where it can (tests/test_doctor_gateway.py, tests/test_doctor_refusals.py).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ class GatewayProbe:
     """The outcome of one test connection.
 
     Attributes:
-        outcome: ``accepted``, ``refused`` (the gateway would not take our certificate: an
-            alert, or EOF/reset after the handshake), ``server-rejected`` (we would not take the
-            gateway's certificate) or ``unreachable``.
+        outcome: ``accepted``, ``refused`` (the gateway refused our certificate with a TLS
+            alert, RFC 8446 6.2), ``closed`` (the handshake completed, then the gateway closed
+            without an alert: its authorization or its upstream), ``server-rejected`` (we would
+            not take the gateway's certificate) or ``unreachable``.
         detail: the alert's reason, the verification message, or the socket error.
         verify_code: the X509_V_ERR_* code when ``server-rejected``.
         server_certificate: the gateway's certificate (fetched again without verification when
@@ -90,7 +94,8 @@ def probe_gateway(version_dir: Path, anchors: Path, address: tuple[str, int], se
         server_name: the DNS name or IP address the node dials (verified against the certificate).
         timeout: seconds for the TCP connection and the handshake.
         settle: seconds to wait after a TLS 1.3 handshake for the gateway's verdict on our
-            certificate (an alert or EOF); a connection still open then was accepted.
+            certificate (an alert or EOF); a connection still open then was accepted. A gateway
+            whose upstream connect takes longer than this to fail is reported as accepting.
     """
     ctx = _client_context(version_dir, anchors)
     try:
@@ -120,12 +125,15 @@ def probe_gateway(version_dir: Path, anchors: Path, address: tuple[str, int], se
         except TimeoutError:
             return GatewayProbe("accepted", "the connection stayed open", server_certificate=served, version=version)
         except ssl.SSLError as exc:
-            return GatewayProbe("refused", exc.reason or str(exc), server_certificate=served, version=version)
+            reason = exc.reason or str(exc)
+            # An alert is a verdict on our certificate; a TCP close without close_notify is not.
+            outcome = "refused" if "ALERT" in reason else "closed"
+            return GatewayProbe(outcome, reason, server_certificate=served, version=version)
         except OSError as exc:
-            return GatewayProbe("refused", f"connection {type(exc).__name__} after the handshake", server_certificate=served, version=version)
+            return GatewayProbe("closed", f"connection {type(exc).__name__} after the handshake", server_certificate=served, version=version)
     if data:
         return GatewayProbe("accepted", "the upstream spoke first", server_certificate=served, version=version)
-    return GatewayProbe("refused", "closed right after the handshake, without an alert", server_certificate=served, version=version)
+    return GatewayProbe("closed", "closed right after the handshake, without an alert", server_certificate=served, version=version)
 
 
 @dataclasses.dataclass(frozen=True)

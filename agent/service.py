@@ -146,6 +146,14 @@ class SystemdBackend:
                       f"chown -R {spec.user}: " + " ".join(str(p) for p in spec.writable)]
         return steps + ["systemctl daemon-reload", f"systemctl enable --now {path.stem}"]
 
+    def start_command(self) -> str:
+        """How an operator starts the installed agent (and keeps it started at boot)."""
+        return "systemctl enable --now pki-agent"
+
+    def log_command(self) -> str:
+        """Where an operator reads the agent's log."""
+        return "journalctl -u pki-agent"
+
 
 class LaunchdBackend:
     """A launchd daemon (macOS), like ``launchd/net.pkictl.agent.plist``."""
@@ -184,6 +192,14 @@ class LaunchdBackend:
         steps = [f"chown -R {spec.user}: " + " ".join(str(p) for p in spec.writable)] if spec.user not in (None, "root") else []
         return steps + [f"launchctl bootstrap system {path}", f"launchctl kill HUP system/{self.label}   # reload the credential"]
 
+    def start_command(self) -> str:
+        """How an operator starts the installed agent (RunAtLoad keeps it started at boot)."""
+        return f"launchctl bootstrap system /Library/LaunchDaemons/{self.label}.plist"
+
+    def log_command(self) -> str:
+        """Where an operator reads the agent's log."""
+        return f"tail {self.log_path}"
+
 
 class Backend(Protocol):
     name: str
@@ -192,6 +208,8 @@ class Backend(Protocol):
     def installed_paths(self) -> list[Path]: ...
     def render(self, spec: ServiceSpec) -> str: ...
     def next_steps(self, path: Path, spec: ServiceSpec) -> list[str]: ...
+    def start_command(self) -> str: ...
+    def log_command(self) -> str: ...
 
 
 BACKENDS: dict[str, Backend] = {"systemd": SystemdBackend(), "launchd": LaunchdBackend()}

@@ -22,10 +22,13 @@ from .store import CREDENTIAL_FILES
 
 __all__ = [
     "CREDENTIAL_CHECKS", "check_live_link", "check_archive", "check_key_permissions", "check_key_match", "check_chain",
-    "check_issuer", "check_validity", "check_identity", "check_trust_anchor", "check_revocation",
+    "check_issuer", "check_validity", "check_identity", "check_trust_anchor", "check_revocation", "CLOCK_AGREEMENT",
+    "credential_checks_for",
 ]
 
 E, W = Severity.ERROR, Severity.WARNING
+# Clocks this close agree (NTP keeps them well within a second); certificates are backdated 5 minutes (pkictl.profile).
+CLOCK_AGREEMENT = dt.timedelta(seconds=60)
 _PURPOSE_NAMES = {ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth", ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth"}  # RFC 5280 4.2.1.12
 
 
@@ -143,6 +146,10 @@ def check_issuer(facts: CredentialFacts):
     leaf = facts.certificate
     if leaf is None or isinstance(facts.anchors, str) or not isinstance(facts.chain, list):
         return
+    if facts.pin_mismatch:
+        # A chain to an anchor we may not trust proves nothing either way: the trust-anchor finding is the cause.
+        yield Finding("issuer", Severity.OK, facts.subject, "not checked: ca.pem is not the pinned root (the trust-anchor finding)")
+        return
     if not facts.chain and all(a.subject != leaf.issuer for a in facts.anchors):
         return  # the chain check names the cause: without the issuing CA there is no path to check
     reason = verify_chain(leaf, facts.chain, facts.anchors, _at(leaf, facts.now))
@@ -160,9 +167,7 @@ def check_validity(facts: CredentialFacts):
         return
     not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now < not_before:
-        yield Finding("validity", E, facts.subject, f"{describe(leaf)} is not valid before {not_before.isoformat()} "
-                      f"({(not_before - now).total_seconds():.0f} s from now): this host's clock is behind",
-                      "a clock within a few minutes of the CA's", "fix the clock (timedatectl set-ntp true; chronyc tracking)")
+        yield _not_yet_valid(facts, leaf)
     elif now >= not_after:
         yield Finding("validity", E, facts.subject, f"{describe(leaf)} expired at {not_after.isoformat()}",
                       "a current certificate (the agent renews at 2/3 of its lifetime)", facts.reenroll)
@@ -175,6 +180,28 @@ def check_validity(facts: CredentialFacts):
         if now >= ca.not_valid_after_utc:
             yield Finding("validity", E, facts.subject, f"the CA certificate {describe(ca)} in chain.pem expired at "
                           f"{ca.not_valid_after_utc.isoformat()}", "an unexpired issuing CA", facts.reenroll)
+
+
+def _not_yet_valid(facts: CredentialFacts, leaf: x509.Certificate) -> Finding:
+    """A leaf from the future: this host's clock is behind, or the CA's was ahead when it signed.
+    Another host's clock (``reference_clock``) tells which; without one both are named."""
+    not_before = leaf.not_valid_before_utc
+    head = f"{describe(leaf)} is not valid before {not_before.isoformat()} ({(not_before - facts.now).total_seconds():.0f} s from now)"
+    fix_here = "fix this host's clock (timedatectl set-ntp true; chronyc tracking)"
+    fix_ca = (f"fix the CA host's clock (timedatectl set-ntp true there), then {facts.reenroll} "
+              f"(or wait until {not_before.isoformat()})")
+    if facts.reference_clock is None:
+        return Finding("validity", E, facts.subject, f"{head}: either this host's clock is behind or the CA's clock was ahead "
+                       "when it signed (no other clock was read to tell which)", "a clock within a few minutes of the CA's",
+                       f"compare date -u here and on the CA host; {fix_here}, or {fix_ca}")
+    whose, skew = facts.reference_clock
+    seconds = skew.total_seconds()
+    if skew > CLOCK_AGREEMENT:
+        return Finding("validity", E, facts.subject, f"{head}: this host's clock is behind, {seconds:.0f} s behind {whose}'s",
+                       f"a clock within {CLOCK_AGREEMENT.total_seconds():.0f} s of {whose}'s", fix_here)
+    agrees = f"agrees with {whose}'s ({seconds:+.0f} s)" if skew >= -CLOCK_AGREEMENT else f"is even ahead of {whose}'s ({-seconds:.0f} s)"
+    return Finding("validity", E, facts.subject, f"{head}: this host's clock {agrees}, so the CA's clock was ahead when it signed",
+                   "a certificate signed at the right time", fix_ca)
 
 
 @check("identity")
@@ -229,9 +256,13 @@ def check_trust_anchor(facts: CredentialFacts):
     held = {fingerprint(a): a for a in facts.anchors}
     if facts.pinned_sha256 not in held:
         shown = ", ".join(f"sha256:{h} ({describe(a)})" for h, a in held.items())
-        yield Finding("trust-anchor", E, str(path), f"holds {shown}, not the pinned root", f"sha256:{facts.pinned_sha256}",
-                      f"compare with the fingerprint from the CA operator (pkictl init-ca and enroll-node --token print it); "
-                      f"if ca.pem is wrong, {facts.reenroll}; if the root was replaced on purpose, set trust_anchor_sha256 in {facts.config}")
+        yield Finding("trust-anchor", E, str(path), f"holds {shown}, not the pinned root: this may be tampering (a CA that is "
+                      "not ours put where this host looks for its trust anchor), and every check against ca.pem is unfounded "
+                      "until it is restored", f"sha256:{facts.pinned_sha256}",
+                      "restore ca.pem from the CA host (<CA home>/ca.pem, copied with tar or rsync -a) and verify its fingerprint "
+                      "out of band with the CA operator (pkictl init-ca and enroll-node --token print it; here: openssl x509 -in "
+                      f"{path} -noout -fingerprint -sha256); if it still differs, {facts.reenroll}; only if the root was replaced "
+                      f"on purpose, set trust_anchor_sha256 in {facts.config}")
 
 
 @check("revocation")
@@ -260,3 +291,11 @@ CREDENTIAL_CHECKS = (
     check_live_link, check_archive, check_key_permissions, check_key_match, check_chain, check_issuer,
     check_validity, check_identity, check_trust_anchor, check_revocation,
 )
+
+
+def credential_checks_for(facts: CredentialFacts) -> tuple:
+    """:data:`CREDENTIAL_CHECKS` in the order to report them for ``facts``: a ca.pem that is not
+    the pinned root comes first, because it is the cause of what the other checks see."""
+    if not facts.pin_mismatch:
+        return CREDENTIAL_CHECKS
+    return (check_trust_anchor, *(c for c in CREDENTIAL_CHECKS if c is not check_trust_anchor))

@@ -90,6 +90,9 @@ class CredentialFacts:
             client (so a gateway's certificate must be for clientAuth too).
         key_group: the group id that may read the key files (the agent's ``credential_group``),
             or None: keys must then be 0600.
+        reference_clock: ``(whose, skew)``: another host's clock against this one (its time
+            minus ours, e.g. the EST server's HTTP ``Date``), or None when none was read. It
+            tells a clock behind here from a CA clock that was ahead when it signed.
     """
 
     directory: Path
@@ -103,6 +106,7 @@ class CredentialFacts:
     config: str = "the agent configuration"
     renews_over_est: bool = False
     key_group: int | None = None
+    reference_clock: tuple[str, dt.timedelta] | None = None
 
     @property
     def live(self) -> Path:
@@ -187,3 +191,11 @@ class CredentialFacts:
     @property
     def subject(self) -> str:
         return str(self.version or self.directory)
+
+    @property
+    def pin_mismatch(self) -> bool:
+        """ca.pem was read and holds no certificate of the pinned fingerprint: every judgement
+        made against it (chain, the peers' certificates) is then unfounded."""
+        anchors = self.anchors
+        return (self.pinned_sha256 is not None and isinstance(anchors, list)
+                and self.pinned_sha256 not in {fingerprint(a) for a in anchors})
