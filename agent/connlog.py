@@ -23,7 +23,7 @@ from pkictl.handshake import CLIENT_REJECTED
 
 from .authz import PeerIdentity
 
-__all__ = ["log_refused", "log_accepted", "log_closed", "EventBatch", "TextFormatter", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
+__all__ = ["log_refused", "log_probe", "log_accepted", "log_closed", "EventBatch", "TextFormatter", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
 
 log = logging.getLogger("pki_agent.listener")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -47,6 +47,15 @@ def log_refused(peer: str, reason: str, detail: str, *, node: str | None = None,
     event = {"event": what, "peer": peer, "reason": reason, "node": node, "serial": _hex(serial), "detail": detail}
     who = (f" node={node}" if node else "") + (f" serial={serial:x}" if serial is not None else "")
     log.warning("%s peer=%s reason=%r%s detail=%r", what, peer, reason, who, detail, extra={"pki_event": event})
+
+
+def log_probe(peer: str, serial: int | None) -> None:
+    """Log a test connection of ``pki-agent doctor`` on this gateway (INFO, reason ``doctor probe``):
+    it presented this listener's own certificate, proving it holds its key, and was closed."""
+    event = {"event": "probe", "peer": peer, "reason": "doctor probe", "serial": _hex(serial),
+             "detail": "this gateway's own certificate: pki-agent doctor checking the listener"}
+    who = f" serial={serial:x}" if serial is not None else ""
+    log.info("probe peer=%s reason=%r%s detail=%r", peer, "doctor probe", who, event["detail"], extra={"pki_event": event})
 
 
 def log_accepted(peer: str, identity: PeerIdentity, tls_version: str | None, *, batch: "EventBatch") -> None:
