@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pkictl.authority import san_strings
-from pkictl.credential_checks import check_chain, check_identity, check_issuer, check_revocation, check_validity
+from pkictl.credential_checks import check_chain, check_identity, check_issuer, check_key_match, check_revocation, check_validity
 from pkictl.credential_facts import describe
 from pkictl.diagnosis import Finding, Severity, check
 
@@ -68,6 +68,9 @@ def check_gateway(facts: "AgentFacts"):
     credential = facts.credential
     if facts.offline or credential.version is None or credential.certificate is None or isinstance(credential.anchors, str):
         yield Finding("gateway", OK, where, "not checked: --offline, or no usable credential here")
+        return
+    if any(f.severity == E for f in check_key_match(credential)):
+        yield Finding("gateway", OK, where, "not checked: privkey.pem is not the key of cert.pem (the key-match finding)")
         return
     result = probe_gateway(credential.version, credential.directory / "ca.pem", (host, port), name,
                            timeout=facts.timeout, settle=facts.settle)

@@ -90,6 +90,8 @@ class CredentialFacts:
             client (so a gateway's certificate must be for clientAuth too).
         key_group: the group id that may read the key files (the agent's ``credential_group``),
             or None: keys must then be 0600.
+        issuing_cas: our issuing CA certificates when known (the CA home's); None: those of
+            chain.pem that a trust anchor signed.
     """
 
     directory: Path
@@ -103,6 +105,7 @@ class CredentialFacts:
     config: str = "the agent configuration"
     renews_over_est: bool = False
     key_group: int | None = None
+    issuing_cas: list[x509.Certificate] | None = None
 
     @property
     def live(self) -> Path:

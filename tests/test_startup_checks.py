@@ -85,8 +85,8 @@ CASES = {
     "CRL expired": (_expired_crl, "ERROR", [r"CRL loaded from \S+/expired-crl\.pem has EXPIRED", "pkictl sign-crl"]),
     "pin mismatch": (_pin_mismatch, "ERROR", [r"start-up check trust-anchor \S+/gw/ca\.pem: holds sha256:\w+ .*not the pinned root",
                                               r"set trust_anchor_sha256 in \S+gw-agent\.yaml"]),
-    "another CA": (_other_ca, "ERROR", [r"start-up check issuer \S+/other-gw/archive/1: CN=gw serial \w+ issued by .* does not chain "
-                                        "to the trust anchor", "pkictl enroll-gateway gw"]),
+    "another CA": (_other_ca, "ERROR", [r"start-up check issuer \S+/other-gw/archive/1: CN=gw serial \w+ is not issued by our CA "
+                                        r"\(issuer CN=pkictl Issuing CA", "pkictl enroll-gateway gw"]),
     "empty chain": (_empty_chain, "ERROR", [r"start-up check chain \S+/gw/archive/1: .*chain\.pem lacks the issuer of the leaf",
                                             "rebuild fullchain.pem"]),
 }
