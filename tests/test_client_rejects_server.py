@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from support import DEADLINE, bundle_context, client_context, refusal_record, refused, wait_record
+from support import DEADLINE, client_context, refusal_record, refused, wait_record
 from est_support import EST, ServeProcess
 
 REJECTED = "client rejected our certificate"
@@ -70,9 +70,15 @@ def test_python_client_with_a_foreign_anchor_is_logged_as_rejecting_our_certific
     assert not [r for r in caplog.records if getattr(r, "pki_event", {}).get("event") == "refused"]
 
 
+def _foreign_client(pki, tmp_path: Path) -> ssl.SSLContext:
+    leaf = trustme.CA().issue_cert("tw.example")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "foreign.pem"))
+    return client_context(pki.node / "ca.pem", fullchain=tmp_path / "foreign.pem", key=tmp_path / "foreign.pem")
+
+
 @pytest.mark.parametrize("make,reason", [
     (lambda pki, tmp: client_context(pki.node / "ca.pem"), "no client certificate"),
-    (lambda pki, tmp: _foreign_client(pki, tmp), "unknown CA"),
+    (_foreign_client, "unknown CA"),
 ], ids=["no certificate", "foreign certificate"])
 def test_clients_that_trust_us_are_still_refused_with_our_reasons(make, reason, pki, start_gateway_agent, caplog, tmp_path):
     """The negative controls: a client that trusts our CA but sends no certificate, or one of
@@ -82,12 +88,6 @@ def test_clients_that_trust_us_are_still_refused_with_our_reasons(make, reason, 
     record = refusal_record(caplog, reason)
     assert record.getMessage().startswith("refused peer=")
     assert not [r for r in caplog.records if REJECTED in r.getMessage()]
-
-
-def _foreign_client(pki, tmp_path: Path) -> ssl.SSLContext:
-    leaf = trustme.CA().issue_cert("tw.example")
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "foreign.pem"))
-    return client_context(pki.node / "ca.pem", fullchain=tmp_path / "foreign.pem", key=tmp_path / "foreign.pem")
 
 
 def test_est_service_logs_a_client_that_rejects_its_certificate(pki, tmp_path):
