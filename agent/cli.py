@@ -41,7 +41,7 @@ def run(config_path: Path, log_level: str, loop_name: str) -> None:
         # Once serving, what startup built (the CA library, the config models, the contexts) lives
         # as long as the process: gc.freeze() keeps the collector from walking it again and again.
         # Under a handshake flood that walk was 1% of the listener's CPU (bench/gateway_peers.py).
-        runner.run(Agent(config).run(ready=gc.freeze))
+        runner.run(Agent(config, config_path=config_path).run(ready=gc.freeze))
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),

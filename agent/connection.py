@@ -204,6 +204,10 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self.authorized = listener.authorizer.check(self.tls, self.revoked)
         except PeerRejected as exc:
+            if listener.is_own_certificate(self.tls.getpeercert(binary_form=True)):
+                listener._probed(self.peer, exc.serial)  # pki-agent doctor on this gateway: not a refusal
+                self.end("doctor probe")
+                return
             listener._refused(self.peer, exc.reason, exc.detail, node=exc.node, serial=exc.serial)
             self.end(exc.reason)
             return

@@ -19,11 +19,12 @@ import logging
 import time
 from typing import Callable, Literal
 
+from pkictl.handshake import CLIENT_REJECTED
 from pkictl.logfmt import bare
 
 from .authz import PeerIdentity
 
-__all__ = ["log_refused", "log_accepted", "log_closed", "EventBatch", "TextFormatter", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
+__all__ = ["log_refused", "log_probe", "log_accepted", "log_closed", "EventBatch", "TextFormatter", "JSONFormatter", "BatchingStreamHandler", "configure_logging", "TEXT_FORMAT"]
 
 log = logging.getLogger("pki_agent.listener")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,6 +33,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def log_refused(peer: str, reason: str, detail: str, *, node: str | None = None, serial: int | None = None) -> None:
     """Log a refused connection (WARNING).
 
+    A client that refused *our* certificate (reason :data:`pkictl.handshake.CLIENT_REJECTED`) is
+    logged as ``rejected by client ...`` instead: the fix is on this side or in the client's
+    trust anchor, not in the client's certificate (docs/design.md, "Handshake failures").
+
     Args:
         peer: the client's ``host:port``.
         reason: the stable reason (``unknown CA``, ``revoked``, ``not allowed``, ``not TLS``...).
@@ -39,10 +44,20 @@ def log_refused(peer: str, reason: str, detail: str, *, node: str | None = None,
         node: the identity the certificate claims, when the handshake got that far.
         serial: its serial number, likewise.
     """
-    event = {"event": "refused", "peer": peer, "reason": reason, "node": node, "serial": _hex(serial), "detail": detail}
+    what = "rejected by client" if reason == CLIENT_REJECTED else "refused"
+    event = {"event": what, "peer": peer, "reason": reason, "node": node, "serial": _hex(serial), "detail": detail}
     # The name comes from a certificate: escaped as everything from a peer is, though our CA's names are plain.
     who = (f" node={bare(node)}" if node else "") + (f" serial={serial:x}" if serial is not None else "")
-    log.warning("refused peer=%s reason=%r%s detail=%r", peer, reason, who, detail, extra={"pki_event": event})
+    log.warning("%s peer=%s reason=%r%s detail=%r", what, peer, reason, who, detail, extra={"pki_event": event})
+
+
+def log_probe(peer: str, serial: int | None) -> None:
+    """Log a test connection of ``pki-agent doctor`` on this gateway (INFO, reason ``doctor probe``):
+    it presented this listener's own certificate, proving it holds its key, and was closed."""
+    event = {"event": "probe", "peer": peer, "reason": "doctor probe", "serial": _hex(serial),
+             "detail": "this gateway's own certificate: pki-agent doctor checking the listener"}
+    who = f" serial={serial:x}" if serial is not None else ""
+    log.info("probe peer=%s reason=%r%s detail=%r", peer, "doctor probe", who, event["detail"], extra={"pki_event": event})
 
 
 def log_accepted(peer: str, identity: PeerIdentity, tls_version: str | None, *, batch: "EventBatch") -> None:

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import ssl
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pkictl.clock import Clock, SystemClock
@@ -40,6 +41,7 @@ from .hooks import HookContext, run_hooks
 from .pidfile import PidFile
 from .rotation import LocalCA, RenewalSource, rotate
 from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
+from .startup_checks import log_startup_findings
 from .state import iso, read_state, state_path, write_state
 from .tls import ServerTLS, server_context
 from .upkeep import ESTUpkeep
@@ -72,10 +74,13 @@ class Agent:
         clock: time source for every renewal decision.
         rng: randomness for jitter and backoff (seed it to reproduce a run).
         source: where successors come from; default the local CA of ``config.renewal.ca_home``.
+        config_path: the configuration file, named in the start-up checks' fixes.
     """
 
-    def __init__(self, config: AgentConfig, *, clock: Clock | None = None, rng: random.Random | None = None, source: RenewalSource | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None, rng: random.Random | None = None, source: RenewalSource | None = None,
+                 config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions, layout=_layout(config))
@@ -213,9 +218,9 @@ class Agent:
         if tls is not None and tls.crl_next_update is not None:
             if tls.crl_next_update <= self.clock.now():
                 # OpenSSL refuses every client certificate against a CRL past its nextUpdate.
-                log.error("CRL loaded has EXPIRED (next update was %s): every node is refused until a fresh crl.pem "
+                log.error("CRL loaded from %s has EXPIRED (next update was %s): every node is refused until a fresh crl.pem "
                           "is installed (pkictl sign-crl on the CA host; with renewal.ca_url the agent fetches it)",
-                          tls.crl_next_update.isoformat())
+                          self.config.listener.crl if self.config.listener else "?", tls.crl_next_update.isoformat())
             else:
                 log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
         if tls is not None and tls.revoked and self.listener is not None:
@@ -481,6 +486,7 @@ class Agent:
         self._started = self.clock.now()
         self.conform_layout()
         self.reload()
+        log_startup_findings(self.config, self.config_path, self.clock)  # a credential that loads may still be unusable
         if self.source is None:
             log.warning("no renewal source configured (renewal.ca_url or renewal.ca_home): %s will not be renewed", self.config.name)
         await start_endpoints(self)

@@ -8,12 +8,16 @@ and serving the live certificate, and does the upstream answer.
 
 from __future__ import annotations
 
+import socket
+import ssl
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from pkictl.authority import san_strings
-from pkictl.credential_checks import check_chain, check_identity, check_issuer, check_revocation, check_validity
+from pkictl.credential_checks import check_chain, check_identity, check_issuer, check_key_match, check_revocation, check_validity
 from pkictl.credential_facts import describe
 from pkictl.diagnosis import Finding, Severity, check
 
@@ -64,6 +68,9 @@ def check_gateway(facts: "AgentFacts"):
     credential = facts.credential
     if facts.offline or credential.version is None or credential.certificate is None or isinstance(credential.anchors, str):
         yield Finding("gateway", OK, where, "not checked: --offline, or no usable credential here")
+        return
+    if any(f.severity == E for f in check_key_match(credential)):
+        yield Finding("gateway", OK, where, "not checked: privkey.pem is not the key of cert.pem (the key-match finding)")
         return
     result = probe_gateway(credential.version, credential.directory / "ca.pem", (host, port), name,
                            timeout=facts.timeout, settle=facts.settle)
@@ -143,6 +150,47 @@ def _local(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
+def _probe_listener(address: tuple[str, int], version: Path | None, *, timeout: float) -> tuple[str | None, x509.Certificate | None]:
+    """``(why nothing listens, None)``, or ``(None, the certificate served)`` (None: not TLS).
+
+    The test connection presents this gateway's live credential (``version``), so that the
+    listener knows it for its own doctor's and logs it as ``probe ... reason='doctor probe'``
+    (INFO) instead of a refusal (docs/design.md, "Doctor probes"); it waits for the listener to
+    close it, so that the listener reads the whole handshake first. Without a readable live
+    credential it falls back to a bare connection and an anonymous handshake, which the
+    listener logs as refusals.
+    """
+    context = None
+    if version is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # only which certificate it serves is compared
+        try:
+            context.load_cert_chain(str(version / "fullchain.pem"), str(version / "privkey.pem"))
+        except (OSError, ssl.SSLError):
+            context = None  # the credential checks say why
+    if context is None:
+        error = tcp_connect(address, timeout=timeout)
+        return (error, None) if error else (None, served_certificate(address, None, timeout=timeout))
+    try:
+        raw = socket.create_connection(address, timeout=timeout)
+    except OSError as exc:
+        return exc.strerror or str(exc), None
+    with raw:
+        try:
+            tls = context.wrap_socket(raw, server_hostname=None)
+        except (OSError, ssl.SSLError):
+            return None, None
+        with tls:
+            der = tls.getpeercert(binary_form=True)
+            try:
+                while tls.recv(1024):
+                    pass  # the listener closes a probe at once
+            except (OSError, ssl.SSLError):
+                pass
+    return None, x509.load_der_x509_certificate(der) if der else None
+
+
 @check("listener")
 def check_listener(facts: "AgentFacts"):
     """The gateway's listener answers on its address and serves the live certificate (it reloaded)."""
@@ -155,12 +203,11 @@ def check_listener(facts: "AgentFacts"):
     if facts.offline or port == 0:
         yield Finding("listener", OK, where, "not checked: --offline or port 0")
         return
-    error = tcp_connect(address, timeout=facts.timeout)
+    error, served = _probe_listener(address, facts.credential.version, timeout=facts.timeout)
     if error:
         yield Finding("listener", W, where, f"nothing listens ({error})", "pki-agent's mTLS listener",
                       "start the agent (systemctl start pki-agent), or read its log (journalctl -u pki-agent)")
         return
-    served = served_certificate(address, None, timeout=facts.timeout)
     live = facts.credential.certificate
     if served is None:
         yield Finding("listener", W, where, "answers, but not with TLS", "pki-agent's mTLS listener",

@@ -12,6 +12,8 @@ import logging
 import socket
 from typing import Callable
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from pkictl.admission import Admission, AdmissionLimits
 from pkictl.logfmt import peer_name
 from pkictl.sockets import accept_ready, bind_listening_sockets
@@ -19,7 +21,7 @@ from pkictl.sockets import accept_ready, bind_listening_sockets
 from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
 from .connection import CHUNK, CONNECTING, SWEEP, Connection
-from .connlog import EventBatch, log_refused
+from .connlog import EventBatch, log_probe, log_refused
 from .tls import ServerTLS
 
 __all__ = ["GatewayListener", "ListenerStats"]
@@ -247,6 +249,16 @@ class GatewayListener:
             conn.expire(now)
         if self._connections:
             self._sweep_soon()
+
+    def is_own_certificate(self, der: bytes | None) -> bool:
+        """Whether ``der`` (a client's certificate, verified by the handshake) is the very
+        certificate this listener serves: a client can present it only with this gateway's private
+        key (its CertificateVerify, RFC 8446 4.4.3), so only this gateway's own doctor does
+        (docs/design.md, "Doctor probes")."""
+        return der is not None and der == self._current().credential.certificate.public_bytes(Encoding.DER)
+
+    def _probed(self, peer: str, serial: int | None) -> None:
+        log_probe(peer, serial)
 
     def _refused(self, peer: str, reason: str, detail: str, *, node: str | None = None, serial: int | None = None) -> None:
         self.stats.refuse(reason)

@@ -9,6 +9,7 @@ import datetime as dt
 import stat
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .credential_facts import CredentialFacts, describe, fingerprint, purposes, subject_alternative_names, verify_chain
@@ -102,9 +103,12 @@ def check_key_match(facts: CredentialFacts):
     if isinstance(facts.key, str):
         yield Finding("key-match", E, facts.subject, facts.key, "the PEM private key of cert.pem", facts.reenroll)
     elif public_key_bytes(facts.key.public_key()) != public_key_bytes(facts.certificate.public_key()):
-        yield Finding("key-match", E, facts.subject, f"privkey.pem does not match cert.pem ({describe(facts.certificate)})",
-                      "the key of that certificate",
-                      f"point live back at a version whose key matches (ls {facts.directory / 'archive'}), or {facts.reenroll}")
+        # An operator's state, not a bug: files mixed up by hand, or a bundle copied in part.
+        yield Finding("key-match", E, facts.subject, f"privkey.pem is not the key of cert.pem ({describe(facts.certificate)}) "
+                      "in this version: files of two credentials mixed up, or a bundle copied in part",
+                      "privkey.pem and cert.pem of the same credential",
+                      "copy the whole bundle again from where it was made (tar or rsync -a: the live link and archive/ together), "
+                      f"or point live back at a version whose key matches (ls {facts.directory / 'archive'}); else {facts.reenroll}")
 
 
 @check("chain")
@@ -140,6 +144,23 @@ def _at(certificate: x509.Certificate, now: dt.datetime) -> dt.datetime:
     return max(certificate.not_valid_before_utc, min(now, latest))
 
 
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """``ca``'s name is the issuer of ``certificate`` and its key verifies the signature."""
+    if certificate.issuer != ca.subject:
+        return False
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _issuing_cas(chain: list[x509.Certificate], anchors: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The CA certificates of ``chain`` that a trust anchor signed: our issuing CAs as a host
+    without the CA home knows them."""
+    return [ca for ca in chain if any(_issued_by(ca, anchor) for anchor in anchors)]
+
+
 @check("issuer")
 def check_issuer(facts: CredentialFacts):
     """The certificate chains to our trust anchor (ca.pem) for its purpose."""
@@ -152,9 +173,16 @@ def check_issuer(facts: CredentialFacts):
         return
     if not facts.chain and all(a.subject != leaf.issuer for a in facts.anchors):
         return  # the chain check names the cause: without the issuing CA there is no path to check
+    roots = ", ".join(a.subject.rfc4514_string() for a in facts.anchors)
+    ours = facts.issuing_cas if facts.issuing_cas is not None else _issuing_cas(facts.chain, facts.anchors)
+    if not any(_issued_by(leaf, ca) for ca in [*ours, *facts.anchors]):
+        # Said first: what a path validator says of another CA's chain is beside the point.
+        names = "; ".join(ca.subject.rfc4514_string() for ca in ours) or f"none in chain.pem that the root in ca.pem ({roots}) certified"
+        yield Finding("issuer", E, facts.subject, f"{describe(leaf)} is not issued by our CA (issuer {leaf.issuer.rfc4514_string()}; "
+                      f"our issuing CAs: {names})", f"a certificate from our CA ({roots})", facts.reenroll)
+        return
     reason = verify_chain(leaf, facts.chain, facts.anchors, _at(leaf, facts.now))
     if reason:
-        roots = ", ".join(a.subject.rfc4514_string() for a in facts.anchors)
         yield Finding("issuer", E, facts.subject, f"{describe(leaf)} issued by {leaf.issuer.rfc4514_string()} does not chain to the "
                       f"trust anchor ({reason})", f"a certificate from our CA ({roots})", facts.reenroll)
 

@@ -93,6 +93,8 @@ class CredentialFacts:
         reference_clock: ``(whose, skew)``: another host's clock against this one (its time
             minus ours, e.g. the EST server's HTTP ``Date``), or None when none was read. It
             tells a clock behind here from a CA clock that was ahead when it signed.
+        issuing_cas: our issuing CA certificates when known (the CA home's); None: those of
+            chain.pem that a trust anchor signed.
     """
 
     directory: Path
@@ -107,6 +109,7 @@ class CredentialFacts:
     renews_over_est: bool = False
     key_group: int | None = None
     reference_clock: tuple[str, dt.timedelta] | None = None
+    issuing_cas: list[x509.Certificate] | None = None
 
     @property
     def live(self) -> Path:

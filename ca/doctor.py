@@ -321,7 +321,8 @@ def _service_checks(facts: CAFacts) -> list[Finding]:
     if not directory.exists():
         return [Finding("service-credential", OK, str(directory), "absent: pkictl serve never ran here")]
     fix = f"move {directory} aside and restart pkictl serve: it issues itself a new certificate"
-    credential = CredentialFacts(directory=directory, now=facts.now, kind="service", reenroll=fix, config="pkictl serve")
+    credential = CredentialFacts(directory=directory, now=facts.now, kind="service", reenroll=fix, config="pkictl serve",
+                                 issuing_cas=list(facts.issuers))
     findings = run_checks([c for c in CREDENTIAL_CHECKS if check_name(c) not in ("identity", "revocation")], credential)
     renewing = "pkictl serve renews it at 2/3 of its lifetime: is it running? (systemctl status pkictl-serve)"
     return [dataclasses.replace(f, check=f"service-{f.check}", fix=renewing if (f.check, f.severity) == ("validity", W) else f.fix)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .admission import Admission, AdmissionLimits
 from .errors import PKIError
-from .handshake import handshake_refusal_reason, likely_cause
+from .handshake import CLIENT_REJECTED, handshake_refusal_reason, likely_cause
 from .logfmt import peer_name, quoted
 from .sockets import accept_ready, bind_listening_sockets, bind_problem
 
@@ -44,9 +44,13 @@ def log_tls_refusal(peer: str, reason: str, detail: str) -> None:
         peer: ``host:port`` from ``accept()``.
         reason: a reason of :func:`pkictl.handshake.handshake_refusal_reason`.
         detail: what OpenSSL said, and the likely cause; escaped here (it may quote the peer).
+
+    A client that refused this server's certificate (:data:`pkictl.handshake.CLIENT_REJECTED`) is
+    logged as ``rejected by client ...``: not a refusal of the client.
     """
-    log.warning("refused peer=%s reason=%s detail=%s", peer, quoted(reason), quoted(detail),
-                extra={"pki_event": {"event": "refused", "peer": peer, "reason": reason, "detail": detail}})
+    what = "rejected by client" if reason == CLIENT_REJECTED else "refused"
+    log.warning("%s peer=%s reason=%s detail=%s", what, peer, quoted(reason), quoted(detail),
+                extra={"pki_event": {"event": what, "peer": peer, "reason": reason, "detail": detail}})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,12 @@ the same way: OpenSSL's verify codes (``X509_V_ERR_*``) and ssl errors mapped to
 
 from __future__ import annotations
 
+import re
 import ssl
 
-__all__ = ["VERIFY_REASONS", "handshake_refusal_reason", "likely_cause"]
+__all__ = ["VERIFY_REASONS", "CLIENT_REJECTED", "client_alert", "handshake_refusal_reason", "likely_cause"]
+
+CLIENT_REJECTED = "client rejected our certificate"
 
 # X509_V_ERR_* codes (OpenSSL include/openssl/x509_vfy.h) -> the reasons operators read in logs.
 VERIFY_REASONS = {
@@ -17,6 +20,24 @@ VERIFY_REASONS = {
     3: "CRL unavailable", 11: "CRL not yet valid", 12: "CRL expired",
 }
 _NOT_TLS = {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+
+# TLS alerts (RFC 8446 6.2) a client sends when it does not accept the server's certificate.
+# OpenSSL raises a received alert as reason SSLV3_ALERT_* / TLSV1_ALERT_*: an alert this server
+# sends is raised with the error that made it send one, so such a reason is always the peer's.
+_ALERT = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_([A-Z_]+)")
+_CERTIFICATE_ALERTS = {
+    "unknown ca": "it does not trust the CA that issued this server's certificate: its trust anchor (ca.pem) is another "
+                  "CA's, or this server sends its certificate without the issuing CA (fullchain.pem)",
+    "bad certificate": "it finds this server's certificate unacceptable: most often the address it dialed is not among "
+                       "the certificate's SAN, or its clock is outside the certificate's validity",
+    "certificate expired": "it finds this server's certificate expired: this server's certificate, or the client's clock",
+    "certificate revoked": "it finds this server's certificate on a CRL",
+    "certificate unknown": "it cannot use this server's certificate (wrong purpose, or no path to its trust anchor)",
+    "unsupported certificate": "it does not accept this certificate's purpose or key type",
+    "decrypt error": "it could not verify this server's signature: the certificate and the private key it serves "
+                     "may not belong together",
+}
+_FIX = "give the client this CA's ca.pem, and check this server's certificate (pki-agent doctor, pkictl doctor)"
 
 # What a verify code says about the client's chain (OpenSSL's build_chain in crypto/x509/x509_vfy.c):
 # 20 = the issuer of the last certificate the client sent is neither sent nor trusted; with one
@@ -42,7 +63,8 @@ def handshake_refusal_reason(exc: BaseException) -> tuple[str, str]:
 
     Returns:
         ``reason`` is one of: no client certificate, unknown CA, expired, not yet valid, revoked,
-        wrong purpose, CRL unavailable/expired/not yet valid, not TLS, protocol version,
+        wrong purpose, CRL unavailable/expired/not yet valid, :data:`CLIENT_REJECTED` (the client
+        sent an alert refusing this server's certificate), not TLS, protocol version,
         handshake timeout, closed during handshake, or ``TLS error`` for anything else;
         ``detail`` is what OpenSSL or the loop said.
     """
@@ -52,6 +74,9 @@ def handshake_refusal_reason(exc: BaseException) -> tuple[str, str]:
         reason = exc.reason or ""
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "no client certificate", "the client sent no certificate"
+        if (alert := client_alert(reason)) in _CERTIFICATE_ALERTS:
+            return CLIENT_REJECTED, (f"the client rejected our certificate (alert {alert}): {_CERTIFICATE_ALERTS[alert]}; "
+                                     f"{_FIX}")
         if reason in _NOT_TLS:
             return "not TLS", reason
         if "VERSION" in reason or "PROTOCOL" in reason:
@@ -65,6 +90,13 @@ def handshake_refusal_reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, (ConnectionError, OSError, EOFError)):
         return "closed during handshake", type(exc).__name__
     return "TLS error", repr(exc)
+
+
+def client_alert(reason: str) -> str | None:
+    """The alert a peer sent, as RFC 8446 names it (``unknown ca``), from an ssl error's
+    ``reason`` (``TLSV1_ALERT_UNKNOWN_CA``); None when the reason is not a received alert."""
+    match = _ALERT.fullmatch(reason)
+    return match.group(1).lower().replace("_", " ") if match else None
 
 
 def likely_cause(exc: BaseException) -> str | None:

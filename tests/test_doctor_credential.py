@@ -8,7 +8,11 @@ import shutil
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pkictl.authority import CertificateAuthority
 
 from pkictl.credential_checks import CREDENTIAL_CHECKS
 from pkictl.credential_facts import CredentialFacts, fingerprint
@@ -16,6 +20,7 @@ from pkictl.diagnosis import EXIT_ERROR, EXIT_OK, EXIT_WARNING, Finding, Severit
 from pkictl.pem import private_key_to_pem
 from pkictl.profile import generate_key
 from pkictl.revocation import load_crls
+from pkictl.settings import CASettings
 
 from doctor_support import live_version, only, problems, replace_file
 
@@ -80,7 +85,10 @@ def test_swapped_key_does_not_match(pki) -> None:
     """Another key in privkey.pem (0600, so nothing else is wrong) is exactly one key-match error."""
     replace_file(live_version(pki.node) / "privkey.pem", private_key_to_pem(generate_key()), 0o600)
     found = only(diagnose(pki), "key-match")
-    assert "does not match cert.pem" in found.problem and "point live back" in found.fix
+    assert found.subject == str(live_version(pki.node))
+    assert "privkey.pem is not the key of cert.pem" in found.problem and "mixed up" in found.problem
+    assert "copy the whole bundle again" in found.fix and "point live back" in found.fix and "enroll" in found.fix
+    assert "bug" not in found.line()
 
 
 def test_leaf_without_chain(pki) -> None:
@@ -110,7 +118,49 @@ def test_certificate_from_a_foreign_ca(pki) -> None:
     replace_file(version / "fullchain.pem", pems[0] + foreign.cert_pem.bytes())
     replace_file(version / "privkey.pem", leaf.private_key_pem.bytes(), 0o600)
     found = only(diagnose(pki, name=None, trust_domain=None), "issuer")
-    assert "does not chain to the trust anchor" in found.problem and "from our CA" in found.expected
+    assert "is not issued by our CA (issuer " in found.problem and "our issuing CAs: none in chain.pem" in found.problem
+    assert "from our CA" in found.expected and "candidates exhausted" not in found.problem
+
+
+def test_certificate_of_another_generation_of_our_ca_names_both_issuers(pki, tmp_path) -> None:
+    """A node bundle of another CA beside our ca.pem is 'not issued by our CA' naming its issuer
+    and ours (the issuing CA in chain.pem that our root signed), not a path validator's complaint."""
+    other = CertificateAuthority.init(tmp_path / "other", CASettings())
+    try:
+        bundle = other.enroll("node", "TW", out=tmp_path / "other-TW").directory
+        theirs = other.issuing.subject.rfc4514_string()
+    finally:
+        other.close()
+    shutil.copyfile(pki.node / "ca.pem", bundle / "ca.pem")
+    found = only(diagnose(pki, bundle=bundle), "issuer")
+    assert found.problem.startswith("CN=TW serial ") and f"is not issued by our CA (issuer {theirs};" in found.problem
+    assert "validation failed" not in found.problem
+    # the twin: our issuing CA in chain.pem is named as ours when the leaf is of another CA
+    version = live_version(bundle)
+    replace_file(version / "chain.pem", (live_version(pki.node) / "chain.pem").read_bytes())
+    replace_file(version / "fullchain.pem", (version / "cert.pem").read_bytes() + (version / "chain.pem").read_bytes())
+    found = [f for f in diagnose(pki, bundle=bundle) if f.check == "issuer" and f.severity > Severity.OK][0]
+    assert f"our issuing CAs: {pki.ca.issuing.subject.rfc4514_string()})" in found.problem
+
+
+def test_certificate_of_our_ca_outside_its_profile_keeps_the_validators_reason(pki, tmp_path) -> None:
+    """The negative twin: a leaf our issuing CA did sign but that fails path validation (a CA
+    certificate as end entity) is 'does not chain to the trust anchor (reason)', not 'not issued by our CA'."""
+    issuing_key = serialization.load_pem_private_key((pki.home / "issuing" / "key.pem").read_bytes(), None)
+    key = generate_key()
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TW")]))
+            .issuer_name(pki.ca.issuing.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - dt.timedelta(minutes=5)).not_valid_after(NOW + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(issuing_key, hashes.SHA256()))
+    version = live_version(pki.node)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    replace_file(version / "cert.pem", pem)
+    replace_file(version / "fullchain.pem", pem + (version / "chain.pem").read_bytes())
+    replace_file(version / "privkey.pem", private_key_to_pem(key), 0o600)
+    found = [f for f in diagnose(pki, name=None, trust_domain=None) if f.check == "issuer" and f.severity > Severity.OK][0]
+    assert "does not chain to the trust anchor (" in found.problem and "not issued by our CA" not in found.problem
 
 
 @pytest.mark.parametrize(("offset", "severity", "words"), [

@@ -19,7 +19,7 @@ from pkictl.pem import certificates_to_pem, private_key_to_pem
 from pkictl.profile import generate_key
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, TLSClient, bundle_context, client_context, refused, wait_until
+from support import DEADLINE, TLSClient, bundle_context, client_context, refused, wait_record, wait_until
 
 
 def _refusal_logged(caplog, reason: str) -> bool:
@@ -71,12 +71,16 @@ def test_client_from_another_ca_is_refused(pki, gateway_agent, caplog, tmp_path)
     assert _refusal_logged(caplog, "unknown CA")
 
 
-def test_gateway_server_certificate_used_as_client_is_refused(pki, gateway_agent, caplog):
-    """Our own gateway certificate completes the handshake (it has clientAuth, to renew over
-    EST) and is refused all the same: it carries no node identity."""
-    refused(gateway_agent.port, bundle_context(pki.gateway))
+def test_gateway_server_certificate_used_as_client_is_refused(pki, gateway_agent, caplog, tmp_path):
+    """A gateway certificate of our CA completes the handshake (it has clientAuth, to renew over
+    EST) and is refused all the same: it carries no node identity. The listener's own
+    certificate is not forwarded either: it is closed as pki-agent doctor's probe (INFO)."""
+    other = pki.ca.enroll("gateway", "gw2", out=tmp_path / "gw2", ip_addresses=["127.0.0.1"]).directory
+    refused(gateway_agent.port, bundle_context(other))
     assert _refusal_logged(caplog, "no node identity")
     assert "a gateway's certificate does not authenticate a node" in caplog.text
+    refused(gateway_agent.port, bundle_context(pki.gateway))
+    wait_record(caplog, lambda r: getattr(r, "pki_event", {}).get("reason") == "doctor probe", "the doctor probe record")
 
 
 def test_expired_client_certificate_is_refused(pki, gateway_agent, caplog, tmp_path):

@@ -91,7 +91,8 @@ TLS_CASES = {
     "not yet valid": ("not yet valid", None, lambda pki, tmp, run: _issued_by_us(pki, tmp, "early", not_before=NOW + dt.timedelta(days=30))),
     "revoked": ("revoked", None, _revoked),
     "serverAuth only": ("wrong purpose", None, lambda pki, tmp, run: _crafted(pki, tmp, "srv", eku=(ExtendedKeyUsageOID.SERVER_AUTH,))),
-    "gateway certificate": ("no node identity", "gw", lambda pki, tmp, run: bundle_context(pki.gateway)),
+    "gateway certificate": ("no node identity", "gw2", lambda pki, tmp, run: bundle_context(
+        pki.ca.enroll("gateway", "gw2", out=tmp / "gw2", ip_addresses=["127.0.0.1"]).directory)),
     "no EKU": ("wrong purpose", "noeku", lambda pki, tmp, run: _crafted(pki, tmp, "noeku", eku=())),
     "CA as client": ("CA certificate as client", "rogue", lambda pki, tmp, run: _crafted(pki, tmp, "rogue", ca=True)),
     "no node identity": ("no node identity", "anon", lambda pki, tmp, run: _crafted(pki, tmp, "anon", uris=[])),
