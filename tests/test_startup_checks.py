@@ -81,7 +81,7 @@ def _empty_chain(pki, echo_server, tmp_path: Path) -> Path:
 # case -> (how to break it, level, words the line must hold: the file and the fix)
 CASES = {
     "not yet valid": (_not_yet_valid, "ERROR", [r"start-up check validity \S+/early/archive/1: CN=early serial \w+ is not valid before",
-                                                "fix the clock"]),
+                                                r"this host.s clock is behind or the CA.s clock was ahead"]),
     "CRL expired": (_expired_crl, "ERROR", [r"CRL loaded from \S+/expired-crl\.pem has EXPIRED", "pkictl sign-crl"]),
     "pin mismatch": (_pin_mismatch, "ERROR", [r"start-up check trust-anchor \S+/gw/ca\.pem: holds sha256:\w+ .*not the pinned root",
                                               r"set trust_anchor_sha256 in \S+gw-agent\.yaml"]),
