@@ -49,6 +49,7 @@ def test_main_job_end_to_end(tmp_path):
     with EchoServer() as upstream:
         pkictl(home, "enroll-gateway", "gw", "--ip", "127.0.0.1", "--out", str(tmp_path / "gw"),
                "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream.port}")
+        pkictl(home, "enroll-gateway", "gw2", "--ip", "127.0.0.1", "--out", str(tmp_path / "gw2"))
         gw_bundle, tw_bundle = tmp_path / "gw", tmp_path / "TW"
         _fast_checks(gw_bundle / "agent.yaml")
         _fast_checks(tw_bundle / "agent.yaml")
@@ -73,8 +74,10 @@ def test_main_job_end_to_end(tmp_path):
             foreign.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "foreign.pem"))
             refused(port, client_context(tw_bundle / "ca.pem", fullchain=tmp_path / "foreign.pem", key=tmp_path / "foreign.pem"))
             gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='unknown CA'")
-            refused(port, bundle_context(gw_bundle))  # the gateway's own certificate is no node's
-            gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='no node identity' node=gw")
+            refused(port, bundle_context(tmp_path / "gw2"))  # a gateway's certificate is no node's
+            gateway.log.wait_for(r"refused peer=127\.0\.0\.1:\d+ reason='no node identity' node=gw2")
+            refused(port, bundle_context(gw_bundle))  # its own: the doctor's probe, closed, never forwarded
+            gateway.log.wait_for(r"probe peer=127\.0\.0\.1:\d+ reason='doctor probe'")
 
             # the gateway rotates on schedule and hot-reloads its listener
             renewed = gateway.log.wait_for(r"renewed gw: serial ([0-9a-f]+) -> ([0-9a-f]+)")
