@@ -188,7 +188,7 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
     try:
         key = pending_key(key_path, not_for=current.certificate)
     except DiskWriteError as exc:
-        raise _disk_failure(exc, current) from None
+        raise _disk_failure(exc) from None
     csr = build_reenroll_csr(current.certificate, key)
     certificate, chain = source.simple_reenroll(csr, current)
     try:
@@ -201,10 +201,10 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
     except DiskWriteError as exc:
         # The pending key stays: the CA has renewed for it, and the same request gets that
         # successor back once there is room.
-        raise _disk_failure(exc, current) from None
+        raise _disk_failure(exc) from None
     discard_pending_key(key_path)
     return successor
 
 
-def _disk_failure(exc: DiskWriteError, current: Credential) -> RenewalError:
-    return RenewalError(f"{exc}, then run pki-agent renew-now; serial {current.certificate.serial_number:x} stays installed and in service")
+def _disk_failure(exc: DiskWriteError) -> RenewalError:
+    return RenewalError(f"{exc}, then run pki-agent renew-now")

@@ -7,7 +7,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import KeyProtectionError
+from .errors import DiskWriteError, KeyProtectionError
 from .file_errors import is_write_failure, write_error
 
 __all__ = [
@@ -141,7 +141,10 @@ def atomic_write(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> None:
         tmp.unlink()
     except FileNotFoundError:
         pass
-    write_new_file(tmp, data, mode)
+    try:
+        write_new_file(tmp, data, mode)
+    except DiskWriteError as exc:  # name the file the operator knows, not its temporary twin
+        raise write_error(path, exc) from None
     try:
         os.replace(tmp, path)
         fsync_dir(path.parent)
