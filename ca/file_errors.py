@@ -74,11 +74,20 @@ def pem_problem(data: bytes, want: str, error: Exception | None = None) -> str:
     kinds = [_LABELS.get(label, label.decode(errors="replace")) for label in begins]
     if want not in kinds:
         return f"holds a {kinds[0]}, not a {want}"
-    if len(_END.findall(data)) < len(begins):
+    if len(_END.findall(data)) < len(begins) or _cut_tail(data):
         return f"is truncated (a -----BEGIN {begins[-1].decode()}----- block has no -----END line: cut off while copied or written?)"
     if error is not None:
         return f"holds a damaged {want} block (it does not decode: {error})"
     return f"holds no {want}"
+
+
+def _cut_tail(data: bytes) -> bool:
+    """True if a block was cut inside its BEGIN line: dashes after the last END line."""
+    ends = list(_END.finditer(data))
+    if not ends:
+        return False
+    tail = data[ends[-1].end():].strip()
+    return tail.startswith(b"-") or b"-----" in tail
 
 
 def _refusal(source: str, problem: str, expected: str, fix: str | None) -> StoreError:
@@ -96,7 +105,7 @@ def parse_certificates(data: bytes, *, source: str, expected: str = "PEM certifi
             names ``source``, what was expected and ``fix``.
     """
     problem = None
-    if not data.strip() or len(_END.findall(data)) < len(_BEGIN.findall(data)):
+    if not data.strip() or len(_END.findall(data)) < len(_BEGIN.findall(data)) or _cut_tail(data):
         problem = pem_problem(data, "certificate")
     else:
         try:
@@ -116,7 +125,7 @@ def parse_crls(data: bytes, *, source: str, fix: str | None = None) -> list[x509
     """
     marker = b"-----BEGIN X509 CRL-----"
     chunks = data.split(marker)[1:]
-    if not chunks or len(_END.findall(data)) < len(_BEGIN.findall(data)):
+    if not chunks or len(_END.findall(data)) < len(_BEGIN.findall(data)) or _cut_tail(data):
         raise _refusal(source, pem_problem(data, "CRL"), "PEM CRLs (-----BEGIN X509 CRL-----)", fix) from None
     crls = []
     for chunk in chunks:

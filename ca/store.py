@@ -174,9 +174,10 @@ class CredentialStore:
             if chain_data.strip() else []
         fullchain = parse_certificates(fullchain_data, source=str(version / "fullchain.pem"),
                                        expected="the end-entity certificate then its chain (PEM)", fix=rebuild)
-        if fullchain[0] != certificate:
-            raise StoreError(f"{version / 'fullchain.pem'} starts with serial {fullchain[0].serial_number:x}, not with cert.pem's "
-                             f"serial {certificate.serial_number:x}; expected cert.pem then chain.pem; fix: {rebuild}")
+        if fullchain != [certificate, *chain]:  # what OpenSSL sends: a leaf without its chain is refused by peers
+            raise StoreError(f"{version / 'fullchain.pem'} holds serials {', '.join(f'{c.serial_number:x}' for c in fullchain)}, "
+                             f"not cert.pem then chain.pem ({', '.join(f'{c.serial_number:x}' for c in [certificate, *chain])}); "
+                             f"fix: {rebuild}")
         try:
             key = private_key_from_pem(key_data, source=str(version / "privkey.pem"))
         except StoreError as exc:

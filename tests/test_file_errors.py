@@ -20,15 +20,16 @@ from est_support import ServeProcess, curl, pkictl
 from support import DEADLINE, AgentProcess, TLSClient, bundle_context, command
 
 
-def _half(data: bytes) -> bytes:
-    return data[: len(data) // 2]
+def _cut(data: bytes) -> bytes:
+    """The file cut off at three quarters: inside its last PEM block (of one or of two)."""
+    return data[: len(data) * 3 // 4]
 
 
 def corrupt(path: Path, how: str, pki_files: dict[str, bytes]) -> None:
     """Damage ``path`` in one of the ways files really get damaged (in place: its mode stays)."""
     data = path.read_bytes()
     content = {
-        "truncated": _half(data),
+        "truncated": _cut(data),
         "empty": b"",
         "garbage": b"\x00\x17not a pem file at all\n" * 20,
         "key": pki_files["key"],
@@ -70,6 +71,7 @@ START_CASES = [
     ("ca.pem", "crl", "holds a CRL, not a certificate", "root/cert.pem"),
     ("fullchain.pem", "truncated", "is truncated", "cat cert.pem chain.pem > fullchain.pem"),
     ("fullchain.pem", "key", "holds a private key, not a certificate", "cat cert.pem chain.pem > fullchain.pem"),
+    ("fullchain.pem", "certificate", "not cert.pem then chain.pem", "cat cert.pem chain.pem > fullchain.pem"),
     ("cert.pem", "crl", "holds a CRL, not a certificate", "--replace"),
     ("privkey.pem", "certificate", "holds a certificate, not a private key", "--replace"),
     ("privkey.pem", "truncated", "is truncated", "--replace"),
