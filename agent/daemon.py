@@ -95,7 +95,7 @@ class Agent:
         self._tls: ServerTLS | None = None
         self._client_tls: tuple[ssl.SSLContext, int] | None = None
         self._loaded_stamp: tuple | None = None
-        self._refused_stamp: tuple | None = None  # files whose older CRL a reload refused: said once, not retried
+        self._refused_stamp: tuple | None = None  # files a reload refused (damaged, an older CRL): said once, not retried
         self._jitter = 0.0
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
@@ -209,6 +209,7 @@ class Agent:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
             log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
+            self._refused_stamp = stamp  # the same broken files are said once, not at every check
             self.counters.reload_failures += 1
             return False
         self.counters.reloads += 1
@@ -484,6 +485,8 @@ class Agent:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self._started = self.clock.now()
+        for leftover in self.store.remove_leftovers():  # a write cut short by a full disk or a kill
+            log.info("removed %s, left half-written by an interrupted write", leftover)
         self.conform_layout()
         self.reload()
         log_startup_findings(self.config, self.config_path, self.clock)  # a credential that loads may still be unusable

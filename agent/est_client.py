@@ -23,7 +23,8 @@ from pkictl.errors import AuthenticationError, PKIError, StoreError
 from pkictl.files import atomic_write
 from pkictl.est import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.store import Credential, CredentialStore
-from pkictl.tls import alert_reason
+from pkictl.file_errors import load_into_context
+from pkictl.tls import alert_reason, load_trust_anchors
 
 from .errors import CredentialUnusable, RenewalError
 
@@ -85,11 +86,13 @@ class ESTClient:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             return ctx
-        ctx.load_verify_locations(cafile=self.anchors_path)
+        assert self.anchors_path is not None, "verify=False until the trust anchor is known"
+        load_trust_anchors(ctx, self.anchors_path)  # a damaged ca.pem is named with its fix
         if client:
             assert self.store is not None
             version = self.store.current_version_dir()
-            ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
+            load_into_context(lambda: ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem"),
+                              version / "fullchain.pem", fix="restore the credential version (pki-agent doctor names what is wrong)")
         return ctx
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None,

@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+from pkictl.file_errors import is_write_failure, write_error
+
 from .errors import AgentError
 
 __all__ = ["PID_FILE_NAME", "PidFile", "running_agent_pid", "signal_running_agent"]
@@ -35,11 +37,14 @@ class PidFile:
 
         Raises:
             AgentError: another live agent holds the lock, or the file cannot be created.
+            DiskWriteError: no room for it (the message names the file and the fix).
         """
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
             except OSError as exc:
+                if is_write_failure(exc):
+                    raise write_error(self.path, exc, then="run the command again") from None
                 raise AgentError(f"cannot create the PID file {self.path}: {exc}") from None
             if not _lock(fd, fcntl.LOCK_EX):
                 other = _read_pid(fd)
@@ -57,9 +62,16 @@ class PidFile:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)  # ours: locked above; an empty PID file would only mislead
+            os.close(fd)
+            if is_write_failure(exc):
+                raise write_error(self.path, exc, then="run the command again") from None
+            raise
         self._fd = fd
 
     def release(self) -> None:

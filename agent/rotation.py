@@ -17,7 +17,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.clock import Clock
-from pkictl.errors import PKIError
+from pkictl.errors import DiskWriteError, PKIError
 from pkictl.files import PRIVATE_FILE_MODE, read_private_file, write_new_file
 from pkictl.keys import load_private_key
 from pkictl.pem import PrivateKey, private_key_to_pem, public_key_bytes
@@ -181,10 +181,14 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
         The installed successor.
 
     Raises:
-        RenewalError: the source refused, or the successor failed verification.
+        RenewalError: the source refused, the successor failed verification, or the disk has no
+            room for it (the message names the path and the fix).
     """
     key_path = store.directory / RENEWAL_KEY
-    key = pending_key(key_path, not_for=current.certificate)
+    try:
+        key = pending_key(key_path, not_for=current.certificate)
+    except DiskWriteError as exc:
+        raise _disk_failure(exc) from None
     csr = build_reenroll_csr(current.certificate, key)
     certificate, chain = source.simple_reenroll(csr, current)
     try:
@@ -192,6 +196,15 @@ def rotate(store: CredentialStore, current: Credential, source: RenewalSource, c
     except PKIError as exc:
         raise RenewalError(f"the CA returned a certificate for another key: {exc}") from None
     verify_successor(successor, current, store.load_trust_anchors(), clock.now())
-    store.install(successor)
+    try:
+        store.install(successor)
+    except DiskWriteError as exc:
+        # The pending key stays: the CA has renewed for it, and the same request gets that
+        # successor back once there is room.
+        raise _disk_failure(exc) from None
     discard_pending_key(key_path)
     return successor
+
+
+def _disk_failure(exc: DiskWriteError) -> RenewalError:
+    return RenewalError(f"{exc}, then run pki-agent renew-now")

@@ -14,10 +14,12 @@ from typing import Mapping
 
 from cryptography import x509
 
+from pkictl.crl import CRL_FIX
 from pkictl.crl_numbers import CRLKey, HeldCRL, refuse_older
+from pkictl.file_errors import load_into_context
 from pkictl.revocation import load_crls, revoked_serials
 from pkictl.store import Credential, CredentialStore
-from pkictl.tls import harden
+from pkictl.tls import harden, load_credential
 
 __all__ = ["ServerTLS", "server_context"]
 
@@ -60,21 +62,19 @@ def server_context(store: CredentialStore, crl: Path | None = None, *, held: Map
         CRLRollbackError: ``crl`` holds an older CRL of some issuer than ``held`` (a lower CRL
             number, or the same with other content: RFC 5280 5.2.3); a replayed CRL must not let
             revoked clients back in.
-        StoreError, KeyProtectionError: the credential or the CRL is missing or malformed.
-        ssl.SSLError, OSError: OpenSSL refused the files.
+        StoreError, KeyProtectionError: the credential, the trust anchors or the CRL is missing or
+            malformed, or OpenSSL refused one: the message names the file and the fix.
+        OSError: a file cannot be read.
     """
-    version = store.current_version_dir()
-    credential = store.load(version)
     ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
-    ctx.load_verify_locations(cafile=store.trust_anchors_path)
+    credential = load_credential(ctx, store)
     if crl is None:
         return ServerTLS(ctx, credential)
     crls = load_crls(crl)
     numbers = refuse_older(held or {}, crls, source=str(crl))
-    ctx.load_verify_locations(cafile=crl)
+    load_into_context(lambda: ctx.load_verify_locations(cafile=crl), crl, fix=CRL_FIX)
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ServerTLS(ctx, credential, revoked_serials(crls), revoked_serials(crls, reason=x509.ReasonFlags.superseded),
                      min((c.next_update_utc for c in crls if c.next_update_utc is not None), default=None), numbers)

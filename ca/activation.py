@@ -28,6 +28,7 @@ from typing import Iterator
 from cryptography import x509
 
 from .errors import StoreError
+from .file_errors import CA_FILE_FIX, read_certificates
 from .files import PRIVATE_FILE_MODE, fsync_dir, make_private_dir, read_ca_key_file, write_new_file
 from .keys import load_private_key
 from .pem import public_key_bytes
@@ -188,7 +189,8 @@ def open_issuing(home: Path, passphrase: bytes | None):
     directory = home / "issuing"
     with issuing_lock(home, exclusive=False):
         state = file_state(directory / "cert.pem")
-        certificate = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+        certificate = read_certificates(directory / "cert.pem", expected="the issuing CA certificate (PEM)",
+                                        fix=CA_FILE_FIX.format(home=home))[0]
         key_path = directory / "key.pem"
         key = load_private_key(read_ca_key_file(key_path), passphrase, source=str(key_path))
     if public_key_bytes(key.public_key()) != public_key_bytes(certificate.public_key()):

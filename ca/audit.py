@@ -55,6 +55,7 @@ from typing import Any, Callable, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .clock import Clock, utc
 from .errors import AuditError, KeyReused, PKIError
+from .file_errors import is_write_failure, write_error
 from .files import PRIVATE_FILE_MODE, atomic_write
 
 __all__ = [
@@ -230,7 +231,12 @@ class AuditLog:
         record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
         record["hash"] = record_hash(record)
         line = _line(record)
-        written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
+        try:
+            written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
+        except OSError as exc:  # nothing written: the log is as it was
+            if is_write_failure(exc):
+                raise write_error(self.path, exc, then="run the command again") from None
+            raise
         if written != len(line):
             raise AuditError(
                 f"{self.path}: wrote {written} of {len(line)} bytes of record {seq + 1} (disk full?); the log now "

@@ -29,7 +29,8 @@ from .activation import file_state
 from .clock import Clock, SystemClock
 from .errors import CANotFoundError, CertificateUnusable, NotEnrolledError, PolicyError, StoreError
 from .audit import AuditLog, audits_refusals
-from .files import make_private_dir, write_new_file
+from .file_errors import CA_FILE_FIX, read_certificates
+from .files import make_private_dir, remove_stale_temp_files, write_new_file
 from .inventory import Inventory, Record, Superseded
 from .lifecycle import init_ca, rotate_issuing
 from .lint import prelint, signed
@@ -150,9 +151,11 @@ class CertificateAuthority(Revocation, Bootstrap):
         from .activation import finish_interrupted_rotation, open_issuing, promote_due
 
         clock = clock or SystemClock()
+        remove_stale_temp_files(home)  # of a write cut short (a full disk, a kill): never read, only confusing
         finish_interrupted_rotation(home)
         promote_due(home, clock.now(), audit=AuditLog(home / "audit.log", clock=clock))  # its activation time has come
-        root = x509.load_pem_x509_certificate((home / "root" / "cert.pem").read_bytes())
+        root = read_certificates(home / "root" / "cert.pem", expected="the root CA certificate (PEM)",
+                                 fix=CA_FILE_FIX.format(home=home))[0]
         issuing, issuing_key, state = open_issuing(home, passphrase)
         ca = cls(home, settings, root, issuing, issuing_key, clock)
         ca._passphrase, ca._issuing_state = passphrase, state

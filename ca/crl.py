@@ -12,11 +12,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from .errors import PolicyError, StoreError
+from .file_errors import parse_crls
 
 if TYPE_CHECKING:
     from .inventory import Record
 
-__all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by",
+__all__ = ["REASONS", "CRL_FIX", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by",
            "crl_number", "issuer_of"]
 
 # RFC 5280 5.3.1 CRLReason values an operator may give (certificateHold is deliberately absent:
@@ -85,17 +86,23 @@ def crl_due(this_update: dt.datetime, next_update: dt.datetime, now: dt.datetime
     return now >= this_update + (next_update - this_update) / 2
 
 
+CRL_FIX = ("on the CA host 'pkictl sign-crl' writes a fresh <CA home>/crl.pem; a gateway's copy comes from there "
+           "(copy it again, or let its agent fetch it with renewal.ca_url)")
+"""What restores a damaged ``crl.pem``."""
+
+
 def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
     """Read every CRL of a PEM file (one per issuing CA during a rotation).
 
     Raises:
-        StoreError: the file is missing or holds no PEM CRL.
+        StoreError: the file is missing or holds no PEM CRL (empty, truncated, a certificate
+            instead...); the message names the file, the defect and the fix.
     """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise StoreError(f"{path}: no CRL file; on the CA host it is <home>/crl.pem") from None
-    return crls_from_pem(data, source=str(path))
+    return parse_crls(data, source=str(path), fix=CRL_FIX)
 
 
 def crls_from_pem(data: bytes, *, source: str) -> list[x509.CertificateRevocationList]:
@@ -104,16 +111,7 @@ def crls_from_pem(data: bytes, *, source: str) -> list[x509.CertificateRevocatio
     Raises:
         StoreError: a block is not a CRL, or there is none.
     """
-    crls = []
-    marker = b"-----BEGIN X509 CRL-----"
-    for chunk in data.split(marker)[1:]:
-        try:
-            crls.append(x509.load_pem_x509_crl(marker + chunk))
-        except ValueError as exc:
-            raise StoreError(f"{source}: not a PEM CRL ({exc})") from None
-    if not crls:
-        raise StoreError(f"{source}: holds no PEM CRL (-----BEGIN X509 CRL-----)")
-    return crls
+    return parse_crls(data, source=source)
 
 
 def revoked_serials(crls: Sequence[x509.CertificateRevocationList], *, reason: x509.ReasonFlags | None = None) -> frozenset[tuple[bytes, int]]:

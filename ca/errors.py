@@ -12,6 +12,7 @@ __all__ = [
     "PolicyError",
     "KeyReused",
     "StoreError",
+    "DiskWriteError",
     "CRLRollbackError",
     "InventoryError",
     "PassphraseError",
@@ -100,6 +101,18 @@ def _key_reused(message: str, operator_message: str) -> "KeyReused":
 
 class StoreError(PKIError):
     """A credential directory is missing, incomplete or inconsistent."""
+
+
+class DiskWriteError(PKIError, OSError):
+    """A file could not be written for lack of room or a broken disk (ENOSPC, EDQUOT, EFBIG, EIO,
+    EROFS): the message names the path and the fix (:func:`pkictl.file_errors.write_error`).
+
+    An OSError too (with ``errno`` and ``filename`` of the failure), so a caller that keeps going
+    on any OSError (the agent's state file) still does.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class CRLRollbackError(StoreError):

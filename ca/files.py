@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
-from .errors import KeyProtectionError
+from .errors import DiskWriteError, KeyProtectionError
+from .file_errors import is_write_failure, write_error
 
 __all__ = [
     "make_private_dir",
@@ -14,6 +16,7 @@ __all__ = [
     "write_new_file",
     "atomic_write",
     "fsync_dir",
+    "remove_stale_temp_files",
     "read_private_file",
     "read_ca_key_file",
     "ca_key_protection_problem",
@@ -76,6 +79,9 @@ def fsync_dir(path: Path) -> None:
 def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE, *, group: int | None = None) -> None:
     """Create ``path`` with ``mode`` and ``data``, fsync it; refuse to overwrite or follow a link.
 
+    A write that fails half-way removes the file it created: a partial file left behind would
+    read as a damaged one (docs/design.md, "Files on disk").
+
     Args:
         group: a group id to give the file to; then ``mode`` is set exactly (not filtered by the
             umask, which the service's ``UMask=0077`` would make 0600), before any byte is written.
@@ -83,8 +89,15 @@ def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE, *, gro
     Raises:
         FileExistsError: ``path`` exists already (also when it is a symlink).
         PermissionError: this account may not give files to ``group`` (neither root nor a member).
+        DiskWriteError: no room or a broken disk (ENOSPC, EDQUOT, EFBIG, EIO, EROFS); the message
+            names ``path`` and the fix; nothing is left at ``path``.
     """
-    fd = os.open(path, _CREATE_FLAGS, mode & 0o700 if group is not None else mode)
+    try:
+        fd = os.open(path, _CREATE_FLAGS, mode & 0o700 if group is not None else mode)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise write_error(path, exc) from None
+        raise
     try:
         if group is not None:
             # Owner-only until the file is the group's: the data comes after both calls.
@@ -94,21 +107,89 @@ def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE, *, gro
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException as exc:
         os.close(fd)
+        _unlink_quietly(path)
+        if isinstance(exc, OSError) and is_write_failure(exc):
+            raise write_error(path, exc) from None
+        raise
+    os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or the disk refuses even that: the next start's sweep retries
+
+
+# atomic_write's temporary name: ".<name>.<pid>.tmp" beside the file it replaces.
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix."""
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
+
+    Raises:
+        DiskWriteError: no room or a broken disk; ``path`` is unchanged and the temporary file
+            removed (or, if even that failed, swept by :func:`remove_stale_temp_files`).
+        OSError: other failures (permissions, a missing directory).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.unlink()
     except FileNotFoundError:
         pass
-    write_new_file(tmp, data, mode)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        write_new_file(tmp, data, mode)
+    except DiskWriteError as exc:  # name the file the operator knows, not its temporary twin
+        raise write_error(path, exc) from None
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if is_write_failure(exc):
+            raise write_error(path, exc) from None
+        raise
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``directory`` when its process
+    died (or the disk filled) between writing and renaming: ``.<name>.<pid>.tmp`` of a process
+    that no longer runs. Those of running processes (another writer, right now) stay.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or entry.is_dir() or _running(int(match.group(1))):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process
+    return True
 
 
 def key_mode_problem(info: os.stat_result, group: int | None = None) -> str | None:

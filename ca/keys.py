@@ -63,6 +63,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .errors import PassphraseError, StoreError
+from .file_errors import key_problem
 from .files import read_private_file
 from .pem import PrivateKey
 
@@ -259,7 +260,8 @@ def load_private_key(data: bytes, passphrase: bytes | None, *, source: str) -> P
                 f"the passphrase does not decrypt the CA key in {source}: wrong passphrase "
                 f"(or a damaged key file): check --passphrase-file or {PASSPHRASE_ENV}"
             ) from None
-        raise StoreError(f"{source}: not a PEM private key ({exc})") from None
+        raise StoreError(f"{source}: not a PEM private key: it {key_problem(data, exc)}; fix: restore it from a backup of "
+                         "its directory") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
         raise StoreError(f"{source}: got a {type(key).__name__}, want an EC, RSA or Ed25519 private key")
     return key

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import StoreError
+from .file_errors import key_problem, parse_certificates
 
 __all__ = [
     "PrivateKey",
@@ -32,11 +33,7 @@ def certificates_from_pem(data: bytes, *, source: str) -> list[x509.Certificate]
     Raises:
         StoreError: the data holds no certificate or is not PEM; the message names ``source``.
     """
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise StoreError(f"{source}: not a PEM certificate bundle ({exc})") from None
-    return certificates
+    return parse_certificates(data, source=source)
 
 
 def private_key_to_pem(key: PrivateKey) -> bytes:
@@ -51,13 +48,16 @@ def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
     """Decode an unencrypted PEM private key.
 
     Raises:
-        StoreError: not a PEM private key, encrypted, or of another type than :data:`PrivateKey`
-            (X25519, DSA...: it could not sign a CSR); the message names ``source``.
+        StoreError: not a PEM private key (empty, truncated, a certificate instead...), encrypted,
+            or of another type than :data:`PrivateKey` (X25519, DSA...: it could not sign a CSR);
+            the message names ``source`` and the defect.
     """
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise StoreError(f"{source}: not an unencrypted PEM private key ({exc})") from None
+        problem = "is encrypted, and pkictl's end-entity keys are not (they are protected by mode 0600)" \
+            if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data else key_problem(data, exc)
+        raise StoreError(f"{source} {problem}; expected an unencrypted PEM private key") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
         raise StoreError(f"{source}: holds a key of type {type(key).__name__.removeprefix('_')}; want an EC, RSA or Ed25519 key")
     return key

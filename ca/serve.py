@@ -47,6 +47,7 @@ from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
 from .sockets import bind_problem
 from .store import Credential, CredentialStore
+from .tls import load_credential
 
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
 
@@ -142,7 +143,6 @@ class ESTService:
         return credential
 
     def _new_context(self) -> ssl.SSLContext:
-        version = self.store.current_version_dir()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
@@ -151,8 +151,7 @@ class ESTService:
         # Optional at the TLS layer: simpleenroll comes without a certificate; simplereenroll
         # demands one. A certificate that is presented must chain to our root.
         ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(cafile=self.store.trust_anchors_path)
-        ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
+        load_credential(ctx, self.store)  # each file checked first: a damaged one is named with its fix
         return ctx
 
     def _build_context(self) -> None:

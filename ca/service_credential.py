@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from .authority import CertificateAuthority, san_strings
-from .errors import PKIError
+from .errors import PKIError, StoreError
 from .profile import generate_key
 from .renewal import is_due
 from .store import Credential, CredentialStore
@@ -46,7 +46,19 @@ def ensure_service_credential(ca: CertificateAuthority, store: CredentialStore, 
         PKIError: a fresh issuance was needed and the CA refused it (e.g. a bad name).
     """
     now = ca.clock.now()
-    credential = store.load() if store.live.is_symlink() else None
+    credential, damaged = None, None
+    if store.live.is_symlink():
+        try:
+            credential = store.load()
+        except StoreError as exc:  # the CA can make another: a damaged file of its own is no reason not to serve
+            damaged = str(exc)
+            log.warning("the service credential in %s is damaged: %s; issuing a new one", store.directory, exc)
+    try:
+        store.load_trust_anchors()
+    except StoreError as exc:
+        if damaged is None and store.live.is_symlink():
+            log.warning("%s; rewriting it from the CA's root certificate", exc)
+            store.write_trust_anchors(ca.trust_anchors)
     wanted = _wanted(dns_names, ip_addresses)
     why = None
     if credential is not None:

@@ -23,6 +23,7 @@ from typing import Sequence
 from cryptography import x509
 
 from .errors import StoreError
+from .file_errors import is_write_failure, parse_certificates, read_certificates, write_error
 from .files import (
     PUBLIC_FILE_MODE,
     atomic_write,
@@ -30,21 +31,29 @@ from .files import (
     make_private_dir,
     open_dir_to_group,
     read_private_file,
+    remove_stale_temp_files,
     write_new_file,
 )
 from .formats import KEYSTORE_FILE, VersionLayout
 from .pem import (
     PrivateKey,
-    certificates_from_pem,
     certificates_to_pem,
     private_key_from_pem,
     private_key_to_pem,
     public_key_bytes,
 )
 
-__all__ = ["Credential", "CredentialStore", "CREDENTIAL_FILES"]
+__all__ = ["Credential", "CredentialStore", "CREDENTIAL_FILES", "TRUST_ANCHORS_FIX", "TRUST_ANCHORS_EXPECTED"]
 
 CREDENTIAL_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+
+TRUST_ANCHORS_FIX = ("copy the root certificate again from the CA host (<CA home>/root/cert.pem, the ca.pem of any bundle) "
+                     "to {path}, or copy the bundle directory again keeping its links (tar or rsync -a)")
+"""What restores a damaged ``ca.pem`` (formatted with ``path``)."""
+TRUST_ANCHORS_EXPECTED = "the trust anchors (the root certificate, PEM)"
+
+_REISSUE = ("restore the credential directory from a backup, or issue a new bundle on the CA host "
+            "(pkictl enroll-gateway NAME --replace or pkictl enroll-node NAME --replace) and copy it here")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,35 +140,52 @@ class CredentialStore:
         """Read ``ca.pem``.
 
         Raises:
-            StoreError: missing or not PEM certificates.
+            StoreError: missing or not PEM certificates (empty, truncated, a key or a CRL instead):
+                the message names the file, the defect and the fix.
         """
-        try:
-            data = self.trust_anchors_path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"{self.trust_anchors_path} is missing: the trust anchor is needed") from None
-        return certificates_from_pem(data, source=str(self.trust_anchors_path))
+        path = self.trust_anchors_path
+        return read_certificates(path, expected=TRUST_ANCHORS_EXPECTED, fix=TRUST_ANCHORS_FIX.format(path=path))
 
     def load(self, version: Path | None = None) -> Credential:
         """Read the current version, or ``version`` (a directory from :meth:`current_version_dir`).
 
+        Every file OpenSSL is handed afterwards (``fullchain.pem``, ``privkey.pem``) is checked
+        here first, so a damaged one is named with its defect.
+
         Raises:
-            StoreError: a file is missing or malformed, or the key does not match the certificate.
+            StoreError: a file is missing or malformed (the message names it and the fix),
+                ``fullchain.pem`` does not start with ``cert.pem``'s certificate, or the key does
+                not match the certificate.
             KeyProtectionError: ``privkey.pem`` is readable by others or is a symlink.
         """
         version = version or self.current_version_dir()
         try:
             cert_data = (version / "cert.pem").read_bytes()
             chain_data = (version / "chain.pem").read_bytes()
+            fullchain_data = (version / "fullchain.pem").read_bytes()
             key_data = read_private_file(version / "privkey.pem", group=self.layout.group)
         except FileNotFoundError as exc:
-            raise StoreError(f"{exc.filename} is missing from the credential version {version}") from None
-        certificate = certificates_from_pem(cert_data, source=str(version / "cert.pem"))[0]
-        chain = certificates_from_pem(chain_data, source=str(version / "chain.pem")) if chain_data.strip() else []
-        key = private_key_from_pem(key_data, source=str(version / "privkey.pem"))
+            raise StoreError(f"{exc.filename} is missing from the credential version {version}; fix: {_REISSUE}") from None
+        rebuild = f"rebuild it from cert.pem and chain.pem (cd {version} && cat cert.pem chain.pem > fullchain.pem), or {_REISSUE}"
+        certificate = parse_certificates(cert_data, source=str(version / "cert.pem"), expected="the end-entity certificate (PEM)",
+                                         fix=_REISSUE)[0]
+        chain = parse_certificates(chain_data, source=str(version / "chain.pem"), expected="the intermediate CA certificates (PEM)",
+                                   fix=f"put the issuing CA certificate (<CA home>/issuing/cert.pem) there, or {_REISSUE}") \
+            if chain_data.strip() else []
+        fullchain = parse_certificates(fullchain_data, source=str(version / "fullchain.pem"),
+                                       expected="the end-entity certificate then its chain (PEM)", fix=rebuild)
+        if fullchain != [certificate, *chain]:  # what OpenSSL sends: a leaf without its chain is refused by peers
+            raise StoreError(f"{version / 'fullchain.pem'} holds serials {', '.join(f'{c.serial_number:x}' for c in fullchain)}, "
+                             f"not cert.pem then chain.pem ({', '.join(f'{c.serial_number:x}' for c in [certificate, *chain])}); "
+                             f"fix: {rebuild}")
+        try:
+            key = private_key_from_pem(key_data, source=str(version / "privkey.pem"))
+        except StoreError as exc:
+            raise StoreError(f"{exc}; fix: {_REISSUE}") from None
         try:
             return Credential(key, certificate, tuple(chain))
         except StoreError as exc:
-            raise StoreError(f"{version}: {exc}") from None
+            raise StoreError(f"{version}: {exc}; fix: {_REISSUE}") from None
 
     def layout_problem(self) -> str | None:
         """Why the live version is not as :attr:`layout` would write it now (a file missing, a
@@ -184,7 +210,10 @@ class CredentialStore:
         Raises:
             StoreError: an extra file cannot be built (the keystore password file is unreadable
                 or empty); nothing was written.
-            OSError: writing failed (``live`` still points at the previous version).
+            DiskWriteError: no room or a broken disk (ENOSPC, EDQUOT, EFBIG, EIO): the message
+                names the path and the fix; ``live`` still points at the previous version and
+                the partial new version is removed.
+            OSError: writing failed otherwise (``live`` still points at the previous version).
         """
         layout = self.layout
         key = credential.private_key
@@ -204,28 +233,70 @@ class CredentialStore:
                 break
             except FileExistsError:
                 number += 1  # another writer, or a half-written version left by a crash
-        for name, data in files:
-            mode = layout.key_mode if name in layout.key_files else PUBLIC_FILE_MODE
-            write_new_file(version / name, data, mode, group=layout.group)
-        if layout.group is not None:
-            # The group may enter the new version, then archive/ and the directory: all before
-            # live moves, so a consumer never meets a live version it cannot read.
-            for directory in (version, self.archive, self.directory):
-                open_dir_to_group(directory, layout.group)
-        fsync_dir(version)
-        fsync_dir(self.archive)
-
+            except OSError as exc:
+                if is_write_failure(exc):
+                    raise write_error(version, exc) from None
+                raise
         tmp_link = self.directory / f".live.{number}.tmp"
         try:
-            tmp_link.unlink()
-        except FileNotFoundError:
-            pass
-        os.symlink(f"archive/{number}", tmp_link)
-        os.replace(tmp_link, self.live)
+            for name, data in files:
+                mode = layout.key_mode if name in layout.key_files else PUBLIC_FILE_MODE
+                write_new_file(version / name, data, mode, group=layout.group)
+            if layout.group is not None:
+                # The group may enter the new version, then archive/ and the directory: all before
+                # live moves, so a consumer never meets a live version it cannot read.
+                for directory in (version, self.archive, self.directory):
+                    open_dir_to_group(directory, layout.group)
+            fsync_dir(version)
+            fsync_dir(self.archive)
+            try:
+                tmp_link.unlink()
+            except FileNotFoundError:
+                pass
+            os.symlink(f"archive/{number}", tmp_link)
+            os.replace(tmp_link, self.live)
+        except BaseException as exc:
+            # live still points at the previous version: what this install wrote goes now, not
+            # at the next start (docs/design.md, "Files on disk").
+            shutil.rmtree(version, ignore_errors=True)
+            try:
+                tmp_link.unlink()
+            except OSError:
+                pass
+            if isinstance(exc, OSError) and is_write_failure(exc):
+                failed = exc.filename if isinstance(exc.filename, str) and os.path.isabs(exc.filename) else None
+                raise write_error(Path(failed) if failed else self.live if exc.filename else version, exc) from None
+            raise
         fsync_dir(self.directory)
         self._ensure_stable_links()
         self._prune(current=number)
         return version
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove what an interrupted write left behind (killed, or the disk full): archive
+        versions newer than ``live`` that lack a file of :data:`CREDENTIAL_FILES` or hold an
+        empty one, ``live`` links that were never swapped in, and :func:`pkictl.files.atomic_write`'s
+        temporary files of dead processes. The version ``live`` points to is never touched, nor
+        anything when ``live`` is missing or broken (that is for the operator to look at).
+
+        Returns:
+            The paths removed.
+        """
+        removed = remove_stale_temp_files(self.directory)
+        try:
+            current = int(self.current_version_dir().name)
+        except StoreError:
+            return removed
+        for entry in self.directory.glob(".live.*.tmp"):
+            if entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+        for number in self.versions():
+            version = self.archive / str(number)
+            if number > current and any(not (version / n).is_file() or not (version / n).stat().st_size for n in CREDENTIAL_FILES):
+                shutil.rmtree(version, ignore_errors=True)
+                removed.append(version)
+        return removed
 
     def write_trust_anchors(self, anchors: Sequence[x509.Certificate]) -> None:
         """Replace ``ca.pem`` atomically."""

@@ -8,10 +8,12 @@ Every reload builds a fresh, complete context from files: a live context is neve
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
-from .store import Credential, CredentialStore
+from .file_errors import load_into_context, read_certificates
+from .store import TRUST_ANCHORS_EXPECTED, TRUST_ANCHORS_FIX, Credential, CredentialStore
 
-__all__ = ["harden", "client_context", "alert_reason"]
+__all__ = ["harden", "client_context", "load_credential", "load_trust_anchors", "alert_reason"]
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -30,12 +32,41 @@ def client_context(store: CredentialStore) -> tuple[ssl.SSLContext, Credential]:
     Raises:
         StoreError, KeyProtectionError, ssl.SSLError, OSError: as :func:`server_context`.
     """
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    return ctx, load_credential(ctx, store)
+
+
+def load_credential(ctx: ssl.SSLContext, store: CredentialStore) -> Credential:
+    """Load the live version's ``fullchain.pem`` and ``privkey.pem`` and the store's ``ca.pem``
+    into the new context ``ctx``, each checked with cryptography first
+    (:meth:`CredentialStore.load`, :meth:`CredentialStore.load_trust_anchors`): a damaged file is
+    refused naming the file, its defect and the fix, not with OpenSSL's bare ``PEM lib``.
+
+    Returns:
+        The credential loaded.
+
+    Raises:
+        StoreError: a file is missing or damaged, or OpenSSL refused it (the path named).
+        KeyProtectionError: ``privkey.pem`` is not protected.
+    """
     version = store.current_version_dir()
     credential = store.load(version)
-    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem")
-    ctx.load_verify_locations(cafile=store.trust_anchors_path)
-    return ctx, credential
+    fix = f"restore the credential version {version} (see pki-agent doctor or pkictl doctor)"
+    load_into_context(lambda: ctx.load_cert_chain(version / "fullchain.pem", version / "privkey.pem"),
+                      version / "fullchain.pem", fix=fix)
+    load_trust_anchors(ctx, store.trust_anchors_path)
+    return credential
+
+
+def load_trust_anchors(ctx: ssl.SSLContext, path: Path) -> None:
+    """Load the trust anchors file ``path`` (a ``ca.pem``) into ``ctx`` after checking it with cryptography.
+
+    Raises:
+        StoreError: missing, damaged or refused by OpenSSL; the message names ``path`` and the fix.
+    """
+    fix = TRUST_ANCHORS_FIX.format(path=path)
+    read_certificates(path, expected=TRUST_ANCHORS_EXPECTED, fix=fix)
+    load_into_context(lambda: ctx.load_verify_locations(cafile=path), path, fix=fix)
 
 
 # TLS alerts a server sends when it refuses the client certificate (RFC 8446 6.2) -> the reason logged.
