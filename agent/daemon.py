@@ -201,15 +201,17 @@ class Agent:
                 credential, tls = self.store.load(), None
         except CRLRollbackError as exc:  # the first load holds no CRL yet, so this is a reload
             assert self.credential is not None
-            log.error("reload refused, still serving serial %x with its CRL: %s", self.credential.certificate.serial_number, exc)
+            if stamp != self._refused_stamp:  # said once per state of the files, whoever asks again
+                log.error("reload refused, still serving serial %x with its CRL: %s", self.credential.certificate.serial_number, exc)
             self._refused_stamp = stamp
             self.counters.reload_failures += 1
             return False
         except (PKIError, ssl.SSLError, OSError) as exc:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
-            log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
-            self._refused_stamp = stamp  # the same broken files are said once, not at every check
+            if stamp != self._refused_stamp:  # the same broken files are said once, not at every check or signal
+                log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
+            self._refused_stamp = stamp
             self.counters.reload_failures += 1
             return False
         self.counters.reloads += 1
