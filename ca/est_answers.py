@@ -8,7 +8,7 @@ large, a wrong Content-Type, a body that is no CSR) and the expectations they po
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .est import EST_PREFIX, PKCS10
 from .est_csrattrs import IDENTITY_FORM
@@ -107,7 +107,7 @@ async def expect_continue(request: web.BaseRequest) -> web.StreamResponse | None
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         return text_answer(417, f"Expect {echo(expect)}: want 100-continue or no Expect header (RFC 9110 10.1.1)")
-    if request.version == web.HttpVersion11:  # HTTP/1.0 has no 100 (Continue)
+    if request.version == HttpVersion11:  # HTTP/1.0 has no 100 (Continue)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the answer's size
     return None

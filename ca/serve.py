@@ -198,15 +198,14 @@ class ESTService:
         """The EST routes; ``front``'s middleware times each request's body (inside :meth:`_answer`,
         so that a 408 is answered and logged like every refusal)."""
         app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer, front.middleware])
-        expect = {"expect_handler": expect_continue}
         app.add_routes([
-            web.get(f"{EST_PREFIX}/cacerts", self.cacerts, **expect),
-            web.get(f"{EST_PREFIX}/csrattrs", self.csrattrs, **expect),
-            web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll, **expect),
-            web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll, **expect),
-            web.get("/crl", self.crl_der, **expect),
-            web.get("/crl.pem", self.crl_pem, **expect),
-            web.route("*", "/{path:.*}", unrouted, **expect),  # last: what no route above serves
+            web.get(f"{EST_PREFIX}/cacerts", self.cacerts, expect_handler=expect_continue),
+            web.get(f"{EST_PREFIX}/csrattrs", self.csrattrs, expect_handler=expect_continue),
+            web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll, expect_handler=expect_continue),
+            web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll, expect_handler=expect_continue),
+            web.get("/crl", self.crl_der, expect_handler=expect_continue),
+            web.get("/crl.pem", self.crl_pem, expect_handler=expect_continue),
+            web.route("*", "/{path:.*}", unrouted, expect_handler=expect_continue),  # last: what no route above serves
         ])
         return app
 

@@ -55,7 +55,10 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-def _csr(key, *, subject: x509.Name, extensions=(), algorithm=hashes.SHA256()) -> bytes:
+_SHA256 = hashes.SHA256()
+
+
+def _csr(key, *, subject: x509.Name, extensions=(), algorithm: hashes.HashAlgorithm | None = _SHA256) -> bytes:
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
@@ -150,7 +153,7 @@ _EXTENSION_VALUES = st.one_of(
     st.sampled_from([b"\x30\x00", b"\x30\x02\xa3\x00", b"\x30\x02\xa5\x00", b"\x30\x03\x01\x01\xff", b"\x03\x02\x05\xa0",
                      b"\x30\x04\x86\x02\xff\xfe", b"\x30\x06\x87\x04\x7f\x00\x00\x01", b"\x30\x03\x87\x01\x00"]),
 )
-_SUBJECT_VALUES = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
+_SUBJECT_VALUES = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40).filter(lambda t: len(t.encode()) <= 64)  # X.520 ub-common-name
 
 
 @st.composite
