@@ -383,7 +383,7 @@ def load_config(path: Path) -> AgentConfig:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # YAML is UTF-8 here (read_text)
         raise ConfigError(f"{path}: cannot read it as YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: want a mapping of settings (name:, kind:, ...), got {type(data).__name__}")

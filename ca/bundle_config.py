@@ -31,7 +31,7 @@ def parse_address(value: str | tuple) -> tuple[str, int]:
             host = host[1:-1]
     try:
         port = int(port)
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):  # [host, null], [host, [1]], [host, .inf] from YAML
         raise ValueError(f"address {value!r}: the port must be a number") from None
     if not 0 <= port <= 65535:
         raise ValueError(f"address {value!r}: port {port} outside 0..65535")

@@ -8,7 +8,7 @@ large, a wrong Content-Type, a body that is no CSR) and the expectations they po
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .est import EST_PREFIX, PKCS10
 from .est_csrattrs import IDENTITY_FORM
@@ -22,8 +22,10 @@ __all__ = [
     "MAX_ANSWER_CHARS",
     "ROUTES",
     "echo",
+    "expect_continue",
     "http_refusal",
     "text_answer",
+    "unrouted",
 ]
 
 # (method, path, what it is): every path pkictl serve answers (RFC 7030 3.2.2, 4.1, 4.2, 4.5).
@@ -95,3 +97,32 @@ def text_answer(status: int, reason: str, **headers: str) -> web.Response:
     if len(reason) > MAX_ANSWER_CHARS:
         reason = reason[:MAX_ANSWER_CHARS] + "..."
     return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)
+
+
+async def expect_continue(request: web.BaseRequest) -> web.StreamResponse | None:
+    """The Expect handler of every route (RFC 9110 10.1.1): ``100-continue`` is answered as
+    aiohttp's own handler does; any other expectation is a 417 quoting it escaped. aiohttp's own
+    417 fails with a 500 on a value that is no UTF-8, before any middleware can answer it
+    (docs/design.md, "Fuzz tests")."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return text_answer(417, f"Expect {echo(expect)}: want 100-continue or no Expect header (RFC 9110 10.1.1)")
+    if request.version == HttpVersion11:  # HTTP/1.0 has no 100 (Continue)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer's size
+    return None
+
+
+async def unrouted(request: web.BaseRequest) -> web.StreamResponse:
+    """The handler of every path and method no route serves: the 404 or 405 aiohttp's router
+    would answer, raised here so that an Expect header on an unknown path meets
+    :func:`expect_continue` too, and the refusal is worded by :func:`http_refusal`.
+
+    Raises:
+        web.HTTPMethodNotAllowed: a path of :data:`ROUTES` with another method.
+        web.HTTPNotFound: any other path.
+    """
+    allowed = {method for method, path, _ in ROUTES if path == request.path}
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed | ({"HEAD"} if "GET" in allowed else set()))
+    raise web.HTTPNotFound()

@@ -138,14 +138,39 @@ def _parse_der(data: bytes, *, source: str) -> x509.CertificateSigningRequest:
         raise PolicyError(f"{source}: {len(data) - length} bytes follow the {length}-byte DER CSR; "
                           "want exactly one CSR and nothing after it")
     try:
-        return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+        return _decoded(x509.load_der_x509_csr(data), source=source)
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion: not a ValueError (cryptography)
         try:
             x509.load_der_x509_certificate(data)
         except ValueError:
             raise PolicyError(f"{source}: not a PKCS#10 certificate signing request, PEM or DER ({exc})") from None
         raise PolicyError(f"{source}: found a certificate (DER); want a CERTIFICATE REQUEST (the CSR made on the host "
                           "with its key)") from None
+
+
+def _decoded(csr: x509.CertificateSigningRequest, *, source: str) -> x509.CertificateSigningRequest:
+    """``csr`` once the parts cryptography decodes only when first read (the subject, the
+    extensions, the public key) have decoded: a malformed extension or key in a well-formed
+    envelope is refused here, as a PolicyError, instead of escaping from a later check as a
+    ValueError (docs/design.md, "Fuzz tests").
+
+    Raises:
+        PolicyError: an extension, the subject or the public key does not decode, an extension
+            appears twice, a general name is of a type cryptography does not support (x400Address,
+            EDIPartyName), or the key's algorithm or curve is one cryptography does not know.
+    """
+    part = "subject"
+    try:
+        csr.subject  # noqa: B018 - decoded on first access
+        part = "extensions"
+        csr.extensions  # noqa: B018 - decoded on first access
+        part = "public key"
+        csr.public_key()
+    # TypeError: a CN (or other attribute) of the BitString type (cryptography's x509.Name refuses it)
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise PolicyError(f"{source}: cannot decode the CSR's {part} ({' '.join(str(exc).split())}); want a PKCS#10 "
+                          "request with an ECDSA P-256/P-384, RSA >= 2048 or Ed25519 key (RFC 2986)") from None
+    return csr
 
 
 def _printable(label: bytes) -> str:
@@ -167,8 +192,8 @@ def _parse_pem(data: bytes, *, source: str) -> x509.CertificateSigningRequest:
         raise PolicyError(f"{source}: {len(before) + len(after)} bytes of other data {where} the PEM block; "
                           f"{_WANT_ONE} and nothing else (whitespace aside)")
     try:
-        return x509.load_pem_x509_csr(blocks[0].group(0))
-    except ValueError as exc:
+        return _decoded(x509.load_pem_x509_csr(blocks[0].group(0)), source=source)
+    except (ValueError, x509.InvalidVersion) as exc:
         raise PolicyError(f"{source}: not a PKCS#10 certificate signing request, PEM or DER ({exc})") from None
 
 
@@ -207,8 +232,10 @@ def check_csr_signature(csr: x509.CertificateSigningRequest) -> None:
     signature that "does not verify" (cryptography does not verify them).
 
     Raises:
-        PolicyError: a weak or unknown signature algorithm (named), or a signature that does not verify.
+        PolicyError: a weak or unknown signature algorithm (named), a subject, extension or public
+            key that does not decode, or a signature that does not verify.
     """
+    _decoded(csr, source="the CSR")
     try:
         algorithm = csr.signature_hash_algorithm
     except UnsupportedAlgorithm:
@@ -218,7 +245,7 @@ def check_csr_signature(csr: x509.CertificateSigningRequest) -> None:
         name = _HASH_NAMES.get(algorithm.name, algorithm.name.upper())
         raise PolicyError(f"the CSR is signed with {name}; want SHA-256, SHA-384 or SHA-512 (make it again, "
                           "e.g. openssl req -sha256)")
-    if not csr.is_signature_valid:
+    if not csr.is_signature_valid:  # the key decoded above: this verifies or is False
         raise PolicyError("the CSR's signature does not verify: it does not prove possession of its key")
 
 

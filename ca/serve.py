@@ -32,7 +32,8 @@ from cryptography.x509.oid import NameOID
 from .authority import CertificateAuthority
 from .errors import CertificateUnusable, InvalidNameError, PendingApproval, PKIError, PolicyError
 from .est import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
-from .est_answers import BASIC_WANTED, CLIENT_CERTIFICATE_WANTED, CSR_BODY_WANTED, echo, http_refusal, text_answer
+from .est_answers import (BASIC_WANTED, CLIENT_CERTIFICATE_WANTED, CSR_BODY_WANTED, echo, expect_continue, http_refusal, text_answer,
+                          unrouted)
 from .est_csrattrs import CSRATTRS, encode_csr_attributes
 from .est_front import FrontLimits, TLSFront
 from .est_log import (BadAuthorization, MalformedRequest, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note,
@@ -197,12 +198,13 @@ class ESTService:
         so that a 408 is answered and logged like every refusal)."""
         app = web.Application(client_max_size=MAX_CSR_BYTES, middlewares=[self._answer, front.middleware])
         app.add_routes([
-            web.get(f"{EST_PREFIX}/cacerts", self.cacerts),
-            web.get(f"{EST_PREFIX}/csrattrs", self.csrattrs),
-            web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll),
-            web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll),
-            web.get("/crl", self.crl_der),
-            web.get("/crl.pem", self.crl_pem),
+            web.get(f"{EST_PREFIX}/cacerts", self.cacerts, expect_handler=expect_continue),
+            web.get(f"{EST_PREFIX}/csrattrs", self.csrattrs, expect_handler=expect_continue),
+            web.post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll, expect_handler=expect_continue),
+            web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll, expect_handler=expect_continue),
+            web.get("/crl", self.crl_der, expect_handler=expect_continue),
+            web.get("/crl.pem", self.crl_pem, expect_handler=expect_continue),
+            web.route("*", "/{path:.*}", unrouted, expect_handler=expect_continue),  # last: what no route above serves
         ])
         return app
 

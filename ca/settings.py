@@ -30,7 +30,8 @@ def parse_duration(text: str | int, *, field: str = "duration", allow_zero: bool
         A positive timedelta (or zero, with ``allow_zero``).
 
     Raises:
-        SettingsError: not of the form ``<integer><unit>``, or not positive.
+        SettingsError: not of the form ``<integer><unit>``, not positive, or longer than a
+            timedelta holds (999999999 days).
     """
     if isinstance(text, bool):
         raise SettingsError(f"{field}: got {text!r}, want a duration such as 90d, 12h or 30s")
@@ -46,7 +47,10 @@ def parse_duration(text: str | int, *, field: str = "duration", allow_zero: bool
         seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise SettingsError(f"{field}: got {text!r}, want a duration greater than zero")
-    return dt.timedelta(seconds=seconds)
+    try:
+        return dt.timedelta(seconds=seconds)
+    except OverflowError:  # timedelta holds at most 999999999 days
+        raise SettingsError(f"{field}: got {text!r}, want a duration of at most {dt.timedelta.max.days}d") from None
 
 
 def format_duration(value: dt.timedelta) -> str:
@@ -166,7 +170,7 @@ class CASettings:
         if not isinstance(data, dict):
             raise SettingsError(f"{source}: want a mapping of settings, got {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted((str(key) for key in data if key not in known), key=str)  # YAML keys may be numbers or null
         if unknown:
             raise SettingsError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
         values: dict[str, Any] = {}
@@ -178,7 +182,7 @@ class CASettings:
                 elif isinstance(known[key].default, int) and not isinstance(known[key].default, bool):
                     try:
                         values[key] = int(value)
-                    except (TypeError, ValueError):
+                    except (TypeError, ValueError, OverflowError):  # OverflowError: .inf
                         raise SettingsError(f"{key}: got {value!r}, want a whole number") from None
                 elif key == "renewal_fraction":
                     try:
@@ -197,6 +201,6 @@ class CASettings:
 
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SettingsError(f"{path}: not valid YAML (UTF-8 text): {exc}") from None
         return cls.from_dict(data, source=str(path))

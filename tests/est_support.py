@@ -106,13 +106,14 @@ class RunningService:
 
 
 class ServeProcess:
-    """``pkictl --home H serve --listen 127.0.0.1:0 ...`` as a real subprocess, its log watched."""
+    """``pkictl --home H serve --listen 127.0.0.1:0 ...`` as a real subprocess, its log watched
+    (``cwd`` and ``env``: its working directory and extra environment variables)."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [command("pkictl"), "--home", str(home), "serve", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.log = LogWatcher(self.proc.stderr)
         self.port = int(self.log.wait_for(r"ready: EST on https://127\.0\.0\.1:(\d+)").group(1))

@@ -32,8 +32,12 @@ class EchoServer:
     """A plain TCP echo server on 127.0.0.1, port 0: the stand-in for the real gateway."""
 
     def __init__(self) -> None:
+        self.connections = 0  # how many connections reached it (the fuzz tests count them)
+        server = self
+
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
+                server.connections += 1
                 while data := self.request.recv(65536):
                     self.request.sendall(data)
 
