@@ -3,13 +3,15 @@ unrevoked gateway certificate may report, and a bad report is refused and change
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
 
+from pkictl.fleet import fleet_view
 from pkictl.inventory import Inventory
 
-from est_support import RunningService, curl
+from est_support import RunningService, curl, est_body, make_csr, pkictl as run_pkictl
 from support import live_files
 
 PATH = "/pkictl/v1/gateway-report"
@@ -87,3 +89,17 @@ def test_malformed_or_oversized_report_is_refused_and_changes_nothing(service, p
     reply = _post(service, pki, pki.gateway, body)
     assert reply.status == status and said in reply.text, reply
     assert _stored(pki) == before
+
+
+def test_the_address_an_est_issuance_went_to_is_the_last_renewal_peer(service, pki, tmp_path):
+    """A node enrolled over EST (curl, token) shows the address its request came from as its last
+    renewal address; TW, enrolled on the CA host, shows none. (Mutation: ESTService._note_peer
+    doing nothing leaves it None.)"""
+    token = run_pkictl(pki.home, "enroll-node", "n9", "--token").stdout.splitlines()[1].strip()
+    csr, _ = make_csr(tmp_path, subject="/CN=n9")
+    reply = curl(f"{service.url}/.well-known/est/simpleenroll", "-u", f"n9:{token}", cacert=pki.home / "ca.pem", data=est_body(csr),
+                 content_type="application/pkcs10")
+    assert reply.status == 200, reply
+    rows = {r.name: r for r in fleet_view(pki.ca, now=dt.datetime.now(dt.timezone.utc), disconnected_after=dt.timedelta(minutes=10))}
+    assert rows["n9"].last_renewal_peer == "127.0.0.1"
+    assert rows["TW"].last_renewal_peer is None
