@@ -44,6 +44,7 @@ class FleetReporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failing = False
+        self._closed = False
 
     def _sender(self) -> Callable[[bytes], None] | None:
         source, renewal = self.agent.source, self.agent.config.renewal
@@ -84,12 +85,14 @@ class FleetReporter:
 
     async def _run(self) -> None:
         assert self._send is not None
-        while True:
+        while not self._closed:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
                 await asyncio.sleep(DEBOUNCE)  # the changes of a burst go out together
             except asyncio.TimeoutError:
                 pass  # the heartbeat
+            if self._closed:  # wait_for can lose a cancellation that meets its wake-up (Python 3.11)
+                return
             self._wake.clear()
             try:
                 await asyncio.to_thread(self._send, self.body())
@@ -104,6 +107,7 @@ class FleetReporter:
 
     async def close(self) -> None:
         """Stop reporting."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=5)

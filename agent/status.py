@@ -97,7 +97,8 @@ def _connection_table(addresses: list[str], problems: list[str]) -> list[dict] |
         return None
     url = f"http://{addresses[0]}/connections"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        # No proxy: the endpoint is this host's own (an http_proxy variable must not send it elsewhere).
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as response:
             table = json.loads(response.read())
     except (OSError, ValueError) as exc:
         problems.append(f"the agent's status endpoint {url} does not answer ({exc}): its connections are unknown")

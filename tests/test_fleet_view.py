@@ -105,5 +105,11 @@ def test_gateway_on_the_ca_host_writes_its_report_into_the_inventory(pki):
                                     capture_output=True, text=True, timeout=DEADLINE)
             table = json.loads(status.stdout)["connections"]
             assert [(n["node"], n["open_connections"], n["bytes_in"]) for n in table] == [("tw", 0, len(b"through the gateway"))]
+            client = TLSClient(port, bundle_context(pki.node))
+            assert client.echo(b"again") == b"again"
+            text = subprocess.run([command("pki-agent"), "status", "--config", str(pki.gateway / "agent.yaml")],
+                                  capture_output=True, text=True, timeout=DEADLINE).stdout
+            client.close()
+            assert "connections    1 open, 1 node(s) seen" in text and "tw: 1 open since" in text, text
         finally:
             gateway.stop()
