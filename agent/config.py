@@ -138,6 +138,9 @@ class ListenerConfig(_Model):
         crl: PEM file of the CA's CRL(s); when set, a revoked client is refused (checked by
             OpenSSL and again by the listener), a change of the file reloads the listener, and
             established connections of a newly revoked serial are closed.
+        report_interval: the connection table goes to the CA at every change and at least this
+            often (the heartbeat); the CA takes the gateway for "not reporting" after three
+            intervals without a report (docs/design.md, "Fleet view").
     """
 
     listen: Address
@@ -149,6 +152,7 @@ class ListenerConfig(_Model):
     max_connections_per_peer: Optional[int] = Field(None, ge=1)
     idle_timeout: Duration = dt.timedelta(minutes=10)
     max_connection_age: Optional[Duration] = None
+    report_interval: Duration = dt.timedelta(seconds=10)
 
     @field_validator("allow")
     @classmethod
@@ -156,7 +160,7 @@ class ListenerConfig(_Model):
         names = allowed_names(value)
         return ["*"] if names is None else sorted(names)
 
-    @field_validator("handshake_timeout", "idle_timeout", "max_connection_age")
+    @field_validator("handshake_timeout", "idle_timeout", "max_connection_age", "report_interval")
     @classmethod
     def _positive(cls, value: dt.timedelta | None) -> dt.timedelta | None:
         if value is not None and value <= dt.timedelta(0):

@@ -281,6 +281,7 @@ class Connection(asyncio.BufferedProtocol):
         self.started = self.last_activity = loop.time()
         listener.stats.accepted += 1
         listener.remember(identity)
+        listener.note("opened", self, identity.name, self.peer)
         log_accepted(self.peer, identity, self.tls.version(), batch=listener.events)
         config = listener.config
         if config.max_connection_age is not None:
@@ -504,6 +505,7 @@ class Connection(asyncio.BufferedProtocol):
         assert events is not None, "made by the listener's start()"
         stats.closed_bytes_in += self.bytes_in
         stats.closed_bytes_out += self.bytes_out
+        self.listener.note("closed", self, self.identity.name, self.peer)
         log_closed(self.peer, self.identity, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                    duration=self.loop.time() - self.started, reason=self.end_reason or "closed", batch=events)
 

@@ -50,6 +50,7 @@ from .watch import credential_stamp, watch_files
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+    from .fleet_push import FleetReporter
     from .listener import GatewayListener
     from .metrics import StatusServer
     from .tunnel import NodeTunnel
@@ -114,6 +115,7 @@ class Agent:
         self._last_renewal = self._last_renewal_on_disk()
         self.counters = AgentCounters()
         self.status_server: "StatusServer | None" = None
+        self.fleet_reporter: "FleetReporter | None" = None
         self.reenrollment = Reenrollment(config, self.store, source if isinstance(source, ESTClient) else None)
         self.upkeep = ESTUpkeep(self, source) if isinstance(source, ESTClient) else None
 
@@ -437,6 +439,7 @@ class Agent:
             "next_attempt": iso(self._next_attempt), "failures": self._failures,
             "last_attempt": self._last_attempt, "last_renewal": iso(self._last_renewal), "forced_attempts": self._forced,
             "listener": listener, "tunnel": tunnel, "hooks": self._hook_results,
+            "status_server": [f"{h}:{p}" for h, p in self.status_server.addresses] if self.status_server is not None else None,
             **self.reenrollment.state(),
         }
 

@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .errors import AgentError
+from .fleet_push import FleetReporter
 from .listener import GatewayListener
 from .metrics import StatusServer
 from .tunnel import NodeTunnel
@@ -29,7 +30,7 @@ async def start_endpoints(agent: "Agent") -> None:
     config = agent.config
     wanted: list[tuple[str, tuple[str, int], GatewayListener | NodeTunnel | StatusServer]] = []
     if config.listener is not None:
-        wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain)))
+        wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain, agent.clock)))
     if config.tunnel is not None:
         wanted.append(("tunnel", config.tunnel.listen, NodeTunnel(config.tunnel, agent.current_client_tls,
                                                                         agent.upkeep.note_gateway_refusal if agent.upkeep else None)))
@@ -43,12 +44,17 @@ async def start_endpoints(agent: "Agent") -> None:
             await close_endpoints(agent)
             raise AgentError(f"{names[attribute]}: cannot listen on {host}:{port}: {exc}") from None
         setattr(agent, attribute, endpoint)
+    if agent.listener is not None:
+        agent.fleet_reporter = FleetReporter(agent, agent.listener)
+        agent.fleet_reporter.start()
     if agent.status_server is not None:
         log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in agent.status_server.addresses))
 
 
 async def close_endpoints(agent: "Agent") -> None:
     """Close every endpoint :func:`start_endpoints` started (open connections end)."""
+    if agent.fleet_reporter is not None:
+        await agent.fleet_reporter.close()
     for attribute in ("listener", "tunnel", "status_server"):
         endpoint = getattr(agent, attribute)
         if endpoint is not None:

@@ -22,6 +22,7 @@ from cryptography import x509
 from pkictl.errors import AuthenticationError, PKIError, StoreError
 from pkictl.files import atomic_write
 from pkictl.est import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
+from pkictl.fleet_report import REPORT_CONTENT_TYPE, REPORT_PATH
 from pkictl.store import Credential, CredentialStore
 from pkictl.file_errors import load_into_context
 from pkictl.tls import alert_reason, load_trust_anchors
@@ -209,6 +210,17 @@ class ESTClient:
         if response.status != 200 or b"-----BEGIN X509 CRL-----" not in response.body:
             raise RenewalError(f"{self.base_url}/crl.pem: HTTP {response.status}: {response.reason[:200]}")
         return response.body, response.headers.get("ETag")
+
+    def gateway_report(self, body: bytes) -> None:
+        """POST this gateway's connection table (JSON, :mod:`pkictl.fleet_report`) to the CA,
+        authenticated by the gateway's current certificate.
+
+        Raises:
+            RenewalError: unreachable, or refused (the answer's status and text).
+        """
+        response = self._request("POST", REPORT_PATH, body=body, headers={"Content-Type": REPORT_CONTENT_TYPE}, client=True)
+        if response.status != 204:
+            raise RenewalError(f"{self.base_url}{REPORT_PATH}: HTTP {response.status}: {response.reason[:200]}")
 
     def wait_for_certificate(
         self, csr: x509.CertificateSigningRequest, *, name: str, token: str | None, deadline: float,

@@ -10,11 +10,12 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Callable
+from typing import Callable, Literal
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pkictl.admission import Admission, AdmissionLimits
+from pkictl.clock import Clock, SystemClock
 from pkictl.logfmt import peer_name
 from pkictl.sockets import accept_ready, bind_listening_sockets
 
@@ -22,6 +23,7 @@ from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
 from .connection import CHUNK, CONNECTING, SWEEP, Connection
 from .connlog import EventBatch, log_probe, log_refused
+from .nodetable import ConnectionEvent, NodeTable
 from .tls import ServerTLS
 
 __all__ = ["GatewayListener", "ListenerStats"]
@@ -60,10 +62,15 @@ class GatewayListener:
         current: returns the :class:`ServerTLS` (context + revoked set) for a new connection
             (the agent's hot-reload holder); called once per connection, before the handshake.
         trust_domain: the SPIFFE trust domain of node identities.
+        clock: the time of connection events in :attr:`table`.
     """
 
-    def __init__(self, config: ListenerConfig, current: Callable[[], ServerTLS], trust_domain: str) -> None:
+    def __init__(self, config: ListenerConfig, current: Callable[[], ServerTLS], trust_domain: str, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or SystemClock()
+        self.table = NodeTable()
+        # Called after each event that changed the table (the gateway's report to the CA).
+        self.on_change: Callable[[], None] | None = None
         self._current = current
         self.trust_domain = trust_domain
         self.authorizer = Authorizer(trust_domain, config.allowed_names)
@@ -97,6 +104,27 @@ class GatewayListener:
     def active_connections(self) -> int:
         """Connections open now, handshaking ones included."""
         return len(self._connections)
+
+    def note(self, kind: Literal["opened", "closed", "refused"], conn: Connection | None, node: str | None, peer: str, *, reason: str | None = None) -> None:
+        """Turn what happened to a connection into a :class:`ConnectionEvent` and apply it to the table."""
+        event = ConnectionEvent(kind, id(conn), node, peer, self.clock.now(), bytes_in=conn.bytes_in if conn and kind == "closed" else 0,
+                                bytes_out=conn.bytes_out if conn and kind == "closed" else 0, reason=reason)
+        self.table.apply(event)
+        if self.on_change is not None and node is not None:
+            self.on_change()
+
+    def live_bytes(self) -> dict[str, tuple[int, int]]:
+        """Bytes ``(in, out)`` forwarded so far by each node's open connections."""
+        out: dict[str, tuple[int, int]] = {}
+        for c in self._connections:
+            if c.identity is not None and not c.logged:
+                got = out.get(c.identity.name, (0, 0))
+                out[c.identity.name] = (got[0] + c.bytes_in, got[1] + c.bytes_out)
+        return out
+
+    def connection_table(self) -> list[dict]:
+        """The per-node table now (:meth:`pki_agent.nodetable.NodeTable.rows`), open bytes included."""
+        return self.table.rows(self.clock.now(), self.live_bytes())
 
     def bytes_forwarded(self) -> tuple[int, int]:
         """``(node to upstream, upstream to node)`` bytes so far, open connections included."""
@@ -263,6 +291,7 @@ class GatewayListener:
     def _refused(self, peer: str, reason: str, detail: str, *, node: str | None = None, serial: int | None = None) -> None:
         self.stats.refuse(reason)
         log_refused(peer, reason, detail, node=node, serial=serial)
+        self.note("refused", None, node, peer, reason=reason)
 
 
 def _numeric_addresses(host: str, port: int) -> list[tuple[int, tuple]] | None:

@@ -16,10 +16,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pkictl.status_http import HealthMetricsServer
 
+from .nodetable import OTHER
+
 if TYPE_CHECKING:
     from .daemon import Agent
+    from .listener import GatewayListener
 
-__all__ = ["AgentCounters", "AgentCollector", "health", "StatusServer"]
+__all__ = ["AgentCounters", "AgentCollector", "health", "node_label", "StatusServer"]
 
 log = logging.getLogger("pki_agent")
 
@@ -90,6 +93,46 @@ class AgentCollector:
         forwarded.add_metric(values + ["to_upstream"], upstream)
         forwarded.add_metric(values + ["to_node"], downstream)
         yield forwarded
+        yield from _node_families(listener, labels, values)
+
+
+def node_label(listener: "GatewayListener", name: str) -> str:
+    """The ``node`` label of ``name``: itself when it is in the allow list (or, with ``['*']``,
+    once it has connected: a certificate of this CA, an enrolled node), else ``other``. So
+    the series are bounded by the enrolled nodes, whatever names or addresses refused clients use."""
+    allow = listener.authorizer.allow
+    if allow is not None:
+        return name if name in allow else OTHER
+    entry = listener.table.nodes.get(name)
+    return name if entry is not None and entry.opened_total else OTHER
+
+
+def _node_families(listener: "GatewayListener", labels: list[str], values: list[str]):
+    """Per-node series: connected (0/1), connections opened, refusals by reason."""
+    connected: dict[str, int] = {name: 0 for name in listener.authorizer.allow or ()}
+    opened: dict[str, int] = dict(connected)
+    refusals: dict[tuple[str, str], int] = {}
+    for name, entry in listener.table.nodes.items():
+        label = node_label(listener, name)
+        connected[label] = max(connected.get(label, 0), 1 if entry.open else 0)
+        opened[label] = opened.get(label, 0) + entry.opened_total
+        for reason, count in entry.refusals.items():
+            refusals[(label, reason)] = refusals.get((label, reason), 0) + count
+    family = GaugeMetricFamily("pki_agent_listener_node_connected", "1 while the node has a connection open, else 0.",
+                               labels=labels + ["node"])
+    for name in sorted(connected):
+        family.add_metric(values + [name], connected[name])
+    yield family
+    counter = CounterMetricFamily("pki_agent_listener_node_connections_opened", "Connections of the node authorized and forwarded.",
+                                  labels=labels + ["node"])
+    for name in sorted(opened):
+        counter.add_metric(values + [name], opened[name])
+    yield counter
+    refused = CounterMetricFamily("pki_agent_listener_node_refusals", "Connections refused once the node's identity was known, by reason.",
+                                  labels=labels + ["node", "reason"])
+    for (name, reason), count in sorted(refusals.items()):
+        refused.add_metric(values + [name, reason], count)
+    yield refused
 
 
 def health(agent: "Agent") -> list[str]:
@@ -126,5 +169,6 @@ class StatusServer(HealthMetricsServer):
     def __init__(self, agent: "Agent", listen: tuple[str, int]) -> None:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(AgentCollector(agent))
-        super().__init__(listen, lambda: health(agent), registry)
+        super().__init__(listen, lambda: health(agent), registry,
+                         json_routes={"/connections": lambda: agent.listener.connection_table() if agent.listener else []})
         self.agent = agent

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import urllib.request
 from typing import Any
 
 from pkictl.errors import PKIError
+from pkictl.logfmt import bare
 from pkictl.renewal import certificate_state, renewal_time
 from pkictl.store import CredentialStore
 
@@ -28,7 +30,8 @@ def host_status(config: AgentConfig, now: dt.datetime) -> dict[str, Any]:
 
     Keys: ``name``, ``kind``, ``agent`` (``running``, ``pid``), ``credential`` (from disk:
     ``serial``, ``not_after``, ``days_left``, ``state``, ``renewal_due``; or ``error``),
-    ``state`` (the agent's state file, or None), ``problems`` (one line each).
+    ``state`` (the agent's state file, or None), ``problems`` (one line each), ``connections``
+    (a gateway's per-node table from the running agent's status endpoint, or None).
     """
     problems: list[str] = []
     try:
@@ -80,8 +83,27 @@ def host_status(config: AgentConfig, now: dt.datetime) -> dict[str, Any]:
         if pid is not None and served and "serial" in credential and served != credential["serial"]:
             problems.append(f"the agent serves serial {served} but {store.live} holds {credential['serial']}: "
                             "reload it (systemctl reload pki-agent, or kill -HUP the agent)")
+    connections = None
+    if pid is not None and state is not None and config.listener is not None:
+        connections = _connection_table(state.get("status_server") or [], problems)
     return {"name": config.name, "kind": config.kind, "agent": {"running": pid is not None, "pid": pid},
-            "credential": credential, "state": state, "problems": problems}
+            "credential": credential, "state": state, "problems": problems, "connections": connections}
+
+
+def _connection_table(addresses: list[str], problems: list[str]) -> list[dict] | None:
+    """The running listener's per-node table, from the agent's status endpoint (``GET
+    /connections``); None without one (``metrics.listen`` unset) or when it does not answer."""
+    if not addresses:
+        return None
+    url = f"http://{addresses[0]}/connections"
+    try:
+        # No proxy: the endpoint is this host's own (an http_proxy variable must not send it elsewhere).
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as response:
+            table = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        problems.append(f"the agent's status endpoint {url} does not answer ({exc}): its connections are unknown")
+        return None
+    return table if isinstance(table, list) else None
 
 
 def exit_code(status: dict[str, Any]) -> int:
@@ -120,6 +142,15 @@ def render_status(status: dict[str, Any], *, as_json: bool = False) -> str:
     tunnel = state.get("tunnel")
     if tunnel:
         lines.append(f"  tunnel         {', '.join(tunnel['addresses'])} -> {tunnel['gateway']}")
+    connections = status.get("connections")
+    if connections is not None:
+        lines.append(f"  connections    {sum(n['open_connections'] for n in connections)} open, {len(connections)} node(s) seen")
+        for n in connections:
+            since = f" since {n['connected_since']} from {bare(n['peer'])}" if n["open_connections"] else f", last seen {n['last_seen']}"
+            refusal = f"; last refusal {n['last_refusal_at']} {bare(n['last_refusal_reason'])}" if n["last_refusal_reason"] else ""
+            lines.append(f"    {bare(n['node'])}: {n['open_connections']} open{since}, in {n['bytes_in']} B, out {n['bytes_out']} B{refusal}")
+    elif listener:
+        lines.append("  connections    unknown here: set metrics.listen in the agent's configuration to see them")
     for hook in state.get("hooks") or []:
         lines.append(f"  hook           {hook['hook']}: {'ok' if hook['ok'] else 'FAILED'} ({hook['detail']}) at {hook['time']}")
     lines += [f"  problem        {p}" for p in status["problems"]]

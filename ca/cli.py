@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import KeyReused, PKIError
+from .fleet_cli import nodes
 
 __all__ = ["main", "cli", "default_home", "PKIGroup"]
 
@@ -698,6 +699,9 @@ def demo(directory: Path, lifetime: str, port: int | None) -> None:
     from .demo import run_demo
 
     run_demo(directory, lifetime=lifetime, port=port, echo=click.echo)
+
+
+cli.add_command(nodes)
 
 
 def main() -> None:

@@ -85,6 +85,9 @@ def http_refusal(exc: web.HTTPException, request: web.BaseRequest) -> str | None
         want = " or ".join(allowed)
         hint = f" with {CSR_BODY_WANTED}" if allowed == ["POST"] else ""
         return f"method {echo(request.method)} on {echo(request.path)}: want {want}{hint}"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge) and request.path.startswith("/pkictl/"):
+        return (f"request body over {MAX_CSR_BYTES} bytes: a gateway report is at most {MAX_CSR_BYTES} bytes of JSON "
+                "(about 60 nodes)")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return (f"request body over {MAX_CSR_BYTES} bytes: want a CSR body of at most {MAX_CSR_BYTES} bytes "
                 f"(a base64 P-256 or RSA-4096 CSR is under 4 KiB; Content-Type {PKCS10})")

@@ -537,6 +537,38 @@ class Inventory:
             rows = list(unique.values())
         return rows
 
+    # -- the fleet view: the gateways' reports and where EST issued to ----------------------------
+
+    def record_gateway_report(self, gateway: str, *, serial: int, received_at: dt.datetime, interval: float, report: str) -> None:
+        """Keep ``report`` (JSON) as the latest of ``gateway`` (one row per gateway, replaced).
+
+        Args:
+            serial: the certificate the gateway reported with.
+            received_at: when it arrived, by the CA's clock (staleness is judged on it).
+            interval: seconds between the gateway's heartbeats.
+        """
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO gateway_reports (gateway, serial, received_at, interval, report) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway) DO UPDATE SET serial = excluded.serial, received_at = excluded.received_at, "
+                "interval = excluded.interval, report = excluded.report",
+                (gateway.lower(), f"{serial:x}", received_at.timestamp(), interval, report),
+            )
+
+    def gateway_reports(self) -> list[tuple[str, int, dt.datetime, float, str]]:
+        """``(gateway, serial, received_at, interval seconds, report JSON)`` of every gateway, by name."""
+        rows = self._db.execute("SELECT gateway, serial, received_at, interval, report FROM gateway_reports ORDER BY gateway")
+        return [(r[0], int(r[1], 16), dt.datetime.fromtimestamp(r[2], dt.timezone.utc), r[3], r[4]) for r in rows]
+
+    def record_issuance_peer(self, serial: int, peer: str) -> None:
+        """Remember the address the EST request for certificate ``serial`` came from."""
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO issuance_peers (serial, peer) VALUES (?, ?)", (f"{serial:x}", peer))
+
+    def issuance_peers(self) -> dict[int, str]:
+        """``{serial: peer address}`` of the certificates issued over EST."""
+        return {int(r[0], 16): r[1] for r in self._db.execute("SELECT serial, peer FROM issuance_peers")}
+
     def _transaction(self) -> "_Tx":
         return _Tx(self._db)
 

@@ -3,12 +3,23 @@ the version without importing the inventory module)."""
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 # Changes from one version to the next, applied in order to an older inventory (the CREATE TABLE
 # statements below already hold them for a new one).
 MIGRATIONS = {
     2: "ALTER TABLE tokens ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0",
     3: "ALTER TABLE certificates ADD COLUMN successor TEXT",
+    4: """CREATE TABLE IF NOT EXISTS gateway_reports (
+    gateway      TEXT PRIMARY KEY,          -- the gateway's name (lower case), from its certificate
+    serial       TEXT NOT NULL,             -- serial (hex) of the certificate it reported with
+    received_at  REAL NOT NULL,             -- UTC epoch seconds, by the CA's clock
+    interval     REAL NOT NULL,             -- seconds between its heartbeats (it is stale after 3 of them)
+    report       TEXT NOT NULL              -- the latest report, JSON (pkictl.fleet_report.GatewayReport)
+)""",
+    5: """CREATE TABLE IF NOT EXISTS issuance_peers (
+    serial       TEXT PRIMARY KEY,          -- serial (hex) of a certificate issued over EST
+    peer         TEXT NOT NULL              -- the address its request came from
+)""",
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -66,5 +77,16 @@ CREATE TABLE IF NOT EXISTS requests (
     status       TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'issued')),
     decided_at   INTEGER,
     serial       TEXT                       -- the certificate issued for it
+);
+CREATE TABLE IF NOT EXISTS gateway_reports (
+    gateway      TEXT PRIMARY KEY,          -- the gateway's name (lower case), from its certificate
+    serial       TEXT NOT NULL,             -- serial (hex) of the certificate it reported with
+    received_at  REAL NOT NULL,             -- UTC epoch seconds, by the CA's clock
+    interval     REAL NOT NULL,             -- seconds between its heartbeats (it is stale after 3 of them)
+    report       TEXT NOT NULL              -- the latest report, JSON (pkictl.fleet_report.GatewayReport)
+);
+CREATE TABLE IF NOT EXISTS issuance_peers (
+    serial       TEXT PRIMARY KEY,          -- serial (hex) of a certificate issued over EST
+    peer         TEXT NOT NULL              -- the address its request came from
 );
 """

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 from typing import Callable
 
@@ -36,6 +37,7 @@ from .est_answers import (BASIC_WANTED, CLIENT_CERTIFICATE_WANTED, CSR_BODY_WANT
                           unrouted)
 from .est_csrattrs import CSRATTRS, encode_csr_attributes
 from .est_front import FrontLimits, TLSFront
+from .fleet_report import REPORT_PATH, accept_report
 from .est_log import (BadAuthorization, MalformedRequest, NoClientCertificate, QuietClientErrors, Refusal, RequestLog, classify, note,
                       outcome, remember_peer)
 from .logfmt import quoted
@@ -204,6 +206,7 @@ class ESTService:
             web.post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll, expect_handler=expect_continue),
             web.get("/crl", self.crl_der, expect_handler=expect_continue),
             web.get("/crl.pem", self.crl_pem, expect_handler=expect_continue),
+            web.post(REPORT_PATH, self.gateway_report, expect_handler=expect_continue),
             web.route("*", "/{path:.*}", unrouted, expect_handler=expect_continue),  # last: what no route above serves
         ])
         return app
@@ -318,6 +321,7 @@ class ESTService:
         else:
             self.follow_rotation()
             certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=peer)
+        self._note_peer(certificate, peer)
         return self._certificate(certificate)
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
@@ -331,9 +335,34 @@ class ESTService:
         self._limit(f"serial:{current.serial_number:x}")
         csr = await self._csr(request)
         if self.signers is not None:
-            return self._certificate(await self.signers.simple_reenroll(csr, current))
-        self.follow_rotation()
-        return self._certificate(self.ca.simple_reenroll(csr, current))
+            successor = await self.signers.simple_reenroll(csr, current)
+        else:
+            self.follow_rotation()
+            successor = self.ca.simple_reenroll(csr, current)
+        self._note_peer(successor, request.remote or "?")
+        return self._certificate(successor)
+
+    def _note_peer(self, certificate: x509.Certificate, peer: str) -> None:
+        """Remember where ``certificate`` went (the fleet view's last renewal address); a failure
+        to write is logged, and the client still gets its certificate."""
+        try:
+            self.ca.inventory.record_issuance_peer(certificate.serial_number, peer)
+        except (OSError, PKIError, sqlite3.Error) as exc:
+            log.error("cannot record where serial %x was issued to: %s", certificate.serial_number, exc)
+
+    async def gateway_report(self, request: web.Request) -> web.Response:
+        """A gateway's connection table (:mod:`pkictl.fleet_report`), authenticated by its
+        gateway certificate over mTLS; 204 once stored."""
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            raise NoClientCertificate(f"no TLS client certificate came with this request; {REPORT_PATH} wants the gateway's own")
+        current = x509.load_der_x509_certificate(der)
+        note(request, node=_common_name(current.subject), serial=current.serial_number)
+        self._limit(f"serial:{current.serial_number:x}")
+        gateway, report = accept_report(self.ca.inventory, current, await request.read(), self.ca.clock.now())
+        log.debug("gateway report of %s: %d node(s)", gateway, len(report.nodes))
+        return web.Response(status=204)
 
     def _certificate(self, certificate: x509.Certificate) -> web.Response:
         # RFC 7030 4.2.3: "containing only the certificate that was issued"; clients take the

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from aiohttp import web
@@ -20,10 +21,13 @@ class HealthMetricsServer:
         listen: ``(host, port)``; port 0 picks a free port (see :attr:`addresses`).
         health: returns what is wrong now, as messages for the operator; empty when healthy.
         registry: the metrics to expose.
+        json_routes: more ``GET`` paths, each answered with the JSON of what its function returns.
     """
 
-    def __init__(self, listen: tuple[str, int], health: Callable[[], list[str]], registry: CollectorRegistry) -> None:
+    def __init__(self, listen: tuple[str, int], health: Callable[[], list[str]], registry: CollectorRegistry,
+                 json_routes: dict[str, Callable[[], object]] | None = None) -> None:
         self.listen = listen
+        self._json_routes = json_routes or {}
         self._health = health
         self.registry = registry
         self._runner: web.AppRunner | None = None
@@ -42,6 +46,8 @@ class HealthMetricsServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
+        for path, make in self._json_routes.items():
+            app.router.add_get(path, functools.partial(self._json, make))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = self.listen
@@ -55,6 +61,9 @@ class HealthMetricsServer:
         problems = self._health()
         body: dict[str, object] = {"status": "ok"} if not problems else {"status": "failing", "problems": problems}
         return web.json_response(body, status=503 if problems else 200)
+
+    async def _json(self, make: Callable[[], object], request: web.Request) -> web.Response:
+        return web.json_response(make())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))

@@ -400,6 +400,7 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     old = sqlite3.connect(path)
     version_1 = re.sub(r"used_at( +)INTEGER,(.*)\n +replaces .*\n", r"used_at\1INTEGER \2\n", SCHEMA)
     version_1 = re.sub(r"\n +successor +TEXT,.*", "", version_1)  # schema 3's column
+    version_1 = version_1.split("CREATE TABLE IF NOT EXISTS gateway_reports")[0]  # schemas 4 and 5's tables
     old.executescript(version_1)
     assert "replaces" not in [c[1] for c in old.execute("PRAGMA table_info(tokens)")]
     old.execute("PRAGMA user_version = 1")
@@ -418,5 +419,7 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     assert inventory.consume_token("tw", "aa", now) and inventory.token_replaces("tw", "aa", now) is None
     inventory.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert "successor" in [c[1] for c in db.execute("PRAGMA table_info(certificates)")]
+    assert "report" in [c[1] for c in db.execute("PRAGMA table_info(gateway_reports)")]
+    assert "peer" in [c[1] for c in db.execute("PRAGMA table_info(issuance_peers)")]
