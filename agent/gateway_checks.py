@@ -24,7 +24,7 @@ from pkictl.diagnosis import Finding, Severity, check
 from .probe import probe_gateway, served_certificate, tcp_connect
 
 if TYPE_CHECKING:
-    from .doctor import AgentFacts
+    from .doctor_facts import AgentFacts
 
 __all__ = ["GATEWAY_CHECKS", "ALERT_MEANINGS"]
 

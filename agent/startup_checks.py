@@ -18,7 +18,7 @@ from pkictl.credential_checks import check_chain, check_issuer, check_trust_anch
 from pkictl.diagnosis import Finding, Severity, run_checks
 
 from .config import AgentConfig
-from .doctor import AgentFacts
+from .doctor_facts import AgentFacts
 
 __all__ = ["STARTUP_CHECKS", "startup_findings", "log_startup_findings"]
 

@@ -21,7 +21,7 @@ from .probe import tcp_connect
 from .service import backend_for
 
 if TYPE_CHECKING:
-    from .doctor import AgentFacts
+    from .doctor_facts import AgentFacts
 
 __all__ = ["check_tunnel_port"]
 

@@ -34,7 +34,7 @@ from .keys import load_private_key
 from .pem import public_key_bytes
 
 __all__ = ["PENDING", "PendingIssuer", "file_state", "finish_interrupted_rotation", "issuer_dirs", "issuing_lock",
-           "open_issuing", "promote_due", "publish_pending", "read_pending", "refresh"]
+           "open_issuing", "promote_due", "publish_pending", "read_pending", "usable_pending"]
 
 PENDING = "pending-issuing"
 _LOCK = ".issuing.lock"
@@ -155,11 +155,11 @@ def promote_due(home: Path, now: dt.datetime, *, audit, pending: PendingIssuer |
         True if this call promoted it.
     """
     home = Path(home)
-    pending = pending or _usable_pending(home)
+    pending = pending or usable_pending(home)
     if pending is None or now < pending.activate_at:
         return False
     with issuing_lock(home, exclusive=True):
-        pending = _usable_pending(home)  # again, under the lock: another process may have promoted it
+        pending = usable_pending(home)  # again, under the lock: another process may have promoted it
         if pending is None or now < pending.activate_at:
             return False
         current = home / "issuing"
@@ -215,35 +215,10 @@ def issuer_dirs(home: Path) -> Iterator[list[tuple[str, x509.Certificate, Path]]
         yield found
 
 
-def _usable_pending(home: Path) -> PendingIssuer | None:
+def usable_pending(home: Path) -> PendingIssuer | None:
     """:func:`read_pending`, with a malformed ``activate-at`` taken as nothing pending: such a
     CA is never promoted, and the current one keeps issuing (``pkictl doctor`` reports it)."""
     try:
         return read_pending(home)
     except StoreError:
         return None
-
-
-def refresh(ca) -> bool:
-    """Bring ``ca`` (a :class:`pkictl.authority.CertificateAuthority`) up to the home's issuing CAs:
-    promote a due pending CA, reload a pending or issuing CA changed by another process.
-    Two stat calls when nothing changed.
-
-    Returns:
-        True if the issuing CA or the pending one changed.
-    """
-    home = ca.home
-    changed = False
-    pending_state = file_state(home / PENDING / "cert.pem")
-    if pending_state != ca._pending_state:
-        ca.pending, ca._pending_state = _usable_pending(home), pending_state
-        changed = True
-    if ca.pending is not None and ca.clock.now() >= ca.pending.activate_at:
-        promote_due(home, ca.clock.now(), audit=ca.audit, pending=ca.pending)
-        ca.pending, ca._pending_state = _usable_pending(home), file_state(home / PENDING / "cert.pem")
-        changed = True
-    if file_state(home / "issuing" / "cert.pem") != ca._issuing_state:
-        certificate, key, state = open_issuing(home, ca._passphrase)
-        changed = changed or certificate.serial_number != ca.issuing.serial_number
-        ca.issuing, ca._issuing_key, ca._issuing_state = certificate, key, state
-    return changed

@@ -14,7 +14,6 @@ Home layout::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import sqlite3
@@ -22,29 +21,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
-from .activation import file_state
+from .activation import PENDING, file_state, finish_interrupted_rotation, open_issuing, promote_due, usable_pending
 from .clock import Clock, SystemClock
-from .errors import CANotFoundError, CertificateUnusable, NotEnrolledError, PolicyError, StoreError
-from .audit import AuditLog, audits_refusals
+from .errors import CANotFoundError, NotEnrolledError, PolicyError
+from .audit import AuditLog
 from .file_errors import CA_FILE_FIX, read_certificates
-from .files import make_private_dir, remove_stale_temp_files, write_new_file
-from .inventory import Inventory, Record, Superseded
+from .files import remove_stale_temp_files
+from .inventory import Inventory, Record
 from .lifecycle import init_ca, rotate_issuing
 from .lint import prelint, signed
 from .names import validate_name
-from .policy import check_csr_signature, check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
-from .pem import certificates_to_pem, public_key_bytes
-from .bootstrap import Bootstrap
+from .policy import check_dns_name, check_ip_address, check_public_key
+from .pem import public_key_bytes
+from .bootstrap import DEFAULT_TOKEN_TTL, Bootstrap
+from .bundles import BundleEnrollment, Enrollment
+from .reenrollment import Reenrollment
 from .revocation import Revocation
-from .profile import build_end_entity, generate_key, node_identity, validity_window
+from .profile import build_end_entity, node_identity, validity_window
 from .settings import CASettings
-from .store import Credential, CredentialStore
 
 if TYPE_CHECKING:
     import datetime as dt
+
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
     from .activation import PendingIssuer
 
@@ -65,23 +66,7 @@ def san_strings(certificate: x509.Certificate) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(issuer)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Enrollment:
-    """What an enrollment produced: the certificate and the bundle directory written."""
-
-    certificate: x509.Certificate
-    directory: Path
-
-
-class CertificateAuthority(Revocation, Bootstrap):
+class CertificateAuthority:
     """A loaded CA. Create one with :meth:`init` or :meth:`load`, never directly.
 
     Args:
@@ -106,6 +91,11 @@ class CertificateAuthority(Revocation, Bootstrap):
         self.pending: PendingIssuer | None = None  # the next issuing CA while it waits for activation (pkictl.activation)
         self._pending_state: tuple[int, int, int, int] | None = None  # what refresh_issuing last saw on disk
         self._issuing_state: tuple[int, int, int, int] | None = None
+        # Collaborators, each with the interface it needs of this CA (RevocationHost, EnrollmentHost).
+        self.revocation = Revocation(self)
+        self.bootstrap = Bootstrap(self, self.revocation)
+        self.reenrollment = Reenrollment(self)
+        self.bundles = BundleEnrollment(self, self.revocation)
 
     # -- creation and loading ---------------------------------------------------------------
 
@@ -148,8 +138,6 @@ class CertificateAuthority(Revocation, Bootstrap):
         if not cls.exists(home):
             raise CANotFoundError(f"no CA in {home}: run 'pkictl init-ca' first, or pass --home / set PKICTL_HOME")
         settings = CASettings.load(home / "ca.yaml")
-        from .activation import finish_interrupted_rotation, open_issuing, promote_due
-
         clock = clock or SystemClock()
         remove_stale_temp_files(home)  # of a write cut short (a full disk, a kill): never read, only confusing
         finish_interrupted_rotation(home)
@@ -165,7 +153,7 @@ class CertificateAuthority(Revocation, Bootstrap):
     def refresh_issuing(self) -> bool:
         """Follow ``pkictl rotate-issuing`` made by another process: promote a pending issuing CA
         whose activation time has come, reload the issuing CA and the pending one when they
-        changed on disk (:func:`pkictl.activation.refresh`; two stat calls when nothing did).
+        changed on disk (two stat calls when nothing did: :func:`pkictl.activation.file_state`).
 
         Returns:
             True if the issuing CA or the pending one changed.
@@ -173,9 +161,30 @@ class CertificateAuthority(Revocation, Bootstrap):
         Raises:
             KeyProtectionError, PassphraseError, StoreError: a new issuing key does not load.
         """
-        from .activation import refresh
+        home, changed = self.home, False
+        pending_state = file_state(home / PENDING / "cert.pem")
+        if pending_state != self._pending_state:
+            self.pending, self._pending_state = usable_pending(home), pending_state
+            changed = True
+        if self.pending is not None and self.clock.now() >= self.pending.activate_at:
+            promote_due(home, self.clock.now(), audit=self.audit, pending=self.pending)
+            self.pending, self._pending_state = usable_pending(home), file_state(home / PENDING / "cert.pem")
+            changed = True
+        if file_state(home / "issuing" / "cert.pem") != self._issuing_state:
+            certificate, key, state = open_issuing(home, self._passphrase)
+            changed = changed or certificate.serial_number != self.issuing.serial_number
+            self.issuing, self._issuing_key, self._issuing_state = certificate, key, state
+        return changed
 
-        return refresh(self)
+    @property
+    def issuing_key(self) -> CertificateIssuerPrivateKeyTypes:
+        """The current issuing CA's private key (it signs every end-entity certificate and its CRL)."""
+        return self._issuing_key
+
+    @property
+    def passphrase(self) -> bytes | None:
+        """The CA keys' passphrase given at load (None: unencrypted), to open retired and root keys."""
+        return self._passphrase
 
     def rotate_issuing(self, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:
         """Create the next issuing CA, active after ``activate_in``: see :func:`pkictl.lifecycle.rotate_issuing`."""
@@ -284,173 +293,18 @@ class CertificateAuthority(Revocation, Bootstrap):
                           renewal=not first, lint="pkilint" if linted or predecessor is None else f"same profile as serial {predecessor.serial_number:x}")
         return certificate
 
-    @audits_refusals("enroll")
-    def enroll(
-        self,
-        kind: str,
-        name: str,
-        *,
-        out: Path | None = None,
-        dns_names: Sequence[str] = (),
-        ip_addresses: Sequence[str] = (),
-        replace: bool = False,
-    ) -> Enrollment:
-        """Make a key, issue the first certificate for ``name`` and write its bundle directory.
+    def enroll(self, kind: str, name: str, *, out: Path | None = None, dns_names: Sequence[str] = (),
+               ip_addresses: Sequence[str] = (), replace: bool = False) -> Enrollment:
+        """See :meth:`pkictl.bundles.BundleEnrollment.enroll`."""
+        return self.bundles.enroll(kind, name, out=out, dns_names=dns_names, ip_addresses=ip_addresses, replace=replace)
 
-        Args:
-            out: bundle directory; default ``<home>/bundles/<name>``. Without ``replace`` it must
-                not exist or be empty.
-            replace: issue anew even though ``name`` holds a current certificate, then revoke the
-                old one(s) as ``superseded``. An existing bundle in ``out`` gets the new
-                credential as a new version (its ``live`` link moves; nothing is deleted).
-
-        Raises:
-            InvalidNameError, PolicyError, AlreadyEnrolledError: see :meth:`issue` (the name is
-                checked before ``out``).
-            StoreError: ``out`` exists and is not empty (checked before anything is issued).
-        """
-        validate_name(name)
-        now = self.clock.now()
-        previous = self.inventory.unexpired(name, [kind], now) if replace else []
-        if not replace:
-            # The name first: an operator told "directory not empty" would only hit this next.
-            self.inventory.check_available(kind, name, now)
-        out = Path(out) if out is not None else self.home / "bundles" / name
-        store = CredentialStore(out)
-        update_in_place = replace and store.live.is_symlink()
-        if not update_in_place and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise StoreError(f"{out} exists and is not empty; choose another --out directory")
-        key = generate_key()
-        certificate = self.issue(kind, name, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses, first=not replace)
-        credential = Credential(key, certificate, self.chain)
-        if update_in_place:
-            store.install(credential)
-            store.write_trust_anchors(self.trust_anchors)
-        else:
-            CredentialStore.create(out, credential, self.trust_anchors)
-        if previous:
-            self.revoke_records(previous, reason="superseded")
-        return Enrollment(certificate, out)
-
-    @audits_refusals("enroll-csr")
     def enroll_csr(self, name: str, csr: x509.CertificateSigningRequest | bytes, *, out: Path, replace: bool = False) -> Enrollment:
-        """Certify the key of a CSR made on node ``name`` (the private key never leaves the node)
-        and write ``cert.pem``, ``chain.pem``, ``fullchain.pem`` and ``ca.pem`` into ``out``.
+        """See :meth:`pkictl.bundles.BundleEnrollment.enroll_csr`."""
+        return self.bundles.enroll_csr(name, csr, out=out, replace=replace)
 
-        Args:
-            name: the node name.
-            csr: the CSR, parsed or as the file's bytes (:func:`pkictl.policy.parse_csr`: exactly one CSR).
-            out: the directory to write; it must not exist or be empty.
-            replace: issue although ``name`` holds a current certificate, then revoke it as superseded.
-
-        Raises:
-            InvalidNameError, PolicyError: see :func:`pkictl.policy.parse_csr` and
-                :func:`pkictl.policy.check_enrollment_csr`.
-            KeyReused: the CSR's key is a CA key or another identity's (``operator_message`` says whose).
-            AlreadyEnrolledError: the name holds a current certificate and not ``replace``.
-            StoreError: ``out`` exists and is not empty (checked before anything is issued).
-        """
-        validate_name(name)
-        if isinstance(csr, bytes):
-            csr = parse_csr(csr, source="the CSR")
-        check_enrollment_csr(csr, name=name, trust_domain=self.settings.trust_domain)
-        now = self.clock.now()
-        previous = self.inventory.unexpired(name, ["node"], now) if replace else []
-        if not replace:
-            self.inventory.check_available("node", name, now)
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise StoreError(f"{out} exists and is not empty; choose another --out directory")
-        certificate = self.issue("node", name, csr.public_key(), first=not replace)
-        make_private_dir(out)
-        write_new_file(out / "cert.pem", certificates_to_pem([certificate]))
-        write_new_file(out / "chain.pem", certificates_to_pem(self.chain))
-        write_new_file(out / "fullchain.pem", certificates_to_pem([certificate, *self.chain]))
-        write_new_file(out / "ca.pem", certificates_to_pem(self.trust_anchors))
-        if previous:
-            self.revoke_records(previous, reason="superseded")
-        return Enrollment(certificate, out)
-
-    @audits_refusals("simple_reenroll")
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, rekey: bool = True) -> x509.Certificate:
-        """Issue a successor to ``current`` for the key in ``csr`` (RFC 7030 section 4.2.2).
-
-        Args:
-            csr: the renewal request; its signature proves possession of the new key.
-            current: the certificate being renewed; it authenticates the request.
-            rekey: require a new key (the default; renewing with the same key is refused).
-
-        Raises:
-            CertificateUnusable: ``current`` was not issued by this CA, is not valid now, is
-                revoked, or the inventory has no issued record of it (``reason`` says which).
-            PolicyError: the CSR's signature is weak or invalid, its key unacceptable or reused,
-                or its subject or subject alternative names differ from ``current`` (RFC 7030
-                4.2.2: they MUST be identical).
-            KeyReused: the new key is a CA key or another identity's.
-        """
-        now = self.clock.now()
-        serial = f"{current.serial_number:x}"
-        if not any(_issued_by(current, issuer) for issuer in (self.issuing, *self.retired_issuers())):
-            raise CertificateUnusable(f"certificate serial {serial} (issuer {current.issuer.rfc4514_string()}) was not issued "
-                                      "by this CA", reason="another CA")
-        if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
-            raise CertificateUnusable(
-                f"certificate serial {serial} is not valid now (valid {current.not_valid_before_utc.isoformat()} to "
-                f"{current.not_valid_after_utc.isoformat()}): a certificate renews itself only while it is valid",
-                reason="expired" if now > current.not_valid_after_utc else "not yet valid",
-            )
-        record = self.inventory.get(current.serial_number)
-        if record is not None and record.status == "revoked":
-            raise CertificateUnusable(f"certificate serial {serial} is revoked ({record.revocation_reason}): a revoked "
-                                      "certificate cannot renew", reason="revoked")
-        if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
-            raise CertificateUnusable(f"certificate serial {serial} is not in the inventory as an issued end entity", reason="unknown")
-        check_csr_signature(csr)
-        if csr.subject != current.subject:
-            raise PolicyError(f"CSR subject {csr.subject.rfc4514_string()!r} differs from the current certificate's {current.subject.rfc4514_string()!r} (RFC 7030 4.2.2)")
-        try:
-            csr_sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            csr_sans = None
-        current_sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if csr_sans != current_sans:
-            got = [str(getattr(n, "value", n)) for n in csr_sans] if csr_sans is not None else []
-            want = [str(getattr(n, "value", n)) for n in current_sans]
-            raise PolicyError(f"CSR subject alternative names differ from the current certificate's: got {got}, want exactly "
-                              f"{want} (RFC 7030 4.2.2)")
-        if rekey and public_key_bytes(csr.public_key()) == public_key_bytes(current.public_key()):
-            raise PolicyError("the CSR reuses the current key; a renewal needs a new key (rekey)")
-        for _ in range(2):  # a lost race is answered as the winner's state says, on a second look
-            if record.successor is not None or record.superseded:
-                return self._renewed_already(record, csr)
-            dns = [s[4:] for s in record.sans if s.startswith("DNS:")]
-            ips = [s[3:] for s in record.sans if s.startswith("IP:")]
-            try:
-                return self.issue(record.kind, record.name, csr.public_key(), dns_names=dns, ip_addresses=ips, first=False,
-                                  predecessor=current)
-            except Superseded:
-                record = self.inventory.get(current.serial_number) or record
-        raise CertificateUnusable(f"certificate serial {serial} was renewed by a concurrent request", reason="superseded")
-
-    def _renewed_already(self, record: Record, csr: x509.CertificateSigningRequest) -> x509.Certificate:
-        """The answer to a renewal of a certificate that is no longer its identity's current one.
-
-        The same request again (its key is the successor's: the first answer was lost) gets the
-        successor once more, so a renewal can be retried; any other key is refused, so that a
-        key stolen with an old certificate does not keep the identity, and concurrent renewals of
-        one certificate fork nothing.
-
-        Raises:
-            CertificateUnusable: ``superseded``, naming the certificate that is current now.
-        """
-        successor = self.inventory.get(record.successor) if record.successor is not None else None
-        spki = hashlib.sha256(public_key_bytes(csr.public_key())).hexdigest()
-        if successor is not None and successor.status == "issued" and successor.spki_sha256 == spki and not successor.superseded:
-            return x509.load_pem_x509_certificate(successor.pem.encode())
-        current = successor if successor is not None and not successor.superseded else self.inventory.current(record.kind, record.name)
-        by = f"serial {current.serial:x}" if current is not None else "a newer certificate"
-        raise CertificateUnusable(f"certificate serial {record.serial:x} is superseded by {by}: only the current certificate "
-                                  f"of {record.kind} {record.name} renews", reason="superseded")
+        """See :meth:`pkictl.reenrollment.Reenrollment.simple_reenroll` (RFC 7030 4.2.2)."""
+        return self.reenrollment.simple_reenroll(csr, current, rekey=rekey)
 
     def record(self, name: str, kind: str) -> Record:
         """The newest issued record of ``name``.
@@ -462,3 +316,58 @@ class CertificateAuthority(Revocation, Bootstrap):
             if record.kind == kind and record.name.lower() == name.lower():
                 return record
         raise NotEnrolledError(f"no {kind} named {name} in the inventory of {self.home}")
+
+    # -- revocation and first enrollment: the collaborators' operations, on the CA -------------
+
+    @property
+    def crl_path(self) -> Path:
+        """``<home>/crl.pem``: the CRLs of every issuing CA and the root (:class:`pkictl.revocation.Revocation`)."""
+        return self.revocation.crl_path
+
+    def find_revocable(self, target: str) -> list[Record]:
+        """See :meth:`pkictl.revocation.Revocation.find_revocable`."""
+        return self.revocation.find_revocable(target)
+
+    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
+        """See :meth:`pkictl.revocation.Revocation.revoke`."""
+        return self.revocation.revoke(target, reason=reason)
+
+    def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
+        """See :meth:`pkictl.revocation.Revocation.revoke_records`."""
+        self.revocation.revoke_records(records, reason=reason)
+
+    def revoke_superseded(self) -> list[Record]:
+        """See :meth:`pkictl.revocation.Revocation.revoke_superseded`."""
+        return self.revocation.revoke_superseded()
+
+    def retired_issuers(self) -> list[x509.Certificate]:
+        """See :meth:`pkictl.revocation.Revocation.retired_issuers`."""
+        return self.revocation.retired_issuers()
+
+    def sign_crl(self) -> list[x509.CertificateRevocationList]:
+        """See :meth:`pkictl.revocation.Revocation.sign_crl`."""
+        return self.revocation.sign_crl()
+
+    def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList:
+        """See :meth:`pkictl.revocation.Revocation.sign_root_crl`."""
+        return self.revocation.sign_root_crl(root_key)
+
+    def refresh_crl(self) -> bool:
+        """See :meth:`pkictl.revocation.Revocation.refresh_crl`."""
+        return self.revocation.refresh_crl()
+
+    def create_token(self, name: str, *, ttl: dt.timedelta = DEFAULT_TOKEN_TTL, replace: bool = False) -> tuple[str, dt.datetime]:
+        """See :meth:`pkictl.bootstrap.Bootstrap.create_token`."""
+        return self.bootstrap.create_token(name, ttl=ttl, replace=replace)
+
+    def simple_enroll(self, csr: x509.CertificateSigningRequest, *, name: str | None, token: str | None, peer: str) -> x509.Certificate:
+        """See :meth:`pkictl.bootstrap.Bootstrap.simple_enroll` (RFC 7030 4.2.1)."""
+        return self.bootstrap.simple_enroll(csr, name=name, token=token, peer=peer)
+
+    def approve(self, name: str, *, code: str) -> list[Record]:
+        """See :meth:`pkictl.bootstrap.Bootstrap.approve`."""
+        return self.bootstrap.approve(name, code=code)
+
+    def deny(self, name: str) -> int:
+        """See :meth:`pkictl.bootstrap.Bootstrap.deny`."""
+        return self.bootstrap.deny(name)

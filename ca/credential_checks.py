@@ -9,14 +9,13 @@ import datetime as dt
 import stat
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .credential_facts import CredentialFacts, describe, fingerprint, purposes, subject_alternative_names, verify_chain
 from .diagnosis import Finding, Severity, check
 from .files import key_mode_problem
 from .formats import COMBINED_FILE, KEYSTORE_FILE
-from .pem import public_key_bytes
+from .pem import issued_by, public_key_bytes
 from .renewal import EXPIRING_FRACTION
 from .revocation import signed_by
 from .store import CREDENTIAL_FILES
@@ -144,21 +143,10 @@ def _at(certificate: x509.Certificate, now: dt.datetime) -> dt.datetime:
     return max(certificate.not_valid_before_utc, min(now, latest))
 
 
-def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
-    """``ca``'s name is the issuer of ``certificate`` and its key verifies the signature."""
-    if certificate.issuer != ca.subject:
-        return False
-    try:
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _issuing_cas(chain: list[x509.Certificate], anchors: list[x509.Certificate]) -> list[x509.Certificate]:
     """The CA certificates of ``chain`` that a trust anchor signed: our issuing CAs as a host
     without the CA home knows them."""
-    return [ca for ca in chain if any(_issued_by(ca, anchor) for anchor in anchors)]
+    return [ca for ca in chain if any(issued_by(ca, anchor) for anchor in anchors)]
 
 
 @check("issuer")
@@ -175,7 +163,7 @@ def check_issuer(facts: CredentialFacts):
         return  # the chain check names the cause: without the issuing CA there is no path to check
     roots = ", ".join(a.subject.rfc4514_string() for a in facts.anchors)
     ours = facts.issuing_cas if facts.issuing_cas is not None else _issuing_cas(facts.chain, facts.anchors)
-    if not any(_issued_by(leaf, ca) for ca in [*ours, *facts.anchors]):
+    if not any(issued_by(leaf, ca) for ca in [*ours, *facts.anchors]):
         # Said first: what a path validator says of another CA's chain is beside the point.
         names = "; ".join(ca.subject.rfc4514_string() for ca in ours) or f"none in chain.pem that the root in ca.pem ({roots}) certified"
         yield Finding("issuer", E, facts.subject, f"{describe(leaf)} is not issued by our CA (issuer {leaf.issuer.rfc4514_string()}; "

@@ -62,9 +62,11 @@ class RotatingCA(Protocol):
     clock: Clock
     root: x509.Certificate
     audit: AuditLog
-    _passphrase: bytes | None
     issuing: x509.Certificate
     pending: PendingIssuer | None
+
+    @property
+    def passphrase(self) -> bytes | None: ...
 
     @property
     def inventory(self) -> Inventory: ...
@@ -176,7 +178,7 @@ def rotate_issuing(ca: RotatingCA, *, activate_in: dt.timedelta | None = None) -
             f"rotate-issuing needs the root key at {root_key_path}: bring it back from offline storage "
             "for this command (nothing else needs it), then move it away again"
         )
-    root_key = load_private_key(read_ca_key_file(root_key_path), ca._passphrase, source=str(root_key_path))
+    root_key = load_private_key(read_ca_key_file(root_key_path), ca.passphrase, source=str(root_key_path))
     now = ca.clock.now()
     key = generate_key()
     not_before, not_after = validity_window(now, ca.settings.issuing_lifetime)
@@ -190,7 +192,7 @@ def rotate_issuing(ca: RotatingCA, *, activate_in: dt.timedelta | None = None) -
     ca.inventory.record_intent(serial=certificate.serial_number, name=cn, kind="issuing", sans=(), now=now,
                                exclusive=False, issuer=ca.root.serial_number)
     ca.inventory.record_issued(certificate, renewal_fraction=ca.settings.renewal_fraction)
-    publish_pending(home, certificate, _key_pem(key, ca._passphrase), activate_at)
+    publish_pending(home, certificate, _key_pem(key, ca.passphrase), activate_at)
     ca.audit.append("issuing-created", serial=certificate.serial_number, subject=cn, activate_at=activate_at,
                     current_serial=ca.issuing.serial_number)
     ca.refresh_issuing()  # sees it pending, or promotes it now (activate_in 0)

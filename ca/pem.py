@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -17,6 +18,7 @@ __all__ = [
     "certificates_from_pem",
     "private_key_to_pem",
     "private_key_from_pem",
+    "issued_by",
     "public_key_bytes",
 ]
 
@@ -66,3 +68,13 @@ def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
 def public_key_bytes(key) -> bytes:
     """SubjectPublicKeyInfo DER of a public key, for comparing keys."""
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``issuer``'s name is the issuer of ``certificate`` and its key verifies the signature
+    (RFC 5280 section 6.1.3 (a)(1) and (a)(4), for one link only)."""
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

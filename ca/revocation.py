@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from .activation import issuer_dirs
 from .audit import audits_refusals
 from .crl import REASONS, build_crl, crl_due, crl_number, crls_from_pem, load_crls, parse_reason, revoked_serials, signed_by
 from .errors import NotEnrolledError, PKIError, PolicyError
@@ -32,28 +33,45 @@ if TYPE_CHECKING:
     from .settings import CASettings
 
 __all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls_from_pem", "revoked_serials", "signed_by",
-           "Revocation"]
+           "Revocation", "RevocationHost"]
+
+
+class RevocationHost(Protocol):
+    """What :class:`Revocation` uses of the CA it serves (:class:`pkictl.authority.CertificateAuthority`)."""
+
+    home: Path
+    clock: Clock
+    settings: CASettings
+    audit: AuditLog
+    root: x509.Certificate
+    issuing: x509.Certificate
+
+    @property
+    def issuing_key(self) -> CertificateIssuerPrivateKeyTypes: ...
+
+    @property
+    def passphrase(self) -> bytes | None: ...
+
+    @property
+    def inventory(self) -> Inventory: ...
+
+    def refresh_issuing(self) -> bool: ...
 
 
 class Revocation:
-    """Revocation and CRL signing of :class:`pkictl.authority.CertificateAuthority` (its base
-    class; kept here with the CRL profile). Uses the CA's ``home``, ``clock``, ``settings``,
-    ``inventory``, ``audit``, ``issuing`` and issuing key."""
+    """Revocation and CRL signing for one CA: revoking end-entity certificates, and the CRLs of
+    every issuing CA and the root that crl.pem publishes (RFC 5280 section 5).
 
-    if TYPE_CHECKING:  # what this class uses of CertificateAuthority, which sets or defines each
-        home: Path
-        clock: Clock
-        settings: CASettings
-        audit: AuditLog
-        root: x509.Certificate
-        issuing: x509.Certificate
-        _issuing_key: CertificateIssuerPrivateKeyTypes
-        _passphrase: bytes | None
+    Args:
+        ca: the CA whose inventory, keys and home it works on.
+    """
 
-        @property
-        def inventory(self) -> Inventory: ...
+    def __init__(self, ca: RevocationHost) -> None:
+        self._ca = ca
 
-        def refresh_issuing(self) -> bool: ...
+    @property
+    def audit(self) -> AuditLog:
+        return self._ca.audit
 
     def find_revocable(self, target: str) -> list[Record]:
         """The certificates ``pkictl revoke TARGET`` means: a serial number (hex, colons and a
@@ -67,7 +85,7 @@ class Revocation:
         text = target.strip().lower().removeprefix("0x").replace(":", "")
         record = None
         if text and all(c in "0123456789abcdef" for c in text):
-            record = self.inventory.get(int(text, 16))
+            record = self._ca.inventory.get(int(text, 16))
         if record is not None:
             if record.kind not in ("node", "gateway", "service"):
                 raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
@@ -78,9 +96,9 @@ class Revocation:
             validate_name(target)
         except PKIError:
             raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
-        records = self.inventory.unexpired(target, ["node", "gateway", "service"], self.clock.now())
+        records = self._ca.inventory.unexpired(target, ["node", "gateway", "service"], self._ca.clock.now())
         if not records:
-            raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self.home}")
+            raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self._ca.home}")
         return records
 
     @audits_refusals("revoke")
@@ -112,24 +130,24 @@ class Revocation:
         Returns:
             The records revoked (empty: nothing was due, no CRL written).
         """
-        due = self.inventory.superseded_due(self.clock.now(), self.settings.superseded_grace)
+        due = self._ca.inventory.superseded_due(self._ca.clock.now(), self._ca.settings.superseded_grace)
         if due:
             self.revoke_records(due, reason="superseded")
         return due
 
     def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
         """Mark ``records`` revoked now and publish a new CRL."""
-        self.inventory.revoke([r.serial for r in records], at=self.clock.now(), reason=reason)
-        self.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
+        self._ca.inventory.revoke([r.serial for r in records], at=self._ca.clock.now(), reason=reason)
+        self._ca.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
         self.sign_crl()
 
     @property
     def crl_path(self) -> Path:
-        return self.home / "crl.pem"
+        return self._ca.home / "crl.pem"
 
     def retired_issuers(self) -> list[x509.Certificate]:
         """Issuing CA certificates replaced by ``rotate-issuing`` (in ``<home>/retired/``)."""
-        retired = self.home / "retired"
+        retired = self._ca.home / "retired"
         if not retired.is_dir():
             return []
         return [x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()) for d in sorted(retired.iterdir()) if (d / "cert.pem").exists()]
@@ -140,22 +158,20 @@ class Revocation:
         CRL checking on, a gateway needs the CRL of every leaf's issuer (VERIFY_CRL_CHECK_LEAF).
         Read from disk under the issuing lock, so that a promotion by another process cannot
         leave a CA out."""
-        from .activation import issuer_dirs
-
-        self.refresh_issuing()
+        self._ca.refresh_issuing()
         signers: list[tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]] = []
-        with issuer_dirs(self.home) as found:
+        with issuer_dirs(self._ca.home) as found:
             for role, cert, directory in found:
                 if any(cert.serial_number == c.serial_number for c, _ in signers):
                     continue
-                if role == "retired" and not self.inventory.has_unexpired(cert.serial_number, now):
-                    self.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
+                if role == "retired" and not self._ca.inventory.has_unexpired(cert.serial_number, now):
+                    self._ca.inventory.forget_crl(cert.serial_number)  # nothing left to revoke: its CRL may lapse
                     continue
-                if cert.serial_number == self.issuing.serial_number:
-                    key = self._issuing_key
+                if cert.serial_number == self._ca.issuing.serial_number:
+                    key = self._ca.issuing_key
                 else:
                     path = directory / "key.pem"
-                    key = load_private_key(read_ca_key_file(path), self._passphrase, source=str(path))
+                    key = load_private_key(read_ca_key_file(path), self._ca.passphrase, source=str(path))
                 signers.append((cert, key))
         return signers
 
@@ -168,23 +184,23 @@ class Revocation:
         Returns:
             The issuing CAs' CRLs just signed (not the root's, which is carried along).
         """
-        now = self.clock.now()
+        now = self._ca.clock.now()
         signers = self._crl_signers(now)
         crls = []
         for issuer, key in signers:
             cn = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-            number = self.inventory.next_crl_number(issuer.serial_number, str(cn))
+            number = self._ca.inventory.next_crl_number(issuer.serial_number, str(cn))
             crls.append(build_crl(
                 issuer=issuer, issuer_key=key, number=number, now=now,
-                revoked=self.inventory.revoked(issuer.serial_number, now), lifetime=self.settings.crl_lifetime,
+                revoked=self._ca.inventory.revoked(issuer.serial_number, now), lifetime=self._ca.settings.crl_lifetime,
             ))
-        root_crl = read_root_crl(self.home, self.root)
+        root_crl = read_root_crl(self._ca.home, self._ca.root)
         published = [*crls, *([root_crl] if root_crl is not None else [])]
         atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in published))
         for (issuer, _), crl in zip(signers, crls, strict=True):
             signed_number = crl_number(crl)
             assert signed_number is not None and crl.next_update_utc is not None, "build_crl sets the CRL number and nextUpdate"
-            self.inventory.record_crl(issuer.serial_number, number=signed_number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+            self._ca.inventory.record_crl(issuer.serial_number, number=signed_number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
         return crls
 
     def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList:
@@ -198,10 +214,10 @@ class Revocation:
         Raises:
             PKIError: the root key is not in the CA home (it is kept offline), or does not open.
         """
-        key = root_key if root_key is not None else load_root_key(self.home, self._passphrase, command="sign-crl --root")
-        crl = sign_root_crl(home=self.home, root=self.root, root_key=key, inventory=self.inventory,
-                            now=self.clock.now(), lifetime=self.settings.root_crl_lifetime)
-        self.audit.append("root-crl-signed", number=crl_number(crl), revoked=len(crl), next_update=crl.next_update_utc)
+        key = root_key if root_key is not None else load_root_key(self._ca.home, self._ca.passphrase, command="sign-crl --root")
+        crl = sign_root_crl(home=self._ca.home, root=self._ca.root, root_key=key, inventory=self._ca.inventory,
+                            now=self._ca.clock.now(), lifetime=self._ca.settings.root_crl_lifetime)
+        self._ca.audit.append("root-crl-signed", number=crl_number(crl), revoked=len(crl), next_update=crl.next_update_utc)
         self.sign_crl()
         return crl
 
@@ -219,13 +235,13 @@ class Revocation:
                 CAs' CRLs were refreshed first).
         """
         written = bool(self.revoke_superseded())
-        now = self.clock.now()
+        now = self._ca.clock.now()
         due = any(crl_due(this_update, next_update, now)
-                  for issuer, _, _, this_update, next_update in self.inventory.crls() if issuer != self.root.serial_number)
+                  for issuer, _, _, this_update, next_update in self._ca.inventory.crls() if issuer != self._ca.root.serial_number)
         if not written and (due or not self.crl_path.exists()):
             self.sign_crl()
             written = True
-        if root_key_path(self.home).exists() and root_crl_due(self.home, self.root, now):
+        if root_key_path(self._ca.home).exists() and root_crl_due(self._ca.home, self._ca.root, now):
             self.sign_root_crl()
             written = True
         return written
