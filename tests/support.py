@@ -1,4 +1,5 @@
-"""Test support: a real TCP echo upstream, a watcher of a real process's log, real TLS clients."""
+"""Test support: a real TCP echo upstream, a watcher of a real process's log, real TLS clients,
+bounded waits, free loopback ports and the tools a test needs."""
 
 from __future__ import annotations
 
@@ -15,10 +16,32 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 BIN = Path(sys.executable).parent
 DEADLINE = 30.0  # seconds: the bound of every wait in these tests
+REQUIRE_ENV = "PKICTL_REQUIRE_NETNS"  # "1" (CI): a test that cannot run fails instead of skipping
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of the program ``name``; without it the calling test is skipped with the reason,
+    or fails when ``PKICTL_REQUIRE_NETNS=1`` (CI, which installs ``package``): a missing tool
+    must never let a check pass without running."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not installed (Debian package {package})"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on: bound to port 0 to be given a free one, then released."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def command(name: str) -> str:
@@ -143,6 +166,20 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait(timeout)
             raise AssertionError(f"pki-agent did not stop within {timeout:g} s of SIGTERM") from None
+        finally:
+            close_pipes(self.proc)
+
+
+def close_pipes(proc: subprocess.Popen) -> None:
+    """Close the pipes of an ended ``proc`` once a LogWatcher has read what it wants: the pump
+    thread sees EOF or an error and ends, and no file is left for the garbage collector (a
+    ResourceWarning, an error under pytest's ``filterwarnings = error``)."""
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except (OSError, ValueError):  # a reader thread in readline() holds the lock: it ends at EOF
+                pass
 
 
 def live_files(bundle: Path) -> dict[str, Path]:
@@ -189,27 +226,38 @@ class TLSClient:
         self.sock.close()
 
 
-def wait_until(predicate, timeout: float = DEADLINE, what: str = "the condition") -> None:
-    """Poll ``predicate()`` every 10 ms until it is true; fail after ``timeout`` s."""
+def wait_until(predicate, timeout: float = DEADLINE, what: str = "the condition", interval: float = 0.01):
+    """Poll ``predicate()`` every ``interval`` s until it returns a true value, and return that
+    value; fail after ``timeout`` s. ``what`` names the condition in the failure."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(interval)
+    return value
+
+
+def holds_within(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` s passed; return whether it held
+    (for a caller that reports the failure itself)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.01)
+            return False
+        time.sleep(interval)
+    return True
 
 
 def refusal_record(caplog, reason: str, timeout: float = DEADLINE):
     """Wait (bounded) for the listener's log record of a refusal with ``reason``; fail if none comes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for record in list(caplog.records):
-            event = getattr(record, "pki_event", None)
-            if event and event.get("event") == "refused" and event.get("reason") == reason:
-                return record
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no refusal with reason {reason!r} logged within {timeout} s; log:\n"
-                                 + "\n".join(r.getMessage() for r in caplog.records))
-        time.sleep(0.01)
+    def found():
+        return next((r for r in list(caplog.records) if (event := getattr(r, "pki_event", None))
+                     and event.get("event") == "refused" and event.get("reason") == reason), None)
+
+    try:
+        return wait_until(found, timeout, f"a refusal with reason {reason!r}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log:\n" + "\n".join(r.getMessage() for r in caplog.records)) from None
 
 
 def wait_record(caplog, matches, what: str = "the log record", timeout: float = DEADLINE):
@@ -274,4 +322,6 @@ def openssl_echo(port: int, bundle: Path, payload: str = "hello-over-mtls") -> s
     finally:
         proc.kill()
         proc.wait(DEADLINE)
-    return watcher.text()
+    text = watcher.text()
+    close_pipes(proc)
+    return text

@@ -17,7 +17,7 @@ import pytest
 
 from pkictl.audit import GENESIS, AuditLog, VerifyResult, record_hash
 from pkictl.clock import FixedClock
-from pkictl.errors import AuditError, PKIError
+from pkictl.errors import AuditError
 
 from support import DEADLINE
 
@@ -243,7 +243,30 @@ def test_append_refuses_to_hide_a_truncation(log, clock):
     with pytest.raises(AuditError, match="ends at seq 2 but audit.log.head says seq 3"):
         log.append("issued", name="late")
     assert log.path.read_bytes() == before
-    assert isinstance(AuditError("x"), PKIError)
+
+
+def test_a_truncated_audit_log_stops_a_command_with_a_message_not_a_traceback(tmp_path):
+    """'pkictl enroll-node' on a CA home whose audit.log lost its last line exits 1 with one line
+    naming the gap, no traceback, and leaves the log as it was.
+
+    Mutation: ``class AuditError(Exception)`` (no longer a PKIError, which the CLI turns into a
+    message) makes the command end in a traceback, and this test fails."""
+    from click.testing import CliRunner
+
+    from pkictl.cli import cli
+
+    home = tmp_path / "ca"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--home", str(home), "init-ca"], env={"PKICTL_HOME": None}).exit_code == 0
+    audit = home / "audit.log"
+    lines = audit.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 2
+    audit.write_bytes(b"".join(lines[:-1]))
+    before = audit.read_bytes()
+    result = runner.invoke(cli, ["--home", str(home), "enroll-node", "N2"], env={"PKICTL_HOME": None})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "Traceback" not in result.output and "audit.log.head says seq" in result.output, result.output
+    assert audit.read_bytes() == before
 
 
 def test_a_torn_line_after_the_heads_record_is_dropped_and_recorded(log, clock):

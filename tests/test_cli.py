@@ -285,7 +285,7 @@ def test_serve_on_any_loopback_address_needs_no_names_and_a_wider_listen_does(ru
     import os
     import subprocess
 
-    from support import DEADLINE, LogWatcher, command
+    from support import DEADLINE, LogWatcher, close_pipes, command
 
     refused = run(runner, ca_home, "serve", "--listen", "0.0.0.0:0")
     assert refused.exit_code == 2 and "give the --dns names or --ip addresses nodes dial" in refused.output
@@ -296,3 +296,39 @@ def test_serve_on_any_loopback_address_needs_no_names_and_a_wider_listen_does(ru
     finally:
         proc.terminate()
         assert proc.wait(DEADLINE) == 0
+        close_pipes(proc)
+
+
+def test_sign_crl_command_re_signs_the_issuing_crl_and_keeps_the_roots(runner, ca_home):
+    """'pkictl sign-crl' writes crl.pem anew: the issuing CA's CRL signed again with the next CRL
+    number and the revoked serial still listed, the root's CRL
+    carried byte for byte; it says what it signed, kept and wrote. Without a CA it exits 1.
+
+    Mutation: the command's ``ca.sign_crl()`` replaced by ``load_crls(ca.crl_path)`` (nothing
+    signed) fails the CRL-number check."""
+    from cryptography.hazmat.primitives import serialization
+
+    from pkictl.crl import crl_number, load_crls
+
+    _ok(run(runner, ca_home, "enroll-node", "TW"))
+    revoked = _ok(run(runner, ca_home, "revoke", "TW"))
+    serial = int(revoked.split("serial ")[1].split()[0], 16)
+    crl_path = ca_home / "crl.pem"
+    before = load_crls(crl_path)
+
+    output = _ok(run(runner, ca_home, "sign-crl"))
+
+    after = load_crls(crl_path)
+    assert len(after) == len(before) == 2  # the issuing CA's, then the root's
+    (old_issuing, old_root), (issuing, root) = before, after
+    assert issuing.issuer == old_issuing.issuer and crl_number(issuing) == crl_number(old_issuing) + 1
+    der = serialization.Encoding.DER
+    assert issuing.public_bytes(der) != old_issuing.public_bytes(der)
+    assert issuing.get_revoked_certificate_by_serial_number(serial) is not None
+    assert root.public_bytes(der) == old_root.public_bytes(der)
+    assert f"signed the CRL of {issuing.issuer.rfc4514_string()}: 1 revoked, next update {issuing.next_update_utc.isoformat()}" in output
+    assert f"kept the root's CRL: next update {root.next_update_utc.isoformat()}" in output
+    assert f"written to {crl_path}" in output
+
+    missing = run(runner, ca_home.parent / "nothing-here", "sign-crl")
+    assert missing.exit_code == 1 and str(ca_home.parent / "nothing-here") in missing.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
 
 import pytest
 
@@ -16,6 +15,7 @@ from pkictl.credential_facts import fingerprint
 
 from doctor_support import only, problems, snapshot, write_config
 from est_support import RunningService
+from support import free_port
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -29,13 +29,6 @@ def node_config(pki, tmp_path, **changes) -> dict:
 
 def doctor(path, *, now=None, **kwargs):
     return diagnose_agent(path, clock=FixedClock(now or NOW), **kwargs)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -133,6 +126,33 @@ def test_clock_ahead_of_the_est_server(pki, tmp_path, est) -> None:
     assert found.severity.label == "warning"
 
 
+@pytest.mark.parametrize(("seconds", "severity"), [
+    (59, "ok"), (60, "ok"), (61, "warning"),  # SKEW_WARNING: 60 s, the clock agreement certificates allow
+    (299, "warning"), (300, "warning"), (301, "error"),  # SKEW_ERROR: 5 min, the backdating of certificates and CRLs
+])
+@pytest.mark.parametrize("side", ["behind", "ahead of"])
+def test_clock_skew_thresholds_one_second_either_side(pki, tmp_path, seconds, severity, side) -> None:
+    """The clock-skew check's verdict on a measured skew (server clock minus ours, as probe_est
+    measures it) one second either side of its two thresholds, both ways: at most 60 s is ok, up
+    to 5 minutes a warning, beyond an error, and the finding says which side this host is on.
+
+    Mutations: ``abs(probe.skew) < SKEW_WARNING`` (60 s a warning) and ``abs(probe.skew) >=
+    SKEW_ERROR`` (300 s an error) each fail one case."""
+    from pki_agent.doctor import AgentFacts, check_clock_skew
+    from pki_agent.probe import ESTProbe
+
+    path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path, renewal={"ca_url": "https://127.0.0.1:9"}))
+    facts = AgentFacts(path, load_config(path), FixedClock(NOW), offline=True)
+    skew = dt.timedelta(seconds=seconds if side == "behind" else -seconds)
+    facts.__dict__["est"] = ESTProbe(skew=skew)  # the measured exchange (functools.cached_property's slot)
+    [found] = check_clock_skew(facts)
+    assert found.severity.label == severity, found
+    if severity == "ok":
+        assert found.problem == f"{skew.total_seconds():+.0f} s against the EST server"
+    else:
+        assert found.problem.startswith(f"{seconds} s {side} the EST server's (https://127.0.0.1:9)"), found
+
+
 def test_revoked_node_by_the_crl_fetched_from_est(pki, tmp_path, est) -> None:
     """With no CRL on disk, the CRL fetched from the EST server shows the revocation: exactly one revocation error."""
     path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path, renewal={"ca_url": est.url}))
@@ -150,7 +170,7 @@ def test_est_server_that_does_not_name_the_host_dialed(pki, tmp_path, est) -> No
 
 def test_unreachable_est_server_is_a_warning(pki, tmp_path) -> None:
     """renewal.ca_url on a closed port is one est-server warning (the credential still works); --offline skips it."""
-    path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path, renewal={"ca_url": f"https://127.0.0.1:{closed_port()}"}))
+    path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path, renewal={"ca_url": f"https://127.0.0.1:{free_port()}"}))
     assert only(doctor(path), "est-server").severity.label == "warning"
     assert problems(doctor(path, offline=True)) == []
 

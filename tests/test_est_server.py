@@ -5,9 +5,7 @@ own server certificate while it runs."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import http.client
 import re
 import ssl
@@ -98,11 +96,12 @@ def openssl_verify_client(home: Path, certificate: x509.Certificate, scratch: Pa
                    str(home / "issuing" / "cert.pem"), str(path)).decode()
 
 
-def expected_code(key_pem: Path) -> str:
-    """The approval code of a key, computed here from openssl's SubjectPublicKeyInfo: base32 of
-    its SHA-256, first 8 characters, as XXXX-XXXX."""
-    code = base64.b32encode(hashlib.sha256(public_key_der(key_pem)).digest())[:8].decode()
-    return f"{code[:4]}-{code[4:]}"
+def shown_code(reply) -> str:
+    """The approval code a 202 answer names ("... (code XXXX-XXXX) waits for approval ..."):
+    eight characters of base32's alphabet."""
+    match = re.search(r"\(code ([A-Z2-7]{4}-[A-Z2-7]{4})\)", reply.text)
+    assert match, reply.text
+    return match.group(1)
 
 
 def token_of(home: Path, name: str, *args: str) -> str:
@@ -207,13 +206,16 @@ def test_expired_token_is_refused_and_a_current_one_accepted(fresh_home, est, tm
 
 def test_approval_flow_pending_approve_lost_answer_and_deny(fresh_home, est, tmp_path):
     """Without credentials simpleenroll answers 202 + Retry-After naming the key's code; 'pkictl
-    requests' lists it; a wrong code does not approve; the right one makes the next poll 200 and a
-    repeated poll returns the same certificate; 'pkictl deny' makes another node's next poll 403."""
+    requests' lists it; the code names the key (the same on every poll, another for another key of
+    TW); a wrong code does not approve; the right one makes the next poll 200 and a repeated poll
+    returns the same certificate; 'pkictl deny' makes another node's next poll 403.
+
+    Mutation: ``approval_code`` returning one code for every key (``return "ABCD-EFGH"``) fails
+    the check that TW's second key gets another code."""
     service = est(fresh_home, retry_after=7)
     url, ca_pem = service.url + EST + "/simpleenroll", fresh_home / "ca.pem"
     csr, key = make_csr(tmp_path / "tw")
     body = est_body(csr)
-    code = expected_code(key)
 
     def poll(data: bytes):
         return curl(url, cacert=ca_pem, data=data, content_type="application/pkcs10")
@@ -221,9 +223,15 @@ def test_approval_flow_pending_approve_lost_answer_and_deny(fresh_home, est, tmp
     pending = poll(body)
     assert pending.status == 202, pending
     assert pending.headers["retry-after"] == "7"
-    assert code in pending.text and "TW" in pending.text
+    code = shown_code(pending)
+    assert "TW" in pending.text
+    assert shown_code(poll(body)) == code  # the same key, the same code
+    other_key = est_body(make_csr(tmp_path / "tw-other")[0])
+    other_code = shown_code(poll(other_key))
+    assert other_code != code  # the code is the key's, not the name's
     listed = pkictl(fresh_home, "requests").stdout
     assert re.search(rf"^TW\s+{code}\s", listed, re.MULTILINE), listed
+    assert re.search(rf"^TW\s+{other_code}\s", listed, re.MULTILINE), listed
 
     wrong = pkictl(fresh_home, "approve", "TW", "--code", "AAAA-AAAA", check=False)
     assert wrong.returncode == 1 and "no pending request" in wrong.stderr

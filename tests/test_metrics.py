@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pkictl.clock import FixedClock
@@ -99,3 +101,66 @@ def test_an_expired_crl_is_an_error_when_loaded_and_in_healthz(pki, start_gatewa
     start_gateway_agent(clock=FixedClock(next_update - dt.timedelta(seconds=1)))
     record = next(r for r in caplog.records if "CRL loaded" in r.getMessage())
     assert record.levelname == "INFO"
+
+
+def test_metrics_report_not_before_crl_next_update_reloads_and_open_connections(pki, start_gateway_agent):
+    """/metrics gives the served certificate's notBefore, the loaded CRL's nextUpdate, the reloads
+    that succeeded and failed (a damaged crl.pem is one failure), and the connections open now
+    (one while a node is connected, none after).
+
+    Mutations: each of ``certificate_not_before_timestamp_seconds`` (notAfter instead),
+    ``crl_next_update_timestamp_seconds`` (left out), ``reloads``/``reload_failures`` (the
+    counters swapped) and ``listener_connections_open`` (``stats.accepted`` instead) fails it."""
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"})
+    cert = CredentialStore(pki.gateway).load().certificate
+    next_update = min(c.next_update_utc for c in load_crls(pki.ca.crl_path))
+    first = _samples(running)
+    assert first[("pki_agent_certificate_not_before_timestamp_seconds", ())] == cert.not_valid_before_utc.timestamp()
+    assert first[("pki_agent_crl_next_update_timestamp_seconds", ())] == next_update.timestamp()
+    assert (first[("pki_agent_reloads_total", ())], first[("pki_agent_reload_failures_total", ())]) == (1, 0)  # the first load
+    assert first[("pki_agent_listener_connections_open", ())] == 0
+
+    client = TLSClient(running.port, bundle_context(pki.node))
+    assert client.echo(b"open") == b"open"
+    assert _samples(running)[("pki_agent_listener_connections_open", ())] == 1
+    client.close()
+    wait_until(lambda: _samples(running)[("pki_agent_listener_connections_open", ())] == 0, what="the connection counted as closed")
+
+    assert running.call(running.agent.reload) is True
+    pki.ca.crl_path.write_text("not a CRL\n")
+    assert running.call(running.agent.reload) is False
+    counts = _samples(running)
+    assert (counts[("pki_agent_reloads_total", ())], counts[("pki_agent_reload_failures_total", ())]) == (2, 1)
+
+
+def test_healthz_names_a_certificate_not_yet_valid_one_second_before_its_not_before(pki, start_gateway_agent):
+    """With the agent's clock one second before the certificate's notBefore /healthz is 503 saying
+    it is not valid before that time; at notBefore itself it is 200 again (the boundary).
+
+    Mutation: ``health`` without its notBefore check (``elif now < cert.not_valid_before_utc``)
+    answers 200 before notBefore and fails this test."""
+    cert = CredentialStore(pki.gateway).load().certificate
+    clock = FixedClock(dt.datetime.now(dt.timezone.utc))
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"}, clock=clock)
+    clock.set(cert.not_valid_before_utc - dt.timedelta(seconds=1))
+    status, body = _get(running, "/healthz")
+    answer = json.loads(body)
+    assert status == 503 and answer["status"] == "failing", answer
+    assert answer["problems"] == [f"certificate serial {cert.serial_number:x} is not valid before {cert.not_valid_before_utc.isoformat()}"]
+    clock.set(cert.not_valid_before_utc)
+    assert _get(running, "/healthz")[0] == 200
+
+
+def test_healthz_names_a_listener_that_stopped_accepting(pki, start_gateway_agent):
+    """Once the listener's sockets are closed (nodes get 'connection refused') /healthz is 503
+    saying the listener is not accepting connections; before, 200 (control).
+
+    Mutation: ``health`` without its listener check answers 200 and fails this test."""
+    running = start_gateway_agent(metrics={"listen": "127.0.0.1:0"})
+    port = running.port
+    assert _get(running, "/healthz")[0] == 200
+    running.call(running.agent.listener._close_sockets)  # what a listener that lost its sockets looks like
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+    status, body = _get(running, "/healthz")
+    assert (status, json.loads(body)) == (503, {"status": "failing", "problems": ["the listener is not accepting connections"]})
