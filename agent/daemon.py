@@ -97,6 +97,9 @@ class Agent:
         self._client_tls: tuple[ssl.SSLContext, int] | None = None
         self._loaded_stamp: tuple | None = None
         self._refused_stamp: tuple | None = None  # files a reload refused (damaged, an older CRL): said once, not retried
+        # What the last refused reload said: a file rewritten in place is seen by the watcher
+        # between its truncation and its write, so two stamps can name one damage: said once.
+        self._refusal: str | None = None
         self._jitter = 0.0
         self._failures = 0
         self._next_attempt: dt.datetime | None = None
@@ -203,20 +206,21 @@ class Agent:
                 credential, tls = self.store.load(), None
         except CRLRollbackError as exc:  # the first load holds no CRL yet, so this is a reload
             assert self.credential is not None
-            if stamp != self._refused_stamp:  # said once per state of the files, whoever asks again
+            if stamp != self._refused_stamp and str(exc) != self._refusal:  # said once per state of the files, whoever asks again
                 log.error("reload refused, still serving serial %x with its CRL: %s", self.credential.certificate.serial_number, exc)
-            self._refused_stamp = stamp
+            self._refused_stamp, self._refusal = stamp, str(exc)
             self.counters.reload_failures += 1
             return False
         except (PKIError, ssl.SSLError, OSError) as exc:
             if self.credential is None:
                 raise AgentError(f"cannot load the credential in {self.store.directory}: {exc}") from None
-            if stamp != self._refused_stamp:  # the same broken files are said once, not at every check or signal
+            if stamp != self._refused_stamp and str(exc) != self._refusal:  # the same broken files are said once, not at every check or signal
                 log.error("reload failed, still serving serial %x: %s", self.credential.certificate.serial_number, exc)
-            self._refused_stamp = stamp
+            self._refused_stamp, self._refusal = stamp, str(exc)
             self.counters.reload_failures += 1
             return False
         self.counters.reloads += 1
+        self._refusal = None
         changed = self.credential is None or credential.certificate.serial_number != self.credential.certificate.serial_number
         self.credential, self._tls, self._loaded_stamp = credential, tls, stamp
         self._client_tls = client_tls
