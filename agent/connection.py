@@ -36,16 +36,17 @@ import math
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import Callable, Literal, Protocol
 
-from .authz import PeerIdentity, handshake_refusal_reason
-from .connlog import log_accepted, log_closed
+from pkictl.admission import Admission
+
+from .authz import Authorizer, PeerIdentity, handshake_refusal_reason
+from .config import ListenerConfig
+from .connlog import EventBatch, log_accepted, log_closed
 from .errors import PeerRejected
+from .tls import ServerTLS
 
-if TYPE_CHECKING:
-    from .listener import GatewayListener
-
-__all__ = ["Connection", "CHUNK", "SWEEP", "CONNECTING"]
+__all__ = ["Connection", "ListenerHost", "ListenerStats", "CHUNK", "SWEEP", "CONNECTING"]
 
 log = logging.getLogger("pki_agent.listener")
 CHUNK = 256 * 1024  # bytes read at most per wake-up (the size of the listener's shared buffers)
@@ -54,6 +55,61 @@ _CLOSE_GRACE = 5.0  # seconds a graceful close (flush, close_notify) may take be
 SWEEP = 0.25  # seconds between two looks at the connections' deadlines (their precision)
 
 _ADOPTING, _HANDSHAKE, CONNECTING, _FORWARDING, _CLOSING, _GONE = range(6)
+
+
+class ListenerStats:
+    """Counters of one listener, read by the metrics endpoint (plain ints: no lock per chunk).
+
+    Attributes:
+        accepted: connections authorized and forwarded.
+        refused: refused connections by reason.
+        closed_bytes_in, closed_bytes_out: bytes forwarded by connections that have ended.
+    """
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+class ListenerHost(Protocol):
+    """What a connection needs of the listener that accepted it (:class:`pki_agent.listener.GatewayListener`).
+
+    Declared here so that a connection is read without its listener: the listener creates
+    connections, a connection calls back only through these members.
+    """
+
+    loop: asyncio.AbstractEventLoop | None  # set when the listener starts
+    config: ListenerConfig
+    authorizer: Authorizer
+    admission: Admission
+    stats: ListenerStats
+    events: EventBatch | None
+    _current: Callable[[], ServerTLS]
+    _received: memoryview  # the shared buffer TLS records from nodes are read into (CHUNK bytes)
+    _view: memoryview  # the shared buffer of plaintext (CHUNK bytes)
+    _upstream_addresses: list | None
+    _connections: set
+    _drained: asyncio.Event | None
+
+    def note(self, kind: Literal["opened", "closed", "refused"], conn: Connection | None, node: str | None, peer: str, *,
+             reason: str | None = None) -> None: ...
+
+    def remember(self, identity: PeerIdentity) -> None: ...
+
+    def is_own_certificate(self, der: bytes | None) -> bool: ...
+
+    def _probed(self, peer: str, serial: int | None) -> None: ...
+
+    def _refused(self, peer: str, reason: str, detail: str, *, node: str | None = None, serial: int | None = None) -> None: ...
+
+    def _sweep_soon(self) -> None: ...
+
+    async def _resolve_upstream(self, conn: Connection) -> None: ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -81,7 +137,7 @@ class Connection(asyncio.BufferedProtocol):
     tls: ssl.SSLObject  # from connection_made on
     upstream: socket.socket  # while ufd >= 0
 
-    def __init__(self, listener: "GatewayListener", peer: str) -> None:
+    def __init__(self, listener: ListenerHost, peer: str) -> None:
         loop = listener.loop
         assert loop is not None, "connections come from a started listener"
         self.listener = listener

@@ -86,7 +86,7 @@ class Agent:
         self.rng = rng or random.Random()
         self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions, layout=_layout(config))
         if source is None and config.renewal.ca_home is not None:
-            source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file)
+            source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file, self.store)
         elif source is None and config.renewal.ca_url is not None:
             source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store)
         self.source = source
@@ -119,8 +119,9 @@ class Agent:
         self.counters = AgentCounters()
         self.status_server: "StatusServer | None" = None
         self.fleet_reporter: "FleetReporter | None" = None
-        self.reenrollment = Reenrollment(config, self.store, source if isinstance(source, ESTClient) else None)
-        self.upkeep = ESTUpkeep(self, source) if isinstance(source, ESTClient) else None
+        est_client = source.est_client if source is not None else None
+        self.reenrollment = Reenrollment(config, self.store, est_client)
+        self.upkeep = ESTUpkeep(self, est_client) if est_client is not None else None
 
     def _last_renewal_on_disk(self) -> dt.datetime | None:
         """When this credential was last renewed, by an earlier run of the agent (its state file),
@@ -285,10 +286,10 @@ class Agent:
         The CRL is re-signed by the long-running process on the CA host because an expired CRL
         locks every client out (docs/design.md, "mTLS server checks").
         """
-        if isinstance(self.source, LocalCA):
+        if self.source is not None:
             try:
-                if await asyncio.to_thread(self.source.refresh_crl):
-                    log.info("CRL of the CA in %s re-signed", self.source.home)
+                if said := await asyncio.to_thread(self.source.maintain):
+                    log.info("%s", said)
             except Exception as exc:  # keep serving; status shows the CRL's age
                 log.error("re-signing the CRL failed: %s", exc, exc_info=not isinstance(exc, PKIError))
         if self.upkeep is not None:

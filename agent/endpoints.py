@@ -4,23 +4,37 @@ started in order, and all closed again when one of them cannot start."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import ssl
+from typing import Protocol
 
 from .errors import AgentError
-from .fleet_push import FleetReporter
+from .fleet_push import FleetReporter, ReporterHost
 from .listener import GatewayListener
-from .metrics import StatusServer
+from .metrics import MetricsHost, StatusServer
+from .tls import ServerTLS
 from .tunnel import NodeTunnel
+from .upkeep import ESTUpkeep
 
-if TYPE_CHECKING:
-    from .daemon import Agent
-
-__all__ = ["start_endpoints", "close_endpoints", "describe_endpoints"]
+__all__ = ["EndpointsHost", "start_endpoints", "close_endpoints", "describe_endpoints"]
 
 log = logging.getLogger("pki_agent")
 
 
-async def start_endpoints(agent: "Agent") -> None:
+class EndpointsHost(MetricsHost, ReporterHost, Protocol):
+    """The agent whose endpoints these are (:class:`pki_agent.daemon.Agent`): what they are
+    built from, and where the started ones are kept."""
+
+    upkeep: ESTUpkeep | None
+    tunnel: NodeTunnel | None
+    status_server: StatusServer | None
+    fleet_reporter: FleetReporter | None
+
+    def current_tls(self) -> ServerTLS: ...
+
+    def current_client_tls(self) -> tuple[ssl.SSLContext, int]: ...
+
+
+async def start_endpoints(agent: EndpointsHost) -> None:
     """Start what ``agent.config`` asks for and set ``agent.listener``, ``agent.tunnel`` and
     ``agent.status_server``.
 
@@ -51,7 +65,7 @@ async def start_endpoints(agent: "Agent") -> None:
         log.info("metrics and health on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in agent.status_server.addresses))
 
 
-async def close_endpoints(agent: "Agent") -> None:
+async def close_endpoints(agent: EndpointsHost) -> None:
     """Close every endpoint :func:`start_endpoints` started (open connections end)."""
     if agent.fleet_reporter is not None:
         await agent.fleet_reporter.close()
@@ -61,7 +75,7 @@ async def close_endpoints(agent: "Agent") -> None:
             await endpoint.close()
 
 
-def describe_endpoints(agent: "Agent") -> str:
+def describe_endpoints(agent: EndpointsHost) -> str:
     """What the ready line says: ``listening on HOST:PORT`` or ``no listener``, and the tunnel."""
     where = ", ".join(f"{h}:{p}" for h, p in agent.listener.addresses) if agent.listener else "no listener"
     if agent.tunnel is not None:

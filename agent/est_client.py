@@ -78,6 +78,16 @@ class ESTClient:
         self.anchors_path = anchors_path
         self.store = store
 
+    @property
+    def est_client(self) -> ESTClient:
+        """This client (:class:`pki_agent.rotation.RenewalSource`: the CA is reached over EST)."""
+        return self
+
+    def maintain(self) -> None:
+        """Nothing: the CA host does its own upkeep (:class:`pki_agent.rotation.RenewalSource`);
+        what an agent fetches between renewals is :class:`pki_agent.upkeep.ESTUpkeep`'s."""
+        return None
+
     # -- transport -----------------------------------------------------------------------------
 
     def _context(self, *, client: bool, verify: bool = True) -> ssl.SSLContext:

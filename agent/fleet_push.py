@@ -7,24 +7,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from pkictl.errors import PKIError
-from pkictl.fleet_report import parse_report, store_report
-from pkictl.inventory import Inventory
 
-from .est_client import ESTClient
+
+from pkictl.clock import Clock
+from pkictl.store import Credential
+
+from .config import AgentConfig
 
 if TYPE_CHECKING:
-    from .daemon import Agent
     from .listener import GatewayListener
+    from .rotation import RenewalSource
 
-__all__ = ["FleetReporter", "DEBOUNCE"]
+__all__ = ["FleetReporter", "ReporterHost", "DEBOUNCE"]
 
 log = logging.getLogger("pki_agent")
 
 DEBOUNCE = 0.2  # seconds a change waits for the ones that follow it before the report goes out
+
+
+class ReporterHost(Protocol):
+    """What the reporter reads of the gateway's agent (:class:`pki_agent.daemon.Agent`)."""
+
+    config: AgentConfig
+    clock: Clock
+    credential: Credential | None
+    source: RenewalSource | None
 
 
 class FleetReporter:
@@ -36,7 +46,7 @@ class FleetReporter:
         listener: the started listener whose table is reported.
     """
 
-    def __init__(self, agent: "Agent", listener: "GatewayListener") -> None:
+    def __init__(self, agent: ReporterHost, listener: "GatewayListener") -> None:
         self.agent, self.listener = agent, listener
         assert listener.config is not None
         self.interval = listener.config.report_interval.total_seconds()
@@ -47,24 +57,8 @@ class FleetReporter:
         self._closed = False
 
     def _sender(self) -> Callable[[bytes], None] | None:
-        source, renewal = self.agent.source, self.agent.config.renewal
-        if isinstance(source, ESTClient):
-            return source.gateway_report
-        if renewal.ca_home is not None:
-            home = Path(renewal.ca_home)
-            return lambda body: self._store_locally(home, body)
-        return None
-
-    def _store_locally(self, home: Path, body: bytes) -> None:
-        """The gateway on the CA host: the report goes into the inventory itself (same checks of its body)."""
-        credential = self.agent.credential
-        assert credential is not None, "reports start after the first load"
-        inventory = Inventory(home / "inventory.sqlite3")
-        try:
-            store_report(inventory, self.agent.config.name, credential.certificate.serial_number, parse_report(body),
-                         self.agent.clock.now())
-        finally:
-            inventory.close()
+        source = self.agent.source
+        return source.gateway_report if source is not None else None
 
     def start(self) -> None:
         """Start reporting (on the agent's loop); nothing when the agent has no renewal source."""

@@ -21,7 +21,7 @@ from pkictl.sockets import accept_ready, bind_listening_sockets
 
 from .authz import Authorizer, PeerIdentity
 from .config import ListenerConfig
-from .connection import CHUNK, CONNECTING, SWEEP, Connection
+from .connection import CHUNK, CONNECTING, SWEEP, Connection, ListenerStats
 from .connlog import EventBatch, log_probe, log_refused
 from .nodetable import ConnectionEvent, NodeTable
 from .tls import ServerTLS
@@ -33,25 +33,6 @@ __all__ = ["GatewayListener", "ListenerStats"]
 _REMEMBERED_SERIALS = 65536
 
 log = logging.getLogger("pki_agent.listener")
-
-
-class ListenerStats:
-    """Counters of one listener, read by the metrics endpoint (plain ints: no lock per chunk).
-
-    Attributes:
-        accepted: connections authorized and forwarded.
-        refused: refused connections by reason.
-        closed_bytes_in, closed_bytes_out: bytes forwarded by connections that have ended.
-    """
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.refused: dict[str, int] = {}
-        self.closed_bytes_in = 0
-        self.closed_bytes_out = 0
-
-    def refuse(self, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
 class GatewayListener:

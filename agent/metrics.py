@@ -8,21 +8,25 @@ under the ``pki_agent_`` prefix, so dashboards and alerts written for it carry o
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pkictl.clock import Clock
 from pkictl.status_http import HealthMetricsServer
+from pkictl.store import Credential
 
+from .config import AgentConfig
 from .nodetable import OTHER
+from .tls import ServerTLS
 
 if TYPE_CHECKING:
-    from .daemon import Agent
     from .listener import GatewayListener
 
-__all__ = ["AgentCounters", "AgentCollector", "health", "node_label", "StatusServer"]
+__all__ = ["AgentCounters", "AgentCollector", "MetricsHost", "health", "node_label", "StatusServer"]
 
 log = logging.getLogger("pki_agent")
 
@@ -37,10 +41,25 @@ class AgentCounters:
     reload_failures: int = 0
 
 
+class MetricsHost(Protocol):
+    """What the endpoint reads of the agent it reports on (:class:`pki_agent.daemon.Agent`),
+    at each scrape."""
+
+    config: AgentConfig
+    clock: Clock
+    credential: Credential | None
+    counters: AgentCounters
+    _tls: ServerTLS | None  # the listener's context, its CRL and the CRL's next update
+    listener: GatewayListener | None
+
+    @property
+    def next_attempt(self) -> dt.datetime | None: ...
+
+
 class AgentCollector:
     """Turns one agent's state into Prometheus metric families at each scrape."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: MetricsHost) -> None:
         self.agent = agent
 
     def collect(self):
@@ -135,7 +154,7 @@ def _node_families(listener: "GatewayListener", labels: list[str], values: list[
     yield refused
 
 
-def health(agent: "Agent") -> list[str]:
+def health(agent: MetricsHost) -> list[str]:
     """What is wrong with the agent now, as messages for the operator; empty when healthy.
 
     Unhealthy: no credential loaded, the certificate is expired or not yet valid, the CRL is
@@ -166,7 +185,7 @@ class StatusServer(HealthMetricsServer):
         listen: ``(host, port)``; port 0 picks a free port (see :attr:`addresses`).
     """
 
-    def __init__(self, agent: "Agent", listen: tuple[str, int]) -> None:
+    def __init__(self, agent: MetricsHost, listen: tuple[str, int]) -> None:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(AgentCollector(agent))
         super().__init__(listen, lambda: health(agent), registry,

@@ -25,16 +25,48 @@ from pkictl.profile import generate_key
 from pkictl.store import Credential, CredentialStore
 
 from .errors import RenewalError
+from .est_client import ESTClient
 
-__all__ = ["RenewalSource", "LocalCA", "build_reenroll_csr", "verify_successor", "rotate", "pending_key", "discard_pending_key",
+__all__ = ["SuccessorSource", "RenewalSource", "LocalCA", "build_reenroll_csr", "verify_successor", "rotate", "pending_key", "discard_pending_key",
            "RENEWAL_KEY"]
 
 
-class RenewalSource(Protocol):
-    """Where a successor certificate comes from (the local CA now; EST over the network later)."""
+class SuccessorSource(Protocol):
+    """Where a successor certificate comes from: all that :func:`rotate` needs."""
 
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: Credential) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
         """Return the new certificate and its chain (intermediates), or raise RenewalError."""
+        ...
+
+
+class RenewalSource(SuccessorSource, Protocol):
+    """The CA an agent renews from, whichever way it is reached: the CA home on this host
+    (:class:`LocalCA`) or EST over the network (:class:`pki_agent.est_client.ESTClient`).
+
+    The agent asks its source, never its type: what only the network can do (fetching the CRL
+    and the trust bundle, re-pairing a revoked host) comes through :attr:`est_client`.
+    """
+
+    @property
+    def est_client(self) -> ESTClient | None:
+        """The EST client when the CA is reached over the network, else None."""
+        ...
+
+    def maintain(self) -> str | None:
+        """The source's own work between renewals (the CA host re-signs a CRL past half its
+        validity); returns a line for the log when it did something.
+
+        Raises:
+            PKIError: the work failed; the agent logs it and keeps serving.
+        """
+        ...
+
+    def gateway_report(self, body: bytes) -> None:
+        """Hand this gateway's connection table (JSON, :mod:`pkictl.fleet_report`) to the CA.
+
+        Raises:
+            PKIError: refused or unreachable; the report is sent again at the next heartbeat.
+        """
         ...
 
 
@@ -46,12 +78,16 @@ class LocalCA:
         clock: the CA's time source.
         passphrase_file: the CA key passphrase file, when the keys are encrypted (else the
             PKICTL_CA_PASSPHRASE environment variable is used, if set).
+        store: this host's credential, whose certificate a gateway's reports are stored under.
     """
 
-    def __init__(self, home: Path, clock: Clock, passphrase_file: Path | None = None) -> None:
+    est_client = None  # the CA is on this host: nothing goes over the network
+
+    def __init__(self, home: Path, clock: Clock, passphrase_file: Path | None = None, store: CredentialStore | None = None) -> None:
         self.home = Path(home)
         self.clock = clock
         self.passphrase_file = passphrase_file
+        self.store = store
 
     def _load(self):
         import os
@@ -79,6 +115,22 @@ class LocalCA:
             return ca.refresh_crl()
         finally:
             ca.close()
+
+    def maintain(self) -> str | None:
+        return f"CRL of the CA in {self.home} re-signed" if self.refresh_crl() else None
+
+    def gateway_report(self, body: bytes) -> None:
+        """Store the report in the CA home's inventory, with the checks ``pkictl serve`` makes
+        (:func:`pkictl.fleet_report.accept_report`): this gateway's certificate, issued and valid."""
+        from pkictl.fleet_report import accept_report
+        from pkictl.inventory import Inventory
+
+        assert self.store is not None, "a gateway's LocalCA is given its credential store"
+        inventory = Inventory(self.home / "inventory.sqlite3")
+        try:
+            accept_report(inventory, self.store.load().certificate, body, self.clock.now())
+        finally:
+            inventory.close()
 
 
 def build_reenroll_csr(current: x509.Certificate, key) -> x509.CertificateSigningRequest:
@@ -171,7 +223,7 @@ def discard_pending_key(path: Path) -> None:
         pass
 
 
-def rotate(store: CredentialStore, current: Credential, source: RenewalSource, clock: Clock) -> Credential:
+def rotate(store: CredentialStore, current: Credential, source: SuccessorSource, clock: Clock) -> Credential:
     """Rekey and renew ``current``, verify the successor and install it in ``store``.
 
     On any error nothing on disk changes but the pending key (:func:`pending_key`), and

@@ -10,22 +10,39 @@ import asyncio
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from pkictl.clock import Clock
 from pkictl.errors import PKIError
 from pkictl.revocation import crls_from_pem
+from pkictl.store import Credential, CredentialStore
 
+from .config import AgentConfig
+from .errors import CredentialUnusable
 from .est_client import ESTClient, refresh_crl, refresh_trust_bundle
 from .reenroll import find_revocation
 
-if TYPE_CHECKING:
-    from .daemon import Agent
-
-__all__ = ["ESTUpkeep", "REFUSAL_CHECK_INTERVAL"]
+__all__ = ["ESTUpkeep", "UpkeepHost", "REFUSAL_CHECK_INTERVAL"]
 
 log = logging.getLogger("pki_agent")
 
 REFUSAL_CHECK_INTERVAL = 5.0  # seconds: at most one revocation check per this, however often the gateway refuses
+
+
+class UpkeepHost(Protocol):
+    """What the upkeep reads of its agent (:class:`pki_agent.daemon.Agent`) and tells it."""
+
+    config: AgentConfig
+    clock: Clock
+    store: CredentialStore
+    credential: Credential | None
+
+    @property
+    def unusable(self) -> CredentialUnusable | None: ...
+
+    def reload_if_changed(self) -> None: ...
+
+    def _credential_revoked(self, detail: str) -> None: ...
 
 
 class ESTUpkeep:
@@ -37,7 +54,7 @@ class ESTUpkeep:
         client: the agent's EST client.
     """
 
-    def __init__(self, agent: "Agent", client: ESTClient) -> None:
+    def __init__(self, agent: UpkeepHost, client: ESTClient) -> None:
         self.agent, self.client = agent, client
         listener = agent.config.listener
         self.listener_crl: Path | None = listener.crl if listener is not None else None
