@@ -92,9 +92,19 @@ class LogWatcher:
         self._thread.start()
 
     def _pump(self, stream) -> None:
-        for line in iter(stream.readline, ""):
-            self._queue.put((time.monotonic(), line.rstrip("\n")))
-        self._queue.put(None)
+        # The pump owns the stream: it closes it at EOF (the process ended or closed it), so that
+        # no pipe is left for the garbage collector (a ResourceWarning: an error in this suite).
+        try:
+            for line in iter(stream.readline, ""):
+                self._queue.put((time.monotonic(), line.rstrip("\n")))
+        except (OSError, ValueError):  # closed under it by close_pipes: the end of the stream too
+            pass
+        finally:
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+            self._queue.put(None)
 
     def _take(self, item: tuple[float, str] | None) -> bool:
         """Append one queued line; False at the end of the stream."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from support import command
+from support import command, holds_within
 
 def _loopback_hosts() -> tuple[str, str]:
     """Where the demo puts the CA service and the gateway: 127.0.0.2 and .3, or 127.0.0.1 where those cannot be bound."""
@@ -112,10 +112,8 @@ def leftovers(result: "_Result", grace: float = 5.0) -> list[str]:
     """Processes still alive ``grace`` seconds after the demo ended, among those it said it started
     and (on Linux) any process of its session: ``pkictl serve``'s signing worker and
     multiprocessing's resource tracker, say, which end after serve and which the demo never names."""
-    deadline = time.monotonic() + grace
-    while (alive := _alive(result)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
+    holds_within(lambda: not _alive(result), grace)
+    return _alive(result)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import datetime as dt
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
 import trustme
@@ -22,7 +21,7 @@ from pkictl.revocation import load_crls
 
 from conftest import RunningAgent
 from doctor_support import live_version, only, problems, replace_file, snapshot, write_config
-from support import DEADLINE, live_files
+from support import DEADLINE, live_files, free_port, wait_until
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -47,9 +46,7 @@ def doctor(path, **kwargs):
 
 
 def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()
 
 
 def test_node_accepted_by_the_gateway(pki, tmp_path, gateway_agent) -> None:
@@ -115,18 +112,21 @@ class OpenSSLServer:
         if chain is not None:
             argv += ["-cert_chain", str(chain)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + DEADLINE
-        while True:  # readiness: the port accepts connections
+        def accepting() -> bool:  # readiness: the port accepts connections
+            assert self.proc.poll() is None, "openssl s_server exited"
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                return True
             except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, "openssl s_server did not start"
-                time.sleep(0.02)
+                return False
+
+        wait_until(accepting, what="openssl s_server accepting connections", interval=0.02)
 
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait(DEADLINE)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -20,7 +19,7 @@ from pkictl.credential_facts import fingerprint
 
 from doctor_support import problems, replace_file, write_config
 from est_support import RunningService
-from support import DEADLINE, AgentProcess, wait_record
+from support import DEADLINE, AgentProcess, wait_record, free_port
 
 # A stale gateway client left on the tunnel's port: answers every request "401 Unauthorized".
 STALE_401 = r"""
@@ -35,13 +34,6 @@ def node_config(pki, tmp_path, **changes):
             "credential_dir": str(pki.node), "renewal": {"ca_home": str(pki.home), "check_interval": "1h", "jitter": 0}}
     data.update(changes)
     return write_config(tmp_path / "node.yaml", data)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def finding(findings, check: str):
@@ -62,6 +54,7 @@ def stale_node_server():
     finally:
         proc.kill()
         proc.wait(DEADLINE)
+        proc.stdout.close()
 
 
 def test_tunnel_port_held_by_a_stale_node_process(pki, tmp_path, stale_node_server) -> None:

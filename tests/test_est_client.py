@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import sqlite3
 import threading
-import time
 
 import pytest
 import trustme
@@ -25,7 +24,7 @@ from pkictl.est import root_fingerprint
 from pkictl.serve import ESTService
 from pkictl.store import CredentialStore
 
-from support import DEADLINE
+from support import DEADLINE, wait_until
 
 
 class RunningService:
@@ -57,6 +56,8 @@ class RunningService:
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self.service.stop)
         self.thread.join(DEADLINE)
+        assert not self.thread.is_alive(), "the EST service did not stop"
+        self.loop.close()
 
     @property
     def url(self) -> str:
@@ -121,10 +122,7 @@ def test_denied_request_is_reported_as_denied(ca, service, tmp_path):
 
     thread = threading.Thread(target=wait)
     thread.start()
-    deadline = time.monotonic() + DEADLINE
-    while not ca.inventory.pending_requests():
-        assert time.monotonic() < deadline, "the request never reached the CA"
-        time.sleep(0.02)
+    wait_until(ca.inventory.pending_requests, what="the request reaching the CA", interval=0.02)
     ca.deny("n2")
     thread.join(DEADLINE)
     assert any("waiting for approval" in line for line in codes)

@@ -25,9 +25,9 @@ def _node_series(running) -> dict[tuple, float]:
 def _refused_from(port: int, ctx: ssl.SSLContext, source: str) -> None:
     raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
     try:
-        sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        sock.sendall(b"x")
-        sock.recv(10)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:  # raw is detached into sock
+            sock.sendall(b"x")
+            sock.recv(10)
     except (ssl.SSLError, ConnectionError):
         pass
     finally:

@@ -11,7 +11,6 @@ import logging
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE
+from support import DEADLINE, wait_until
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -41,11 +40,7 @@ def _context(tmp_path: Path) -> HookContext:
 
 
 def _wait_for(path: Path) -> str:
-    deadline = time.monotonic() + DEADLINE
-    while not path.exists() or not path.read_text():
-        assert time.monotonic() < deadline, f"{path} did not appear within {DEADLINE} s"
-        time.sleep(0.01)
-    return path.read_text()
+    return wait_until(lambda: path.exists() and path.read_text(), what=f"{path} appearing")
 
 
 def test_run_hook_gets_exactly_its_environment_and_the_credential_directory(tmp_path, monkeypatch):
@@ -97,16 +92,13 @@ def test_timeout_kills_the_hooks_whole_process_group(tmp_path):
     outcome = asyncio.run(run_hook(hook, _context(tmp_path)))
     assert not outcome.ok and outcome.detail.startswith("timed out after 1 s")
     pid = int(_wait_for(child_pid))
-    deadline = time.monotonic() + DEADLINE
-    while True:  # the killed child is reaped by init; until then it may linger as a zombie
+    def gone() -> bool:  # the killed child is reaped by init; until then it may linger as a zombie
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        assert time.monotonic() < deadline, f"the hook's child {pid} survived the timeout"
-        time.sleep(0.01)
+            return True
+
+    wait_until(gone, what=f"the end of the hook's child {pid} after the timeout")
 
 
 def test_output_beyond_the_limit_is_counted_not_kept(tmp_path):
