@@ -288,6 +288,7 @@ class Host:
         finally:
             sender.stdout.close()
             sender_err = sender.stderr.read().decode(errors="replace")
+            sender.stderr.close()
             sender.wait(timeout)
         label = f"{' '.join(argv)} | {other.name}: {' '.join(other_argv)}"
         result = subprocess.CompletedProcess(label, received.returncode or sender.returncode, received.stdout,

@@ -170,7 +170,7 @@ class Run:
         if name == "outage":
             return self.moments.get("serve stopped", math.inf), self.moments.get("outage over", end)
         if name == "revoked":
-            return self.moments.get("revoked", math.inf), self.moments.get("N2 back", end) + 3.0
+            return self.moments.get("revoking", math.inf), self.moments.get("N2 back", end) + 3.0
         raise KeyError(name)
 
     def pkictl(self, *args: str, check: bool = True):
@@ -323,6 +323,9 @@ def revoke_and_repair(run: Run, checks: Checks) -> None:
     n2_address = re.escape(n2.host.address)
     revoked_key = x509.load_pem_x509_certificate((n2.directory / "cert.pem").read_bytes()).public_key()
     gw_mark = gateway.log.mark()
+    # The revocation is in force once the CRL is on disk, which can be before the command exits:
+    # the errors it causes are expected from the moment it starts.
+    run.moments["revoking"] = time.monotonic()
     run.pkictl("revoke", "N2", "--reason", "key-compromise")
     run.moments["revoked"] = revoked = time.monotonic()
 

@@ -89,6 +89,7 @@ def test_a_crashed_runs_leftovers_are_swept_and_a_live_runs_are_not(tmp_path):
     finally:
         crashed.send_signal(signal.SIGKILL)
         crashed.wait(10)
+        crashed.stdout.close()
     left = {n for n in netns._namespaces() if n.startswith(prefix)}
     assert left == {f"{prefix}-br", f"{prefix}-a"}
     orphans = netns._ip("netns", "pids", f"{prefix}-a").stdout.split()
