@@ -12,8 +12,8 @@ import logging
 
 import pytest
 
-from pki_agent.authz import PeerIdentity
-from pki_agent.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed, log_refused
+from pki_agent.listener.authz import PeerIdentity
+from pki_agent.listener.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed, log_refused
 
 NODE = PeerIdentity("tw", 0x7A3F00C1, dt.datetime(2027, 3, 1, tzinfo=dt.timezone.utc), b"issuer")
 EVENT_TIME = 1_796_000_000.25  # 2026-11-30T00:53:20.250Z
@@ -88,7 +88,7 @@ def test_each_line_keeps_the_time_of_its_event():
 def test_text_line_names_time_level_logger_and_the_event():
     _, closed = _lines(TextFormatter(), alone=True)
     local = dt.datetime.fromtimestamp(EVENT_TIME).strftime("%Y-%m-%d %H:%M:%S")  # noqa: DTZ006 - local time, as logging's
-    assert closed == (f"{local},250 INFO pki_agent.listener: closed peer=127.0.0.1:50514 node=tw serial=7a3f00c1 "
+    assert closed == (f"{local},250 INFO pki_agent.listener.server: closed peer=127.0.0.1:50514 node=tw serial=7a3f00c1 "
                       "bytes_in=5 bytes_out=7 duration=1.250s reason='client closed'")
 
 
