@@ -88,7 +88,7 @@ def test_each_line_keeps_the_time_of_its_event():
 def test_text_line_names_time_level_logger_and_the_event():
     _, closed = _lines(TextFormatter(), alone=True)
     local = dt.datetime.fromtimestamp(EVENT_TIME).strftime("%Y-%m-%d %H:%M:%S")  # noqa: DTZ006 - local time, as logging's
-    assert closed == (f"{local},250 INFO pki_agent.listener.server: closed peer=127.0.0.1:50514 node=tw serial=7a3f00c1 "
+    assert closed == (f"{local},250 INFO pki_agent.listener: closed peer=127.0.0.1:50514 node=tw serial=7a3f00c1 "
                       "bytes_in=5 bytes_out=7 duration=1.250s reason='client closed'")
 
 
