@@ -8,7 +8,8 @@ Both cryptography's ``load_pem_private_key`` and ``openssl pkey`` read it, so an
 recover a CA key with stock tools. cryptography offers no writer for it (``PrivateFormat.PKCS8``
 has no ``encryption_builder``; ``BestAvailableEncryption`` is PBKDF2 with 2048 iterations, and a
 PKCS#12 file with many KDF rounds still carries a 2048-iteration MAC keyed by the same
-passphrase), hence the small DER encoder below.
+passphrase), so pkictl builds the structure from the RFCs' ASN.1 modules (pyasn1-alt-modules)
+and encodes it with pyasn1's DER encoder.
 
 Parameters. Defaults N=16384 (2**14), r=8, p=12, 32-byte key, 16-byte random salt, random IV.
 scrypt's memory is 128*r*N bytes (16 MiB here) whatever p is; its time is proportional to N*r*p.
@@ -61,6 +62,8 @@ from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from pyasn1.codec.der import encoder
+from pyasn1_alt_modules import rfc5958, rfc7914, rfc8018
 
 from .errors import PassphraseError, StoreError
 from .file_errors import key_problem
@@ -97,72 +100,24 @@ _ENCRYPTED_MARKERS = (
     b"Proc-Type: 4,ENCRYPTED",  # legacy OpenSSL PEM encryption (RFC 1421 headers)
 )
 
-# Object identifiers of the EncryptedPrivateKeyInfo we write.
-_OID_PBES2 = "1.2.840.113549.1.5.13"  # RFC 8018 A.4
-_OID_SCRYPT = "1.3.6.1.4.1.11591.4.11"  # RFC 7914 section 7
-_OID_AES256_CBC = "2.16.840.1.101.3.4.1.42"  # NIST CSOR, RFC 8018 B.2.5 style parameters (the IV)
-
-
-# --- A minimal DER encoder (ITU-T X.690 section 10): just the four types the structure needs. ---
-
-
-def _der_length(length: int) -> bytes:
-    """Definite length octets: short form below 128, else 0x80|count then big-endian (X.690 8.1.3)."""
-    if length < 0x80:
-        return bytes([length])
-    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(octets)]) + octets
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    return bytes([tag]) + _der_length(len(content)) + content
-
-
-def _sequence(*items: bytes) -> bytes:
-    return _tlv(0x30, b"".join(items))
-
-
-def _octet_string(value: bytes) -> bytes:
-    return _tlv(0x04, value)
-
-
-def _integer(value: int) -> bytes:
-    """A non-negative INTEGER in the fewest octets; a leading 0x00 keeps the sign bit clear (X.690 8.3)."""
-    if value < 0:
-        raise ValueError(f"got INTEGER {value}, want a non-negative value")
-    return _tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _object_identifier(dotted: str) -> bytes:
-    """First two arcs as 40*a+b, then each arc base-128, high bit set on all but its last octet (X.690 8.19)."""
-    arcs = [int(arc) for arc in dotted.split(".")]
-    content = bytearray()
-    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        content += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(content))
-
-
 def _encrypted_private_key_info(*, salt: bytes, n: int, r: int, p: int, iv: bytes, ciphertext: bytes) -> bytes:
-    """DER of the EncryptedPrivateKeyInfo, field by field as the RFCs name them."""
-    scrypt_params = _sequence(  # RFC 7914 section 7; keyLength omitted, as OpenSSL does: the cipher fixes it
-        _octet_string(salt),  # salt
-        _integer(n),  # costParameter
-        _integer(r),  # blockSize
-        _integer(p),  # parallelizationParameter
-    )
-    pbes2_params = _sequence(  # RFC 8018 A.4 PBES2-params
-        _sequence(_object_identifier(_OID_SCRYPT), scrypt_params),  # keyDerivationFunc
-        _sequence(_object_identifier(_OID_AES256_CBC), _octet_string(iv)),  # encryptionScheme
-    )
-    return _sequence(  # RFC 5958 section 3 EncryptedPrivateKeyInfo
-        _sequence(_object_identifier(_OID_PBES2), pbes2_params),  # encryptionAlgorithm
-        _octet_string(ciphertext),  # encryptedData
-    )
+    """DER of the EncryptedPrivateKeyInfo (RFC 5958 section 3), built from the RFCs' own ASN.1
+    modules (pyasn1-alt-modules) and encoded by pyasn1's DER encoder."""
+    scrypt_params = rfc7914.Scrypt_params()  # RFC 7914 section 7; keyLength omitted, as OpenSSL does: the cipher fixes it
+    scrypt_params["salt"] = salt
+    scrypt_params["costParameter"] = n
+    scrypt_params["blockSize"] = r
+    scrypt_params["parallelizationParameter"] = p
+    pbes2_params = rfc8018.PBES2_params()  # RFC 8018 A.4
+    pbes2_params["keyDerivationFunc"]["algorithm"] = rfc7914.id_scrypt
+    pbes2_params["keyDerivationFunc"]["parameters"] = encoder.encode(scrypt_params)
+    pbes2_params["encryptionScheme"]["algorithm"] = rfc8018.aes256_CBC_PAD  # RFC 8018 B.2.5: the parameters are the IV
+    pbes2_params["encryptionScheme"]["parameters"] = encoder.encode(rfc8018.AES_IV(iv))
+    info = rfc5958.EncryptedPrivateKeyInfo()
+    info["encryptionAlgorithm"]["algorithm"] = rfc8018.id_PBES2
+    info["encryptionAlgorithm"]["parameters"] = encoder.encode(pbes2_params)
+    info["encryptedData"] = ciphertext
+    return encoder.encode(info)
 
 
 def _pem(label: bytes, der: bytes) -> bytes:
