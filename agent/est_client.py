@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from pkictl.errors import AuthenticationError, PKIError, StoreError
+from pkictl.errors import AuthenticationError, PathValidationError, PKIError, StoreError
 from pkictl.files import atomic_write
+from pkictl.paths import validate_path
 from pkictl.est.wire import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.fleet_report import REPORT_CONTENT_TYPE, REPORT_PATH
 from pkictl.store import Credential, CredentialStore
@@ -39,16 +40,17 @@ def self_signed(certificate: x509.Certificate) -> bool:
 
 
 def select_chain(leaf: x509.Certificate, cacerts: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """The intermediates from ``cacerts`` that lead from ``leaf`` to a root (issuer first)."""
-    chain: list[x509.Certificate] = []
-    current = leaf
-    pool = [c for c in cacerts if not self_signed(c)]
-    while True:
-        issuer = next((c for c in pool if c.subject == current.issuer and c not in chain), None)
-        if issuer is None:
-            return tuple(chain)
-        chain.append(issuer)
-        current = issuer
+    """The intermediates from ``cacerts`` that lead from ``leaf`` to one of its self-signed roots
+    (issuer first), as cryptography's path builder finds them (:func:`pkictl.paths.validate_path`)
+    at the leaf's ``not_valid_before``: the path as it stood when the certificate was issued.
+    Empty when none validates; the successor's own verification (against the pinned trust
+    anchors, now) then says why."""
+    roots = [c for c in cacerts if self_signed(c)]
+    try:
+        path = validate_path(leaf, [c for c in cacerts if not self_signed(c)], roots, leaf.not_valid_before_utc)
+    except PathValidationError:
+        return ()
+    return tuple(path[1:-1])
 
 
 class _Response:

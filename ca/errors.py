@@ -2,6 +2,7 @@
 
 __all__ = [
     "PKIError",
+    "PathValidationError",
     "CAExistsError",
     "CANotFoundError",
     "SettingsError",
@@ -148,6 +149,10 @@ class LintError(PolicyError):
 
     def __reduce__(self):  # pickled by pkictl serve's signing workers
         return type(self), (str(self), self.findings)
+
+
+class PathValidationError(PKIError):
+    """No certification path from a certificate to a trust anchor validates (RFC 5280 section 6)."""
 
 
 class AuthenticationError(PolicyError):

@@ -13,13 +13,12 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pkictl.clock import Clock
-from pkictl.errors import DiskWriteError, PKIError
+from pkictl.errors import DiskWriteError, PathValidationError, PKIError
 from pkictl.files import PRIVATE_FILE_MODE, read_private_file, write_new_file
 from pkictl.keys import load_private_key
+from pkictl.paths import validate_path
 from pkictl.pem import PrivateKey, private_key_to_pem, public_key_bytes
 from pkictl.profile import generate_key
 from pkictl.store import Credential, CredentialStore
@@ -165,22 +164,10 @@ def verify_successor(new: Credential, current: Credential, anchors: list[x509.Ce
             f"the new certificate is not valid now ({now.isoformat()}): valid "
             f"{new.certificate.not_valid_before_utc.isoformat()} to {new.certificate.not_valid_after_utc.isoformat()}; check the clocks"
         )
-    builder = verification.PolicyBuilder().store(verification.Store(anchors)).time(now)
-    eku = new.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     try:
-        if ExtendedKeyUsageOID.SERVER_AUTH in eku:
-            builder.build_server_verifier(_server_subject(new.certificate)).verify(new.certificate, list(new.chain))
-        else:
-            builder.build_client_verifier().verify(new.certificate, list(new.chain))
-    except verification.VerificationError as exc:
+        validate_path(new.certificate, new.chain, anchors, now)
+    except PathValidationError as exc:
         raise RenewalError(f"the new certificate does not verify against the trust anchor: {exc}") from None
-
-
-def _server_subject(certificate: x509.Certificate) -> x509.DNSName | x509.IPAddress:
-    """The first DNS name (else IP address) a server certificate names, to verify it for."""
-    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    dns = sans.get_values_for_type(x509.DNSName)
-    return x509.DNSName(dns[0]) if dns else x509.IPAddress(sans.get_values_for_type(x509.IPAddress)[0])
 
 
 RENEWAL_KEY = ".renewal-key.pem"  # in the credential directory from a renewal's request until its install

@@ -16,9 +16,10 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from ..errors import PathValidationError
+from ..paths import validate_path
 from ..store import CREDENTIAL_FILES
 
 __all__ = ["CredentialFacts", "describe", "fingerprint", "purposes", "subject_alternative_names", "verify_chain"]
@@ -54,20 +55,10 @@ def subject_alternative_names(certificate: x509.Certificate) -> x509.SubjectAlte
 def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
                  at: dt.datetime) -> str | None:
     """RFC 5280 path validation of ``leaf`` (for its own purpose: clientAuth or serverAuth) to
-    ``anchors`` at ``at``; None when it verifies, else the reason."""
-    builder = verification.PolicyBuilder().store(verification.Store(list(anchors))).time(at)
+    ``anchors`` at ``at`` (:func:`pkictl.paths.validate_path`); None when it verifies, else the reason."""
     try:
-        if ExtendedKeyUsageOID.SERVER_AUTH in purposes(leaf):
-            sans = subject_alternative_names(leaf)
-            dns = sans.get_values_for_type(x509.DNSName) if sans else []
-            ips = sans.get_values_for_type(x509.IPAddress) if sans else []
-            if not dns and not ips:
-                return "a server certificate without a DNS name or IP address"
-            subject = x509.DNSName(dns[0]) if dns else x509.IPAddress(ips[0])
-            builder.build_server_verifier(subject).verify(leaf, list(intermediates))
-        else:
-            builder.build_client_verifier().verify(leaf, list(intermediates))
-    except verification.VerificationError as exc:
+        validate_path(leaf, intermediates, anchors, at)
+    except PathValidationError as exc:
         return str(exc)
     return None
 
