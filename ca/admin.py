@@ -47,7 +47,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it Chromium sends "Origin: null" with a form's POST, which the
+    # same-origin check must refuse; same-origin still leaks nothing to another site.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -106,7 +108,7 @@ class AdminService:
         if origin is None:
             return f"no Origin header; want Origin: {expected}"
         if origin != expected:
-            return f"Origin {quoted(origin)}; want {expected}"
+            return f"Origin {quoted(origin)}; want Origin: {expected}"
         site = request.headers.get("Sec-Fetch-Site")
         if site is not None and site != "same-origin":
             return f"Sec-Fetch-Site {quoted(site)}; want same-origin"
