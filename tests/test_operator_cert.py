@@ -13,7 +13,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -122,7 +122,8 @@ def test_est_does_not_renew_an_operator_certificate(pki, tmp_path):
 
 def test_identify_operator_takes_an_operator_and_refuses_a_node_a_gateway_and_a_revoked_one(pki):
     """identify_operator names alice from her certificate; TW's and the gateway's certificates are
-    'not an operator', none is 'no certificate', and alice's once revoked is 'revoked'."""
+    'not an operator', none is 'no certificate', one signed by this CA with alice's identity but
+    never issued is 'unknown', and alice's once revoked is 'revoked'."""
     assert enroll_operator(pki.home, "alice").exit_code == 0
     now = pki.ca.clock.now()
 
@@ -141,6 +142,14 @@ def test_identify_operator_takes_an_operator_and_refuses_a_node_a_gateway_and_a_
     with pytest.raises(NotAnOperator) as nothing:
         check(None)
     assert nothing.value.reason == "no certificate"
+    # Signed by this CA's issuing key with alice's identity, but never issued (not in the inventory).
+    forged = x509.load_pem_x509_certificate((pki.home / "operators" / "alice" / "cert.pem").read_bytes())
+    issuing_key = serialization.load_pem_private_key((pki.home / "issuing" / "key.pem").read_bytes(), None)
+    builder = x509.CertificateBuilder(forged.issuer, forged.subject, forged.public_key(), x509.random_serial_number(),
+                                      forged.not_valid_before_utc, forged.not_valid_after_utc, list(forged.extensions))
+    with pytest.raises(NotAnOperator) as unknown:
+        check(builder.sign(issuing_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    assert unknown.value.reason == "unknown"
     pki.ca.revoke("alice", reason="key-compromise")
     with pytest.raises(NotAnOperator) as revoked:
         check(alice)
