@@ -19,13 +19,13 @@ import json
 import logging
 import secrets
 import ssl
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
 from .admin_page import SCRIPT, STYLE, dashboard, how_to_page, refused_page, result_page
 from .admission import AdmissionLimits
-from .errors import PKIError
+from .errors import NotEnrolledError, PKIError
 from .est_front import FrontLimits, TLSFront
 from .fleet import fleet_view, gateway_states
 from .fleet_cli import render_nodes
@@ -74,13 +74,17 @@ class AdminService:
         context: returns the TLS server context a new connection gets (the EST service's: its own
             certificate, ``CERT_OPTIONAL``, verifying against the trust anchor); asked once per
             connection, so that a renewed service certificate is served without a restart.
+        hosts: the names and addresses the page is reached by (those of the service certificate);
+            a request whose Host is another gets 421, so that a name rebound to this host by
+            another site's DNS (DNS rebinding) does not reach the page.
         refresh: seconds between the page's polls of /fleet.json.
     """
 
     def __init__(self, ca: CertificateAuthority, listen: tuple[str, int], context: Callable[[], ssl.SSLContext], *,
-                 refresh: float = 3.0) -> None:
+                 hosts: Sequence[str] = (), refresh: float = 3.0) -> None:
         self.ca = ca
         self.listen = listen
+        self.hosts = frozenset(h.lower().strip("[]") for h in (*hosts, listen[0]) if h not in ("", "0.0.0.0", "::"))
         self._context = context
         self.refresh = refresh
         self._secret = secrets.token_bytes(32)  # CSRF tokens die with the process: a restart asks for a reload
@@ -134,7 +138,16 @@ class AdminService:
     async def _headers(self, request: web.Request, handler) -> web.StreamResponse:
         """The security headers on every answer, refusals and aiohttp's own 404/405 included."""
         try:
-            response = await handler(request)
+            host = (request.url.host or "").lower().strip("[]")
+        except ValueError:  # a Host header that is no host at all
+            host = ""
+        try:
+            if host not in self.hosts:
+                log.warning("admin refused peer=%s reason='misdirected' detail=%s", request.remote, quoted(f"Host {request.host}"))
+                response = _html(421, refused_page(title="421 Misdirected Request", detail=f"Host {quoted(request.host)}; want one of "
+                                                   f"{', '.join(sorted(self.hosts))} (the names of this service's certificate)"))
+            else:
+                response = await handler(request)
         except web.HTTPException as exc:
             response = _html(exc.status, refused_page(title=f"{exc.status} {exc.reason}", detail=f"{request.method} {request.path}"))
             if "Allow" in exc.headers:
@@ -217,18 +230,18 @@ class AdminService:
             log.error("cannot record a refusal in the audit log: %s", exc)
 
     def _approve(self, operator: OperatorIdentity, form: dict[str, str]) -> str:
-        name, code = _field(form, "name"), _field(form, "code")
         try:
+            name, code = _field(form, "name"), _field(form, "code")
             replaced = self.ca.approve(name, code=code, by=operator.name)
-        except PKIError as exc:
+        except PKIError as exc:  # the CA audits no refused approval itself
             self._audit_refusal(operator, "approve", form, type(exc).__name__, str(exc))
             raise
         also = "".join(f"; it replaces serial {r.serial:x}, revoked (superseded) once the new one is issued" for r in replaced)
         return f"approved {name} ({code.upper()}): its agent gets the certificate at its next poll{also}"
 
     def _deny(self, operator: OperatorIdentity, form: dict[str, str]) -> str:
-        name = _field(form, "name")
         try:
+            name = _field(form, "name")
             count = self.ca.deny(name, by=operator.name)
         except PKIError as exc:
             self._audit_refusal(operator, "deny", form, type(exc).__name__, str(exc))
@@ -236,10 +249,17 @@ class AdminService:
         return f"denied {count} request(s) of {name}"
 
     def _revoke(self, operator: OperatorIdentity, form: dict[str, str]) -> str:
-        serial, reason = _field(form, "serial"), _field(form, "reason")
-        if not all(c in "0123456789abcdefABCDEF" for c in serial):  # a name would revoke every certificate of it
-            raise PKIError(f"serial {quoted(serial)}: want the hexadecimal serial number of one certificate")
-        records = self.ca.revoke(serial, reason=reason, by=operator.name)  # audits its own refusals, with the operator
+        try:
+            serial, reason = _field(form, "serial"), _field(form, "reason")
+            # By serial only, and one that exists: find_revocable would take a hex-looking
+            # unknown serial for a name (node "abc") and revoke every certificate of it.
+            record = self.ca.inventory.get(int(serial, 16)) if all(c in "0123456789abcdefABCDEF" for c in serial) else None
+            if record is None:
+                raise NotEnrolledError(f"serial {quoted(serial)}: no certificate of this CA has it; reload the page")
+        except PKIError as exc:
+            self._audit_refusal(operator, "revoke", form, type(exc).__name__, str(exc))
+            raise
+        records = self.ca.revoke(f"{record.serial:x}", reason=reason, by=operator.name)  # audits its own refusals, with the operator
         return "revoked " + ", ".join(f"{r.kind} {r.name} serial {r.serial:x}" for r in records) + f" ({reason}); the CRL is re-signed"
 
     # -- process ---------------------------------------------------------------------------------

@@ -449,7 +449,7 @@ class ESTService:
         await runner.setup()
         await front.start(*self.listen)
         if self.admin_listen is not None:
-            self.admin = AdminService(self.ca, self.admin_listen, self._current_context)
+            self.admin = AdminService(self.ca, self.admin_listen, self._current_context, hosts=[*self.dns_names, *self.ip_addresses])
             await self.admin.start()
         if self.metrics_listen is not None:
             self.status_server = StatusServer(self, self.metrics_listen)

@@ -5,6 +5,7 @@ certificate as a node, EST does not renew one, and the admin page's check refuse
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import re
 import sqlite3
@@ -25,7 +26,7 @@ from pkictl.schema import SCHEMA, SCHEMA_VERSION
 from pkictl.timeline import Bar, timeline_svg
 
 from est_support import EST, RunningService, curl, est_body, make_csr, serials
-from support import TLSClient, bundle_context, client_context, live_files, refusal_record, refused
+from support import DEADLINE, TLSClient, bundle_context, client_context, live_files, refusal_record, refused
 
 OPERATOR_URI = "spiffe://pkictl.internal/operator/alice"
 
@@ -204,3 +205,57 @@ def test_timeline_marks_the_renewal_point_and_now_where_they_fall():
     renewal = float(re.search(r'class="renewal" x1="([\d.]+)"', svg).group(1))
     now = float(re.search(r'class="now" x1="([\d.]+)"', svg).group(1))
     assert abs(renewal - (left + width * 2 / 3)) < 1 and abs(now - (left + width / 3)) < 1, svg
+
+
+def _admin_request(port: int, home, method: str, path: str, *, host: str | None = None, body: str | None = None,
+                   headers: dict | None = None) -> tuple[int, str]:
+    """One request to the admin page with alice's certificate, by Python's http.client (``host``: the Host header)."""
+    directory = home / "operators" / "alice"
+    context = client_context(home / "ca.pem", fullchain=directory / "fullchain.pem", key=directory / "key.pem")
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=DEADLINE)
+    try:
+        connection.putrequest(method, path, skip_host=True)
+        connection.putheader("Host", host or f"127.0.0.1:{port}")
+        for name, value in {**(headers or {}), **({"Content-Type": "application/x-www-form-urlencoded"} if body else {})}.items():
+            connection.putheader(name, value)
+        data = body.encode() if body else b""
+        connection.putheader("Content-Length", str(len(data)))
+        connection.endheaders(data)
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        connection.close()
+
+
+def test_the_page_refuses_another_host_name_and_revokes_by_an_existing_serial_only(pki):
+    """A request whose Host is not a name of the service certificate gets 421 (DNS rebinding), the
+    right one 200; a revocation naming serial 'abc', which is no certificate's but node abc's name,
+    is refused (400) and abc keeps its certificate, while TW's real serial revokes TW."""
+    assert enroll_operator(pki.home, "alice").exit_code == 0
+    abc = pki.ca.enroll("node", "abc", out=pki.home / "abc-bundle").certificate
+    service = RunningService(pki.home, admin_listen=("127.0.0.1", 0)).start()
+    try:
+        port = service.service.admin.addresses[0][1]
+        status, text = _admin_request(port, pki.home, "GET", "/", host=f"rebound.example:{port}")
+        assert status == 421 and "rebound.example" in text, text
+        status, page = _admin_request(port, pki.home, "GET", "/")
+        assert status == 200 and 'data-node="abc"' in page
+        token = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+        origin = {"Origin": f"https://127.0.0.1:{port}"}
+        status, text = _admin_request(port, pki.home, "POST", "/revoke", body=f"csrf={token}&serial=abc&reason=key-compromise", headers=origin)
+        assert status == 400 and "no certificate of this CA has it" in text, text
+        assert pki.ca.inventory.get(abc.serial_number).status == "issued"
+        tw = x509.load_pem_x509_certificate(live_files(pki.node)["cert"].read_bytes())
+        status, text = _admin_request(port, pki.home, "POST", "/revoke", body=f"csrf={token}&serial={tw.serial_number:x}&reason=key-compromise",
+                                      headers=origin)
+        assert status == 200 and "revoked node TW" in text, text
+    finally:
+        service.stop()
+    refused = [r for r in audit(pki.home) if r["event"] == "refused" and r.get("operation") == "admin revoke"]
+    assert [(r["subject"], r["operator"]) for r in refused] == [("abc", "alice")]
+
+
+def test_serve_refuses_a_malformed_admin_listen_before_loading_the_ca(tmp_path):
+    """pkictl serve --admin-listen nonsense exits 2 naming the option and the form wanted."""
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "none"), "serve", "--admin-listen", "nonsense"])
+    assert result.exit_code == 2 and "--admin-listen" in result.output and "HOST:PORT" in result.output, result.output

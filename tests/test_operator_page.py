@@ -42,9 +42,11 @@ class Site:
 
     def __init__(self, pki, tmp_path: Path, upstream: int) -> None:
         self.pki = pki
+        self.passwords = {}
         for name in ("alice", "bob"):
             result = CliRunner().invoke(cli, ["--home", str(pki.home), "enroll-operator", name])
             assert result.exit_code == 0, result.output
+            self.passwords[name] = re.search(r"operator\.p12 password \(shown once\): (\S+)", result.output).group(1)
         self.serve = ServeProcess(pki.home, "--check-interval", "1", "--retry-after", "1", "--admin-listen", "127.0.0.1:0")
         self.admin = self.serve.log.wait_for(r"admin page on (https://127\.0\.0\.1:\d+)/").group(1)
         (pki.gateway / "agent.yaml").write_text(yaml.safe_dump({
@@ -56,7 +58,10 @@ class Site:
         _, self.gateway_port = self.gateway.wait_ready()
 
     def operator(self, name: str) -> dict:
+        """Alice's client certificate as PEM files; bob's as the PKCS#12 a browser imports, with its printed password."""
         directory = self.pki.home / "operators" / name
+        if name == "bob":
+            return {"origin": self.admin, "pfxPath": str(directory / "operator.p12"), "passphrase": self.passwords[name]}
         return {"origin": self.admin, "certPath": str(directory / "fullchain.pem"), "keyPath": str(directory / "key.pem")}
 
     def audit(self, event: str) -> list[dict]:
@@ -270,8 +275,9 @@ def test_a_post_without_the_token_from_another_site_or_with_anothers_token_is_re
     page.goto(site.admin + "/")
     form = page.locator('tr[data-node="tw"] form')
     serial, token = form.locator('input[name="serial"]').get_attribute("value"), form.locator('input[name="csrf"]').get_attribute("value")
-    bob = operator_page(browser, site, "bob")
+    bob = operator_page(browser, site, "bob")  # from operator.p12, as imported into a browser
     bob.goto(site.admin + "/")
+    expect(bob.locator("#operator")).to_have_text("bob")
     bobs = bob.locator('tr[data-node="tw"] input[name="csrf"]').get_attribute("value")
     assert token and bobs and token != bobs
 
