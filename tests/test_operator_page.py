@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -160,7 +161,9 @@ def test_the_page_lists_a_connected_node_live_with_its_timeline(site, browser, t
     client = TLSClient(site.gateway_port, bundle_context(site.pki.node))
     try:
         assert client.echo(b"through the gateway") == b"through the gateway"
+        started = time.monotonic()
         expect(connected).to_have_text("yes", timeout=BOUND * 1000)
+        print(f"connection shown on the page {time.monotonic() - started:.2f} s after the echo")
         assert page.evaluate("window.pkictlSamePage === true"), "the page reloaded instead of updating its table"
         expect(page.locator('tr[data-node="tw"] td[data-field="peer"]')).to_have_text(re.compile(r"^127\.0\.0\.1:\d+$"))
         expect(page.locator('tr[data-node="tw"] td[data-field="open_connections"]')).to_have_text("1")
