@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from pkictl.admin_page import dashboard
+from pkictl.admin.page import dashboard
 from pkictl.cli import cli
 from pkictl.inventory import Inventory
 from pkictl.operators import NotAnOperator, identify_operator
 from pkictl.schema import SCHEMA, SCHEMA_VERSION
-from pkictl.timeline import Bar, timeline_svg
+from pkictl.admin.timeline import Bar, timeline_svg
 
 from est_support import EST, RunningService, curl, est_body, make_csr, serials
 from support import DEADLINE, TLSClient, bundle_context, client_context, live_files, refusal_record, refused

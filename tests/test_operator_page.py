@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from pkictl.cli import cli
-from pkictl.est import root_fingerprint
+from pkictl.est.wire import root_fingerprint
 
 from est_support import ServeProcess
 from support import (DEADLINE, AgentProcess, EchoServer, LogWatcher, TLSClient, bundle_context, close_pipes, command, free_port,
