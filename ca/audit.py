@@ -499,7 +499,9 @@ def audits_refusals(operation: str) -> Callable[[Callable[Concatenate[_Self, _Pa
                     subject = str(asked)
                 # The operator's own log names whose a reused key is; the client's answer does not.
                 reason = exc.operator_message if isinstance(exc, KeyReused) else str(exc)
-                self.audit.append("refused", operation=operation, subject=subject, error=type(exc).__name__, reason=reason)
+                by = kwargs.get("by")  # the admin page's operator, when one asked
+                self.audit.append("refused", operation=operation, subject=subject, error=type(exc).__name__, reason=reason,
+                                  **({"operator": by} if by else {}))
                 raise
 
         return wrapper

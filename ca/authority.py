@@ -39,7 +39,7 @@ from .bootstrap import DEFAULT_TOKEN_TTL, Bootstrap
 from .bundles import BundleEnrollment, Enrollment
 from .reenrollment import Reenrollment
 from .revocation import Revocation
-from .profile import build_end_entity, node_identity, validity_window
+from .profile import build_end_entity, node_identity, operator_identity, validity_window
 from .settings import CASettings
 
 if TYPE_CHECKING:
@@ -231,7 +231,8 @@ class CertificateAuthority:
         or awaiting approval as another identity (:meth:`pkictl.inventory.Inventory.check_key_unused`).
 
         Args:
-            kind: ``"node"`` (clientAuth) or ``"gateway"`` (serverAuth).
+            kind: ``"node"`` (clientAuth), ``"gateway"`` (serverAuth) or ``"operator"`` (clientAuth,
+                the admin page's: :mod:`pkictl.operators`).
             name: node or gateway name (a DNS label).
             public_key: the subject's public key; P-256, P-384, RSA >= 2048 or Ed25519.
             dns_names, ip_addresses: gateway SANs (at least one of them for a gateway).
@@ -254,10 +255,10 @@ class CertificateAuthority:
             ip_addresses = [check_ip_address(i) for i in ip_addresses]
             if not dns_names and not ip_addresses:
                 raise PolicyError("a gateway certificate needs at least one --dns NAME or --ip ADDRESS that nodes dial")
-        elif kind == "node":
+        elif kind in ("node", "operator"):
             dns_names, ip_addresses = (), ()
         else:
-            raise PolicyError(f"kind {kind!r}: want node or gateway")
+            raise PolicyError(f"kind {kind!r}: want node, gateway or operator")
         now = self.clock.now()
         not_before, not_after = validity_window(now, self.settings.lifetime(kind))
         if not_after > self.issuing.not_valid_after_utc:
@@ -289,7 +290,8 @@ class CertificateAuthority:
                 continue  # a serial collision: 2^-159 odds, but never reuse one
         else:  # pragma: no cover - needs a broken random source
             raise PolicyError("could not draw an unused serial number; is the random source broken?")
-        self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{node_identity(self.settings.trust_domain, name)}"],
+        identity = operator_identity if kind == "operator" else node_identity
+        self.audit.append("issued", kind=kind, name=name, serial=serial, not_after=not_after, sans=sans or [f"URI:{identity(self.settings.trust_domain, name)}"],
                           renewal=not first, lint="pkilint" if linted or predecessor is None else f"same profile as serial {predecessor.serial_number:x}")
         return certificate
 
@@ -328,9 +330,9 @@ class CertificateAuthority:
         """See :meth:`pkictl.revocation.Revocation.find_revocable`."""
         return self.revocation.find_revocable(target)
 
-    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
+    def revoke(self, target: str, *, reason: str = "unspecified", by: str | None = None) -> list[Record]:
         """See :meth:`pkictl.revocation.Revocation.revoke`."""
-        return self.revocation.revoke(target, reason=reason)
+        return self.revocation.revoke(target, reason=reason, by=by)
 
     def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
         """See :meth:`pkictl.revocation.Revocation.revoke_records`."""
@@ -364,10 +366,10 @@ class CertificateAuthority:
         """See :meth:`pkictl.bootstrap.Bootstrap.simple_enroll` (RFC 7030 4.2.1)."""
         return self.bootstrap.simple_enroll(csr, name=name, token=token, peer=peer)
 
-    def approve(self, name: str, *, code: str) -> list[Record]:
+    def approve(self, name: str, *, code: str, by: str | None = None) -> list[Record]:
         """See :meth:`pkictl.bootstrap.Bootstrap.approve`."""
-        return self.bootstrap.approve(name, code=code)
+        return self.bootstrap.approve(name, code=code, by=by)
 
-    def deny(self, name: str) -> int:
+    def deny(self, name: str, *, by: str | None = None) -> int:
         """See :meth:`pkictl.bootstrap.Bootstrap.deny`."""
-        return self.bootstrap.deny(name)
+        return self.bootstrap.deny(name, by=by)

@@ -182,8 +182,11 @@ class Bootstrap:
             self._revocation.revoke_records(previous, reason="superseded")
         return certificate
 
-    def approve(self, name: str, *, code: str) -> list:
+    def approve(self, name: str, *, code: str, by: str | None = None) -> list:
         """Approve node ``name``'s pending request whose key has approval ``code``.
+
+        Args:
+            by: the operator who approved (the admin page's), recorded in the audit log as ``operator``.
 
         Returns:
             The :class:`pkictl.inventory.Record` of each current certificate of ``name`` that the
@@ -198,11 +201,12 @@ class Bootstrap:
         if self._ca.inventory.decide_request(name, code=code, status="approved", now=now) == 0:
             raise NotEnrolledError(f"no pending request from {name} with code {code}: see 'pkictl requests'")
         replaced = self._ca.inventory.unexpired(name, ["node"], now)
-        self._ca.audit.append("approved", name=name, code=code.upper(), replaces=[f"{r.serial:x}" for r in replaced])
+        self._ca.audit.append("approved", name=name, code=code.upper(), replaces=[f"{r.serial:x}" for r in replaced],
+                              **({"operator": by} if by else {}))
         return replaced
 
-    def deny(self, name: str) -> int:
-        """Deny every pending request of node ``name``; return how many.
+    def deny(self, name: str, *, by: str | None = None) -> int:
+        """Deny every pending request of node ``name``; return how many (``by``: as :meth:`approve`).
 
         Raises:
             NotEnrolledError: none pending.
@@ -211,5 +215,5 @@ class Bootstrap:
         count = self._ca.inventory.decide_request(name, code=None, status="denied", now=self._ca.clock.now())
         if count == 0:
             raise NotEnrolledError(f"no pending request from {name}: see 'pkictl requests'")
-        self._ca.audit.append("denied", name=name, requests=count)
+        self._ca.audit.append("denied", name=name, requests=count, **({"operator": by} if by else {}))
         return count

@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .errors import KeyReused, PKIError
 from .fleet_cli import nodes
+from .operator_cli import enroll_operator
 
 __all__ = ["main", "cli", "default_home", "PKIGroup"]
 
@@ -503,9 +504,13 @@ def rotate_issuing(obj: _Obj, activate_in) -> None:
               help="Connections open at once from one address.  [default: a quarter of --max-connections]")
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Serve GET /healthz and Prometheus GET /metrics over plain HTTP here (keep it on loopback: no authentication).")
+@click.option("--admin-listen", default=None, metavar="[HOST:]PORT",
+              help="Serve the operator's web page (HTTPS, operator certificates only: pkictl enroll-operator) here; "
+                   "a bare PORT binds 127.0.0.1. Off unless given.")
 @click.pass_obj
 def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
-          handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer, metrics_listen) -> None:
+          handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer, metrics_listen,
+          admin_listen) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -522,6 +527,8 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
                            expired or spent); without credentials, 202 until 'pkictl approve'
       POST simplereenroll  a renewal, authenticated by the current certificate (TLS client cert)
     and GET /crl (DER), /crl.pem. Every 4xx answer says what was wrong and what was expected.
+    With --admin-listen, the operator's web page (the fleet, pairing requests to approve or deny,
+    revocation, an expiry timeline) on its own port, for operator certificates only.
     """
     import asyncio
     import logging
@@ -554,6 +561,12 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
             status_address = parse_address(metrics_listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
+    admin_address = None
+    if admin_listen is not None:
+        try:
+            admin_address = parse_address(f"127.0.0.1:{admin_listen}" if admin_listen.strip().isdigit() else admin_listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--admin-listen") from None
     try:
         check_loopback((host, port))
         loopback = True
@@ -568,7 +581,8 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
-                         handshake_timeout=handshake_timeout, limits=limits, metrics_listen=status_address)
+                         handshake_timeout=handshake_timeout, limits=limits, metrics_listen=status_address,
+                         admin_listen=admin_address)
 
     def ready(bound: int) -> None:
         from .files import atomic_write
@@ -578,6 +592,9 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
         # What 'pkictl enroll-node --token' prints for the node to dial (nothing secret).
         atomic_write(obj.home / "service" / "url", (url + "\n").encode())
         logging.getLogger("pkictl.serve").info("ready: EST on %s%s (root %s)", url, "/.well-known/est", root_fingerprint(ca.root))
+        if service.admin is not None:
+            logging.getLogger("pkictl.serve").info("admin page on %s (operator certificates: pkictl enroll-operator NAME)", ", ".join(
+                f"https://{f'[{h}]' if ':' in h else h}:{p}/" for h, p in service.admin.addresses))
         if service.status_server is not None:
             logging.getLogger("pkictl.serve").info("metrics and health on %s", ", ".join(
                 f"http://{f'[{h}]' if ':' in h else h}:{p}/metrics" for h, p in service.status_server.addresses))
@@ -702,6 +719,7 @@ def demo(directory: Path, lifetime: str, port: int | None) -> None:
 
 
 cli.add_command(nodes)
+cli.add_command(enroll_operator)
 
 
 def main() -> None:

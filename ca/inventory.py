@@ -128,7 +128,9 @@ class Inventory:
                 # Read again under the write lock: another process may have migrated meanwhile.
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-                    self._db.execute(MIGRATIONS[step])
+                    migration = MIGRATIONS[step]
+                    for statement in (migration,) if isinstance(migration, str) else migration:
+                        self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
         if fresh:

@@ -17,6 +17,7 @@ __all__ = [
     "KINDS",
     "END_ENTITY_KINDS",
     "node_identity",
+    "operator_identity",
     "generate_key",
     "validity_window",
     "build_root",
@@ -24,8 +25,10 @@ __all__ = [
     "build_end_entity",
 ]
 
-KINDS = ("root", "issuing", "gateway", "node", "service")
-END_ENTITY_KINDS = ("gateway", "node", "service")  # service: pkictl serve's own server certificate
+KINDS = ("root", "issuing", "gateway", "node", "service", "operator")
+# service: pkictl serve's own server certificate; operator: a person's client certificate for the
+# admin page of pkictl serve (docs/design.md, "Operator certificates")
+END_ENTITY_KINDS = ("gateway", "node", "service", "operator")
 
 # RFC 5280 4.1.2.5 allows any notBefore; backdating absorbs clock skew between the CA and the
 # peers that verify, but never more than a tenth of a short lifetime.
@@ -35,6 +38,15 @@ _MAX_BACKDATE = dt.timedelta(minutes=5)
 def node_identity(trust_domain: str, name: str) -> str:
     """The URI SAN naming node ``name``: ``spiffe://<trust_domain>/node/<name in lower case>``."""
     return f"spiffe://{trust_domain}/node/{name.lower()}"
+
+
+def operator_identity(trust_domain: str, name: str) -> str:
+    """The URI SAN naming operator ``name``: ``spiffe://<trust_domain>/operator/<name in lower case>``.
+
+    A path apart from ``/node/``: the gateway admits exactly one ``/node/`` identity, so an
+    operator certificate never authenticates a node, and the admin listener admits only this one.
+    """
+    return f"spiffe://{trust_domain}/operator/{name.lower()}"
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -126,11 +138,12 @@ def build_end_entity(
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
 ) -> x509.CertificateBuilder:
-    """A gateway (serverAuth + clientAuth), EST service (serverAuth) or node (clientAuth) certificate.
+    """A gateway (serverAuth + clientAuth), EST service (serverAuth), node or operator (clientAuth) certificate.
 
     Args:
         kind: ``"gateway"`` (serverAuth for its listener, clientAuth to renew over EST),
-            ``"service"`` (serverAuth) or ``"node"`` (clientAuth).
+            ``"service"`` (serverAuth), ``"node"`` (clientAuth, URI SAN ``.../node/<name>``) or
+            ``"operator"`` (clientAuth, URI SAN ``.../operator/<name>``: the admin page's users).
         name: the validated name; it becomes the subject CN.
         trust_domain: SPIFFE trust domain of node identities.
         public_key: the subject's public key (from a key made here or a verified CSR).
@@ -142,6 +155,9 @@ def build_end_entity(
     """
     if kind == "node":
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(node_identity(trust_domain, name))]
+        ekus = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    elif kind == "operator":
+        sans = [x509.UniformResourceIdentifier(operator_identity(trust_domain, name))]
         ekus = [ExtendedKeyUsageOID.CLIENT_AUTH]
     elif kind in ("gateway", "service"):
         sans = [x509.DNSName(d) for d in dns_names]

@@ -88,6 +88,12 @@ class Reenrollment:
         if record is not None and record.status == "revoked":
             raise CertificateUnusable(f"certificate serial {serial} is revoked ({record.revocation_reason}): a revoked "
                                       "certificate cannot renew", reason="revoked")
+        if record is not None and record.kind == "operator":
+            # A person's certificate for the admin page: it neither renews nor enrolls a node
+            # (docs/design.md, "Operator certificates").
+            raise CertificateUnusable(f"certificate serial {serial} is operator {record.name}'s: an operator certificate does not "
+                                      f"renew over EST; run 'pkictl enroll-operator {record.name} --replace' on the CA host",
+                                      reason="unknown")
         if record is None or record.status != "issued" or record.kind not in ("node", "gateway", "service"):
             raise CertificateUnusable(f"certificate serial {serial} is not in the inventory as an issued end entity", reason="unknown")
         check_csr_signature(csr)

@@ -87,7 +87,7 @@ class Revocation:
         if text and all(c in "0123456789abcdef" for c in text):
             record = self._ca.inventory.get(int(text, 16))
         if record is not None:
-            if record.kind not in ("node", "gateway", "service"):
+            if record.kind not in ("node", "gateway", "service", "operator"):
                 raise PolicyError(f"serial {record.serial:x} is the {record.kind} CA certificate; pkictl revokes end-entity certificates only")
             if record.status != "issued":
                 raise PolicyError(f"serial {record.serial:x} is {record.status}, not an issued certificate")
@@ -96,18 +96,19 @@ class Revocation:
             validate_name(target)
         except PKIError:
             raise NotEnrolledError(f"{target!r} is neither a known serial number nor a node or gateway name") from None
-        records = self._ca.inventory.unexpired(target, ["node", "gateway", "service"], self._ca.clock.now())
+        records = self._ca.inventory.unexpired(target, ["node", "gateway", "service", "operator"], self._ca.clock.now())
         if not records:
             raise NotEnrolledError(f"no unexpired, unrevoked certificate of {target} in the inventory of {self._ca.home}")
         return records
 
     @audits_refusals("revoke")
-    def revoke(self, target: str, *, reason: str = "unspecified") -> list[Record]:
+    def revoke(self, target: str, *, reason: str = "unspecified", by: str | None = None) -> list[Record]:
         """Revoke what :meth:`find_revocable` finds for ``target`` and re-sign the CRL.
 
         Args:
             target: a serial number (hex) or a node or gateway name.
             reason: a name from :data:`pkictl.revocation.REASONS` (RFC 5280 5.3.1).
+            by: the operator who revoked (the admin page's), recorded in the audit log as ``operator``.
 
         Returns:
             The records revoked (as they were before).
@@ -118,7 +119,7 @@ class Revocation:
         """
         reason = parse_reason(reason)
         records = self.find_revocable(target)
-        self.revoke_records(records, reason=reason)
+        self.revoke_records(records, reason=reason, by=by)
         return records
 
     def revoke_superseded(self) -> list[Record]:
@@ -135,10 +136,11 @@ class Revocation:
             self.revoke_records(due, reason="superseded")
         return due
 
-    def revoke_records(self, records: Sequence[Record], *, reason: str) -> None:
-        """Mark ``records`` revoked now and publish a new CRL."""
+    def revoke_records(self, records: Sequence[Record], *, reason: str, by: str | None = None) -> None:
+        """Mark ``records`` revoked now and publish a new CRL (``by``: the operator, as :meth:`revoke`)."""
         self._ca.inventory.revoke([r.serial for r in records], at=self._ca.clock.now(), reason=reason)
-        self._ca.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason)
+        self._ca.audit.append("revoked", serials=[r.serial for r in records], names=sorted({r.name for r in records}), reason=reason,
+                              **({"operator": by} if by else {}))
         self.sign_crl()
 
     @property

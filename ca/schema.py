@@ -3,30 +3,12 @@ the version without importing the inventory module)."""
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS"]
 
-SCHEMA_VERSION = 5
-# Changes from one version to the next, applied in order to an older inventory (the CREATE TABLE
-# statements below already hold them for a new one).
-MIGRATIONS = {
-    2: "ALTER TABLE tokens ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0",
-    3: "ALTER TABLE certificates ADD COLUMN successor TEXT",
-    4: """CREATE TABLE IF NOT EXISTS gateway_reports (
-    gateway      TEXT PRIMARY KEY,          -- the gateway's name (lower case), from its certificate
-    serial       TEXT NOT NULL,             -- serial (hex) of the certificate it reported with
-    received_at  REAL NOT NULL,             -- UTC epoch seconds, by the CA's clock
-    interval     REAL NOT NULL,             -- seconds between its heartbeats (it is stale after 3 of them)
-    report       TEXT NOT NULL              -- the latest report, JSON (pkictl.fleet_report.GatewayReport)
-)""",
-    5: """CREATE TABLE IF NOT EXISTS issuance_peers (
-    serial       TEXT PRIMARY KEY,          -- serial (hex) of a certificate issued over EST
-    peer         TEXT NOT NULL              -- the address its request came from
-)""",
-}
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS certificates (
+SCHEMA_VERSION = 6
+_CERTIFICATES = """CREATE TABLE IF NOT EXISTS {name} (
     serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
     name         TEXT NOT NULL,             -- as the operator wrote it
     name_key     TEXT NOT NULL,             -- lower case: names compare without case
-    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node', 'service')),
+    kind         TEXT NOT NULL CHECK (kind IN ('root', 'issuing', 'gateway', 'node', 'service', 'operator')),
     status       TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed', 'revoked')),
     sans         TEXT NOT NULL,             -- JSON list of subject alternative names
     requested_at INTEGER NOT NULL,          -- UTC epoch seconds
@@ -40,7 +22,33 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at   INTEGER,
     revocation_reason TEXT,                 -- RFC 5280 5.3.1 CRLReason name
     pem          TEXT
-);
+);"""
+_COLUMNS = ("serial, name, name_key, kind, status, sans, requested_at, issuer, not_before, not_after, spki_sha256, "
+            "renewal_due, superseded, successor, revoked_at, revocation_reason, pem")
+# Changes from one version to the next, applied in order to an older inventory (the CREATE TABLE
+# statements below already hold them for a new one).
+MIGRATIONS: dict[int, str | tuple[str, ...]] = {
+    2: "ALTER TABLE tokens ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0",
+    3: "ALTER TABLE certificates ADD COLUMN successor TEXT",
+    4: """CREATE TABLE IF NOT EXISTS gateway_reports (
+    gateway      TEXT PRIMARY KEY,          -- the gateway's name (lower case), from its certificate
+    serial       TEXT NOT NULL,             -- serial (hex) of the certificate it reported with
+    received_at  REAL NOT NULL,             -- UTC epoch seconds, by the CA's clock
+    interval     REAL NOT NULL,             -- seconds between its heartbeats (it is stale after 3 of them)
+    report       TEXT NOT NULL              -- the latest report, JSON (pkictl.fleet_report.GatewayReport)
+)""",
+    5: """CREATE TABLE IF NOT EXISTS issuance_peers (
+    serial       TEXT PRIMARY KEY,          -- serial (hex) of a certificate issued over EST
+    peer         TEXT NOT NULL              -- the address its request came from
+)""",
+    # A CHECK constraint cannot be altered in SQLite: the table is rebuilt with the operator kind
+    # (https://www.sqlite.org/lang_altertable.html#otheralter); its indexes come back with SCHEMA.
+    6: (_CERTIFICATES.format(name="certificates_v6"),
+        f"INSERT INTO certificates_v6 ({_COLUMNS}) SELECT {_COLUMNS} FROM certificates",
+        "DROP TABLE certificates",
+        "ALTER TABLE certificates_v6 RENAME TO certificates"),
+}
+SCHEMA = _CERTIFICATES.format(name="certificates") + """
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
 CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (status, not_after);
 -- one key, one identity: every issuance looks its key up (Inventory.check_key_unused); created by

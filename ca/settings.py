@@ -149,8 +149,9 @@ class CASettings:
 
     def lifetime(self, kind: str) -> dt.timedelta:
         """Validity of a new certificate of ``kind`` (``root``, ``issuing``, ``node``, ``gateway``;
-        ``service``, the EST service's server certificate, lives as long as a gateway's)."""
-        return getattr(self, f"{'gateway' if kind == 'service' else kind}_lifetime")
+        ``service``, the EST service's server certificate, lives as long as a gateway's, and
+        ``operator``, a person's client certificate for the admin page, as long as a node's)."""
+        return getattr(self, f"{ {'service': 'gateway', 'operator': 'node'}.get(kind, kind)}_lifetime")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

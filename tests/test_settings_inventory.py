@@ -419,7 +419,7 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     assert inventory.consume_token("tw", "aa", now) and inventory.token_replaces("tw", "aa", now) is None
     inventory.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     assert "successor" in [c[1] for c in db.execute("PRAGMA table_info(certificates)")]
     assert "report" in [c[1] for c in db.execute("PRAGMA table_info(gateway_reports)")]
     assert "peer" in [c[1] for c in db.execute("PRAGMA table_info(issuance_peers)")]

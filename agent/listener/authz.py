@@ -145,6 +145,10 @@ def _examine(der: bytes, trust_domain: str) -> _Examined:
         # A gateway's certificate is for clientAuth too (it renews over EST), never a node's.
         problem = ("no node identity", f"serial {serial:x} (CN={claimed}) is a server certificate with no identity under "
                                        f"{prefix}: a gateway's certificate does not authenticate a node")
+    elif not names and any(u.startswith(f"spiffe://{trust_domain}/operator/") for u in uris):
+        # clientAuth like a node's, but a person's, for the CA's admin page (docs/design.md, "Operator certificates").
+        problem = ("no node identity", f"serial {serial:x} (CN={claimed}) is an operator certificate with no identity under "
+                                       f"{prefix}: an operator's certificate does not authenticate a node")
     elif not one:
         problem = ("no node identity", f"serial {serial:x} carries {len(names)} identities under {prefix}; want exactly one")
     return _Examined(serial, cert.issuer.public_bytes(), cert.not_valid_after_utc, claimed, problem)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from ..admin.server import AdminService
 from ..authority import CertificateAuthority
 from ..errors import CertificateUnusable, InvalidNameError, PendingApproval, PKIError, PolicyError
 from .wire import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
@@ -58,6 +60,14 @@ log = logging.getLogger("pkictl.serve")
 
 
 _ENROLLMENT_PATHS = (f"{EST_PREFIX}/simpleenroll", f"{EST_PREFIX}/simplereenroll")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _common_name(name: x509.Name) -> str | None:
@@ -92,6 +102,8 @@ class ESTService:
             (:class:`pkictl.est.front.FrontLimits`; its defaults when None).
         metrics_listen: ``(host, port)`` of the plain-HTTP ``/healthz`` and ``/metrics``
             endpoint (:mod:`pkictl.est.metrics`); None serves none.
+        admin_listen: ``(host, port)`` of the operator's web page (:mod:`pkictl.admin.server`), served
+            with the service's certificate (an IP address given here joins its SANs); None serves none.
     """
 
     def __init__(
@@ -109,6 +121,7 @@ class ESTService:
         signers: SignerPool | None = None,
         limits: FrontLimits | None = None,
         metrics_listen: tuple[str, int] | None = None,
+        admin_listen: tuple[str, int] | None = None,
     ) -> None:
         self.ca = ca
         self.signers = signers
@@ -119,6 +132,10 @@ class ESTService:
             # No names given: only a service bound to one address (loopback, for tests and a
             # single host) can name itself; the CLI refuses a wider --listen without names.
             self.ip_addresses = [listen[0] if listen[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"]
+        self.admin_listen = admin_listen
+        self.admin: AdminService | None = None
+        if admin_listen is not None and _is_ip(admin_listen[0]) and admin_listen[0] not in ("0.0.0.0", "::", *self.ip_addresses):
+            self.ip_addresses.append(admin_listen[0])  # the browser checks the page's address too
         self.retry_after = retry_after
         self.check_interval = check_interval
         self.handshake_timeout = handshake_timeout
@@ -431,6 +448,9 @@ class ESTService:
                                               keepalive_timeout=max(15.0, self.limits.header_timeout + 1))
         await runner.setup()
         await front.start(*self.listen)
+        if self.admin_listen is not None:
+            self.admin = AdminService(self.ca, self.admin_listen, self._current_context, hosts=[*self.dns_names, *self.ip_addresses])
+            await self.admin.start()
         if self.metrics_listen is not None:
             self.status_server = StatusServer(self, self.metrics_listen)
             try:
@@ -487,6 +507,8 @@ class ESTService:
         try:
             await self.start()
         except BaseException:
+            if self.admin is not None:
+                await self.admin.close()
             if self.status_server is not None:
                 await self.status_server.close()
             if self._runner is not None:
@@ -511,6 +533,8 @@ class ESTService:
         finally:
             scheduler.shutdown(wait=False)
             await front.close()
+            if self.admin is not None:
+                await self.admin.close()
             if self.status_server is not None:
                 await self.status_server.close()
             await runner.cleanup()
