@@ -28,7 +28,7 @@ from ..admission import AdmissionLimits
 from ..errors import NotEnrolledError, PKIError
 from ..est.front import FrontLimits, TLSFront
 from ..fleet import fleet_view, gateway_states
-from ..fleet_cli import render_nodes
+from ..commands.nodes import render_nodes
 from ..logfmt import bare, quoted
 from ..operators import NotAnOperator, OperatorIdentity, identify_operator
 from ..renewal import certificate_state, renewal_time

@@ -26,8 +26,8 @@ def enroll_operator(obj, name: str, out: Path | None, replace: bool) -> None:
     An operator certificate opens the admin page only: the gateway refuses it as a node, and EST
     does not renew it (run this again with --replace before it expires).
     """
-    from .errors import AlreadyEnrolledError
-    from .operators import Operators
+    from ..errors import AlreadyEnrolledError
+    from ..operators import Operators
 
     ca = obj.load_ca()
     try:

@@ -8,8 +8,8 @@ import json
 
 import click
 
-from .logfmt import bare
-from .status import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING
+from ..logfmt import bare
+from ..status import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING
 
 __all__ = ["nodes", "render_nodes"]
 
@@ -70,12 +70,12 @@ def nodes(obj, as_json: bool, disconnected_after: str, expected: tuple[str, ...]
       4  a node's certificate has expired
       1  error (no CA, a bad option)
     """
-    from .authority import CertificateAuthority
-    from .clock import SystemClock
-    from .errors import PKIError
-    from .fleet import fleet_view, gateway_states
-    from .names import validate_name
-    from .settings import CASettings, parse_duration
+    from ..authority import CertificateAuthority
+    from ..clock import SystemClock
+    from ..errors import PKIError
+    from ..fleet import fleet_view, gateway_states
+    from ..names import validate_name
+    from ..settings import CASettings, parse_duration
 
     try:
         after = parse_duration(disconnected_after, field="--disconnected-after")
