@@ -24,7 +24,7 @@ from .nodetable import OTHER
 from .tls import ServerTLS
 
 if TYPE_CHECKING:
-    from .listener import GatewayListener
+    from .listener_view import ListenerView
 
 __all__ = ["AgentCounters", "AgentCollector", "MetricsHost", "health", "node_label", "StatusServer"]
 
@@ -50,7 +50,7 @@ class MetricsHost(Protocol):
     credential: Credential | None
     counters: AgentCounters
     _tls: ServerTLS | None  # the listener's context, its CRL and the CRL's next update
-    listener: GatewayListener | None
+    listener: ListenerView | None
 
     @property
     def next_attempt(self) -> dt.datetime | None: ...
@@ -115,7 +115,7 @@ class AgentCollector:
         yield from _node_families(listener, labels, values)
 
 
-def node_label(listener: "GatewayListener", name: str) -> str:
+def node_label(listener: "ListenerView", name: str) -> str:
     """The ``node`` label of ``name``: itself when it is in the allow list (or, with ``['*']``,
     once it has connected: a certificate of this CA, an enrolled node), else ``other``. So
     the series are bounded by the enrolled nodes, whatever names or addresses refused clients use."""
@@ -126,7 +126,7 @@ def node_label(listener: "GatewayListener", name: str) -> str:
     return name if entry is not None and entry.opened_total else OTHER
 
 
-def _node_families(listener: "GatewayListener", labels: list[str], values: list[str]):
+def _node_families(listener: "ListenerView", labels: list[str], values: list[str]):
     """Per-node series: connected (0/1), connections opened, refusals by reason."""
     connected: dict[str, int] = {name: 0 for name in listener.authorizer.allow or ()}
     opened: dict[str, int] = dict(connected)

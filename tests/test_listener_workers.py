@@ -1,0 +1,325 @@
+"""``listener.workers``: pki-agent's listener as several real worker processes on one port.
+
+Which worker served a connection is read from its ``accepted`` line (`` worker=PID``), matched
+by the client's own port. Every test runs ``pki-agent run`` as a real process with 2 workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pki_agent.config import ListenerConfig, default_workers, load_config
+from pki_agent.errors import ConfigError
+from pki_agent.rotation import LocalCA, rotate
+from pkictl.clock import SystemClock
+from pkictl.store import CredentialStore
+
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, refused, wait_until
+
+WORKERS = 2
+_SERVING = r"listener worker (\d+) \(pid (\d+)\) serving serial (\w+)"
+
+
+def _config(pki, upstream: int, workers: int = WORKERS, **settings) -> Path:
+    config = pki.gateway / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "gw", "kind": "gateway", "credential_dir": ".",
+        "renewal": {"ca_home": str(pki.home), "check_interval": "1h"}, "watch": False,
+        "listener": {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{upstream}", "crl": str(pki.ca.crl_path),
+                     "allow": ["*"], "workers": workers},
+        **settings,
+    }))
+    return config
+
+
+class Gateway:
+    """A started ``pki-agent run`` with its workers' pids."""
+
+    def __init__(self, config: Path, workers: int = WORKERS) -> None:
+        self.agent = AgentProcess(config)
+        self.log = self.agent.log
+        _, self.port = self.agent.wait_ready()
+        self.workers: dict[int, int] = {}  # index -> pid, from the "serving" lines
+        self.clients: list[TLSClient] = []  # closed at stop()
+        for match in re.finditer(_SERVING, self.log.text()):
+            self.workers[int(match.group(1))] = int(match.group(2))
+        assert len(self.workers) == workers, self.log.text()
+
+    def served_by(self, client: TLSClient) -> int:
+        """The pid of the worker that accepted ``client`` (its accepted line, by the client's port)."""
+        local = client.sock.getsockname()[1]
+        return int(self.log.wait_for(rf"accepted peer=127\.0\.0\.1:{local} .* worker=(\d+)$").group(1))
+
+    def spread(self, ctx: ssl.SSLContext, count: int = 24) -> list[tuple[TLSClient, int]]:
+        """``count`` open connections, each with the pid of its worker (echo checked)."""
+        opened = []
+        for _ in range(count):
+            client = TLSClient(self.port, ctx)
+            self.clients.append(client)
+            assert client.echo(b"x") == b"x"
+            opened.append(client)
+        return [(c, self.served_by(c)) for c in opened]
+
+    def stop(self) -> int:
+        for client in self.clients:
+            client.close()  # closing twice is harmless
+        return self.agent.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped by whoever adopted it, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def gateway(pki, echo_server):
+    started: list[Gateway] = []
+
+    def start(**settings) -> Gateway:
+        workers = settings.get("workers", WORKERS)
+        running = Gateway(_config(pki, echo_server.port, **settings), workers if workers > 1 else 0)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def test_workers_default_to_the_cpus_and_refuse_zero(tmp_path):
+    """Unset, ``workers`` is the number of CPUs the agent may run on; 0 is refused at load, naming the field."""
+    config = ListenerConfig(listen="127.0.0.1:0", upstream="127.0.0.1:1", allow=["*"])
+    assert config.worker_count == default_workers() >= 1
+    assert ListenerConfig(listen="127.0.0.1:0", upstream="127.0.0.1:1", allow=["*"], workers=1).worker_count == 1
+    path = tmp_path / "agent.yaml"
+    path.write_text("name: gw\nkind: gateway\nlistener:\n  listen: 127.0.0.1:0\n  upstream: 127.0.0.1:1\n  allow: ['*']\n  workers: 0\n")
+    with pytest.raises(ConfigError, match=r"listener\.workers.*greater than or equal to 1"):
+        load_config(path)
+
+
+def test_several_workers_accept_on_one_port(pki, gateway):
+    """Connections to the one port are served by both workers, none by the agent's own process;
+    with ``workers: 1`` the agent serves them itself (no worker process, no ``worker=`` field)."""
+    running = gateway()
+    pids = {pid for _, pid in running.spread(bundle_context(pki.node))}
+    assert pids == set(running.workers.values())
+    assert running.agent.proc.pid not in pids
+
+
+def test_one_worker_is_the_agent_itself(pki, gateway):
+    running = gateway(workers=1)
+    client = TLSClient(running.port, bundle_context(pki.node))
+    running.clients.append(client)
+    assert client.echo(b"one") == b"one"
+    local = client.sock.getsockname()[1]
+    line = running.log.wait_for(rf"accepted peer=127\.0\.0\.1:{local} ").string
+    assert "worker=" not in line
+    client.close()
+
+
+def test_a_killed_worker_is_replaced_and_the_others_connections_survive(pki, gateway):
+    """SIGKILL of one worker: its connections end, the other worker's stay open and forward, a
+    replacement starts on the same port and serves new connections; the agent keeps running."""
+    running = gateway()
+    opened = running.spread(bundle_context(pki.node))
+    victim, survivor = running.workers[0], running.workers[1]
+    mark = running.log.mark()
+    running_pids = set(running.workers.values())
+    os.kill(victim, signal.SIGKILL)
+    running.log.wait_for(rf"listener worker 0 \(pid {victim}\) was killed by signal 9; starting a replacement", start=mark)
+    replacement = int(running.log.wait_for(r"listener worker 0 \(pid (\d+)\) serving serial", start=mark).group(1))
+    assert replacement not in running_pids
+    for client, pid in opened:
+        if pid == survivor:
+            assert client.echo(b"still here") == b"still here"
+        else:
+            try:
+                assert client.echo(b"gone") == b""
+            except (ssl.SSLError, ConnectionError):
+                pass  # reset: the process holding it was killed
+        client.close()
+    pids = {pid for _, pid in running.spread(bundle_context(pki.node))}
+    assert replacement in pids and survivor in pids and victim not in pids
+    assert running.agent.proc.poll() is None
+
+
+def test_crl_reload_reaches_every_worker(pki, gateway):
+    """After 'revoke TW' and SIGHUP, TW is refused as revoked by both workers and its open
+    connections on both are closed; another node is still served by both."""
+    other = pki.ca.enroll("node", "other", out=pki.home.parent / "other").directory
+    running = gateway()
+    before = running.spread(bundle_context(pki.node), 12)
+    assert {pid for _, pid in before} == set(running.workers.values())  # the control: TW was served by both
+
+    pki.ca.revoke("TW", reason="key-compromise")
+    mark = running.log.mark()
+    running.agent.proc.send_signal(signal.SIGHUP)
+    running.log.wait_for(r"CRL loaded: 1 revoked", start=mark)
+    for client, _ in before:  # closed by the worker that held it, at its reload
+        try:
+            assert client.echo(b"revoked?") == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+        client.close()
+    for _ in range(24):
+        refused(running.port, bundle_context(pki.node))
+
+    def refusing() -> set[int]:
+        return {int(m.group(1)) for m in re.finditer(r"refused peer=\S+ reason='revoked' .* worker=(\d+)$", running.log.text(), re.M)}
+
+    wait_until(lambda: refusing() == set(running.workers.values()), what="both workers refusing TW as revoked")
+    still = running.spread(bundle_context(other), 12)
+    assert {pid for _, pid in still} == set(running.workers.values())
+    for client, _ in still:
+        client.close()
+
+
+def test_renewed_server_certificate_is_presented_by_every_worker(pki, gateway):
+    """Both workers present the gateway certificate; after a new one is installed and SIGHUP,
+    both present the new one, and connections opened before keep forwarding."""
+    running = gateway()
+    store = CredentialStore(pki.gateway)
+    old = store.load().certificate.serial_number
+    unchanged = running.spread(bundle_context(pki.node), 12)
+    assert {c.server_serial() for c, _ in unchanged} == {old}
+    assert {pid for _, pid in unchanged} == set(running.workers.values())
+    new = rotate(store, store.load(), LocalCA(pki.home, SystemClock()), SystemClock()).certificate.serial_number
+    mark = running.log.mark()
+    running.agent.proc.send_signal(signal.SIGHUP)
+    running.log.wait_for(rf"credential gw serial {new:x}", start=mark)
+    after = running.spread(bundle_context(pki.node), 24)
+    assert {c.server_serial() for c, _ in after} == {new}
+    assert {pid for _, pid in after} == set(running.workers.values())
+    for client, _ in unchanged:
+        assert client.echo(b"opened before") == b"opened before"  # established ones keep theirs
+        client.close()
+    for client, _ in after:
+        client.close()
+
+
+def test_reload_under_a_handshake_flood_fails_no_handshake(pki, gateway):
+    """Six client threads connect, handshake and echo in a loop while the gateway certificate is
+    rotated five times (SIGHUP each): not one handshake fails, both workers serve the flood, and
+    the newest certificate is presented afterwards."""
+    running = gateway()
+    ctx = bundle_context(pki.node)
+    stop = threading.Event()
+    ok, failed, serials = [0], [], set()
+    lock = threading.Lock()
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                client = TLSClient(running.port, ctx)
+                serial = client.server_serial()
+                answer = client.echo(b"f")
+                client.close()
+            except (OSError, ssl.SSLError) as exc:
+                with lock:
+                    failed.append(repr(exc))
+                continue
+            with lock:
+                if answer == b"f":
+                    ok[0] += 1
+                    serials.add(serial)
+                else:
+                    failed.append(f"echo {answer!r}")
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    store = CredentialStore(pki.gateway)
+    installed = []
+    try:
+        wait_until(lambda: ok[0] >= 50, what="the flood under way")
+        for _ in range(5):
+            serial = rotate(store, store.load(), LocalCA(pki.home, SystemClock()), SystemClock()).certificate.serial_number
+            installed.append(serial)
+            mark = running.log.mark()
+            running.agent.proc.send_signal(signal.SIGHUP)
+            running.log.wait_for(rf"credential gw serial {serial:x}", start=mark)
+            seen = ok[0]
+            wait_until(lambda seen=seen: ok[0] >= seen + 30, what="handshakes after the reload")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+    assert failed == []
+    assert installed[-1] in serials and len(serials & set(installed)) >= 2
+    flood_pids = {int(m.group(1)) for m in re.finditer(r"accepted peer=\S+ node=tw .* worker=(\d+)$", running.log.text(), re.M)}
+    assert flood_pids == set(running.workers.values())
+    last = TLSClient(running.port, ctx)
+    running.clients.append(last)
+    assert last.server_serial() == installed[-1]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_and_connection_table_sum_every_worker(pki, gateway, tmp_path):
+    """/metrics counts the connections and refusals of both workers, and /connections lists TW's
+    open connections of both; after SIGKILL of one worker its counts stay."""
+    running = gateway(metrics={"listen": "127.0.0.1:0"})
+    url = running.log.wait_for(r"metrics and health on (http://\S+/metrics)").group(1)
+    opened = running.spread(bundle_context(pki.node), 16)
+    per_worker = {pid: sum(1 for _, p in opened if p == pid) for pid in running.workers.values()}
+    assert all(per_worker.values())  # both served some: the sums below add two workers' counts
+    nobody = client_context(pki.node / "ca.pem")
+    for _ in range(6):
+        refused(running.port, nobody)
+    accepted = 'pki_agent_listener_connections_accepted_total{kind="gateway",name="gw"}'
+    no_cert = 'pki_agent_listener_connections_refused_total{kind="gateway",name="gw",reason="no client certificate"}'
+    connected = 'pki_agent_listener_node_connected{kind="gateway",name="gw",node="tw"}'
+    wait_until(lambda: (m := _scrape(url)).get(accepted) == 16 and m.get(no_cert) == 6 and m.get(connected) == 1,
+               what="metrics of both workers")
+    assert _scrape(url)['pki_agent_listener_connections_open{kind="gateway",name="gw"}'] == 16
+    table = url.replace("/metrics", "/connections")
+
+    def tw_open() -> int:
+        with urllib.request.urlopen(table, timeout=DEADLINE) as response:
+            rows = {r["node"]: r for r in json.loads(response.read())}
+        return rows["tw"]["open_connections"] if "tw" in rows else -1
+
+    wait_until(lambda: tw_open() == 16, what="TW's 16 open connections in the table")
+    victim = running.workers[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: tw_open() == 16 - per_worker[victim], what="the killed worker's connections leaving the table")
+    assert _scrape(url)[accepted] == 16  # what the dead worker counted stays counted
+    for client, _ in opened:
+        client.close()
+
+
+def test_sigterm_stops_every_worker_and_no_worker_outlives_the_agent(pki, gateway):
+    """SIGTERM to the agent stops both workers (exit status 0); after SIGKILL of the agent
+    itself, its workers notice and stop too."""
+    running = gateway()
+    pids = set(running.workers.values())
+    assert all(_alive(pid) for pid in pids)
+    assert running.stop() == 0
+    wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone after SIGTERM")
+
+    second = gateway()
+    pids = set(second.workers.values())
+    client = TLSClient(second.port, bundle_context(pki.node))
+    second.clients.append(client)
+    assert client.echo(b"x") == b"x"
+    second.agent.proc.kill()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone after the agent was killed")
+    client.close()
