@@ -53,7 +53,7 @@ async def start_endpoints(agent: EndpointsHost) -> None:
         if config.listener.worker_count == 1:
             listener = GatewayListener(config.listener, agent.current_tls, config.trust_domain, agent.clock)
         else:
-            listener = WorkerPool(config.listener, config.trust_domain, config.credential_dir, key_group=agent.store.layout.group,
+            listener = WorkerPool(config.listener, agent.current_tls, config.trust_domain, config.credential_dir, key_group=agent.store.layout.group,
                                   log_format=config.log_format, clock=agent.clock)
         wanted.append(("listener", config.listener.listen, listener))
     if config.tunnel is not None:

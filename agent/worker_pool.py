@@ -28,7 +28,7 @@ from .config import ListenerConfig
 from .connection import ListenerStats
 from .nodetable import NodeTable, entry_from_wire, merge_tables
 from .tls import ServerTLS
-from .worker_process import listener_to_wire
+from .worker_process import held_to_wire, listener_to_wire
 
 __all__ = ["WorkerPool", "START_BOUND", "RELOAD_BOUND"]
 
@@ -68,6 +68,8 @@ class WorkerPool:
 
     Args:
         config: the listener's settings (``workers`` of them).
+        current: the agent's :class:`ServerTLS` in service; a worker starts with no older CRL
+            than its CRL numbers (a replayed CRL the agent refused stays refused).
         trust_domain: the SPIFFE trust domain of node identities.
         credential_dir: the gateway's credential directory, which each worker loads.
         key_group: the group that may read the key (``credential_group``), or None.
@@ -75,9 +77,10 @@ class WorkerPool:
         clock: the time of the table's rows.
     """
 
-    def __init__(self, config: ListenerConfig, trust_domain: str, credential_dir: Path, *, key_group: int | None = None,
-                 log_format: str = "text", clock: Clock | None = None) -> None:
+    def __init__(self, config: ListenerConfig, current: Callable[[], ServerTLS], trust_domain: str, credential_dir: Path, *,
+                 key_group: int | None = None, log_format: str = "text", clock: Clock | None = None) -> None:
         self.config = config
+        self._current = current
         self.clock = clock or SystemClock()
         self.authorizer = Authorizer(trust_domain, config.allowed_names)
         self.on_change: Callable[[], None] | None = None
@@ -185,7 +188,8 @@ class WorkerPool:
         parent, child = socket.socketpair()
         fds = [s.fileno() for s in worker.sockets]
         loop_name = "uvloop" if type(self._loop).__module__.startswith("uvloop") else "asyncio"
-        setup = {**self._setup, "sockets": fds, "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
+        setup = {**self._setup, "sockets": fds, "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                 "held": held_to_wire(self._current().crl_numbers)}
         try:
             worker.proc = subprocess.Popen([sys.executable, "-m", "pki_agent.worker_process", str(child.fileno()), loop_name],
                                            pass_fds=[child.fileno(), *fds], stdin=subprocess.DEVNULL)
@@ -238,7 +242,6 @@ class WorkerPool:
         elif "reloaded" in message:
             worker.acked, worker.reload_error = int(message["reloaded"]), message["error"]
         elif "ready" in message:
-            worker.quick_deaths = worker.quick_deaths if time.monotonic() - worker.started < _QUICK else 0
             log.info("listener worker %d (pid %d) serving serial %s", worker.index, worker.pid, message["ready"]["serial"])
             if worker.ready is not None and not worker.ready.done():
                 worker.ready.set_result(None)
@@ -357,6 +360,8 @@ class WorkerPool:
                 if worker.control is None:
                     break
                 self._readable(worker)
+        for task in self._tasks:
+            task.cancel()  # a replacement waiting out its pause: none is started any more
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self._workers:

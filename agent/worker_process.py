@@ -28,7 +28,9 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import Mapping
 
+from pkictl.crl_numbers import CRLKey, HeldCRL
 from pkictl.errors import PKIError
 from pkictl.formats import VersionLayout
 from pkictl.loops import event_loop_factory
@@ -40,7 +42,7 @@ from .listener import GatewayListener
 from .nodetable import ConnectionEvent, entry_to_wire
 from .tls import ServerTLS, server_context
 
-__all__ = ["Worker", "main", "REPORT", "listener_to_wire", "listener_from_wire"]
+__all__ = ["Worker", "main", "REPORT", "listener_to_wire", "listener_from_wire", "held_to_wire", "held_from_wire"]
 
 REPORT = 0.1  # seconds between two reports to the agent at most (the fleet view's lag from a worker)
 
@@ -69,6 +71,18 @@ def listener_from_wire(wire: dict) -> ListenerConfig:
     return ListenerConfig.model_validate({k: dt.timedelta(seconds=v["seconds"]) if isinstance(v, dict) else v for k, v in wire.items()})
 
 
+def held_to_wire(held: Mapping[CRLKey, HeldCRL]) -> list:
+    """The CRL numbers in service (:attr:`pki_agent.tls.ServerTLS.crl_numbers`) as JSON-ready values."""
+    return [[issuer.hex(), aki.hex() if aki is not None else None, h.issuer, h.number, h.sha256.hex()]
+            for (issuer, aki), h in held.items()]
+
+
+def held_from_wire(wire: list) -> dict[CRLKey, HeldCRL]:
+    """The CRL numbers :func:`held_to_wire` made."""
+    return {(bytes.fromhex(issuer), bytes.fromhex(aki) if aki is not None else None): HeldCRL(name, int(number), bytes.fromhex(digest))
+            for issuer, aki, name, number, digest in wire}
+
+
 class Worker:
     """The listener of one worker process and its link to the agent.
 
@@ -81,7 +95,9 @@ class Worker:
         self.config = listener_from_wire(setup["listener"])
         self.store = CredentialStore(Path(setup["credential_dir"]), layout=VersionLayout(group=setup["key_group"]))
         self.reader, self.writer = reader, writer
-        self.tls: ServerTLS = server_context(self.store, self.config.crl)
+        # The agent's CRL numbers: a worker started after the agent refused an older CRL on disk
+        # refuses it too, rather than serve it (CRLRollbackError: it exits, and is started again).
+        self.tls: ServerTLS = server_context(self.store, self.config.crl, held=held_from_wire(setup["held"]))
         self.listener = GatewayListener(self.config, lambda: self.tls, setup["trust_domain"])
         self.listener.on_event = self._changed
         self._sockets = [socket.socket(fileno=fd) for fd in setup["sockets"]]
@@ -186,7 +202,13 @@ async def _serve(fd: int) -> None:
         return
     setup = json.loads(first)["setup"]
     configure_logging(setup["log_format"], setup["log_level"], worker=os.getpid())
-    await Worker(setup, reader, writer).run()
+    try:
+        worker = Worker(setup, reader, writer)
+    except (PKIError, ssl.SSLError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        writer.close()
+        raise SystemExit(1) from None
+    await worker.run()
 
 
 def main(argv: list[str] | None = None) -> int:

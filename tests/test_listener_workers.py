@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import threading
 import urllib.request
@@ -323,3 +324,31 @@ def test_sigterm_stops_every_worker_and_no_worker_outlives_the_agent(pki, gatewa
     second.agent.proc.kill()
     wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone after the agent was killed")
     client.close()
+
+
+def test_a_replacement_worker_refuses_a_replayed_crl_the_agent_refused(pki, gateway):
+    """The CRL revoking TW is in service; an older CRL (without TW) written back over it is
+    refused by the agent's reload. A worker killed then is replaced by one that refuses that CRL
+    too, so it does not start, and TW is served by no worker: not by the one left (revoked), not
+    by the replacement (none runs)."""
+    older = pki.ca.crl_path.read_bytes()
+    pki.ca.revoke("TW", reason="key-compromise")
+    running = gateway()
+    mark = running.log.mark()
+    pki.ca.crl_path.write_bytes(older)
+    running.agent.proc.send_signal(signal.SIGHUP)
+    running.log.wait_for(r"reload refused, still serving serial \w+ with its CRL", start=mark)
+    os.kill(running.workers[0], signal.SIGKILL)
+    running.log.wait_for(r"cannot start: .*CRL", start=mark)
+    running.log.wait_for(r"listener worker 0 \(pid \d+\) exited with status 1; starting a replacement in", start=mark)
+    ctx = bundle_context(pki.node)
+    for _ in range(8):
+        raw = socket.create_connection(("127.0.0.1", running.port), timeout=1)
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"x")
+                assert tls.recv(1) == b""  # refused as revoked by the worker left
+        except (TimeoutError, ssl.SSLError, ConnectionError):
+            pass  # revoked, or waiting on the socket of the worker that cannot start
+        finally:
+            raw.close()
