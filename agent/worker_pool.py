@@ -38,6 +38,7 @@ START_BOUND = 30.0  # seconds a new worker may take to say it is serving
 RELOAD_BOUND = 5.0  # seconds a worker may take to confirm a reload; one that does not is replaced
 _QUICK = 2.0  # a worker that dies sooner than this after its start is replaced after a growing pause
 _PAUSE_MAX = 30.0
+_SIGNALLED_PAUSE = 2.0  # seconds before replacing a worker that stopped on SIGTERM or SIGINT of its own
 
 
 class _Worker:
@@ -55,6 +56,7 @@ class _Worker:
         self.quick_deaths = 0
         self.acked = 0  # the last reload it confirmed
         self.reload_error: str | None = None
+        self.stopping: str | None = None  # the signal it said it stops on
         self.table = NodeTable()
         self.stats = ListenerStats()
         self.open = 0
@@ -241,6 +243,8 @@ class WorkerPool:
                 self.on_change()
         elif "reloaded" in message:
             worker.acked, worker.reload_error = int(message["reloaded"]), message["error"]
+        elif "stopping" in message:
+            worker.stopping = str(message["stopping"])
         elif "ready" in message:
             log.info("listener worker %d (pid %d) serving serial %s", worker.index, worker.pid, message["ready"]["serial"])
             if worker.ready is not None and not worker.ready.done():
@@ -300,14 +304,22 @@ class WorkerPool:
             code = await asyncio.to_thread(proc.wait)
         if self._closing:
             return
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        quick = time.monotonic() - worker.started < _QUICK
-        worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
-        pause = min(0.5 * 2 ** (worker.quick_deaths - 1), _PAUSE_MAX) if quick else 0.0
-        log.error("listener worker %d (pid %d) %s; starting a replacement%s; the other workers' connections are not affected",
-                  worker.index, worker.pid, how, f" in {pause:g} s (it died {worker.quick_deaths} time(s) just after starting)" if pause else "")
-        if pause:
-            await asyncio.sleep(pause)
+        if worker.stopping is not None and code == 0:
+            # Stopped on a signal of its own: most likely sent to every process of the service
+            # (systemctl stop, Ctrl-C), which stops the agent too and cancels this replacement.
+            log.info("listener worker %d (pid %d) stopped on %s; starting a replacement in %g s unless the agent stops too",
+                     worker.index, worker.pid, worker.stopping, _SIGNALLED_PAUSE)
+            worker.stopping = None
+            await asyncio.sleep(_SIGNALLED_PAUSE)
+        else:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            quick = time.monotonic() - worker.started < _QUICK
+            worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
+            pause = min(0.5 * 2 ** (worker.quick_deaths - 1), _PAUSE_MAX) if quick else 0.0
+            log.error("listener worker %d (pid %d) %s; starting a replacement%s; the other workers' connections are not affected",
+                      worker.index, worker.pid, how, f" in {pause:g} s (it died {worker.quick_deaths} time(s) just after starting)" if pause else "")
+            if pause:
+                await asyncio.sleep(pause)
         if not self._closing:
             self.restarts += 1
             self._spawn(worker)

@@ -170,13 +170,19 @@ class Worker:
         finally:
             self.stopped.set()  # whatever ended the link, no worker outlives the agent
 
+    def _signalled(self, sig: signal.Signals) -> None:
+        # Said first, so that the agent does not take the exit for a crash: systemd's stop and a
+        # terminal's Ctrl-C signal every process, the agent included, which stops them all anyway.
+        self.send({"stopping": sig.name})
+        self.stopped.set()
+
     async def run(self) -> None:
         """Serve until told to stop, SIGTERM or SIGINT, or the end of the link; then close the
         listener (open connections end) and send the last report."""
         loop = asyncio.get_running_loop()
         await self.listener.start(self._sockets)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopped.set)
+            loop.add_signal_handler(sig, self._signalled, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.send({"ready": {"pid": os.getpid(), "serial": f"{self.tls.credential.certificate.serial_number:x}"}})
         gc.freeze()  # as the agent's own process does once serving (agent/cli.py)

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import urllib.request
 from pathlib import Path
@@ -25,7 +26,7 @@ from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, refused, wait_until
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, close_pipes, holds_within, refused, wait_until
 
 WORKERS = 2
 _SERVING = r"listener worker (\d+) \(pid (\d+)\) serving serial (\w+)"
@@ -44,14 +45,17 @@ def _config(pki, upstream: int, workers: int = WORKERS, **settings) -> Path:
 
 
 class Gateway:
-    """A started ``pki-agent run`` with its workers' pids."""
+    """A started ``pki-agent run`` with its workers' pids; ``started`` gets it before it is
+    ready, so that whatever fails, the fixture stops it."""
 
-    def __init__(self, config: Path, workers: int = WORKERS) -> None:
+    def __init__(self, config: Path, workers: int, started: list) -> None:
         self.agent = AgentProcess(config)
+        self.clients: list[TLSClient] = []  # closed at stop()
+        self.stopped = False
+        started.append(self)
         self.log = self.agent.log
         _, self.port = self.agent.wait_ready()
         self.workers: dict[int, int] = {}  # index -> pid, from the "serving" lines
-        self.clients: list[TLSClient] = []  # closed at stop()
         for match in re.finditer(_SERVING, self.log.text()):
             self.workers[int(match.group(1))] = int(match.group(2))
         assert len(self.workers) == workers, self.log.text()
@@ -71,10 +75,30 @@ class Gateway:
             opened.append(client)
         return [(c, self.served_by(c)) for c in opened]
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
+        """SIGTERM the agent and wait; a worker still running then is killed (by its pid) and
+        fails the test, rather than hold the log pipe open and hang it."""
         for client in self.clients:
             client.close()  # closing twice is harmless
-        return self.agent.stop()
+        self.stopped = True
+        proc = self.agent.proc
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            code: int | None = proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(DEADLINE)
+            code = None
+        workers = {int(m.group(2)) for m in re.finditer(_SERVING, self.log.text())}
+        gone = holds_within(lambda: not any(_alive(pid) for pid in workers), 5.0)
+        leftover = [pid for pid in workers if _alive(pid)]
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        close_pipes(proc)
+        assert gone, f"listener workers {leftover} outlived the agent"
+        assert code is not None, "the agent did not stop on SIGTERM"
+        return code
 
 
 def _alive(pid: int) -> bool:
@@ -92,13 +116,12 @@ def gateway(pki, echo_server):
 
     def start(**settings) -> Gateway:
         workers = settings.get("workers", WORKERS)
-        running = Gateway(_config(pki, echo_server.port, **settings), workers if workers > 1 else 0)
-        started.append(running)
-        return running
+        return Gateway(_config(pki, echo_server.port, **settings), workers if workers > 1 else 0, started)
 
     yield start
     for running in started:
-        running.stop()
+        if not running.stopped:
+            running.stop()
 
 
 def test_workers_default_to_the_cpus_and_refuse_zero(tmp_path):
@@ -352,3 +375,19 @@ def test_a_replacement_worker_refuses_a_replayed_crl_the_agent_refused(pki, gate
             pass  # revoked, or waiting on the socket of the worker that cannot start
         finally:
             raw.close()
+
+
+def test_sigterm_to_every_process_of_the_service_stops_it_without_replacements(pki, gateway):
+    """systemctl stop signals the agent and its workers at once: exit status 0, no worker is
+    taken for crashed or started again. A worker stopped alone by SIGTERM is replaced."""
+    running = gateway()
+    mark = running.log.mark()
+    os.kill(running.workers[1], signal.SIGTERM)
+    running.log.wait_for(rf"listener worker 1 \(pid {running.workers[1]}\) stopped on SIGTERM; starting a replacement", start=mark)
+    replacement = int(running.log.wait_for(r"listener worker 1 \(pid (\d+)\) serving serial", start=mark).group(1))
+    mark = running.log.mark()
+    for pid in (running.agent.proc.pid, running.workers[0], replacement):
+        os.kill(pid, signal.SIGTERM)
+    assert running.stop() == 0
+    after = running.log.text().splitlines()[mark:]
+    assert not [line for line in after if "serving serial" in line or " ERROR " in line], "\n".join(after)
