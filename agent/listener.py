@@ -88,6 +88,16 @@ class GatewayListener:
         """Connections open now, handshaking ones included."""
         return len(self._connections)
 
+    @property
+    def workers_serving(self) -> int:
+        """1 while this listener accepts (it is the agent's only one: ``workers: 1``), else 0."""
+        return 1 if self._sockets else 0
+
+    @property
+    def worker_restarts(self) -> int:
+        """Always 0: an in-process listener has no worker to restart."""
+        return 0
+
     def note(self, kind: Literal["opened", "closed", "refused"], conn: Connection | None, node: str | None, peer: str, *, reason: str | None = None) -> None:
         """Turn what happened to a connection into a :class:`ConnectionEvent` and apply it to the table."""
         event = ConnectionEvent(kind, id(conn), node, peer, self.clock.now(), bytes_in=conn.bytes_in if conn and kind == "closed" else 0,

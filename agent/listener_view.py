@@ -42,6 +42,16 @@ class ListenerView(Protocol):
     @property
     def active_connections(self) -> int: ...
 
+    @property
+    def workers_serving(self) -> int:
+        """Processes accepting connections now (the agent's own, for ``workers: 1``)."""
+        ...
+
+    @property
+    def worker_restarts(self) -> int:
+        """Worker processes started again after one stopped (0 for ``workers: 1``)."""
+        ...
+
     def bytes_forwarded(self) -> tuple[int, int]: ...
 
     def connection_table(self) -> list[dict]: ...

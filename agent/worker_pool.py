@@ -112,6 +112,17 @@ class WorkerPool:
         return [w.pid for w in self._workers if w.control is not None and w.pid]
 
     @property
+    def workers_serving(self) -> int:
+        """Workers that said they serve and have not stopped since."""
+        return sum(1 for w in self._workers if w.control is not None and w.ready is not None and w.ready.done()
+                   and w.ready.exception() is None)
+
+    @property
+    def worker_restarts(self) -> int:
+        """Workers started again after one stopped, since the agent started."""
+        return self.restarts
+
+    @property
     def active_connections(self) -> int:
         """Connections open now in every worker (as last reported), handshaking ones included."""
         return sum(w.open for w in self._workers)

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -314,6 +315,9 @@ def test_metrics_and_connection_table_sum_every_worker(pki, gateway, tmp_path):
     wait_until(lambda: (m := _scrape(url)).get(accepted) == 16 and m.get(no_cert) == 6 and m.get(connected) == 1,
                what="metrics of both workers")
     assert _scrape(url)['pki_agent_listener_connections_open{kind="gateway",name="gw"}'] == 16
+    workers = 'pki_agent_listener_workers{kind="gateway",name="gw"}'
+    restarts = 'pki_agent_listener_worker_restarts_total{kind="gateway",name="gw"}'
+    assert (_scrape(url)[workers], _scrape(url)[restarts]) == (2, 0)
     table = url.replace("/metrics", "/connections")
 
     def tw_open() -> int:
@@ -326,6 +330,7 @@ def test_metrics_and_connection_table_sum_every_worker(pki, gateway, tmp_path):
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: tw_open() == 16 - per_worker[victim], what="the killed worker's connections leaving the table")
     assert _scrape(url)[accepted] == 16  # what the dead worker counted stays counted
+    wait_until(lambda: (m := _scrape(url))[restarts] == 1 and m[workers] == 2, what="the replacement counted and serving")
     for client, _ in opened:
         client.close()
 
@@ -356,7 +361,8 @@ def test_a_replacement_worker_refuses_a_replayed_crl_the_agent_refused(pki, gate
     by the replacement (none runs)."""
     older = pki.ca.crl_path.read_bytes()
     pki.ca.revoke("TW", reason="key-compromise")
-    running = gateway()
+    running = gateway(metrics={"listen": "127.0.0.1:0"})
+    health = running.log.wait_for(r"metrics and health on (http://\S+)/metrics").group(1) + "/healthz"
     mark = running.log.mark()
     pki.ca.crl_path.write_bytes(older)
     running.agent.proc.send_signal(signal.SIGHUP)
@@ -364,6 +370,12 @@ def test_a_replacement_worker_refuses_a_replayed_crl_the_agent_refused(pki, gate
     os.kill(running.workers[0], signal.SIGKILL)
     running.log.wait_for(r"cannot start: .*CRL", start=mark)
     running.log.wait_for(r"listener worker 0 \(pid \d+\) exited with status 1; starting a replacement in", start=mark)
+    try:
+        urllib.request.urlopen(health, timeout=DEADLINE).close()
+        raise AssertionError("healthy with a worker that cannot start")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and "1 of 2 listener workers serving" in exc.read().decode()
+        exc.close()
     ctx = bundle_context(pki.node)
     for _ in range(8):
         raw = socket.create_connection(("127.0.0.1", running.port), timeout=1)
