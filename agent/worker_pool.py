@@ -176,6 +176,12 @@ class WorkerPool:
         """
         loop = self._loop = asyncio.get_running_loop()
         host, port = self.config.listen
+        if port != 0:
+            # SO_REUSEPORT would let these sockets join those of another process of this user
+            # on the port (another agent, a test server) and share its connections in silence:
+            # a plain bind first fails on any listener there, with the usual message.
+            for sock in await bind_listening_sockets(loop, host, port):
+                sock.close()
         sets = [await bind_listening_sockets(loop, host, port, reuse_port=True)]
         try:
             bound = sets[0][0].getsockname()[1]

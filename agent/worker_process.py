@@ -184,6 +184,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the agent's renew-now, sent to every process of the unit: not ours
         self.send({"ready": {"pid": os.getpid(), "serial": f"{self.tls.credential.certificate.serial_number:x}"}})
         gc.freeze()  # as the agent's own process does once serving (agent/cli.py)
         commands = loop.create_task(self._commands())

@@ -403,3 +403,32 @@ def test_sigterm_to_every_process_of_the_service_stops_it_without_replacements(p
     assert running.stop() == 0
     after = running.log.text().splitlines()[mark:]
     assert not [line for line in after if "serving serial" in line or " ERROR " in line], "\n".join(after)
+
+
+def test_workers_do_not_join_another_process_on_the_port(pki, echo_server):
+    """A socket of another process of this user listens with SO_REUSEPORT on the port: the agent
+    refuses to start and says the port is taken, instead of sharing the port's connections
+    with it; on a free port it starts (control)."""
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    config = _config(pki, echo_server.port)
+    text = config.read_text().replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+    assert text != config.read_text()
+    config.write_text(text)
+    try:
+        agent = AgentProcess(config)
+        try:
+            assert agent.proc.wait(DEADLINE) != 0
+            agent.log.wait_for(rf"listener: cannot listen on 127\.0\.0\.1:{port}: .*(?:in use|Address already)")
+        finally:
+            agent.stop()
+    finally:
+        squatter.close()
+    agent = AgentProcess(config)
+    try:
+        assert agent.wait_ready() == ("127.0.0.1", port)
+    finally:
+        assert agent.stop() == 0
