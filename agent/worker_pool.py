@@ -132,11 +132,7 @@ class WorkerPool:
         """The workers' counters summed, those of workers that died included."""
         total = ListenerStats()
         for stats in (self._retired_stats, *(w.stats for w in self._workers)):
-            total.accepted += stats.accepted
-            total.closed_bytes_in += stats.closed_bytes_in
-            total.closed_bytes_out += stats.closed_bytes_out
-            for reason, count in stats.refused.items():
-                total.refused[reason] = total.refused.get(reason, 0) + count
+            total.add(stats)
         return total
 
     @property
@@ -213,6 +209,9 @@ class WorkerPool:
             worker.proc = subprocess.Popen([sys.executable, "-m", "pki_agent.worker_process", str(child.fileno()), loop_name],
                                            pass_fds=[child.fileno(), *fds], stdin=subprocess.DEVNULL)
             parent.sendall(json.dumps({"setup": setup}).encode() + b"\n")
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         parent.setblocking(False)
@@ -296,11 +295,7 @@ class WorkerPool:
                 entry.open.clear()
                 entry.last_seen = now  # it was connected until now
         self._retired_table = merge_tables([self._retired_table, worker.table])
-        for reason, count in worker.stats.refused.items():
-            self._retired_stats.refused[reason] = self._retired_stats.refused.get(reason, 0) + count
-        self._retired_stats.accepted += worker.stats.accepted
-        self._retired_stats.closed_bytes_in += worker.stats.closed_bytes_in
-        self._retired_stats.closed_bytes_out += worker.stats.closed_bytes_out
+        self._retired_stats.add(worker.stats)
         worker.table, worker.stats, worker.open, worker.live = NodeTable(), ListenerStats(), 0, {}
         self._merged = None
         if self.on_change is not None:
@@ -339,7 +334,12 @@ class WorkerPool:
                 await asyncio.sleep(pause)
         if not self._closing:
             self.restarts += 1
-            self._spawn(worker)
+            try:
+                self._spawn(worker)
+            except OSError as exc:  # no process or descriptor left: try again, with the pauses of a quick death
+                log.error("cannot start listener worker %d again: %s", worker.index, exc)
+                worker.started = time.monotonic()
+                self._lost(worker)
 
     def reloaded(self, tls: ServerTLS) -> None:
         """The agent took a new credential, trust bundle or CRL into service: every worker loads
