@@ -6,6 +6,8 @@ by the client's own port. Every test runs ``pki-agent run`` as a real process wi
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -23,6 +25,9 @@ import yaml
 
 from pki_agent.config import ListenerConfig, default_workers, load_config
 from pki_agent.errors import ConfigError
+from pki_agent.nodetable import NodeEntry, NodeTable, entry_from_wire, entry_to_wire, merge_tables
+from pki_agent.tls import server_context
+from pki_agent.worker_process import held_from_wire, held_to_wire, listener_from_wire, listener_to_wire
 from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
@@ -134,6 +139,41 @@ def test_workers_default_to_the_cpus_and_refuse_zero(tmp_path):
     path.write_text("name: gw\nkind: gateway\nlistener:\n  listen: 127.0.0.1:0\n  upstream: 127.0.0.1:1\n  allow: ['*']\n  workers: 0\n")
     with pytest.raises(ConfigError, match=r"listener\.workers.*greater than or equal to 1"):
         load_config(path)
+
+
+def test_what_the_agent_hands_a_worker_arrives_as_it_was(pki):
+    """Every listener setting (none at its default) and the CRL numbers in service cross the
+    JSON link unchanged, and so does a node's table entry, its connection ids offset."""
+    config = ListenerConfig(listen="127.0.0.1:8443", upstream="127.0.0.1:18789", allow=["tw", "b"], crl=pki.ca.crl_path,
+                            handshake_timeout=3, max_connections=64, max_connections_per_peer=8, idle_timeout=90,
+                            max_connection_age=3600, report_interval=5, workers=3)
+    defaults = ListenerConfig(listen="127.0.0.1:8443", upstream="127.0.0.1:18789", allow=["*"])
+    assert all(getattr(config, k) != getattr(defaults, k) for k in ListenerConfig.model_fields if k not in ("listen", "upstream"))
+    assert listener_from_wire(json.loads(json.dumps(listener_to_wire(config)))) == config
+    held = server_context(CredentialStore(pki.gateway), pki.ca.crl_path).crl_numbers
+    assert held and held_from_wire(json.loads(json.dumps(held_to_wire(held)))) == held
+    at = dt.datetime(2026, 12, 3, 10, 0, 0, 250000, tzinfo=dt.timezone.utc)
+    entry = NodeEntry(open={7: (at, "10.0.0.1:5000")}, latest_peer="10.0.0.1:5000", bytes_in=3, bytes_out=4, last_seen=at,
+                      opened_total=2, refusals={"revoked": 1}, last_refusal_reason="revoked", last_refusal_at=at)
+    back = entry_from_wire(json.loads(json.dumps(entry_to_wire(entry))), 1 << 48)
+    assert back == dataclasses.replace(entry, open={(1 << 48) + 7: (at, "10.0.0.1:5000")})
+
+
+def test_merged_table_sums_counts_and_keeps_the_latest(pki):
+    """Two workers' entries of one node: open connections together, counts summed, the latest
+    peer, last seen and refusal win."""
+    early, late = (dt.datetime(2026, 12, 3, h, tzinfo=dt.timezone.utc) for h in (9, 10))
+    a, b = NodeTable(), NodeTable()
+    a.nodes["tw"] = NodeEntry(open={1: (early, "p1")}, latest_peer="p1", bytes_in=1, last_seen=early, opened_total=1,
+                              refusals={"revoked": 1}, last_refusal_reason="revoked", last_refusal_at=late)
+    b.nodes["tw"] = NodeEntry(open={2: (late, "p2")}, latest_peer="p2", bytes_in=2, last_seen=late, opened_total=3,
+                              refusals={"revoked": 2, "not allowed": 1}, last_refusal_reason="not allowed", last_refusal_at=early)
+    a.anonymous_refusals, b.anonymous_refusals = {"no client certificate": 2}, {"no client certificate": 3}
+    merged = merge_tables([a, b])
+    tw = merged.nodes["tw"]
+    assert (set(tw.open), tw.latest_peer, tw.bytes_in, tw.last_seen, tw.opened_total) == ({1, 2}, "p2", 3, late, 4)
+    assert (tw.refusals, tw.last_refusal_reason, tw.last_refusal_at) == ({"revoked": 3, "not allowed": 1}, "revoked", late)
+    assert merged.anonymous_refusals == {"no client certificate": 5}
 
 
 def test_several_workers_accept_on_one_port(pki, gateway):
