@@ -198,16 +198,24 @@ def test_one_worker_is_the_agent_itself(pki, gateway):
 
 def test_a_killed_worker_is_replaced_and_the_others_connections_survive(pki, gateway):
     """SIGKILL of one worker: its connections end, the other worker's stay open and forward, a
-    replacement starts on the same port and serves new connections; the agent keeps running."""
+    replacement starts on the same socket and serves the connections that queued on it
+    meanwhile and new ones; the agent keeps running."""
     running = gateway()
     opened = running.spread(bundle_context(pki.node))
     victim, survivor = running.workers[0], running.workers[1]
     mark = running.log.mark()
     running_pids = set(running.workers.values())
     os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not _alive(victim), what="the killed worker gone")
+    # Before its replacement serves: the connections hashed to its socket wait in the queue the
+    # agent kept open, and the replacement takes them; not one is reset.
+    meanwhile = [TLSClient(running.port, bundle_context(pki.node)) for _ in range(16)]
+    running.clients.extend(meanwhile)
+    assert all(c.echo(b"queued") == b"queued" for c in meanwhile)
     running.log.wait_for(rf"listener worker 0 \(pid {victim}\) was killed by signal 9; starting a replacement", start=mark)
     replacement = int(running.log.wait_for(r"listener worker 0 \(pid (\d+)\) serving serial", start=mark).group(1))
     assert replacement not in running_pids
+    assert replacement in {running.served_by(c) for c in meanwhile}  # some waited for it
     for client, pid in opened:
         if pid == survivor:
             assert client.echo(b"still here") == b"still here"
