@@ -32,7 +32,7 @@ from pki_agent.rotation import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
-from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, close_pipes, holds_within, refused, wait_until
+from support import DEADLINE, AgentProcess, TLSClient, bundle_context, client_context, close_pipes, command, holds_within, refused, wait_until
 
 WORKERS = 2
 _SERVING = r"listener worker (\d+) \(pid (\d+)\) serving serial (\w+)"
@@ -347,8 +347,9 @@ def _scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_and_connection_table_sum_every_worker(pki, gateway, tmp_path):
-    """/metrics counts the connections and refusals of both workers, and /connections lists TW's
-    open connections of both; after SIGKILL of one worker its counts stay."""
+    """/metrics counts the connections and refusals of both workers, and /connections and the
+    report to the CA (``pkictl nodes``) list TW's open connections of both; after SIGKILL of one
+    worker its connections leave both tables and its counts stay."""
     running = gateway(metrics={"listen": "127.0.0.1:0"})
     url = running.log.wait_for(r"metrics and health on (http://\S+/metrics)").group(1)
     opened = running.spread(bundle_context(pki.node), 16)
@@ -374,9 +375,18 @@ def test_metrics_and_connection_table_sum_every_worker(pki, gateway, tmp_path):
         return rows["tw"]["open_connections"] if "tw" in rows else -1
 
     wait_until(lambda: tw_open() == 16, what="TW's 16 open connections in the table")
+
+    def at_the_ca() -> int:
+        """TW's open connections as the CA shows them (``pkictl nodes``: the gateway's report)."""
+        shown = subprocess.run([command("pkictl"), "--home", str(pki.home), "nodes", "--json"], capture_output=True, text=True,
+                               timeout=DEADLINE)
+        return next(r for r in json.loads(shown.stdout)["nodes"] if r["name"] == "TW")["open_connections"]
+
+    wait_until(lambda: at_the_ca() == 16, 5.0, "TW's 16 connections of both workers at the CA within 5 s")
     victim = running.workers[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: tw_open() == 16 - per_worker[victim], what="the killed worker's connections leaving the table")
+    wait_until(lambda: at_the_ca() == 16 - per_worker[victim], 5.0, "the killed worker's connections gone at the CA within 5 s")
     assert _scrape(url)[accepted] == 16  # what the dead worker counted stays counted
     wait_until(lambda: (m := _scrape(url))[restarts] == 1 and m[workers] == 2, what="the replacement counted and serving")
     for client, _ in opened:
