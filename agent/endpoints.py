@@ -10,14 +10,14 @@ from typing import Protocol
 from pkictl.store import CredentialStore
 
 from .errors import AgentError
-from .fleet_push import FleetReporter, ReporterHost
-from .listener import GatewayListener
-from .listener_view import ListenerView
+from .listener.fleet_push import FleetReporter, ReporterHost
+from .listener.server import GatewayListener
+from .listener.view import ListenerView
 from .metrics import MetricsHost, StatusServer
-from .tls import ServerTLS
+from .listener.tls import ServerTLS
 from .tunnel import NodeTunnel
-from .upkeep import ESTUpkeep
-from .worker_pool import WorkerPool
+from .rotation.upkeep import ESTUpkeep
+from .listener.worker_pool import WorkerPool
 
 __all__ = ["EndpointsHost", "start_endpoints", "close_endpoints", "describe_endpoints"]
 

@@ -162,7 +162,7 @@ class CertificateUnusable(PolicyError):
         reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA``, ``unknown`` or
             ``superseded`` (renewed already: only an identity's current certificate renews); the
             EST service sends it in the ``Pkictl-Refusal`` header so that the agent can act on it
-            (:data:`pkictl.est.REFUSAL_HEADER`).
+            (:data:`pkictl.est.wire.REFUSAL_HEADER`).
     """
 
     REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown", "superseded")
@@ -196,7 +196,7 @@ class PendingApproval(Exception):
     Not a PKIError: it is no refusal (nothing is audited per poll) but an answer to come back later.
 
     Attributes:
-        code: the approval code of the node's key (:func:`pkictl.est.approval_code`).
+        code: the approval code of the node's key (:func:`pkictl.est.wire.approval_code`).
     """
 
     def __init__(self, name: str, code: str) -> None:

@@ -25,10 +25,10 @@ import yaml
 
 from pki_agent.config import ListenerConfig, default_workers, load_config
 from pki_agent.errors import ConfigError
-from pki_agent.nodetable import NodeEntry, NodeTable, entry_from_wire, entry_to_wire, merge_tables
-from pki_agent.tls import server_context
-from pki_agent.worker_process import held_from_wire, held_to_wire, listener_from_wire, listener_to_wire
-from pki_agent.rotation import LocalCA, rotate
+from pki_agent.listener.nodetable import NodeEntry, NodeTable, entry_from_wire, entry_to_wire, merge_tables
+from pki_agent.listener.tls import server_context
+from pki_agent.listener.worker_process import held_from_wire, held_to_wire, listener_from_wire, listener_to_wire
+from pki_agent.rotation.rotate import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 
