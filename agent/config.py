@@ -33,6 +33,8 @@ __all__ = [
     "Pkcs12Config",
     "Hook",
     "load_config",
+    "default_workers",
+    "MAX_WORKERS",
 ]
 
 
@@ -116,6 +118,15 @@ def _allow(value):
     return value
 
 
+MAX_WORKERS = 256  # listener.workers at most: beyond the cores of any host this runs on
+
+
+def default_workers() -> int:
+    """The default of ``listener.workers``: the CPUs this process may run on, at most :data:`MAX_WORKERS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 class ListenerConfig(_Model):
     """The gateway's mTLS listener.
 
@@ -141,6 +152,10 @@ class ListenerConfig(_Model):
         report_interval: the connection table goes to the CA at every change and at least this
             often (the heartbeat); the CA takes the gateway for "not reporting" after three
             intervals without a report (docs/design.md, "Fleet view").
+        workers: processes that accept and serve connections on ``listen``, each with its own
+            event loop on its own core (docs/design.md, "Listener workers"); unset, one per CPU
+            this process may run on. ``1`` serves in the agent's own process, as before workers.
+            The limits above (max_connections, max_connections_per_peer) hold per worker.
     """
 
     listen: Address
@@ -153,6 +168,7 @@ class ListenerConfig(_Model):
     idle_timeout: Duration = dt.timedelta(minutes=10)
     max_connection_age: Optional[Duration] = None
     report_interval: Duration = dt.timedelta(seconds=10)
+    workers: Optional[int] = Field(None, ge=1, le=MAX_WORKERS)
 
     @field_validator("allow")
     @classmethod
@@ -178,6 +194,12 @@ class ListenerConfig(_Model):
     def per_peer_limit(self) -> int:
         """max_connections_per_peer, or its default: a quarter of max_connections."""
         return self.max_connections_per_peer or max(1, self.max_connections // 4)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or its default: the CPUs this process may run on (its affinity mask, which
+        a container's or a unit's CPU set narrows; ``os.cpu_count()`` would count the host's)."""
+        return self.workers or default_workers()
 
     @property
     def allowed_names(self) -> frozenset[str] | None:

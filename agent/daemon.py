@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from .listener.fleet_push import FleetReporter
-    from .listener.server import GatewayListener
+    from .listener.view import ListenerView
     from .metrics import StatusServer
     from .tunnel import NodeTunnel
 
@@ -91,7 +91,7 @@ class Agent:
             source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store)
         self.source = source
         self.credential: Credential | None = None
-        self.listener: "GatewayListener | None" = None
+        self.listener: "ListenerView | None" = None
         self.tunnel: "NodeTunnel | None" = None
         self._tls: ServerTLS | None = None
         self._client_tls: tuple[ssl.SSLContext, int] | None = None
@@ -233,8 +233,8 @@ class Agent:
                           self.config.listener.crl if self.config.listener else "?", tls.crl_next_update.isoformat())
             else:
                 log.info("CRL loaded: %d revoked, next update %s", len(tls.revoked), tls.crl_next_update.isoformat())
-        if tls is not None and tls.revoked and self.listener is not None:
-            self.listener.close_revoked(tls.revoked, tls.superseded)  # revocation reaches established connections too
+        if tls is not None and self.listener is not None:
+            self.listener.reloaded(tls)  # revocations reach established connections, and every worker its new context
         if changed:
             self.reenrollment.unusable = None
             self._jitter = draw_jitter(self.rng, self.config.renewal.jitter) if self.config.renewal.jitter else 0.0

@@ -7,13 +7,17 @@ import logging
 import ssl
 from typing import Protocol
 
+from pkictl.store import CredentialStore
+
 from .errors import AgentError
 from .listener.fleet_push import FleetReporter, ReporterHost
 from .listener.server import GatewayListener
+from .listener.view import ListenerView
 from .metrics import MetricsHost, StatusServer
 from .listener.tls import ServerTLS
 from .tunnel import NodeTunnel
 from .rotation.upkeep import ESTUpkeep
+from .listener.worker_pool import WorkerPool
 
 __all__ = ["EndpointsHost", "start_endpoints", "close_endpoints", "describe_endpoints"]
 
@@ -25,6 +29,7 @@ class EndpointsHost(MetricsHost, ReporterHost, Protocol):
     built from, and where the started ones are kept."""
 
     upkeep: ESTUpkeep | None
+    store: CredentialStore
     tunnel: NodeTunnel | None
     status_server: StatusServer | None
     fleet_reporter: FleetReporter | None
@@ -42,9 +47,15 @@ async def start_endpoints(agent: EndpointsHost) -> None:
         AgentError: an endpoint cannot bind its address; those started before it are closed.
     """
     config = agent.config
-    wanted: list[tuple[str, tuple[str, int], GatewayListener | NodeTunnel | StatusServer]] = []
+    wanted: list[tuple[str, tuple[str, int], ListenerView | NodeTunnel | StatusServer]] = []
     if config.listener is not None:
-        wanted.append(("listener", config.listener.listen, GatewayListener(config.listener, agent.current_tls, config.trust_domain, agent.clock)))
+        listener: ListenerView
+        if config.listener.worker_count == 1:
+            listener = GatewayListener(config.listener, agent.current_tls, config.trust_domain, agent.clock)
+        else:
+            listener = WorkerPool(config.listener, agent.current_tls, config.trust_domain, config.credential_dir, key_group=agent.store.layout.group,
+                                  log_format=config.log_format, clock=agent.clock)
+        wanted.append(("listener", config.listener.listen, listener))
     if config.tunnel is not None:
         wanted.append(("tunnel", config.tunnel.listen, NodeTunnel(config.tunnel, agent.current_client_tls,
                                                                         agent.upkeep.note_gateway_refusal if agent.upkeep else None)))

@@ -24,7 +24,7 @@ from .listener.nodetable import OTHER
 from .listener.tls import ServerTLS
 
 if TYPE_CHECKING:
-    from .listener.server import GatewayListener
+    from .listener.view import ListenerView
 
 __all__ = ["AgentCounters", "AgentCollector", "MetricsHost", "health", "node_label", "StatusServer"]
 
@@ -50,7 +50,7 @@ class MetricsHost(Protocol):
     credential: Credential | None
     counters: AgentCounters
     _tls: ServerTLS | None  # the listener's context, its CRL and the CRL's next update
-    listener: GatewayListener | None
+    listener: ListenerView | None
 
     @property
     def next_attempt(self) -> dt.datetime | None: ...
@@ -106,6 +106,9 @@ class AgentCollector:
             refused.add_metric(values + [reason], count)
         yield refused
         yield gauge("listener_connections_open", "Connections open now, handshaking ones included.", listener.active_connections)
+        yield gauge("listener_workers", "Listener processes accepting connections now (listener.workers when all serve).",
+                    listener.workers_serving)
+        yield counter("listener_worker_restarts", "Listener worker processes started again after one stopped.", listener.worker_restarts)
         upstream, downstream = listener.bytes_forwarded()
         forwarded = CounterMetricFamily("pki_agent_listener_forwarded_bytes", "Bytes forwarded, by direction.",
                                         labels=labels + ["direction"])
@@ -115,7 +118,7 @@ class AgentCollector:
         yield from _node_families(listener, labels, values)
 
 
-def node_label(listener: "GatewayListener", name: str) -> str:
+def node_label(listener: "ListenerView", name: str) -> str:
     """The ``node`` label of ``name``: itself when it is in the allow list (or, with ``['*']``,
     once it has connected: a certificate of this CA, an enrolled node), else ``other``. So
     the series are bounded by the enrolled nodes, whatever names or addresses refused clients use."""
@@ -126,7 +129,7 @@ def node_label(listener: "GatewayListener", name: str) -> str:
     return name if entry is not None and entry.opened_total else OTHER
 
 
-def _node_families(listener: "GatewayListener", labels: list[str], values: list[str]):
+def _node_families(listener: "ListenerView", labels: list[str], values: list[str]):
     """Per-node series: connected (0/1), connections opened, refusals by reason."""
     connected: dict[str, int] = {name: 0 for name in listener.authorizer.allow or ()}
     opened: dict[str, int] = dict(connected)
@@ -158,7 +161,8 @@ def health(agent: MetricsHost) -> list[str]:
     """What is wrong with the agent now, as messages for the operator; empty when healthy.
 
     Unhealthy: no credential loaded, the certificate is expired or not yet valid, the CRL is
-    past its nextUpdate (every client would be refused), or the listener is not accepting.
+    past its nextUpdate (every client would be refused), the listener is not accepting, or fewer
+    of its workers serve than ``listener.workers``.
     """
     now = agent.clock.now()
     if agent.credential is None:
@@ -174,6 +178,11 @@ def health(agent: MetricsHost) -> list[str]:
         problems.append(f"CRL past its nextUpdate {tls.crl_next_update.isoformat()}: every client is refused")
     if agent.config.listener is not None and (agent.listener is None or not agent.listener.addresses):
         problems.append("the listener is not accepting connections")
+    elif agent.config.listener is not None and agent.listener is not None:
+        wanted, serving = agent.config.listener.worker_count, agent.listener.workers_serving
+        if serving < wanted:
+            problems.append(f"{serving} of {wanted} listener workers serving: the log says why the others stopped "
+                            "(connections hashed to their sockets wait until a replacement serves)")
     return problems
 
 

@@ -24,7 +24,11 @@ installed with CredentialStore.install, or `pkictl enroll-gateway --replace`, th
 Usage: python bench/gateway_peers.py [--only ours,nginx,haproxy,stunnel] [--pki-agent PATH]
            [--rounds 3] [--seconds 4] [--procs 8] [--mb 500] [--rtt-count 5000] [--rtt-repeat 3]
            [--reloads 40] [--reload-seconds 8] [--reload-via library|cli] [--set listener.KEY=VALUE]
-           [--agent-log-level INFO] [--nice -10] [--keep]
+           [--agent-log-level INFO] [--nice -10] [--keep] [--multicore]
+
+With --multicore (bench/multicore.py): each forwarder with 1 and 2 workers (our listener.workers,
+nginx worker_processes, haproxy nbthread; stunnel's threads), nothing pinned, the handshake flood
+only: handshakes/s, CPU per handshake, connection latency p50/p99; then the reload test with 2 workers.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # bench/ is not a package
-from harness import CLIENT_CPU, PIN, Running, Setup, measure, parse, pinned, reload_test, sanity
+import harness
+from harness import CLIENT_CPU, Running, Setup, measure, parse, pinned, reload_test, sanity
+from multicore import run_multicore
 
 METRICS = [  # key, heading, unit, better
     ("hs", "handshakes/s", "", "higher"),
@@ -70,7 +76,7 @@ def report(results: dict[str, list[dict]], reload: dict | None, args) -> int:
     med = {n: {k: statistics.median(r[k] for r in results[n]) for k, *_ in METRICS} for n in names}
     base = "nginx" if "nginx" in med else names[0]
     print(f"\nMedians of {args.rounds} round(s); ratios to {base} in brackets "
-          f"({'forwarder on CPU 1, client and upstream on CPU 0' if PIN else 'NOT pinned: fewer than 2 CPUs or no taskset'})")
+          f"({'forwarder on CPU 1, client and upstream on CPU 0' if harness.pinning() else 'NOT pinned: fewer than 2 CPUs or no taskset'})")
     width = max(len(h) + len(u) + 3 for _, h, u, _ in METRICS)
     print(" " * width + "".join(f"{n:>18}" for n in names))
     for key, heading, unit, _ in METRICS:
@@ -168,6 +174,9 @@ def main() -> int:
     parser.add_argument("--nice", type=int, default=0,
                         help="niceness of the bench and everything it starts, e.g. -10 (as root) against a busy shared machine")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs) and print where")
+    parser.add_argument("--multicore", action="store_true",
+                        help="the multi-core mode (bench/multicore.py): each forwarder with 1 and 2 workers, nothing pinned; "
+                             "handshakes/s, CPU per handshake, connection p99, then the reload test with 2 workers")
     args = parser.parse_args()
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(wanted) - {"ours", *P.PEERS}
@@ -180,7 +189,9 @@ def main() -> int:
             parser.error(f"--set {item!r}: want KEY=VALUE")
         extra[key] = yaml.safe_load(value)
 
-    if PIN:
+    if args.multicore:
+        harness.unpin()
+    if harness.pinning():
         os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this process (RSS sampler, rotations) stays off the forwarder's CPU
     if args.nice:
         os.nice(args.nice)  # inherited by the forwarders, the client and the upstream
@@ -190,9 +201,12 @@ def main() -> int:
         setup = Setup(work)
         fields = P.agent_listener_fields(args.pki_agent) if "ours" in wanted and Path(args.pki_agent).exists() else set()
 
-        def configure_ours(workdir, material, port, upstream_port):
+        def configure_ours(workdir, material, port, upstream_port, workers=1):
+            # listener.workers only where the code under test has it: unset, it is the CPUs the
+            # agent may run on, one here where it is pinned to one CPU.
+            more = {"listener.workers": workers} if "workers" in fields and (args.multicore or workers != 1) else {}
             return P.agent_config(workdir, material, port, upstream_port, trust_domain=setup.ca.settings.trust_domain,
-                                  ca_home=setup.ca.home, allow=["bench"], fields=fields, extra=extra)
+                                  ca_home=setup.ca.home, allow=["bench"], fields=fields, extra={**extra, **more})
 
         candidates = {"ours": P.ours(args.pki_agent, configure_ours, args.agent_log_level), **P.PEERS}
         chosen: list[tuple[P.Peer, str]] = []
@@ -207,6 +221,10 @@ def main() -> int:
             return 1
         upstream = subprocess.Popen([*pinned(CLIENT_CPU), str(setup.client), "upstream"], stdout=subprocess.PIPE, text=True)
         upstream_port = int(parse(upstream.stdout.readline())["port"])
+        if args.multicore:
+            print(f"bench --multicore: {', '.join(n.name for n, _ in chosen)}; {args.rounds} round(s) of {args.seconds:g} s "
+                  f"floods x {args.procs} connections, 1 and 2 workers each; ours = {args.pki_agent}")
+            return run_multicore(setup, chosen, upstream_port, args)
         print(f"bench: {', '.join(n.name for n, _ in chosen)}; {args.rounds} round(s) of {args.seconds:g} s floods x "
               f"{args.procs} connections, {args.mb} MB each way, {args.rtt_count} round trips; ours = {args.pki_agent}")
         results: dict[str, list[dict]] = {}

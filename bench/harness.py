@@ -22,15 +22,30 @@ from pkictl.profile import generate_key
 from pkictl.settings import CASettings
 from pkictl.store import Credential, CredentialStore
 
-__all__ = ["PIN", "SERVER_CPU", "CLIENT_CPU", "pinned", "Setup", "Running", "parse", "sanity", "measure", "reload_test"]
+__all__ = ["PIN", "SERVER_CPU", "CLIENT_CPU", "pinned", "Setup", "Running", "parse", "sanity", "measure", "reload_test",
+           "hs_flood", "latency_quantile", "unpin", "pinning"]
 
 HERE = Path(__file__).resolve().parent
 SERVER_CPU, CLIENT_CPU = "1", "0"
 PIN = len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset") is not None
 
 
+_MODE = {"pin": PIN}
+
+
 def pinned(cpu: str) -> list[str]:
-    return ["taskset", "-c", cpu] if PIN else []
+    return ["taskset", "-c", cpu] if _MODE["pin"] else []
+
+
+def pinning() -> bool:
+    """Whether forwarders run on CPU 1 and the client and upstream on CPU 0."""
+    return _MODE["pin"]
+
+
+def unpin() -> None:
+    """Pin nothing from now on: the forwarders, the client and the upstream share every CPU
+    (the multi-core mode)."""
+    _MODE["pin"] = False
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -76,7 +91,7 @@ def compile_client(work: Path) -> Path:
     if cc is None:
         sys.exit("bench: no C compiler: apt-get install -y gcc libssl-dev")
     out = work / "tls_load"
-    build = subprocess.run([cc, "-O2", "-o", str(out), str(HERE / "tls_load.c"), "-lssl", "-lcrypto", "-lpthread"],
+    build = subprocess.run([cc, "-O2", "-o", str(out), str(HERE / "tls_load.c"), "-lssl", "-lcrypto", "-lpthread", "-lm"],
                            capture_output=True, text=True)
     if build.returncode != 0:
         sys.exit(f"bench: cannot compile bench/tls_load.c (apt-get install -y gcc libssl-dev):\n{build.stderr}")
@@ -134,11 +149,11 @@ class Sampler:
 class Running:
     """A forwarder started for one round, on its own CPU, with its log in the work directory."""
 
-    def __init__(self, setup: Setup, peer: P.Peer, program: str, upstream: int, tag: str) -> None:
+    def __init__(self, setup: Setup, peer: P.Peer, program: str, upstream: int, tag: str, workers: int = 1) -> None:
         self.port = P.free_port()
         workdir = setup.work / f"{peer.name}-{tag}"
         workdir.mkdir()
-        config = peer.configure(workdir, setup.material, self.port, upstream)
+        config = peer.configure(workdir, setup.material, self.port, upstream, workers)
         self.log_path = workdir / "output.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen([*pinned(SERVER_CPU), *peer.argv(program, config)], stdout=self._log,
@@ -176,15 +191,32 @@ def hs_flood(setup: Setup, port: int, seconds: float, procs: int) -> tuple[dict,
     """Run the handshake flood; return the summed counts, wall time and client CPU seconds."""
     _, _, cpu0 = run_client(setup, "once", port, setup.node)  # RUSAGE_CHILDREN baseline
     lines, wall, cpu1 = run_client(setup, "hs", port, setup.node, procs=procs, seconds=seconds)
-    total: dict = {"ok": 0, "failed": 0, "tickets": 0, "serials": set(), "why": set()}
+    total: dict = {"ok": 0, "failed": 0, "tickets": 0, "serials": set(), "why": set(), "lat": {}}
     for line in lines:
         total["ok"] += int(line["ok"])
+        for item in filter(None, line.get("lat", "").split(",")):
+            bucket, count = item.split(":")
+            total["lat"][int(bucket)] = total["lat"].get(int(bucket), 0) + int(count)
         total["failed"] += int(line["fail_connect"]) + int(line["fail_handshake"]) + int(line["fail_read"])
         total["tickets"] += int(line["tickets"])
         total["serials"] |= {int(s, 16) for s in line.get("serials", "").split(",") if s and s != "?"}
         if line.get("why", "-") != "-":
             total["why"].add(line["why"])
     return total, wall, cpu1 - cpu0
+
+
+def latency_quantile(histogram: dict[int, int], q: float) -> float:
+    """The ``q`` quantile (0..1) of a flood's connection latencies, in ms, from the load client's
+    5% buckets (the bucket's geometric middle: within 2.5%)."""
+    total = sum(histogram.values())
+    if not total:
+        return float("nan")
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= q * total:
+            return 1.05 ** (bucket + 0.5) / 1e3
+    return 1.05 ** (max(histogram) + 0.5) / 1e3
 
 
 def measure(setup: Setup, run: Running, args, upstream_pid: int) -> dict:
@@ -241,12 +273,16 @@ def cpu_busy() -> dict[str, float]:
 # -- the hot-reload test ---------------------------------------------------------------------------
 
 
-def reload_test(setup: Setup, peer: P.Peer, program: str, upstream: int, args) -> dict:
-    """A handshake flood against our listener while its credential is rotated ``args.reloads``
-    times (install + SIGHUP, evenly spaced); counts failed handshakes and the serials served."""
-    run = Running(setup, peer, program, upstream, "reload")
+def reload_test(setup: Setup, peer: P.Peer, program: str, upstream: int, args, workers: int = 1) -> dict:
+    """A handshake flood against our listener (``workers`` of them) while its credential is
+    rotated ``args.reloads`` times (install + SIGHUP, evenly spaced); counts failed handshakes and
+    the serials served."""
+    run = Running(setup, peer, program, upstream, f"reload-{workers}", workers)
     pkictl = str(Path(program).with_name("pkictl"))
     try:
+        # A served connection, not only a bound port: the agent binds before its workers serve.
+        if problem := sanity(setup, run.port):
+            raise RuntimeError(f"ours before the reload test: {problem}; log in {run.log_path}")
         installed = [CredentialStore(setup.material.gateway_dir).load().certificate.serial_number]
         result: dict = {}
 

@@ -82,7 +82,9 @@ class Peer:
         name: the name the bench prints (``ours``, ``nginx``, ``haproxy``, ``stunnel``).
         install: what to run when the program is missing.
         find: returns the program's path, or None when it is not installed.
-        configure: ``(workdir, material, port, upstream_port) -> config file``.
+        configure: ``(workdir, material, port, upstream_port, workers) -> config file``; workers:
+            nginx's worker_processes, haproxy's nbthread, our listener.workers (stunnel has none:
+            a thread per connection).
         check: ``(program, config) -> argv`` that validates the config without serving, or None.
         argv: ``(program, config) -> argv`` that serves in the foreground.
     """
@@ -90,7 +92,7 @@ class Peer:
     name: str
     install: str
     find: Callable[[], str | None]
-    configure: Callable[[Path, Material, int, int], Path]
+    configure: Callable[[Path, Material, int, int, int], Path]
     check: Callable[[str, Path], list[str]] | None
     argv: Callable[[str, Path], list[str]]
 
@@ -100,11 +102,11 @@ class Peer:
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
-def nginx_config(workdir: Path, m: Material, port: int, upstream: int) -> Path:
+def nginx_config(workdir: Path, m: Material, port: int, upstream: int, workers: int = 1) -> Path:
     load = f"load_module {NGINX_STREAM_MODULE};\n" if NGINX_STREAM_MODULE.exists() else ""
     text = f"""{load}daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log;
 events {{ worker_connections 8192; }}
@@ -141,9 +143,9 @@ NGINX = Peer(
 # -- haproxy (mode tcp) --------------------------------------------------------------------------
 
 
-def haproxy_config(workdir: Path, m: Material, port: int, upstream: int) -> Path:
+def haproxy_config(workdir: Path, m: Material, port: int, upstream: int, workers: int = 1) -> Path:
     text = f"""global
-    nbthread 1
+    nbthread {workers}
     maxconn 8192
     tune.ssl.cachesize 0
     pidfile {workdir}/haproxy.pid
@@ -178,7 +180,7 @@ HAPROXY = Peer(
 # -- stunnel ---------------------------------------------------------------------------------------
 
 
-def stunnel_config(workdir: Path, m: Material, port: int, upstream: int) -> Path:
+def stunnel_config(workdir: Path, m: Material, port: int, upstream: int, workers: int = 1) -> Path:
     text = f"""foreground = yes
 pid = {workdir}/stunnel.pid
 output = {workdir}/stunnel.log
@@ -260,7 +262,7 @@ def agent_config(workdir: Path, m: Material, port: int, upstream: int, *, trust_
     return path
 
 
-def ours(pki_agent: str, configure: Callable[[Path, Material, int, int], Path], log_level: str = "INFO") -> Peer:
+def ours(pki_agent: str, configure: Callable[[Path, Material, int, int, int], Path], log_level: str = "INFO") -> Peer:
     """Our listener: ``pki-agent run --config agent.yaml --log-level LEVEL`` of the given installation
     (INFO, the default, logs two lines per connection: accepted and closed)."""
     return Peer("ours", "pip install -e . (or pass --pki-agent PATH)", lambda: pki_agent if Path(pki_agent).exists() else None,

@@ -1,5 +1,5 @@
 /* The load client and the upstream of bench/gateway_peers.py, in C so that neither is the
- * bottleneck of a forwarder under test (compiled at run time: cc -O2 tls_load.c -lssl -lcrypto).
+ * bottleneck of a forwarder under test (compiled at run time: cc -O2 tls_load.c -lssl -lcrypto -lm).
  *
  * Every client connection is a full TLS 1.3 handshake with a client certificate (no session is
  * ever offered for resumption), verifies the server against the trust anchor and the IP address
@@ -16,11 +16,13 @@
  *   tls_load down COMMON --bytes N               download N bytes over one connection
  *   tls_load once COMMON                         one connection with a 1-byte echo: ok or why not
  * COMMON: --port P --ca ca.pem [--cert fullchain.pem --key privkey.pem] [--ip 127.0.0.1]
- * Results are printed as one line of key=value pairs (hs: one line per process).
+ * Results are printed as one line of key=value pairs (hs: one line per process, with lat=I:N,...:
+ * N successful connections took [1.05^I, 1.05^(I+1)) microseconds, connect to close).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
@@ -277,16 +279,30 @@ static enum result one_connection(SSL_CTX *ctx, const struct opts *o, char *seri
     return res;
 }
 
+/* Connection latency (connect to the echo's answer and close) of successful connections, in
+ * buckets 5% wide: bucket i holds latencies in [1.05^i, 1.05^(i+1)) microseconds. */
+#define LAT_BUCKETS 400
+#define LAT_GROWTH 1.05
+
+static int lat_bucket(double seconds) {
+    double us = seconds * 1e6;
+    int i = us < 1 ? 0 : (int)(log(us) / log(LAT_GROWTH));
+    return i < LAT_BUCKETS ? i : LAT_BUCKETS - 1;
+}
+
 static void run_hs_process(const struct opts *o) {
     SSL_CTX *ctx = client_ctx(o);
     long counts[4] = {0};
+    static long lat[LAT_BUCKETS];
     char serials[MAX_SERIALS][80];
     int nserials = 0;
     double end = now_s() + o->seconds;
     while (now_s() < end) {
         char serial[80] = "";
+        double started = now_s();
         enum result r = one_connection(ctx, o, serial, sizeof serial);
         counts[r]++;
+        if (r == OK) lat[lat_bucket(now_s() - started)]++;
         if (r == OK || r == FAIL_READ) {
             int seen = 0;
             for (int i = 0; i < nserials && !seen; i++) seen = !strcmp(serials[i], serial);
@@ -298,8 +314,12 @@ static void run_hs_process(const struct opts *o) {
                      counts[OK], counts[FAIL_CONNECT], counts[FAIL_HANDSHAKE], counts[FAIL_READ], tickets);
     for (int i = 0; i < nserials && n < (int)sizeof line - 100; i++)
         n += snprintf(line + n, sizeof line - n, "%s%s", i ? "," : "", serials[i]);
+    n += snprintf(line + n, sizeof line - n, " lat=");
+    int first = 1;
+    for (int i = 0; i < LAT_BUCKETS && n < (int)sizeof line - 100; i++)
+        if (lat[i]) { n += snprintf(line + n, sizeof line - n, "%s%d:%ld", first ? "" : ",", i, lat[i]); first = 0; }
     n += snprintf(line + n, sizeof line - n, " why=%s\n", why[0] ? why : "-");
-    if (write(1, line, (size_t)n) < 0) exit(2);  /* one write per line: lines of processes do not mix */
+    if (write(1, line, (size_t)n) < 0) exit(2);  /* one write per line (< PIPE_BUF): lines of processes do not mix */
 }
 
 static int cmp_double(const void *a, const void *b) {

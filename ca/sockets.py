@@ -15,11 +15,14 @@ from typing import Iterator
 __all__ = ["bind_listening_sockets", "accept_ready", "bind_problem", "ensure_file_limit"]
 
 
-async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
+async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *, backlog: int = 1024,
+                                 reuse_port: bool = False) -> list[socket.socket]:
     """Bind every address ``host`` resolves to (all interfaces for ``""``) on ``port``,
     non-blocking and listening; with port 0, every address on the port the first one drew.
 
     IPv6 sockets are IPv6-only, so that ``[::]`` and ``0.0.0.0`` can be bound side by side.
+    With ``reuse_port`` (``SO_REUSEPORT``), further sets of sockets can be bound on the same
+    port by this user, and the kernel spreads new connections over all of them.
 
     Raises:
         OSError: an address cannot be bound; nothing stays bound then.
@@ -31,6 +34,8 @@ async def bind_listening_sockets(loop: asyncio.AbstractEventLoop, host: str, por
             sock = socket.socket(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:

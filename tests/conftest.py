@@ -100,14 +100,16 @@ def event_loop_factory(request):
 @pytest.fixture
 def start_gateway_agent(pki: PKI, echo_server: EchoServer, caplog, event_loop_factory):
     """Start the gateway's agent with its listener on 127.0.0.1 (port 0), forwarding to the echo
-    server and letting in every node; keyword arguments override listener settings (``watch=True``
-    turns on the file watcher, off by default so that tests reload explicitly)."""
+    server and letting in every node, in the agent's own process (``workers: 1``: the tests read
+    its listener's state; worker processes: tests/test_listener_workers.py); keyword arguments
+    override listener settings (``watch=True`` turns on the file watcher, off by default so that
+    tests reload explicitly)."""
     caplog.set_level(logging.INFO, logger="pki_agent")
     started = []
 
     def start(*, watch: bool = False, metrics: dict | None = None, clock=None, **listener) -> RunningAgent:
         settings = {"listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{echo_server.port}", "handshake_timeout": 2,
-                    "crl": pki.ca.crl_path, "allow": ["*"], **listener}
+                    "crl": pki.ca.crl_path, "allow": ["*"], "workers": 1, **listener}
         config = AgentConfig(
             name="gw", kind="gateway", credential_dir=pki.gateway,
             renewal=RenewalConfig(ca_home=pki.home, check_interval=3600, jitter=0),

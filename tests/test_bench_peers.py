@@ -19,10 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import peers  # bench/ is not a package
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("name", sorted(peers.PEERS))
-def test_peer_config_makes_an_mtls_forwarder(name, pki, echo_server, tmp_path):
+def test_peer_config_makes_an_mtls_forwarder(name, workers, pki, echo_server, tmp_path):
     """The peer accepts the generated config, forwards node TW's bytes to the upstream, and
-    refuses a client without a certificate and a revoked node (so the bench measures mTLS)."""
+    refuses a client without a certificate and a revoked node (so the bench measures mTLS); with
+    2 workers too (the multi-core mode: nginx's worker_processes, haproxy's nbthread), when nginx
+    runs a master and two worker processes."""
     peer = peers.PEERS[name]
     program = peer.find()
     assert program, f"{name} is required for the benchmark's config test: {peer.install} (.ci/run does)"
@@ -30,7 +33,7 @@ def test_peer_config_makes_an_mtls_forwarder(name, pki, echo_server, tmp_path):
     pki.ca.revoke("gone")
     material = peers.make_material(pki.ca, pki.gateway, tmp_path / "material")
     port = peers.free_port()
-    config = peer.configure(tmp_path, material, port, echo_server.port)
+    config = peer.configure(tmp_path, material, port, echo_server.port, workers)
     if peer.check is not None:
         checked = subprocess.run(peer.check(program, config), capture_output=True, text=True, timeout=DEADLINE)
         assert checked.returncode == 0, f"{name} refused its config:\n{checked.stdout}{checked.stderr}"
@@ -46,6 +49,8 @@ def test_peer_config_makes_an_mtls_forwarder(name, pki, echo_server, tmp_path):
             client.close()
         assert refused(port, client_context(pki.node / "ca.pem"))
         assert refused(port, bundle_context(revoked))
+        if name == "nginx":
+            assert len(peers.peer_processes(proc.pid)) == 1 + workers  # the master and its workers
     finally:
         peers.stop(proc)
         log.close()

@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import logging
+import select
 
 import pytest
 
@@ -134,3 +135,43 @@ def test_a_refusal_line_escapes_what_the_peer_supplied(caplog):
     log_refused("192.0.2.1:5000", "not allowed", "detail\nrefused peer=forged", node="ex\n2026 INFO forged", serial=0x3a)
     line = caplog.records[-1].getMessage()
     assert "\n" not in line and "node='ex\\n2026 INFO forged'" in line and "serial=3a" in line
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter, JSONFormatter], ids=["text", "json"])
+def test_a_worker_names_itself_on_every_line(formatter):
+    """In a listener worker process each line carries its pid (text: `` worker=PID`` after the
+    message; JSON: ``worker``), through records and written directly alike; without one, neither."""
+    direct = _lines(formatter(4242), alone=True)
+    through_records = _lines(formatter(4242), alone=False)
+    assert direct == through_records
+    if formatter is TextFormatter:
+        assert all(line.endswith(" worker=4242") for line in direct)
+        assert not any("worker=" in line for line in _lines(formatter(), alone=True))
+    else:
+        assert [json.loads(line)["worker"] for line in direct] == [4242, 4242]
+        assert not any("worker" in json.loads(line) for line in _lines(formatter(), alone=True))
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_a_worker_writes_whole_lines_of_at_most_pipe_buf_bytes():
+    """Workers share one stderr: every write is whole lines and at most PIPE_BUF bytes (so no
+    write of another worker lands inside a line); the agent's own handler writes a batch at once."""
+    lines = [f"line {i} " + "x" * 300 for i in range(40)]
+    shared, alone = _Writes(), _Writes()
+    for stream, atomic in ((shared, True), (alone, False)):
+        handler = BatchingStreamHandler(stream, atomic=atomic)
+        handler.emit_lines(lines)  # no running loop: written at once
+    assert "".join(shared.writes) == "".join(alone.writes) == "".join(line + "\n" for line in lines)
+    assert len(shared.writes) > 1 and all(len(w.encode()) <= select.PIPE_BUF and w.endswith("\n") for w in shared.writes)
+    assert len(alone.writes) == 1

@@ -75,6 +75,14 @@ class ListenerStats:
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
+    def add(self, other: "ListenerStats") -> None:
+        """Count ``other``'s counts here too (another worker process's)."""
+        self.accepted += other.accepted
+        self.closed_bytes_in += other.closed_bytes_in
+        self.closed_bytes_out += other.closed_bytes_out
+        for reason, count in other.refused.items():
+            self.refused[reason] = self.refused.get(reason, 0) + count
+
 
 class ListenerHost(Protocol):
     """What a connection needs of the listener that accepted it (:class:`pki_agent.listener.server.GatewayListener`).

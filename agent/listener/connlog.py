@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import select
 import time
 from typing import Callable, Literal
 
@@ -178,19 +179,37 @@ class _Stamp:
 
 
 class TextFormatter(logging.Formatter):
-    """``TEXT_FORMAT``: local time with milliseconds, level, logger, message."""
+    """``TEXT_FORMAT``: local time with milliseconds, level, logger, message; in a listener
+    worker process, `` worker=PID`` after the message (docs/design.md, "Listener workers").
 
-    def __init__(self) -> None:
+    Args:
+        worker: the process id of the listener worker whose lines these are, or None.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
         super().__init__(TEXT_FORMAT)
+        self._suffix = f" worker={worker}" if worker is not None else ""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record) + self._suffix
 
     def event_line(self, created: float, name: str, message: str, event: dict) -> str:
         """The line :meth:`format` makes of an INFO record of logger ``name`` created at ``created``."""
-        return f"{self.formatTime(_Stamp(created))} INFO {name}: {message}"  # type: ignore[arg-type]  # formatTime reads created and msecs only
+        return f"{self.formatTime(_Stamp(created))} INFO {name}: {message}{self._suffix}"  # type: ignore[arg-type]  # formatTime reads created and msecs only
 
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (ISO 8601 UTC, ms), ``level``, ``logger``, ``message``,
-    the event's fields when the record is a connection event, and ``exception`` if any."""
+    the event's fields when the record is a connection event, and ``exception`` if any; in a
+    listener worker process, ``worker`` (its process id).
+
+    Args:
+        worker: the process id of the listener worker whose lines these are, or None.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         exception = self.formatException(record.exc_info) if record.exc_info else None
@@ -201,14 +220,15 @@ class JSONFormatter(logging.Formatter):
         """The line :meth:`format` makes of an INFO record of logger ``name`` created at ``created``."""
         return self._line(created, "INFO", name, message, event, None)
 
-    @staticmethod
-    def _line(created: float, level: str, name: str, message: str, event: dict | None, exception: str | None) -> str:
-        entry = {
+    def _line(self, created: float, level: str, name: str, message: str, event: dict | None, exception: str | None) -> str:
+        entry: dict[str, object] = {
             "time": dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds"),
             "level": level.lower(),
             "logger": name,
             "message": message,
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         if event:
             entry.update((k, v) for k, v in event.items() if v is not None)
         if exception:
@@ -225,10 +245,13 @@ class BatchingStreamHandler(logging.StreamHandler):
     them, so nothing waits; outside the loop (other threads, shutdown) a line is written at once.
     """
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream=None, *, atomic: bool = False) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
         self._scheduled = False
+        # Several listener workers write to one stderr (a pipe to journald): a write of at most
+        # PIPE_BUF bytes is never interleaved with another's (POSIX), so no line is cut in two.
+        self._chunk = select.PIPE_BUF if atomic else 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -264,7 +287,12 @@ class BatchingStreamHandler(logging.StreamHandler):
         self.acquire()
         try:
             self._scheduled = False
-            if self._lines:
+            if self._lines and self._chunk:
+                lines, self._lines = self._lines, []
+                for chunk in _chunks(lines, self._chunk):
+                    self.stream.write(chunk)
+                    self.stream.flush()
+            elif self._lines:
                 data, self._lines = "".join(self._lines), []
                 self.stream.write(data)
             if self.stream and hasattr(self.stream, "flush"):
@@ -273,16 +301,36 @@ class BatchingStreamHandler(logging.StreamHandler):
             self.release()
 
 
-def configure_logging(fmt: Literal["text", "json"], level: str = "INFO") -> None:
-    """Send the agent's log to stderr in ``fmt`` (``text`` or ``json``) at ``level``."""
+def _chunks(lines: list[str], size: int):
+    """The lines joined into strings of at most ``size`` bytes each (a longer line alone)."""
+    chunk: list[str] = []
+    length = 0
+    for line in lines:
+        n = len(line.encode())
+        if chunk and length + n > size:
+            yield "".join(chunk)
+            chunk, length = [], 0
+        chunk.append(line)
+        length += n
+    if chunk:
+        yield "".join(chunk)
+
+
+def configure_logging(fmt: Literal["text", "json"], level: str = "INFO", *, worker: int | None = None) -> None:
+    """Send the agent's log to stderr in ``fmt`` (``text`` or ``json``) at ``level``.
+
+    Args:
+        worker: in a listener worker process, its process id: each line names it, and lines
+            are written whole beside the other workers' (see :class:`BatchingStreamHandler`).
+    """
     # The logging HOWTO's "Optimization": no caller lookup, thread or process fields, which no
     # format here shows and which cost a stack walk and calls per record.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = BatchingStreamHandler()
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler = BatchingStreamHandler(atomic=worker is not None)
+    handler.setFormatter(JSONFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -18,7 +18,7 @@ from pkictl.store import Credential
 from ..config import AgentConfig
 
 if TYPE_CHECKING:
-    from .server import GatewayListener
+    from .view import ListenerView
     from ..rotation.rotate import RenewalSource
 
 __all__ = ["FleetReporter", "ReporterHost", "DEBOUNCE"]
@@ -46,7 +46,7 @@ class FleetReporter:
         listener: the started listener whose table is reported.
     """
 
-    def __init__(self, agent: ReporterHost, listener: "GatewayListener") -> None:
+    def __init__(self, agent: ReporterHost, listener: "ListenerView") -> None:
         self.agent, self.listener = agent, listener
         assert listener.config is not None
         self.interval = listener.config.report_interval.total_seconds()

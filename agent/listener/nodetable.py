@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 from typing import Literal
 
-__all__ = ["ConnectionEvent", "NodeEntry", "NodeTable", "OTHER", "MAX_NODES"]
+__all__ = ["ConnectionEvent", "NodeEntry", "NodeTable", "OTHER", "MAX_NODES", "merge_tables", "entry_to_wire", "entry_from_wire"]
 
 OTHER = "other"  # the metrics label of every identity that is not one series of its own
 MAX_NODES = 10_000  # entries the table keeps at most; idle ones are forgotten first
@@ -133,6 +133,67 @@ class NodeTable:
                 "last_refusal_at": _iso(entry.last_refusal_at),
             })
         return out
+
+
+def merge_tables(tables: "list[NodeTable]") -> NodeTable:
+    """One table of several listener processes' (docs/design.md, "Listener workers"): open
+    connections together (their ids must differ across tables), counters and bytes summed, the
+    latest of the times, and the last refusal the latest one."""
+    merged = NodeTable()
+    for table in tables:
+        for reason, count in table.anonymous_refusals.items():
+            merged.anonymous_refusals[reason] = merged.anonymous_refusals.get(reason, 0) + count
+        for name, entry in table.nodes.items():
+            into = merged.nodes.get(name)
+            if into is None:
+                into = merged.nodes[name] = NodeEntry()
+            into.open.update(entry.open)
+            if entry.latest_peer is not None and (into.last_seen is None or (entry.last_seen is not None and entry.last_seen >= into.last_seen)):
+                into.latest_peer = entry.latest_peer
+            into.bytes_in += entry.bytes_in
+            into.bytes_out += entry.bytes_out
+            into.last_seen = _latest(into.last_seen, entry.last_seen)
+            into.opened_total += entry.opened_total
+            for reason, count in entry.refusals.items():
+                into.refusals[reason] = into.refusals.get(reason, 0) + count
+            if entry.last_refusal_at is not None and (into.last_refusal_at is None or entry.last_refusal_at > into.last_refusal_at):
+                into.last_refusal_reason, into.last_refusal_at = entry.last_refusal_reason, entry.last_refusal_at
+    return merged
+
+
+def entry_to_wire(entry: NodeEntry) -> dict:
+    """``entry`` as JSON-ready values (times as Unix seconds), for a worker's report to the agent."""
+    return {"open": [[cid, at.timestamp(), peer] for cid, (at, peer) in entry.open.items()], "latest_peer": entry.latest_peer,
+            "bytes_in": entry.bytes_in, "bytes_out": entry.bytes_out, "last_seen": _stamp(entry.last_seen),
+            "opened_total": entry.opened_total, "refusals": entry.refusals, "last_refusal_reason": entry.last_refusal_reason,
+            "last_refusal_at": _stamp(entry.last_refusal_at)}
+
+
+def entry_from_wire(wire: dict, connection_base: int = 0) -> NodeEntry:
+    """The :class:`NodeEntry` :func:`entry_to_wire` made, its connection ids offset by
+    ``connection_base`` (unique per worker process).
+
+    Raises:
+        KeyError, TypeError, ValueError: ``wire`` is not what :func:`entry_to_wire` makes.
+    """
+    return NodeEntry(open={connection_base + int(cid): (_time(at), str(peer)) for cid, at, peer in wire["open"]},
+                     latest_peer=wire["latest_peer"], bytes_in=int(wire["bytes_in"]), bytes_out=int(wire["bytes_out"]),
+                     last_seen=_time(wire["last_seen"]) if wire["last_seen"] is not None else None,
+                     opened_total=int(wire["opened_total"]), refusals={str(k): int(v) for k, v in wire["refusals"].items()},
+                     last_refusal_reason=wire["last_refusal_reason"],
+                     last_refusal_at=_time(wire["last_refusal_at"]) if wire["last_refusal_at"] is not None else None)
+
+
+def _latest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _stamp(value: dt.datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _time(value: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(float(value), dt.timezone.utc)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

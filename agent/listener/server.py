@@ -52,6 +52,8 @@ class GatewayListener:
         self.table = NodeTable()
         # Called after each event that changed the table (the gateway's report to the CA).
         self.on_change: Callable[[], None] | None = None
+        # Called with every event (a worker process sends them to the agent: pki_agent.worker).
+        self.on_event: Callable[[ConnectionEvent], None] | None = None
         self._current = current
         self.trust_domain = trust_domain
         self.authorizer = Authorizer(trust_domain, config.allowed_names)
@@ -86,11 +88,23 @@ class GatewayListener:
         """Connections open now, handshaking ones included."""
         return len(self._connections)
 
+    @property
+    def workers_serving(self) -> int:
+        """1 while this listener accepts (it is the agent's only one: ``workers: 1``), else 0."""
+        return 1 if self._sockets else 0
+
+    @property
+    def worker_restarts(self) -> int:
+        """Always 0: an in-process listener has no worker to restart."""
+        return 0
+
     def note(self, kind: Literal["opened", "closed", "refused"], conn: Connection | None, node: str | None, peer: str, *, reason: str | None = None) -> None:
         """Turn what happened to a connection into a :class:`ConnectionEvent` and apply it to the table."""
         event = ConnectionEvent(kind, id(conn), node, peer, self.clock.now(), bytes_in=conn.bytes_in if conn and kind == "closed" else 0,
                                 bytes_out=conn.bytes_out if conn and kind == "closed" else 0, reason=reason)
         self.table.apply(event)
+        if self.on_event is not None:
+            self.on_event(event)
         if self.on_change is not None and node is not None:
             self.on_change()
 
@@ -113,8 +127,12 @@ class GatewayListener:
         return (self.stats.closed_bytes_in + sum(c.bytes_in for c in live),
                 self.stats.closed_bytes_out + sum(c.bytes_out for c in live))
 
-    async def start(self) -> None:
-        """Bind ``config.listen`` and start accepting.
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind ``config.listen`` (or take ``sockets``, bound and listening already) and start accepting.
+
+        Args:
+            sockets: non-blocking listening sockets to accept on instead (a worker's, inherited
+                from the agent: :mod:`pki_agent.workers`).
 
         Raises:
             OSError: the address cannot be bound.
@@ -122,7 +140,7 @@ class GatewayListener:
         loop = self.loop = asyncio.get_running_loop()
         self.events = EventBatch(loop)
         host, port = self.config.listen
-        self._sockets = await bind_listening_sockets(loop, host, port)
+        self._sockets = sockets if sockets is not None else await bind_listening_sockets(loop, host, port)
         for sock in self._sockets:
             loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
@@ -167,6 +185,12 @@ class GatewayListener:
         self._nodes_by_serial[key] = identity.name
         if len(self._nodes_by_serial) > _REMEMBERED_SERIALS:
             del self._nodes_by_serial[next(iter(self._nodes_by_serial))]
+
+    def reloaded(self, tls: ServerTLS) -> None:
+        """The agent took ``tls`` into service (``current`` returns it now): revocations in its
+        CRL reach established connections too (:meth:`close_revoked`)."""
+        if tls.revoked:
+            self.close_revoked(tls.revoked, tls.superseded)
 
     def close_revoked(self, revoked: frozenset[tuple[bytes, int]], superseded: frozenset[tuple[bytes, int]] = frozenset()) -> int:
         """After a CRL reload: close every established connection of a node one of whose
