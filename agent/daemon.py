@@ -271,6 +271,12 @@ class Agent:
 
     # -- renewal --------------------------------------------------------------------------------
 
+    async def _first_check(self) -> None:
+        """The check at start (the EST refresh and revocation check, not a period later), and a
+        line once it is done: until then a credential changed on disk may still be taken up."""
+        await self.check()
+        log.info("start-up check done")
+
     async def check(self) -> None:
         """The periodic check: keep the CRL fresh on the CA host, reload when the files on disk
         changed, and renew if the credential (or a retry) is due."""
@@ -524,7 +530,7 @@ class Agent:
         log.info("ready: %s %s, %s", self.config.kind, self.config.name, describe_endpoints(self))
         if ready is not None:
             ready()
-        first_check = loop.create_task(self.check())  # the EST refresh and revocation check at start, not a period later
+        first_check = loop.create_task(self._first_check())
         try:
             await stopped.wait()
         finally:

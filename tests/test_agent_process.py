@@ -69,6 +69,7 @@ def test_sighup_reloads_the_credential_from_disk(pki, echo_server):
     agent = AgentProcess(_gateway_config(pki, echo_server.port, watch=False))
     try:
         _, port = agent.wait_ready()
+        agent.log.wait_for(r"start-up check done")  # its reload of changed files is behind us
         first = TLSClient(port, bundle_context(pki.node))
         old_serial = first.server_serial()
 
