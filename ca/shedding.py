@@ -1,0 +1,137 @@
+"""Load shedding for the EST service: beyond the enrollments it can answer in time, a request is
+told at once to come back later (503 with a Retry-After spread with jitter, RFC 7030 4.2.3, RFC
+9110 10.2.3) instead of waiting in a queue until it times out.
+
+The bound is derived from what the service achieves: a request admitted last waits for every one
+admitted before it, so with ``rate`` issuances per second measured over the last completions, at
+most ``rate x max_delay`` requests are admitted at once (``max_delay`` well inside the clients'
+30 s timeouts), never fewer than ``min_pending``; an operator may fix the bound instead
+(``max_pending``). A client shed is told when its turn comes: after every request admitted now
+and every client told to come back before it, at the measured rate, stretched by a random factor
+in ``[1, 1 + jitter]`` so that a herd comes back spread out rather than in one second
+(docs/design.md, "Group commit and load shedding").
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import math
+import random
+import time
+from typing import Callable
+
+__all__ = ["LoadShedder", "SheddingPolicy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SheddingPolicy:
+    """When the EST service sheds ``simple_enroll`` / ``simple_reenroll`` requests.
+
+    Attributes:
+        max_pending: a fixed bound on requests admitted at once (in a handler, queued for a
+            signing worker or in one); None derives it from the measured rate.
+        max_delay: seconds the request admitted last may wait for its answer (derived bound =
+            measured issuances/s x this).
+        min_pending: the derived bound is never below this.
+        prior_rate: issuances/s assumed until ``min_pending`` completions are measured.
+        window: seconds of completions the rate is measured over.
+        jitter: Retry-After is the estimated wait times a uniform factor in ``[1, 1 + jitter]``.
+        max_retry_after: seconds; no client is told to wait longer.
+
+    Raises:
+        ValueError: a value out of its range (the message names it and the range).
+    """
+
+    max_pending: int | None = None
+    max_delay: float = 5.0
+    min_pending: int = 32
+    prior_rate: float = 50.0
+    window: float = 5.0
+    jitter: float = 0.5
+    max_retry_after: int = 600
+
+    def __post_init__(self) -> None:
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError(f"max_pending: got {self.max_pending}, want at least 1 (or None: derived from the measured rate)")
+        for name in ("max_delay", "prior_rate", "window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: got {getattr(self, name)}, want more than 0")
+        if self.min_pending < 1:
+            raise ValueError(f"min_pending: got {self.min_pending}, want at least 1")
+        if not 0 <= self.jitter <= 10:
+            raise ValueError(f"jitter: got {self.jitter}, want 0 to 10")
+        if self.max_retry_after < 1:
+            raise ValueError(f"max_retry_after: got {self.max_retry_after}, want at least 1 second")
+
+
+class LoadShedder:
+    """Counts the enrollment requests admitted and measures how fast they complete.
+
+    Args:
+        policy: the bound and the spread (:class:`SheddingPolicy`).
+        clock: monotonic seconds (injectable; tests pass their own).
+        rng: the jitter's random source (injectable, e.g. ``random.Random(seed)``).
+    """
+
+    def __init__(self, policy: SheddingPolicy | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.policy = policy or SheddingPolicy()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.pending = 0
+        self.shed = 0  # requests told to come back later, since start
+        self._completed: collections.deque[float] = collections.deque()  # completion times within the window
+        self._promised: list[float] = []  # heap: when the clients shed are due back
+
+    def rate(self) -> float:
+        """Issuances per second: measured over the completions of the last ``window`` seconds
+        (over their span, so that a burst just begun counts at its pace), or ``prior_rate`` while
+        fewer than ``min_pending`` completed in it."""
+        now = self._clock()
+        self._forget(now)
+        if len(self._completed) < self.policy.min_pending:
+            return self.policy.prior_rate
+        return len(self._completed) / max(now - self._completed[0], 1e-3)
+
+    def bound(self) -> int:
+        """Requests admitted at once at most: ``max_pending``, or ``rate x max_delay`` (at least ``min_pending``)."""
+        if self.policy.max_pending is not None:
+            return self.policy.max_pending
+        return max(self.policy.min_pending, math.floor(self.rate() * self.policy.max_delay))
+
+    def admit(self) -> int | None:
+        """Admit one request (None: go on, and call :meth:`done` when it is answered) or shed it.
+
+        Returns:
+            None when admitted; else the Retry-After in whole seconds (at least 1): the time the
+            requests admitted now and the clients told to come back before this one take at the
+            measured rate, times the jitter factor.
+        """
+        if self.pending < self.bound():
+            self.pending += 1
+            return None
+        now = self._clock()
+        while self._promised and self._promised[0] <= now:
+            heapq.heappop(self._promised)
+        ahead = self.pending + len(self._promised)
+        wait = ahead / self.rate() * self._rng.uniform(1.0, 1.0 + self.policy.jitter)
+        retry_after = min(self.policy.max_retry_after, max(1, math.ceil(wait)))
+        heapq.heappush(self._promised, now + retry_after)
+        self.shed += 1
+        return retry_after
+
+    def done(self, *, completed: bool = True) -> None:
+        """One admitted request is answered; ``completed``: it was an issuance (or a refusal by
+        policy) that counts towards the measured rate, not a failure before the CA saw it."""
+        self.pending -= 1
+        if completed:
+            now = self._clock()
+            self._completed.append(now)
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        cutoff = now - self.policy.window
+        while self._completed and self._completed[0] < cutoff:
+            self._completed.popleft()
