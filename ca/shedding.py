@@ -3,13 +3,17 @@ told at once to come back later (503 with a Retry-After spread with jitter, RFC 
 9110 10.2.3) instead of waiting in a queue until it times out.
 
 The bound is derived from what the service achieves: a request admitted last waits for every one
-admitted before it, so with ``rate`` issuances per second measured over the last completions, at
-most ``rate x max_delay`` requests are admitted at once (``max_delay`` well inside the clients'
-30 s timeouts), never fewer than ``min_pending``; an operator may fix the bound instead
-(``max_pending``). A client shed is told when its turn comes: after every request admitted now
-and every client told to come back before it, at the measured rate, stretched by a random factor
-in ``[1, 1 + jitter]`` so that a herd comes back spread out rather than in one second
-(docs/design.md, "Group commit and load shedding").
+admitted before it, so with ``rate`` issuances per second, at most ``rate x max_delay`` requests
+are admitted at once (``max_delay`` well inside the clients' 30 s timeouts), never fewer than
+``min_pending``; an operator may fix the bound instead (``max_pending``). A client shed is told
+when its turn comes: after every request admitted now and every client told to come back before
+it, at that rate, times a random factor in ``[1 - jitter, 1 + jitter]`` so that a herd comes back
+spread out rather than on the same second (docs/design.md, "Group commit and load shedding").
+
+``rate`` is the highest measured over the last ``peak_memory`` seconds, not the latest: while a
+herd is being shed, every shed request still costs a TLS handshake, so the rate measured then
+is below what the service absorbs once the herd waits, and promising return times at it left
+the service idle while clients slept (bench/renewal_herd.py).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ class SheddingPolicy:
         max_delay: seconds the request admitted last may wait for its answer (derived bound =
             measured issuances/s x this).
         min_pending: the derived bound is never below this.
-        prior_rate: issuances/s assumed until ``min_pending`` completions are measured.
+        prior_rate: issuances/s assumed until ``min_pending`` completions over at least a
+            second are measured.
         window: seconds of completions the rate is measured over.
-        jitter: Retry-After is the estimated wait times a uniform factor in ``[1, 1 + jitter]``.
+        peak_memory: seconds a peak rate is kept (the rate used is the highest measured in them).
+        jitter: Retry-After is the estimated wait times a uniform factor in ``[1 - jitter, 1 + jitter]``.
         max_retry_after: seconds; no client is told to wait longer.
 
     Raises:
@@ -47,21 +53,22 @@ class SheddingPolicy:
     max_pending: int | None = None
     max_delay: float = 5.0
     min_pending: int = 32
-    prior_rate: float = 50.0
+    prior_rate: float = 100.0
     window: float = 5.0
-    jitter: float = 0.5
+    peak_memory: float = 60.0
+    jitter: float = 0.2
     max_retry_after: int = 600
 
     def __post_init__(self) -> None:
         if self.max_pending is not None and self.max_pending < 1:
             raise ValueError(f"max_pending: got {self.max_pending}, want at least 1 (or None: derived from the measured rate)")
-        for name in ("max_delay", "prior_rate", "window"):
+        for name in ("max_delay", "prior_rate", "window", "peak_memory"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: got {getattr(self, name)}, want more than 0")
         if self.min_pending < 1:
             raise ValueError(f"min_pending: got {self.min_pending}, want at least 1")
-        if not 0 <= self.jitter <= 10:
-            raise ValueError(f"jitter: got {self.jitter}, want 0 to 10")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter: got {self.jitter}, want 0 to less than 1")
         if self.max_retry_after < 1:
             raise ValueError(f"max_retry_after: got {self.max_retry_after}, want at least 1 second")
 
@@ -84,16 +91,23 @@ class LoadShedder:
         self.shed = 0  # requests told to come back later, since start
         self._completed: collections.deque[float] = collections.deque()  # completion times within the window
         self._promised: list[float] = []  # heap: when the clients shed are due back
+        self._peak: tuple[float, float] | None = None  # (rate, when measured)
 
     def rate(self) -> float:
-        """Issuances per second: measured over the completions of the last ``window`` seconds
-        (over their span, so that a burst just begun counts at its pace), or ``prior_rate`` while
-        fewer than ``min_pending`` completed in it."""
+        """Issuances per second: the highest measured in the last ``peak_memory`` seconds, each
+        measurement over the completions of the last ``window`` seconds (over their span, at
+        least a second, so that a burst just begun counts at its pace); ``prior_rate`` until one
+        is measured."""
         now = self._clock()
         self._forget(now)
-        if len(self._completed) < self.policy.min_pending:
-            return self.policy.prior_rate
-        return len(self._completed) / max(now - self._completed[0], 1e-3)
+        span = now - self._completed[0] if self._completed else 0.0
+        if len(self._completed) >= self.policy.min_pending and span >= 1.0:
+            measured = len(self._completed) / span
+            if self._peak is None or measured >= self._peak[0] or now - self._peak[1] > self.policy.peak_memory:
+                self._peak = (measured, now)
+        if self._peak is not None and now - self._peak[1] > self.policy.peak_memory:
+            self._peak = None  # long idle: nothing measured recently
+        return self._peak[0] if self._peak is not None else self.policy.prior_rate
 
     def bound(self) -> int:
         """Requests admitted at once at most: ``max_pending``, or ``rate x max_delay`` (at least ``min_pending``)."""
@@ -116,7 +130,7 @@ class LoadShedder:
         while self._promised and self._promised[0] <= now:
             heapq.heappop(self._promised)
         ahead = self.pending + len(self._promised)
-        wait = ahead / self.rate() * self._rng.uniform(1.0, 1.0 + self.policy.jitter)
+        wait = ahead / self.rate() * self._rng.uniform(1.0 - self.policy.jitter, 1.0 + self.policy.jitter)
         retry_after = min(self.policy.max_retry_after, max(1, math.ceil(wait)))
         heapq.heappush(self._promised, now + retry_after)
         self.shed += 1

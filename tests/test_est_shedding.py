@@ -92,16 +92,16 @@ def renew_with_curl(service: RunningService, home: Path, tmp_path: Path, name: s
                 cacert=home / "ca.pem", data=body, content_type="application/pkcs10")
 
 
-def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter: float = 0.5) -> list[int]:
+def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter: float = 0.2) -> list[int]:
     """The Retry-After values the shedder gives ``count`` clients in a row (clock standing still)."""
     rng = random.Random(SEED)
-    return [max(1, math.ceil((pending + i) / rate * rng.uniform(1.0, 1.0 + jitter))) for i in range(count)]
+    return [max(1, math.ceil((pending + i) / rate * rng.uniform(1.0 - jitter, 1.0 + jitter))) for i in range(count)]
 
 
 def test_beyond_the_bound_real_clients_get_503_with_retry_after_spread(served, home, tmp_path):
     """Two renewals held in hand (the bound) are answered 200 once the write lock goes; four more
     clients at once meanwhile get 503 at once, each with the Retry-After the shedder derives
-    (requests ahead / rate, times a jitter factor in [1, 1.5]), spread over several values; no
+    (requests ahead / rate, times a jitter factor in [0.8, 1.2]), spread over several values; no
     certificate is issued to them and no refusal is audited for them."""
     lock = WriteLock(home)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -139,26 +139,38 @@ def test_up_to_the_bound_nothing_is_shed(served, home, tmp_path):
     assert served.service.shedder.shed == 0
 
 
-def test_the_bound_follows_the_measured_rate():
-    """Before min_pending completions the bound is prior_rate x max_delay; after 40 completions
-    in one second (40/s) it is 40 x max_delay; a fixed max_pending overrides both; requests under
-    the bound are admitted (None) and the one at the bound is shed with a Retry-After."""
+def test_the_bound_follows_the_peak_measured_rate():
+    """Before min_pending completions over a second the bound is prior_rate x max_delay; after
+    80 completions in two seconds (40/s) it is that rate x max_delay; when the pace then drops
+    to 10/s the peak is kept for peak_memory seconds, then the lower rate rules; a fixed
+    max_pending overrides it all; requests under the bound are admitted (None), the one at the
+    bound is shed with a Retry-After."""
     clock = Clock()
-    shedder = LoadShedder(SheddingPolicy(max_delay=2.0, min_pending=4, prior_rate=10.0), clock=clock, rng=random.Random(SEED))
+    shedder = LoadShedder(SheddingPolicy(max_delay=2.0, min_pending=4, prior_rate=10.0, window=5.0, peak_memory=30.0),
+                          clock=clock, rng=random.Random(SEED))
     assert shedder.bound() == 20
     assert [shedder.admit() for _ in range(20)] == [None] * 20
     assert isinstance(shedder.admit(), int)
-    for _ in range(40):
+    for _ in range(80):
         clock.now += 1 / 40
         shedder.done()
-    assert shedder.rate() == pytest.approx(40 * 40 / 39, rel=0.01)  # 40 completions over 39/40 s
-    assert shedder.bound() == math.floor(shedder.rate() * 2.0)
+    assert shedder.rate() == pytest.approx(80 / (79 / 40), rel=0.01)  # 80 completions over their span
+    peak = shedder.rate()
+    assert shedder.bound() == math.floor(peak * 2.0)
+    for _ in range(100):  # 10 s at 10/s: the window holds the slow pace only
+        clock.now += 0.1
+        shedder.done()
+    assert shedder.rate() == peak
+    for _ in range(250):  # past peak_memory
+        clock.now += 0.1
+        shedder.done()
+    assert shedder.rate() == pytest.approx(10.0, rel=0.05)
     assert LoadShedder(SheddingPolicy(max_pending=3), clock=clock).bound() == 3
 
 
 def test_retry_after_spreads_a_herd_at_the_measured_rate():
     """100 clients shed in a row with no jitter are told to come back one rate-step after
-    another (ceil((pending + i) / rate)); with jitter each value lies in [that, 1.5 x that]; once
+    another (ceil((pending + i) / rate)); with jitter 0.5 each lies in [0.5, 1.5] x that; once
     the clock passes their return times, they no longer count ahead of a newcomer."""
     clock = Clock()
     flat = LoadShedder(SheddingPolicy(max_pending=10, prior_rate=20.0, jitter=0.0), clock=clock)
@@ -173,7 +185,7 @@ def test_retry_after_spreads_a_herd_at_the_measured_rate():
     for _ in range(10):
         spread.admit()
     values = [spread.admit() for _ in range(100)]
-    assert all(math.ceil((10 + i) / 20.0) <= v <= math.ceil((10 + i) / 20.0 * 1.5) for i, v in enumerate(values)), values
+    assert all(max(1, math.ceil((10 + i) / 20.0 * 0.5)) <= v <= math.ceil((10 + i) / 20.0 * 1.5) for i, v in enumerate(values)), values
     assert len(set(values)) > 5
 
 
