@@ -127,6 +127,7 @@ async def _herd(nodes, contexts, url: str, connections: int, timeout: float) -> 
     latencies: list[float] = []  # of each 200, its own request
     renewed_after: list[float] = []  # from the start of the herd to the node's 200
     retry_afters: list[int] = []
+    shed_at: list[float] = []  # from the start of the herd to each 503
     statuses: collections.Counter = collections.Counter()
     failures: list[str] = []
     start, cpu = time.monotonic(), sum(os.times()[:2])
@@ -147,6 +148,7 @@ async def _herd(nodes, contexts, url: str, connections: int, timeout: float) -> 
             statuses[status] += 1
             if status == 503 and retry_after and retry_after.isdigit():
                 retry_afters.append(int(retry_after))
+                shed_at.append(time.monotonic() - start)
                 await asyncio.sleep(int(retry_after))
                 continue
             if status == 200:
@@ -160,7 +162,7 @@ async def _herd(nodes, contexts, url: str, connections: int, timeout: float) -> 
         await asyncio.gather(*(renew(node, ctx) for node, ctx in zip(nodes, contexts, strict=True)))
     finally:
         await session.close()
-    return {"latencies": latencies, "renewed_after": renewed_after, "retry_afters": retry_afters, "statuses": statuses,
+    return {"latencies": latencies, "renewed_after": renewed_after, "retry_afters": retry_afters, "shed_at": shed_at, "statuses": statuses,
             "failures": failures, "cpu": sum(os.times()[:2]) - cpu}
 
 
@@ -170,15 +172,17 @@ async def _herd(nodes, contexts, url: str, connections: int, timeout: float) -> 
 class Server:
     """`pkictl serve` as a subprocess; its log is drained by a thread (the last lines kept)."""
 
-    def __init__(self, home: Path, args: list[str]) -> None:
+    def __init__(self, home: Path, args: list[str], log: Path | None = None) -> None:
         pkictl = str(Path(sys.executable).parent / "pkictl")
         argv = [pkictl, "--home", str(home), "serve", "--listen", "127.0.0.1:0", *args]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.log: collections.deque[str] = collections.deque(maxlen=20)
         self.errors = 0
+        self.refusals: collections.Counter = collections.Counter()  # the server's refusal lines, by reason
         self._ready = threading.Event()
         self.port = 0
+        self._copy = log.open("w") if log is not None else None  # the whole log, for a look afterwards
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
         if not self._ready.wait(60) or not self.port:
@@ -188,9 +192,13 @@ class Server:
     def _drain(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
+            if self._copy is not None:
+                self._copy.write(line)
             if " ERROR " in line:
                 self.errors += 1
                 self.log.append(line.rstrip())
+            elif (" refused " in line or " rejected by client " in line) and (reason := re.search(r"reason='([^']*)'", line)):
+                self.refusals[reason.group(1)] += 1
             if match := re.search(r"ready: EST on https://127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
                 self._ready.set()
@@ -219,6 +227,8 @@ class Server:
         self._drainer.join(10)
         assert self.process.stderr is not None
         self.process.stderr.close()
+        if self._copy is not None:
+            self._copy.close()
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -252,8 +262,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="pkictl serve --workers")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it counts as failed")
     parser.add_argument("--serve-arg", action="append", default=[], help="another pkictl serve argument (repeatable)")
+    parser.add_argument("--server-log", type=Path, default=None, help="keep pkictl serve's whole log in this file")
     args = parser.parse_args()
-    caps = str(args.clients * args.connections + 256)
+    # Every node dials from 127.0.0.1 and all handshake at once: the caps must hold them all as
+    # unproved connections (a quarter of --max-connections is kept for proved ones).
+    caps = str(2 * args.clients * args.connections + 256)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         home = tmp / "ca"
@@ -263,7 +276,7 @@ def main() -> int:
         print(f"{args.nodes} nodes issued and their renewals prepared in {time.monotonic() - began:.1f} s; "
               f"{os.cpu_count()} cores; {args.clients} client process(es), {args.connections} connections each at most")
         server = Server(home, ["--workers", str(args.workers), "--max-connections", caps, "--max-connections-per-peer", caps,
-                               *args.serve_arg])
+                               *args.serve_arg], log=args.server_log)
         url = f"https://127.0.0.1:{server.port}{EST_PREFIX}/simplereenroll"
         mp = multiprocessing.get_context("spawn")
         barrier, results = mp.Barrier(args.clients + 1), mp.Queue()
@@ -306,6 +319,16 @@ def main() -> int:
         print("  503 answers: none (the herd fit under the shedding bound)")
     print(f"  server CPU {server_cpu:.1f} s ({server_cpu * 1000 / max(len(renewed), 1):.2f} ms per renewal, shed answers included); "
           f"client CPU {sum(r['cpu'] for r in reports):.1f} s; wall {wall:.1f} s; server ERROR lines: {server.errors}")
+    shed_at = [x for r in reports for x in r["shed_at"]]
+    if renewed:
+        step = max(1, int(absorbed // 12) + 1)  # about a dozen buckets
+        buckets = range(0, int(absorbed) + step, step)
+        print(f"  timeline ({step} s buckets: renewed / 503): " + ", ".join(
+            f"{b}s {sum(b <= x < b + step for x in renewed)}/{sum(b <= x < b + step for x in shed_at)}" for b in buckets))
+    if server.refusals:
+        print(f"  the server's refusal lines by reason: {dict(server.refusals.most_common())}")
+    for line in server.log:
+        print(f"    server: {line}")
     for line in [f for r in reports for f in r["failures"]][:5]:
         print(f"    failure: {line}")
     if problem:

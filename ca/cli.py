@@ -574,8 +574,9 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
     passphrase = obj.passphrase()
     ca = CertificateAuthority.load(obj.home, passphrase=passphrase)
     signers = SignerPool(obj.home, passphrase=passphrase, workers=workers, group_commit=group_commit) if workers else None
-    # Until a rate is measured, 100 issuances/s per worker (one did 147/s in bench/est_reenroll.py: docs/design.md,
-    # "Group commit and load shedding"); too high costs a client a second 503, too low idles the service.
+    # Until a rate is measured, 100 issuances/s per worker (one did 147/s in bench/est_reenroll.py, on a shared
+    # machine): too high queues more than --max-queue-delay at first, too low idles the service while the herd
+    # sleeps (docs/design.md, "Group commit and load shedding").
     shedding = SheddingPolicy(max_pending=max_pending, max_delay=max_queue_delay, prior_rate=100.0 * max(workers, 1))
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,

@@ -10,10 +10,10 @@ when its turn comes: after every request admitted now and every client told to c
 it, at that rate, times a random factor in ``[1 - jitter, 1 + jitter]`` so that a herd comes back
 spread out rather than on the same second (docs/design.md, "Group commit and load shedding").
 
-``rate`` is the highest measured over the last ``peak_memory`` seconds, not the latest: while a
-herd is being shed, every shed request still costs a TLS handshake, so the rate measured then
-is below what the service absorbs once the herd waits, and promising return times at it left
-the service idle while clients slept (bench/renewal_herd.py).
+``rate`` is the highest measured, not the latest, and is lowered only while the service sheds
+(saturated): while the clients of a herd wait out their Retry-After, few completions say little
+demand, not little capacity, and promising return times at that rate left the service idle
+while clients slept, with promises stretching into minutes (bench/renewal_herd.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class SheddingPolicy:
         prior_rate: issuances/s assumed until ``min_pending`` completions over at least a
             second are measured.
         window: seconds of completions the rate is measured over.
-        peak_memory: seconds a peak rate is kept (the rate used is the highest measured in them).
+        peak_memory: seconds a peak rate is kept before a lower rate measured while shedding replaces it.
         jitter: Retry-After is the estimated wait times a uniform factor in ``[1 - jitter, 1 + jitter]``.
         max_retry_after: seconds; no client is told to wait longer.
 
@@ -56,7 +56,7 @@ class SheddingPolicy:
     prior_rate: float = 100.0
     window: float = 5.0
     peak_memory: float = 60.0
-    jitter: float = 0.2
+    jitter: float = 0.1
     max_retry_after: int = 600
 
     def __post_init__(self) -> None:
@@ -92,21 +92,26 @@ class LoadShedder:
         self._completed: collections.deque[float] = collections.deque()  # completion times within the window
         self._promised: list[float] = []  # heap: when the clients shed are due back
         self._peak: tuple[float, float] | None = None  # (rate, when measured)
+        self._last_shed: float | None = None
 
     def rate(self) -> float:
-        """Issuances per second: the highest measured in the last ``peak_memory`` seconds, each
-        measurement over the completions of the last ``window`` seconds (over their span, at
-        least a second, so that a burst just begun counts at its pace); ``prior_rate`` until one
-        is measured."""
+        """Issuances per second the service absorbs: the highest measured, each measurement over
+        the completions of the last ``window`` seconds (over their span, at least a second, so
+        that a burst just begun counts at its pace); ``prior_rate`` until one is measured.
+
+        A lower measurement replaces the peak only while the service sheds (it is saturated,
+        so what it completes is what it can) and the peak is older than ``peak_memory``: when
+        clients are away waiting out their Retry-After, few completions mean little demand, not
+        little capacity, and taking them for the rate stretched the next promises into minutes.
+        """
         now = self._clock()
         self._forget(now)
         span = now - self._completed[0] if self._completed else 0.0
         if len(self._completed) >= self.policy.min_pending and span >= 1.0:
             measured = len(self._completed) / span
-            if self._peak is None or measured >= self._peak[0] or now - self._peak[1] > self.policy.peak_memory:
+            saturated = self._last_shed is not None and now - self._last_shed <= self.policy.window
+            if self._peak is None or measured >= self._peak[0] or (saturated and now - self._peak[1] > self.policy.peak_memory):
                 self._peak = (measured, now)
-        if self._peak is not None and now - self._peak[1] > self.policy.peak_memory:
-            self._peak = None  # long idle: nothing measured recently
         return self._peak[0] if self._peak is not None else self.policy.prior_rate
 
     def bound(self) -> int:
@@ -134,6 +139,7 @@ class LoadShedder:
         retry_after = min(self.policy.max_retry_after, max(1, math.ceil(wait)))
         heapq.heappush(self._promised, now + retry_after)
         self.shed += 1
+        self._last_shed = now
         return retry_after
 
     def done(self, *, completed: bool = True) -> None:

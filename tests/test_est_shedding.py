@@ -92,7 +92,7 @@ def renew_with_curl(service: RunningService, home: Path, tmp_path: Path, name: s
                 cacert=home / "ca.pem", data=body, content_type="application/pkcs10")
 
 
-def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter: float = 0.2) -> list[int]:
+def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter: float = 0.1) -> list[int]:
     """The Retry-After values the shedder gives ``count`` clients in a row (clock standing still)."""
     rng = random.Random(SEED)
     return [max(1, math.ceil((pending + i) / rate * rng.uniform(1.0 - jitter, 1.0 + jitter))) for i in range(count)]
@@ -101,7 +101,7 @@ def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter:
 def test_beyond_the_bound_real_clients_get_503_with_retry_after_spread(served, home, tmp_path):
     """Two renewals held in hand (the bound) are answered 200 once the write lock goes; four more
     clients at once meanwhile get 503 at once, each with the Retry-After the shedder derives
-    (requests ahead / rate, times a jitter factor in [0.8, 1.2]), spread over several values; no
+    (requests ahead / rate, times a jitter factor in [0.9, 1.1]), spread over several values; no
     certificate is issued to them and no refusal is audited for them."""
     lock = WriteLock(home)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -142,7 +142,8 @@ def test_up_to_the_bound_nothing_is_shed(served, home, tmp_path):
 def test_the_bound_follows_the_peak_measured_rate():
     """Before min_pending completions over a second the bound is prior_rate x max_delay; after
     80 completions in two seconds (40/s) it is that rate x max_delay; when the pace then drops
-    to 10/s the peak is kept for peak_memory seconds, then the lower rate rules; a fixed
+    to 10/s without shedding (little demand) the peak stays, also past peak_memory; while it
+    sheds and the peak is older than peak_memory, the lower rate replaces it; a fixed
     max_pending overrides it all; requests under the bound are admitted (None), the one at the
     bound is shed with a Retry-After."""
     clock = Clock()
@@ -151,19 +152,30 @@ def test_the_bound_follows_the_peak_measured_rate():
     assert shedder.bound() == 20
     assert [shedder.admit() for _ in range(20)] == [None] * 20
     assert isinstance(shedder.admit(), int)
+    for _ in range(20):
+        shedder.done(completed=False)
     for _ in range(80):
         clock.now += 1 / 40
+        shedder.pending += 1  # admitted and answered
         shedder.done()
     assert shedder.rate() == pytest.approx(80 / (79 / 40), rel=0.01)  # 80 completions over their span
     peak = shedder.rate()
     assert shedder.bound() == math.floor(peak * 2.0)
-    for _ in range(100):  # 10 s at 10/s: the window holds the slow pace only
-        clock.now += 0.1
-        shedder.done()
-    assert shedder.rate() == peak
-    for _ in range(250):  # past peak_memory
-        clock.now += 0.1
-        shedder.done()
+
+    def slow(seconds: float, *, shedding: bool) -> None:
+        for _ in range(int(seconds * 10)):  # 10/s
+            clock.now += 0.1
+            shedder.pending += 1
+            shedder.done()
+            if shedding:
+                shedder.pending = shedder.bound()
+                assert isinstance(shedder.admit(), int)
+                shedder.pending = 0
+            shedder.rate()
+
+    slow(40, shedding=False)
+    assert shedder.rate() == peak  # demand fell, not capacity
+    slow(10, shedding=True)
     assert shedder.rate() == pytest.approx(10.0, rel=0.05)
     assert LoadShedder(SheddingPolicy(max_pending=3), clock=clock).bound() == 3
 
