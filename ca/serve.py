@@ -464,7 +464,7 @@ class ESTService:
             return runner.server()
 
         front = self._front = TLSFront(protocol, self._current_context, handshake_timeout=self.handshake_timeout, limits=self.limits,
-                                       on_refusal=self.metrics.refused_handshake)
+                                       on_refusal=self.metrics.refused_handshake, pace=self.shedder.accept_budget)
         # The front's header_timeout closes an idle keep-alive connection; aiohttp's is a backstop.
         runner = self._runner = web.AppRunner(self.app(front), access_log_class=RequestLog.counting(self.metrics.answered), access_log=log, logger=aiohttp_log,
                                               keepalive_timeout=max(15.0, self.limits.header_timeout + 1))

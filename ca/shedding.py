@@ -10,10 +10,11 @@ when its turn comes: after every request admitted now and every client told to c
 it, at that rate, times a random factor in ``[1 - jitter, 1 + jitter]`` so that a herd comes back
 spread out rather than on the same second (docs/design.md, "Group commit and load shedding").
 
-``rate`` is the highest measured, not the latest, and is lowered only while the service sheds
-(saturated): while the clients of a herd wait out their Retry-After, few completions say little
-demand, not little capacity, and promising return times at that rate left the service idle
-while clients slept, with promises stretching into minutes (bench/renewal_herd.py).
+``rate`` is the highest measured since ``prior_rate``, not the latest, and is lowered only while
+the service sheds (saturated): in a herd's first seconds the service handshakes every node only
+to shed it and completes few, and while the herd waits out its Retry-After few completions mean
+little demand, not little capacity; promising returns at either rate left the service idle while
+clients slept minutes (bench/renewal_herd.py).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class SheddingPolicy:
         max_delay: seconds the request admitted last may wait for its answer (derived bound =
             measured issuances/s x this).
         min_pending: the derived bound is never below this.
-        prior_rate: issuances/s assumed until ``min_pending`` completions over at least a
-            second are measured.
+        prior_rate: issuances/s assumed until a higher rate is measured, and the least ever
+            assumed (a herd's storm of handshakes measures less than the service absorbs).
         window: seconds of completions the rate is measured over.
         peak_memory: seconds a peak rate is kept before a lower rate measured while shedding replaces it.
         jitter: Retry-After is the estimated wait times a uniform factor in ``[1 - jitter, 1 + jitter]``.
@@ -91,13 +92,16 @@ class LoadShedder:
         self.shed = 0  # requests told to come back later, since start
         self._completed: collections.deque[float] = collections.deque()  # completion times within the window
         self._promised: list[float] = []  # heap: when the clients shed are due back
-        self._peak: tuple[float, float] | None = None  # (rate, when measured)
+        # The prior counts as a first peak: the first rate measured in a herd is the service's
+        # pace while it handshakes every node only to shed it (5/s where it absorbs 90/s after),
+        # and promising returns at that pace put them up to the 600 s cap away.
+        self._peak: tuple[float, float] = (self.policy.prior_rate, clock())  # (rate, when measured)
         self._last_shed: float | None = None
 
     def rate(self) -> float:
         """Issuances per second the service absorbs: the highest measured, each measurement over
         the completions of the last ``window`` seconds (over their span, at least a second, so
-        that a burst just begun counts at its pace); ``prior_rate`` until one is measured.
+        that a burst just begun counts at its pace), starting from ``prior_rate``, never below it.
 
         A lower measurement replaces the peak only while the service sheds (it is saturated,
         so what it completes is what it can) and the peak is older than ``peak_memory``: when
@@ -110,15 +114,32 @@ class LoadShedder:
         if len(self._completed) >= self.policy.min_pending and span >= 1.0:
             measured = len(self._completed) / span
             saturated = self._last_shed is not None and now - self._last_shed <= self.policy.window
-            if self._peak is None or measured >= self._peak[0] or (saturated and now - self._peak[1] > self.policy.peak_memory):
-                self._peak = (measured, now)
-        return self._peak[0] if self._peak is not None else self.policy.prior_rate
+            if measured >= self._peak[0] or (saturated and now - self._peak[1] > self.policy.peak_memory):
+                self._peak = (max(measured, self.policy.prior_rate), now)  # the prior is a floor
+        return self._peak[0]
 
     def bound(self) -> int:
         """Requests admitted at once at most: ``max_pending``, or ``rate x max_delay`` (at least ``min_pending``)."""
         if self.policy.max_pending is not None:
             return self.policy.max_pending
         return max(self.policy.min_pending, math.floor(self.rate() * self.policy.max_delay))
+
+    def accept_budget(self, handshaking: int) -> tuple[float, int]:
+        """How the TLS front accepts now: ``(seconds to pause after this round, connections to
+        accept in it)``. Below the bound, as many as there is room for (the bound less the
+        requests in hand and the connections still handshaking, at most 128) and no pause; at
+        it, one per four issuances the service completes (at most 0.25 s apart), so that
+        shedding costs the event loop a fraction of its handshakes, not one per client of a
+        herd; the others wait in the kernel's backlog. Accepting 128 whenever a group of
+        issuances left room let ~300 clients a second in only to be shed.
+
+        Args:
+            handshaking: connections accepted whose TLS handshake is not done yet.
+        """
+        room = self.bound() - self.pending - handshaking
+        if room > 0:
+            return 0.0, min(128, room)
+        return min(0.25, 4.0 / self.rate()), 1
 
     def admit(self) -> int | None:
         """Admit one request (None: go on, and call :meth:`done` when it is answered) or shed it.

@@ -100,7 +100,7 @@ def expected_retry_afters(pending: int, count: int, rate: float = PRIOR, jitter:
 
 def test_beyond_the_bound_real_clients_get_503_with_retry_after_spread(served, home, tmp_path):
     """Two renewals held in hand (the bound) are answered 200 once the write lock goes; four more
-    clients at once meanwhile get 503 at once, each with the Retry-After the shedder derives
+    clients at once meanwhile, accepted one at a time (paced), get 503 each with the Retry-After the shedder derives
     (requests ahead / rate, times a jitter factor in [0.9, 1.1]), spread over several values; no
     certificate is issued to them and no refusal is audited for them."""
     lock = WriteLock(home)
@@ -118,6 +118,7 @@ def test_beyond_the_bound_real_clients_get_503_with_retry_after_spread(served, h
     assert values == sorted(expected_retry_afters(2, 4)), values
     assert len(set(values)) >= 3, f"want the Retry-After spread, got {values}"
     assert all("retry in" in r.text for r in shed), shed
+    assert served.service.front.paced > 0  # at the bound, connections were accepted one at a time
     audit = (home / "audit.log").read_text()
     assert audit.count('"event":"issued"') == len(NODES) + 1 + 2  # the enrollments, the service's own, the two renewals
     assert '"error":"Overloaded"' not in audit
@@ -125,7 +126,8 @@ def test_beyond_the_bound_real_clients_get_503_with_retry_after_spread(served, h
 
 def test_up_to_the_bound_nothing_is_shed(served, home, tmp_path):
     """Negative control: with two requests allowed in hand, two concurrent renewals held there
-    and then two more after them (back under the bound) are all answered 200, none 503."""
+    and then two more after them (back under the bound) are all answered 200, none 503, and no
+    accept was paced."""
     lock = WriteLock(home)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         try:
@@ -136,14 +138,15 @@ def test_up_to_the_bound_nothing_is_shed(served, home, tmp_path):
         first = [f.result() for f in held]
         later = list(pool.map(lambda name: renew_with_curl(served, home, tmp_path, name), NODES[2:4]))
     assert [r.status for r in first + later] == [200] * 4, first + later
-    assert served.service.shedder.shed == 0
+    assert served.service.shedder.shed == 0 and served.service.front.paced == 0
 
 
 def test_the_bound_follows_the_peak_measured_rate():
     """Before min_pending completions over a second the bound is prior_rate x max_delay; after
     80 completions in two seconds (40/s) it is that rate x max_delay; when the pace then drops
     to 10/s without shedding (little demand) the peak stays, also past peak_memory; while it
-    sheds and the peak is older than peak_memory, the lower rate replaces it; a fixed
+    sheds and the peak is older than peak_memory, the lower rate replaces it (not below
+    prior_rate); a fixed
     max_pending overrides it all; requests under the bound are admitted (None), the one at the
     bound is shed with a Retry-After."""
     clock = Clock()
@@ -178,6 +181,21 @@ def test_the_bound_follows_the_peak_measured_rate():
     slow(10, shedding=True)
     assert shedder.rate() == pytest.approx(10.0, rel=0.05)
     assert LoadShedder(SheddingPolicy(max_pending=3), clock=clock).bound() == 3
+
+
+def test_accepts_are_paced_only_at_the_bound():
+    """Below the bound the front accepts as many as there is room for (the bound less the
+    requests in hand and the connections handshaking) without a pause; at it, one connection per
+    four issuances at the measured rate, at most 0.25 s apart."""
+    shedder = LoadShedder(SheddingPolicy(max_pending=200, prior_rate=40.0), clock=Clock())
+    assert shedder.accept_budget(0) == (0.0, 128)
+    assert shedder.accept_budget(150) == (0.0, 50)
+    shedder.admit()
+    assert shedder.accept_budget(150) == (0.0, 49)
+    assert shedder.accept_budget(199) == (pytest.approx(4 / 40), 1)
+    slow = LoadShedder(SheddingPolicy(max_pending=1, prior_rate=1.0), clock=Clock())
+    assert slow.admit() is None
+    assert slow.accept_budget(0) == (pytest.approx(0.25), 1)
 
 
 def test_retry_after_spreads_a_herd_at_the_measured_rate():
