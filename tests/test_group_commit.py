@@ -110,6 +110,30 @@ def test_a_refusal_inside_a_group_rolls_back_only_itself(home, tmp_path):
     assert "audit log ok" in pkictl(home, "audit", "verify").stdout
 
 
+def test_a_step_that_fails_after_writing_rolls_back_to_its_savepoint(home, tmp_path):
+    """In one group: a renewal of n1 whose signing fails after its row and its successor claim
+    were written leaves neither (n1 may still renew), while n2's renewal before it in the same
+    group commits."""
+    ca = CertificateAuthority.load(home)
+    try:
+        n1, n2 = _current(tmp_path, "n1"), _current(tmp_path, "n2")
+
+        def fails_to_sign() -> None:
+            def sign():
+                raise OSError("the HSM went away")
+            ca.inventory.record_signed(serial=0xABC, name="n1", kind="node", sans=[], now=ca.clock.now(), exclusive=False,
+                                       issuer=ca.issuing.serial_number, sign=sign, predecessor=n1.serial_number)
+
+        outcomes = run_group(ca, [_renewal(ca, n2), fails_to_sign])
+        assert [status for status, _ in outcomes] == ["ok", "error"], outcomes
+        assert ca.inventory.get(0xABC) is None
+        assert ca.inventory.get(n1.serial_number).successor is None
+        assert ca.inventory.get(outcomes[0][1].serial_number).status == "issued"
+        assert run_group(ca, [_renewal(ca, n1)])[0][0] == "ok"  # its claim was rolled back
+    finally:
+        ca.close()
+
+
 def test_a_failed_audit_write_fails_the_whole_group(home, tmp_path):
     """With the audit log unwritable (a symlink, which pkictl refuses to append to), no renewal
     of the group is answered with a certificate: every outcome is the audit error."""
