@@ -37,7 +37,9 @@ last record and the head, writes the new record with one ``write()`` on an ``O_A
 fsyncs it, then replaces the head (:func:`pkictl.files.atomic_write`), all under the lock. Earlier
 bytes are never rewritten. A crash between the record's fsync and the head's replacement leaves the
 head one record behind; :meth:`AuditLog.verify` accepts exactly that (with a note) and the next
-append repairs it.
+append repairs it. A group commit (:mod:`pkictl.group_commit`) holds the records of several
+issuances (:meth:`AuditLog.hold`) and appends them with one ``write()``, one fsync and one head
+update (:meth:`AuditLog.flush`), chained exactly as one append each would chain them.
 """
 
 from __future__ import annotations

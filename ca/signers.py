@@ -19,6 +19,10 @@ never waits for the loop to hand it the next call (with one call at a time, a wo
 whenever the loop was busy: one worker served 164 re-enrollments/s, against 280-370/s queued).
 Answers come back in the order the calls went out.
 
+With group commit (the default) a worker takes every call queued in its pipe and runs them in
+one SQLite transaction and one audit-log write (:mod:`pkictl.group_commit`), answering them
+only once both are durable.
+
 Workers start with ``spawn`` (a fresh interpreter): forking a process that runs an event loop and
 scheduler threads copies locks in unknown states. Errors raised in a worker (PolicyError,
 PendingApproval, ...) are pickled back and re-raised by the caller unchanged.
