@@ -29,7 +29,7 @@ def cli() -> None:
 def run(config_path: Path, log_level: str, loop_name: str) -> None:
     """Run in the foreground until SIGTERM (systemd and launchd run it like this)."""
     from .config import load_config
-    from .connlog import configure_logging
+    from .listener.connlog import configure_logging
     from .daemon import Agent
     from pkictl.loops import event_loop_factory
 
@@ -61,7 +61,7 @@ def renew_now(config_path: Path, timeout: float) -> None:
     Exit status 0 if a new certificate is in service, 1 otherwise.
     """
     from .config import load_config
-    from .renew_now import renew_now as run_renew_now
+    from .rotation.renew_now import renew_now as run_renew_now
 
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -157,10 +157,10 @@ def doctor(config_path: Path, gateway, server_name, offline, timeout, units, as_
       4  an error: something is broken now (expired, revoked, refused by the gateway, ...)
     """
     from pkictl.clock import SystemClock
-    from pkictl.diagnosis import exit_status, render
+    from pkictl.diagnosis.findings import exit_status, render
 
-    from .doctor import diagnose_agent
-    from pkictl.secretscan import installed_service_files
+    from .doctor.checks import diagnose_agent
+    from pkictl.diagnosis.secretscan import installed_service_files
 
     findings = diagnose_agent(config_path, clock=SystemClock(), gateway=gateway, server_name=server_name, offline=offline,
                               timeout=timeout, service_files=[*installed_service_files(), *units])

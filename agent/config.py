@@ -20,7 +20,7 @@ from pkictl.formats import Keystore, VersionLayout, read_keystore_password
 from pkictl.names import validate_name
 from pkictl.settings import parse_duration
 
-from .authz import allowed_names
+from .listener.authz import allowed_names
 from .consumer_config import Pkcs12Config, group_id
 from .errors import ConfigError
 
@@ -74,7 +74,7 @@ class RenewalConfig(_Model):
         jitter: renew up to this share of the lifetime earlier, drawn once per certificate.
         check_interval: period of the level-triggered "is it due?" check that survives sleep.
         retry_initial, retry_max: exponential backoff after a failed renewal; a retry never
-            waits more than a quarter of the time left before notAfter (agent/schedule.py).
+            waits more than a quarter of the time left before notAfter (agent/rotation/schedule.py).
         min_interval: the floor between two renewals by this agent: an attempt sooner than this
             after its last successful renewal is postponed (so no bug can loop against the CA).
         keep_versions: how many credential versions ``archive/`` keeps (the live one included).
@@ -231,7 +231,7 @@ class Hook(_Model):
         sighup_pid_file: send SIGHUP to the PID in this file (relative to the configuration file).
         timeout: a ``run`` hook's process group is killed after this long.
         env: extra environment variables of a ``run`` hook; it gets only these, PATH and the
-            PKI_AGENT_* variables (agent/hooks.py).
+            PKI_AGENT_* variables (agent/rotation/hooks.py).
         attempts: how often a failing hook is tried in all.
         retry_wait: the wait before the second attempt, doubled before each further one.
     """

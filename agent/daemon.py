@@ -37,22 +37,22 @@ from .errors import AgentError, ConfigError, CredentialUnusable
 from .endpoints import close_endpoints, describe_endpoints, start_endpoints
 from .metrics import AgentCounters
 from .est_client import ESTClient
-from .reenroll import Reenrollment, find_revocation
-from .hooks import HookContext, run_hooks
+from .rotation.reenroll import Reenrollment, find_revocation
+from .rotation.hooks import HookContext, run_hooks
 from .pidfile import PidFile
-from .rotation import LocalCA, RenewalSource, rotate
-from .schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
-from .startup_checks import log_startup_findings
-from .state import iso, read_state, state_path, write_state
-from .tls import ServerTLS, server_context
-from .upkeep import ESTUpkeep
-from .watch import credential_stamp, watch_files
+from .rotation.rotate import LocalCA, RenewalSource, rotate
+from .rotation.schedule import backoff_delay, failure_log_level, renewal_floor, retry_delay
+from .rotation.startup_checks import log_startup_findings
+from .rotation.state import iso, read_state, state_path, write_state
+from .listener.tls import ServerTLS, server_context
+from .rotation.upkeep import ESTUpkeep
+from .rotation.watch import credential_stamp, watch_files
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-    from .fleet_push import FleetReporter
-    from .listener import GatewayListener
+    from .listener.fleet_push import FleetReporter
+    from .listener.server import GatewayListener
     from .metrics import StatusServer
     from .tunnel import NodeTunnel
 
@@ -432,7 +432,7 @@ class Agent:
             await asyncio.gather(self._hooks_task, return_exceptions=True)
 
     def state(self) -> dict:
-        """What the state file holds (see :mod:`pki_agent.state`)."""
+        """What the state file holds (see :mod:`pki_agent.rotation.state`)."""
         cert = self.credential.certificate if self.credential else None
         listener = tunnel = None
         if self.listener is not None:
@@ -540,7 +540,7 @@ class Agent:
                 stopped.set()
                 await asyncio.wait({watcher}, timeout=5)
             if self._hooks_task is not None and not self._hooks_task.done():
-                self._hooks_task.cancel()  # kills a running hook's process group (agent/hooks.py)
+                self._hooks_task.cancel()  # kills a running hook's process group (agent/rotation/hooks.py)
                 await asyncio.gather(self._hooks_task, return_exceptions=True)
             await close_endpoints(self)
 

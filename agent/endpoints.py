@@ -8,12 +8,12 @@ import ssl
 from typing import Protocol
 
 from .errors import AgentError
-from .fleet_push import FleetReporter, ReporterHost
-from .listener import GatewayListener
+from .listener.fleet_push import FleetReporter, ReporterHost
+from .listener.server import GatewayListener
 from .metrics import MetricsHost, StatusServer
-from .tls import ServerTLS
+from .listener.tls import ServerTLS
 from .tunnel import NodeTunnel
-from .upkeep import ESTUpkeep
+from .rotation.upkeep import ESTUpkeep
 
 __all__ = ["EndpointsHost", "start_endpoints", "close_endpoints", "describe_endpoints"]
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from pkictl.bundle_config import render_agent_config
 from pkictl.errors import PKIError, StoreError
-from pkictl.est import approval_code
+from pkictl.est.wire import approval_code
 from pkictl.files import atomic_write
 from pkictl.names import validate_name
 from pkictl.pem import certificates_to_pem

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from pkictl.errors import AuthenticationError, PKIError, StoreError
 from pkictl.files import atomic_write
-from pkictl.est import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
+from pkictl.est.wire import EST_PREFIX, PKCS10, REFUSAL_HEADER, approval_code, decode_certs_only, encode_csr, root_fingerprint
 from pkictl.fleet_report import REPORT_CONTENT_TYPE, REPORT_PATH
 from pkictl.store import Credential, CredentialStore
 from pkictl.file_errors import load_into_context
@@ -90,12 +90,12 @@ class ESTClient:
 
     @property
     def est_client(self) -> ESTClient:
-        """This client (:class:`pki_agent.rotation.RenewalSource`: the CA is reached over EST)."""
+        """This client (:class:`pki_agent.rotation.rotate.RenewalSource`: the CA is reached over EST)."""
         return self
 
     def maintain(self) -> None:
-        """Nothing: the CA host does its own upkeep (:class:`pki_agent.rotation.RenewalSource`);
-        what an agent fetches between renewals is :class:`pki_agent.upkeep.ESTUpkeep`'s."""
+        """Nothing: the CA host does its own upkeep (:class:`pki_agent.rotation.rotate.RenewalSource`);
+        what an agent fetches between renewals is :class:`pki_agent.rotation.upkeep.ESTUpkeep`'s."""
         return None
 
     # -- transport -----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class ESTClient:
 
     def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: Credential) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
         """POST /simplereenroll (RFC 7030 4.2.2), authenticated by the current certificate; the
-        chain comes from /cacerts. A :class:`pki_agent.rotation.RenewalSource`.
+        chain comes from /cacerts. A :class:`pki_agent.rotation.rotate.RenewalSource`.
 
         Raises:
             CredentialUnusable: the current certificate can no longer renew (revoked, expired,

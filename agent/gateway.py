@@ -27,7 +27,7 @@ or without SNI) switches the connection to the current context: a reload reaches
 connections while established ones keep theirs (docs/design.md, "Hot reload").
 ``asyncio.start_server(ssl=...)`` drops failed handshakes without a word; to log each, accept
 plain TCP and hand each socket to ``loop.connect_accepted_socket(..., ssl=tls.context)``, or run
-TLS in a MemoryBIO over a plain transport as pki-agent's own listener does (agent/listener.py).
+TLS in a MemoryBIO over a plain transport as pki-agent's own listener does (agent/listener/server.py).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import Iterable
 from pkictl.errors import PKIError
 from pkictl.store import CredentialStore
 
-from .authz import Authorizer, PeerIdentity, allowed_names
+from .listener.authz import Authorizer, PeerIdentity, allowed_names
 from .errors import AgentError, ConfigError
-from .tls import ServerTLS, server_context
-from .watch import credential_stamp, watch_files
+from .listener.tls import ServerTLS, server_context
+from .rotation.watch import credential_stamp, watch_files
 
 __all__ = ["GatewayTLS"]
 

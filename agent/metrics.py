@@ -20,11 +20,11 @@ from pkictl.status_http import HealthMetricsServer
 from pkictl.store import Credential
 
 from .config import AgentConfig
-from .nodetable import OTHER
-from .tls import ServerTLS
+from .listener.nodetable import OTHER
+from .listener.tls import ServerTLS
 
 if TYPE_CHECKING:
-    from .listener import GatewayListener
+    from .listener.server import GatewayListener
 
 __all__ = ["AgentCounters", "AgentCollector", "MetricsHost", "health", "node_label", "StatusServer"]
 

@@ -5,7 +5,7 @@ One backend per service manager, with the same function names (``render``, ``def
 shipped ``systemd/pki-agent.service`` and ``launchd/net.pkictl.agent.plist``; what they take
 from the configuration is the program and config paths, the directories the agent writes, and
 the one capability a port below 1024 needs. Nothing that looks like a secret is ever written
-(:mod:`pkictl.secretscan`).
+(:mod:`pkictl.diagnosis.secretscan`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Protocol
 
 from pkictl.files import PUBLIC_FILE_MODE, atomic_write
-from pkictl.secretscan import find_secrets, launchd_installed_paths, systemd_installed_paths
+from pkictl.diagnosis.secretscan import find_secrets, launchd_installed_paths, systemd_installed_paths
 
 from .config import AgentConfig, load_config
 from .errors import AgentError

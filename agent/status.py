@@ -20,7 +20,7 @@ from pkictl.store import CredentialStore
 
 from .config import AgentConfig
 from .pidfile import running_agent_pid
-from .state import iso, read_state, state_path
+from .rotation.state import iso, read_state, state_path
 
 __all__ = ["host_status", "render_status", "exit_code"]
 

@@ -5,7 +5,7 @@ at once after an outage is served within a minute.
 
 Before the clock starts: a CA in a temporary directory and N node certificates (signed through the
 library, their inventory rows written by pkictl's own Inventory), each node with a new key and the
-CSR its agent would send (pki_agent.rotation.build_reenroll_csr: subject and SAN identical to the
+CSR its agent would send (pki_agent.rotation.rotate.build_reenroll_csr: subject and SAN identical to the
 current certificate, RFC 7030 4.2.2). Then `pkictl serve` runs as a subprocess and client processes
 renew every node once, each on a fresh mTLS connection with that node's certificate (as a fleet
 does: one request per node). The machine has 2 cores shared by client and server, so the server's
@@ -20,7 +20,7 @@ Usage: python bench/est_reenroll.py [--nodes 2000] [--concurrency 32] [--seconds
 By default it runs two rounds of fresh nodes, each against its own `pkictl serve`: with
 --no-group-commit (every issuance commits its inventory transaction and fsyncs its audit record
 alone, and the serving process records the renewal address in a transaction of its own), then with
-group commit (pkictl.group_commit), and prints the ratio of the two.
+group commit (pkictl.est.group_commit), and prints the ratio of the two.
 
 `pkictl serve` issues in a signing worker process beside its event loop (--workers, default 1) on
 uvloop when it is installed (--loop); the server CPU reported is that of the whole process tree.
@@ -47,9 +47,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
-from pkictl.est import EST_PREFIX, encode_csr
+from pkictl.est.wire import EST_PREFIX, encode_csr
 from pkictl.files import read_private_file
 from pkictl.inventory import Inventory
 from pkictl.keys import load_private_key
@@ -470,7 +470,7 @@ def profile_cprofile(home: Path, nodes: list[Node], anchors: Path, concurrency: 
     server.stop()
     report("profiled round (cProfile: slower)", r)
     requests = max(r.ok + r.failed + min(WARMUP, len(nodes)), 1)
-    wanted = [("_errors", "ca/serve.py", "the whole request handler"), ("simple_reenroll", "ca/authority.py", ""),
+    wanted = [("_errors", "ca/est/serve.py", "the whole request handler"), ("simple_reenroll", "ca/authority.py", ""),
               ("issue", "ca/authority.py", ""), ("prelint", "ca/lint.py", "pre-issuance lint"), ("append", "ca/audit.py", "audit log"),
               ("record_signed", "ca/inventory.py", "SQLite"),
               ("fsync", "~", "every fsync"), ("_do_handshake", "asyncio/sslproto.py", "TLS handshake"), ("_log", "logging/", "log lines")]

@@ -8,7 +8,7 @@ client) with no failed renewal.
 
 Before the clock starts, the nodes' certificates are issued directly through the CA library in one
 inventory transaction (pkictl.inventory.Inventory.group) and each node gets a new key and the CSR
-its agent would send (pki_agent.rotation.build_reenroll_csr). Then `pkictl serve` starts as a
+its agent would send (pki_agent.rotation.rotate.build_reenroll_csr). Then `pkictl serve` starts as a
 subprocess with its defaults (group commit, load shedding) except the connection caps, which are
 raised because every simulated node dials from 127.0.0.1 (a real fleet comes from N addresses),
 and client processes (aiohttp on uvloop, --connections connections each at most) start every
@@ -43,9 +43,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
-from pkictl.est import EST_PREFIX, encode_csr
+from pkictl.est.wire import EST_PREFIX, encode_csr
 from pkictl.files import read_private_file
 from pkictl.inventory import Inventory
 from pkictl.keys import load_private_key

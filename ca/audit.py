@@ -37,7 +37,7 @@ last record and the head, writes the new record with one ``write()`` on an ``O_A
 fsyncs it, then replaces the head (:func:`pkictl.files.atomic_write`), all under the lock. Earlier
 bytes are never rewritten. A crash between the record's fsync and the head's replacement leaves the
 head one record behind; :meth:`AuditLog.verify` accepts exactly that (with a note) and the next
-append repairs it. A group commit (:mod:`pkictl.group_commit`) holds the records of several
+append repairs it. A group commit (:mod:`pkictl.est.group_commit`) holds the records of several
 issuances (:meth:`AuditLog.hold`) and appends them with one ``write()``, one fsync and one head
 update (:meth:`AuditLog.flush`), chained exactly as one append each would chain them.
 """
@@ -227,7 +227,7 @@ class AuditLog:
 
     def hold(self) -> None:
         """Keep the records appended from now on in memory until :meth:`flush` (a group commit,
-        :mod:`pkictl.group_commit`): the records of several issuances then share one write, one
+        :mod:`pkictl.est.group_commit`): the records of several issuances then share one write, one
         fsync and one head update. Until then :meth:`append` returns each record without its
         chain fields (``seq``, ``time``, ``prev``, ``hash``).
 

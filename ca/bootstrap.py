@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from .audit import audits_refusals
 from .errors import AccessDenied, AlreadyEnrolledError, AuthenticationError, NotEnrolledError, PendingApproval, PolicyError
-from .est import approval_code
+from .est.wire import approval_code
 from .names import validate_name
 from .policy import check_enrollment_csr
 

@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .errors import KeyReused, PKIError
-from .fleet_cli import nodes
+from .commands.nodes import nodes
 
 __all__ = ["main", "cli", "default_home", "PKIGroup"]
 
@@ -224,7 +224,7 @@ def enroll_node(obj: _Obj, name: str, out: Path | None, replace: bool, csr_path:
     from .errors import AlreadyEnrolledError
 
     if token:
-        from .est import root_fingerprint
+        from .est.wire import root_fingerprint
 
         ca = obj.load_ca()
         kwargs = {"ttl": token_ttl} if token_ttl else {}
@@ -424,9 +424,9 @@ def doctor(obj: _Obj, as_json: bool, show_all: bool, units: tuple[Path, ...]) ->
       1  the doctor could not run (e.g. an unreadable passphrase file)
     """
     from .clock import SystemClock
-    from .diagnosis import exit_status, render
-    from .doctor import diagnose_ca
-    from .secretscan import installed_service_files
+    from .diagnosis.findings import exit_status, render
+    from .diagnosis.doctor import diagnose_ca
+    from .diagnosis.secretscan import installed_service_files
 
     findings = diagnose_ca(obj.home, clock=SystemClock(), passphrase=obj.passphrase(),
                            service_files=[*installed_service_files(), *units])
@@ -538,11 +538,11 @@ def serve(obj: _Obj, listen, dns_names, ip_addresses, retry_after, check_interva
 
     from .admission import AdmissionLimits
     from .authority import CertificateAuthority
-    from .est import root_fingerprint
-    from .est_front import FrontLimits
-    from .serve import ESTService
-    from .shedding import SheddingPolicy
-    from .signers import SignerPool
+    from .est.wire import root_fingerprint
+    from .est.front import FrontLimits
+    from .est.serve import ESTService
+    from .est.shedding import SheddingPolicy
+    from .est.signers import SignerPool
     from .sockets import ensure_file_limit
 
     per_peer = max_connections_per_peer or max(1, max_connections // 4)

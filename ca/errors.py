@@ -163,7 +163,7 @@ class CertificateUnusable(PolicyError):
         reason: ``revoked``, ``expired``, ``not yet valid``, ``another CA``, ``unknown`` or
             ``superseded`` (renewed already: only an identity's current certificate renews); the
             EST service sends it in the ``Pkictl-Refusal`` header so that the agent can act on it
-            (:data:`pkictl.est.REFUSAL_HEADER`).
+            (:data:`pkictl.est.wire.REFUSAL_HEADER`).
     """
 
     REASONS = ("revoked", "expired", "not yet valid", "another CA", "unknown", "superseded")
@@ -193,7 +193,7 @@ class RequestLimitError(PolicyError):
 
 class Overloaded(Exception):
     """The EST service has as many enrollments in hand as it answers in time: come back after
-    ``retry_after`` seconds (503 with Retry-After, RFC 7030 4.2.3; :mod:`pkictl.shedding`).
+    ``retry_after`` seconds (503 with Retry-After, RFC 7030 4.2.3; :mod:`pkictl.est.shedding`).
 
     Not a PKIError: no refusal of the client (nothing is audited) but an answer to come back later.
 
@@ -213,7 +213,7 @@ class PendingApproval(Exception):
     Not a PKIError: it is no refusal (nothing is audited per poll) but an answer to come back later.
 
     Attributes:
-        code: the approval code of the node's key (:func:`pkictl.est.approval_code`).
+        code: the approval code of the node's key (:func:`pkictl.est.wire.approval_code`).
     """
 
     def __init__(self, name: str, code: str) -> None:

@@ -33,7 +33,7 @@ class _Model(BaseModel):
 
 
 class ReportedNode(_Model):
-    """One node as the gateway's listener sees it (pki_agent.nodetable rows)."""
+    """One node as the gateway's listener sees it (pki_agent.listener.nodetable rows)."""
 
     node: _Name
     open_connections: int = Field(ge=0)

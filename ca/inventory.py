@@ -575,7 +575,7 @@ class Inventory:
     def group(self) -> "_Tx":
         """One transaction around several operations (``with inventory.group(): ...``): each
         operation's own transaction becomes a savepoint in it, so that they share one commit and
-        one WAL fsync (:mod:`pkictl.group_commit`); none of them is durable before it ends.
+        one WAL fsync (:mod:`pkictl.est.group_commit`); none of them is durable before it ends.
 
         Raises:
             InventoryError: a transaction is open already.

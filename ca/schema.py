@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS requests (
     spki_sha256  TEXT PRIMARY KEY,          -- one request per key
     name         TEXT NOT NULL,
     name_key     TEXT NOT NULL,
-    code         TEXT NOT NULL,             -- pkictl.est.approval_code of the key
+    code         TEXT NOT NULL,             -- pkictl.est.wire.approval_code of the key
     peer         TEXT,                      -- address the request came from
     requested_at INTEGER NOT NULL,
     status       TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'issued')),

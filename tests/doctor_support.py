@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pkictl.diagnosis import Finding, Severity
+from pkictl.diagnosis.findings import Finding, Severity
 
 
 def problems(findings: list[Finding]) -> list[tuple[str, str]]:

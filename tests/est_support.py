@@ -19,7 +19,7 @@ from cryptography import x509
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import Clock
 from pkictl.inventory import Inventory
-from pkictl.serve import ESTService
+from pkictl.est.serve import ESTService
 
 from support import DEADLINE, LogWatcher, command
 

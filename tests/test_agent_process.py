@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pki_agent.rotation import LocalCA, rotate
+from pki_agent.rotation.rotate import LocalCA, rotate
 from pkictl.clock import SystemClock
 from pkictl.store import CredentialStore
 

@@ -12,8 +12,8 @@ import logging
 
 import pytest
 
-from pki_agent.authz import PeerIdentity
-from pki_agent.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed, log_refused
+from pki_agent.listener.authz import PeerIdentity
+from pki_agent.listener.connlog import BatchingStreamHandler, EventBatch, JSONFormatter, TextFormatter, log_accepted, log_closed, log_refused
 
 NODE = PeerIdentity("tw", 0x7A3F00C1, dt.datetime(2027, 3, 1, tzinfo=dt.timezone.utc), b"issuer")
 EVENT_TIME = 1_796_000_000.25  # 2026-11-30T00:53:20.250Z

@@ -24,8 +24,8 @@ from pki_agent.daemon import Agent
 from pki_agent.errors import ConfigError
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
-from pkictl.credential_checks import check_key_permissions
-from pkictl.credential_facts import CredentialFacts
+from pkictl.diagnosis.credential_checks import check_key_permissions
+from pkictl.diagnosis.credential_facts import CredentialFacts
 
 from support import DEADLINE, LogWatcher, TLSClient, bundle_context, refused, client_context
 

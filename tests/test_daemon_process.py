@@ -133,7 +133,7 @@ def _rotate_forever(bundle: Path, home: Path, progress: int) -> None:
     """The agent's rotate() and CredentialStore.install in a loop, in a forked child, with the CA
     kept loaded so that a rotation takes milliseconds; one byte on ``progress`` when it starts
     and after each rotation."""
-    from pki_agent.rotation import rotate
+    from pki_agent.rotation.rotate import rotate
     from pkictl.clock import SystemClock
 
     clock = SystemClock()

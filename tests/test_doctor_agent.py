@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from pki_agent.doctor import diagnose_agent, gateway_target
+from pki_agent.doctor.checks import diagnose_agent, gateway_target
 from pki_agent.config import load_config
-from pki_agent.probe import probe_est
+from pki_agent.doctor.probe import probe_est
 from pkictl.clock import FixedClock, SystemClock
-from pkictl.credential_facts import fingerprint
+from pkictl.diagnosis.credential_facts import fingerprint
 
 from doctor_support import only, problems, snapshot, write_config
 from est_support import RunningService
@@ -138,8 +138,8 @@ def test_clock_skew_thresholds_one_second_either_side(pki, tmp_path, seconds, se
 
     Mutations: ``abs(probe.skew) < SKEW_WARNING`` (60 s a warning) and ``abs(probe.skew) >=
     SKEW_ERROR`` (300 s an error) each fail one case."""
-    from pki_agent.doctor import AgentFacts, check_clock_skew
-    from pki_agent.probe import ESTProbe
+    from pki_agent.doctor.checks import AgentFacts, check_clock_skew
+    from pki_agent.doctor.probe import ESTProbe
 
     path = write_config(tmp_path / "agent.yaml", node_config(pki, tmp_path, renewal={"ca_url": "https://127.0.0.1:9"}))
     facts = AgentFacts(path, load_config(path), FixedClock(NOW), offline=True)

@@ -11,12 +11,12 @@ from cryptography.hazmat.primitives import serialization
 
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
-from pkictl.crl_checks import crl_findings
-from pkictl.doctor import diagnose_ca
+from pkictl.diagnosis.crl_checks import crl_findings
+from pkictl.diagnosis.doctor import diagnose_ca
 from pkictl.pem import private_key_to_pem
 from pkictl.profile import generate_key
 from pkictl.revocation import build_crl, load_crls
-from pkictl.serve import ESTService
+from pkictl.est.serve import ESTService
 from pkictl.settings import CASettings
 
 from doctor_support import only, problems, replace_file, snapshot

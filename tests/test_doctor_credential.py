@@ -14,9 +14,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkictl.authority import CertificateAuthority
 
-from pkictl.credential_checks import CREDENTIAL_CHECKS
-from pkictl.credential_facts import CredentialFacts, fingerprint
-from pkictl.diagnosis import EXIT_ERROR, EXIT_OK, EXIT_WARNING, Finding, Severity, check, exit_status, render, run_checks
+from pkictl.diagnosis.credential_checks import CREDENTIAL_CHECKS
+from pkictl.diagnosis.credential_facts import CredentialFacts, fingerprint
+from pkictl.diagnosis.findings import EXIT_ERROR, EXIT_OK, EXIT_WARNING, Finding, Severity, check, exit_status, render, run_checks
 from pkictl.pem import private_key_to_pem
 from pkictl.profile import generate_key
 from pkictl.revocation import load_crls

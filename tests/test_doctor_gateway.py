@@ -13,10 +13,10 @@ import trustme
 
 from pki_agent.config import AgentConfig, ListenerConfig, RenewalConfig
 from pki_agent.daemon import Agent
-from pki_agent.doctor import diagnose_agent
-from pki_agent.probe import probe_gateway
+from pki_agent.doctor.checks import diagnose_agent
+from pki_agent.doctor.probe import probe_gateway
 from pkictl.clock import FixedClock
-from pkictl.credential_facts import fingerprint
+from pkictl.diagnosis.credential_facts import fingerprint
 from pkictl.revocation import load_crls
 
 from conftest import RunningAgent

@@ -7,12 +7,12 @@ import datetime as dt
 import subprocess
 
 from pkictl.clock import FixedClock
-from pkictl.credential_facts import fingerprint
-from pkictl.diagnosis import EXIT_ERROR
+from pkictl.diagnosis.credential_facts import fingerprint
+from pkictl.diagnosis.findings import EXIT_ERROR
 from pkictl.pem import private_key_to_pem
 from pkictl.profile import generate_key
 
-from pki_agent.doctor import diagnose_agent
+from pki_agent.doctor.checks import diagnose_agent
 
 from doctor_support import live_version, problems, replace_file, write_config
 from support import DEADLINE, command

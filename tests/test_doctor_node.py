@@ -12,10 +12,10 @@ import subprocess
 import pytest
 import trustme
 
-from pki_agent.doctor import diagnose_agent
+from pki_agent.doctor.checks import diagnose_agent
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock, SystemClock
-from pkictl.credential_facts import fingerprint
+from pkictl.diagnosis.credential_facts import fingerprint
 
 from doctor_support import problems, replace_file, write_config
 from est_support import RunningService

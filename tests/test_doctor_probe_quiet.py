@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pkictl.credential_facts import fingerprint
+from pkictl.diagnosis.credential_facts import fingerprint
 
 from support import DEADLINE, AgentProcess, bundle_context, client_context, command, refused
 

@@ -16,12 +16,12 @@ from pki_agent.config import load_config
 from pki_agent.enroll import enroll
 from pki_agent.errors import CredentialUnusable, RenewalError
 from pki_agent.est_client import ESTClient
-from pki_agent.rotation import rotate
+from pki_agent.rotation.rotate import rotate
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock, SystemClock
 from pkictl.errors import AuthenticationError
-from pkictl.est import root_fingerprint
-from pkictl.serve import ESTService
+from pkictl.est.wire import root_fingerprint
+from pkictl.est.serve import ESTService
 from pkictl.store import CredentialStore
 
 from support import DEADLINE, wait_until

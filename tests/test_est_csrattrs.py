@@ -12,7 +12,7 @@ from pyasn1.type import univ
 from pyasn1_alt_modules import rfc7030
 
 from pkictl.errors import PolicyError
-from pkictl.est_csrattrs import EC_CURVES, RSA_MIN_BITS
+from pkictl.est.csrattrs import EC_CURVES, RSA_MIN_BITS
 from pkictl.policy import check_public_key
 
 from est_support import EST, ServeProcess, curl, openssl

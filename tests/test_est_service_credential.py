@@ -12,7 +12,7 @@ from cryptography import x509
 
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
-from pkictl.serve import ESTService
+from pkictl.est.serve import ESTService
 
 from est_support import ServeProcess, pkictl
 from test_est_server import server_serial_openssl

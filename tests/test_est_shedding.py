@@ -20,13 +20,13 @@ from cryptography import x509
 
 from pki_agent.errors import ServiceBusy
 from pki_agent.est_client import ESTClient
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
-from pkictl.est import encode_csr
+from pkictl.est.wire import encode_csr
 from pkictl.profile import generate_key
 from pkictl.settings import CASettings
-from pkictl.shedding import LoadShedder, SheddingPolicy
-from pkictl.signers import SignerPool
+from pkictl.est.shedding import LoadShedder, SheddingPolicy
+from pkictl.est.signers import SignerPool
 from pkictl.store import CredentialStore
 
 from est_support import EST, RunningService, curl

@@ -1,4 +1,4 @@
-"""Fuzz tests of CSR parsing and issuance policy (pkictl.policy, pkictl.est.decode_csr_body,
+"""Fuzz tests of CSR parsing and issuance policy (pkictl.policy, pkictl.est.wire.decode_csr_body,
 pkictl.names): whatever the bytes or names, the only outcomes are a valid result or a PKIError
 with a message, never another exception (a 500 in pkictl serve, a traceback in the CLI)."""
 
@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pkictl.errors import PKIError
-from pkictl.est import decode_csr_body
+from pkictl.est.wire import decode_csr_body
 from pkictl.names import validate_name
 from pkictl.policy import check_dns_name, check_enrollment_csr, check_ip_address, check_public_key, parse_csr
 

@@ -109,7 +109,7 @@ def test_reload_reaches_new_connections_of_the_asyncio_server(pki):
             assert (greeting, serial) == ("hello tw", old_serial)
             stop = asyncio.Event()
             watcher = asyncio.create_task(tls.watch(stop))
-            await asyncio.sleep(0)  # the watcher's first step sets its watches up (agent/watch.py)
+            await asyncio.sleep(0)  # the watcher's first step sets its watches up (agent/rotation/watch.py)
             new = pki.ca.enroll("gateway", "gw", out=pki.gateway, ip_addresses=["127.0.0.1"], replace=True).certificate
             pki.ca.revoke("TW")
             async with asyncio.timeout(DEADLINE):

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
 from pkictl.errors import CertificateUnusable
-from pkictl.group_commit import MAX_GROUP, run_group
+from pkictl.est.group_commit import MAX_GROUP, run_group
 from pkictl.inventory import Inventory
 from pkictl.profile import generate_key
 from pkictl.settings import CASettings
-from pkictl.signers import _calls
+from pkictl.est.signers import _calls
 from pkictl.store import CredentialStore
 
 from est_support import EST, ServeProcess, certs_only, curl, est_body, make_csr, pkictl

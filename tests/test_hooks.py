@@ -17,8 +17,8 @@ import pytest
 
 from pki_agent.config import AgentConfig, Hook, RenewalConfig
 from pki_agent.daemon import Agent
-from pki_agent.hooks import OUTPUT_LIMIT, HookContext, run_hook, run_hooks
-from pki_agent.state import state_path
+from pki_agent.rotation.hooks import OUTPUT_LIMIT, HookContext, run_hook, run_hooks
+from pki_agent.rotation.state import state_path
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.store import CredentialStore

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from pki_agent.cli import cli
 from pki_agent.errors import AgentError
-from pkictl.secretscan import find_secrets, redact
+from pkictl.diagnosis.secretscan import find_secrets, redact
 from pki_agent.service import LaunchdBackend, SystemdBackend, backend_for, install_service
 
 from doctor_support import write_config

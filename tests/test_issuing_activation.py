@@ -265,7 +265,7 @@ def test_a_malformed_activation_time_is_never_promoted_and_the_doctor_says_so(pk
     """A pending CA whose activate-at is not a time keeps the current CA issuing, even far past
     any activation, and pkictl doctor reports it as an error naming the file; a well-formed one
     is no problem for the doctor (control)."""
-    from pkictl.doctor import diagnose_ca
+    from pkictl.diagnosis.doctor import diagnose_ca
 
     from doctor_support import problems
 

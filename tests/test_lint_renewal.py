@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.lint import lint_certificate, profile_difference

@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 
-from pki_agent.connlog import JSONFormatter
+from pki_agent.listener.connlog import JSONFormatter
 from pkictl.store import CredentialStore
 
 from support import DEADLINE, TLSClient, bundle_context, closed_record, command, refusal_record, refused, wait_until
@@ -71,7 +71,7 @@ def test_a_revocation_closes_every_connection_of_that_node_and_superseded_closes
     B closes both, A's too (its certificate is no longer the revoked one, but it is TW's); EX's
     connection is untouched. TW then enrolls anew (certificate C) and connects; a later reload
     (EX revoked) closes EX's connection and leaves C's open, though B is still on the CRL."""
-    from pki_agent.rotation import LocalCA, rotate
+    from pki_agent.rotation.rotate import LocalCA, rotate
     from pkictl.clock import SystemClock
 
     other = pki.ca.enroll("node", "EX", out=tmp_path / "EX").directory

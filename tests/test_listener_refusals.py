@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki_agent.connlog import JSONFormatter, TextFormatter
+from pki_agent.listener.connlog import JSONFormatter, TextFormatter
 from pkictl.clock import FixedClock
 from pkictl.files import write_new_file
 from pkictl.pem import certificates_to_pem, private_key_to_pem

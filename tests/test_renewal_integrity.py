@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki_agent.rotation import RENEWAL_KEY, rotate
+from pki_agent.rotation.rotate import RENEWAL_KEY, rotate
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.errors import CertificateUnusable
@@ -167,7 +167,7 @@ def test_an_agent_whose_answer_was_lost_gets_the_same_successor_on_retry(home, t
 
 
 def _request(current: Credential) -> tuple[x509.CertificateSigningRequest]:
-    from pki_agent.rotation import build_reenroll_csr
+    from pki_agent.rotation.rotate import build_reenroll_csr
     from pkictl.profile import generate_key
 
     return (build_reenroll_csr(current.certificate, generate_key()),)

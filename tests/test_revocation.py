@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from pki_agent.rotation import build_reenroll_csr
+from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
 from pkictl.cli import cli
 from pkictl.clock import FixedClock

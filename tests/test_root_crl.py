@@ -18,7 +18,7 @@ from pkictl.authority import CertificateAuthority
 from pkictl.cli import cli
 from pkictl.clock import FixedClock
 from pkictl.crl import build_crl, crl_number, load_crls
-from pkictl.doctor import diagnose_ca
+from pkictl.diagnosis.doctor import diagnose_ca
 from pkictl.errors import PKIError, SettingsError
 from pkictl.profile import generate_key
 from pkictl.root_crl import root_crl_path, root_key_path

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
-from pki_agent.rotation import LocalCA, rotate
+from pki_agent.rotation.rotate import LocalCA, rotate
 from pkictl.authority import CertificateAuthority
 from pkictl.cli import cli
 from pkictl.clock import SystemClock

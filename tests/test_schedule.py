@@ -14,8 +14,8 @@ import pytest
 
 from pki_agent.config import AgentConfig, RenewalConfig
 from pki_agent.daemon import Agent
-from pki_agent.schedule import RETRY_FLOOR, failure_log_level, renewal_floor, retry_delay
-from pki_agent.state import state_path
+from pki_agent.rotation.schedule import RETRY_FLOOR, failure_log_level, renewal_floor, retry_delay
+from pki_agent.rotation.state import state_path
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.settings import CASettings

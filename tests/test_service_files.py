@@ -15,7 +15,7 @@ import click
 import pytest
 
 from pki_agent.config import load_config
-from pkictl.secretscan import find_secrets
+from pkictl.diagnosis.secretscan import find_secrets
 
 from support import require_tool
 

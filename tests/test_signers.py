@@ -18,7 +18,7 @@ from pkictl.authority import CertificateAuthority
 from pkictl.errors import LintError, PendingApproval, PKIError
 from pkictl.lint import Finding
 from pkictl.settings import CASettings
-from pkictl.signers import SignerPool
+from pkictl.est.signers import SignerPool
 
 from est_support import EST, RunningService, curl, est_body, make_csr, pkictl, serials
 from support import DEADLINE, command, wait_until

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
-from pkictl.credential_facts import fingerprint
+from pkictl.diagnosis.credential_facts import fingerprint
 from pkictl.crl import build_crl
 from pkictl.pem import certificates_from_pem
 from pkictl.settings import CASettings

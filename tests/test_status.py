@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pki_agent.rotation import LocalCA, rotate
+from pki_agent.rotation.rotate import LocalCA, rotate
 from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.renewal import certificate_state

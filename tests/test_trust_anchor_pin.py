@@ -12,7 +12,7 @@ from pki_agent.config import load_config
 from pki_agent.enroll import enroll
 from pki_agent.errors import ConfigError
 from pkictl.cli import cli
-from pkictl.est import root_fingerprint
+from pkictl.est.wire import root_fingerprint
 
 from est_support import RunningService
 

@@ -24,7 +24,7 @@ from pki_agent.config import load_config
 from pki_agent.errors import ConfigError
 from pkictl.authority import CertificateAuthority
 from pkictl.cli import cli as pkictl_cli
-from pkictl.est import root_fingerprint
+from pkictl.est.wire import root_fingerprint
 from pkictl.files import read_private_file
 from pkictl.keys import load_private_key
 from pkictl.profile import generate_key
