@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import ssl
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -84,11 +85,15 @@ class Agent:
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
+        self._stopping = threading.Event()  # set by stop(): cuts short a Retry-After wait in a worker thread
         self.store = CredentialStore(config.credential_dir, keep=config.renewal.keep_versions, layout=_layout(config))
         if source is None and config.renewal.ca_home is not None:
             source = LocalCA(config.renewal.ca_home, self.clock, config.renewal.ca_passphrase_file, self.store)
         elif source is None and config.renewal.ca_url is not None:
-            source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store)
+            # A Retry-After is waited in the rotation's thread; stop() cuts it short, so that a
+            # stopping agent does not wait out a busy CA (the renewal is simply not done then).
+            source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store,
+                               sleep=self._stopping.wait)
         self.source = source
         self.credential: Credential | None = None
         self.listener: "ListenerView | None" = None
@@ -566,5 +571,6 @@ class Agent:
 
     def stop(self) -> None:
         """Ask :meth:`run` to return; call it on the agent's event loop."""
+        self._stopping.set()
         if self._stopped is not None:
             self._stopped.set()

@@ -2,7 +2,7 @@
 
 from pkictl.errors import PKIError
 
-__all__ = ["AgentError", "ConfigError", "RenewalError", "CredentialUnusable", "PeerRejected"]
+__all__ = ["AgentError", "ConfigError", "RenewalError", "CredentialUnusable", "PeerRejected", "ServiceBusy"]
 
 
 class AgentError(PKIError):
@@ -15,6 +15,19 @@ class ConfigError(AgentError):
 
 class RenewalError(AgentError):
     """A renewal failed; the current credential stays installed and in service."""
+
+
+class ServiceBusy(RenewalError):
+    """The EST server kept answering 503 (it sheds load, RFC 7030 4.2.3) after the client's
+    bounded retries; the current credential stays in service and the renewal is tried again later.
+
+    Attributes:
+        retry_after: the server's last Retry-After, seconds (None if it gave none).
+    """
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CredentialUnusable(RenewalError):

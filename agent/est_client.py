@@ -8,6 +8,7 @@ HTTP client (no HTTP is parsed here).
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import ssl
 import time
@@ -28,7 +29,7 @@ from pkictl.store import Credential, CredentialStore
 from pkictl.file_errors import load_into_context
 from pkictl.tls import alert_reason, load_trust_anchors
 
-from .errors import CredentialUnusable, RenewalError
+from .errors import CredentialUnusable, RenewalError, ServiceBusy
 
 __all__ = ["ESTClient", "refresh_crl", "refresh_trust_bundle", "select_chain", "self_signed"]
 
@@ -69,9 +70,18 @@ class ESTClient:
         base_url: the server, e.g. ``https://ca.example.lan:8443``.
         anchors_path: PEM file of the trust anchors (the bundle's ``ca.pem``).
         store: the credential to authenticate renewals with (None while enrolling).
+        busy_attempts: requests of one enrollment at most while the server answers 503 with a
+            Retry-After (it sheds load: RFC 7030 4.2.3), >= 1.
+        busy_wait_max: seconds one enrollment waits in all on Retry-After; a longer wait is
+            left to the renewal schedule (:class:`pki_agent.errors.ServiceBusy`).
+        sleep: waits that many seconds (tests inject their own: nothing sleeps there).
     """
 
-    def __init__(self, base_url: str, *, anchors_path: Path | None, store: CredentialStore | None = None) -> None:
+    def __init__(self, base_url: str, *, anchors_path: Path | None, store: CredentialStore | None = None,
+                 busy_attempts: int = 4, busy_wait_max: float = 300.0, sleep: Callable[[float], object] = time.sleep) -> None:
+        if busy_attempts < 1:
+            raise ValueError(f"busy_attempts: got {busy_attempts}, want at least 1")
+        self.busy_attempts, self.busy_wait_max, self._sleep = busy_attempts, busy_wait_max, sleep
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
             raise PKIError(f"EST server URL {base_url!r}: want https://HOST[:PORT]")
@@ -134,6 +144,29 @@ class ESTClient:
                                               f"({said or reason}): it is expired, not issued by this CA, or not for clientAuth") from None
             raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason}") from None
 
+    def _enrollment(self, path: str, *, body: bytes, headers: dict, client: bool) -> _Response:
+        """POST an enrollment, again after the server's Retry-After while it answers 503
+        (RFC 7030 4.2.3, RFC 9110 10.2.3), at most ``busy_attempts`` times and ``busy_wait_max``
+        seconds in all.
+
+        Raises:
+            ServiceBusy: still 503 after that, or a 503 without a usable Retry-After.
+            RenewalError, CredentialUnusable: as :meth:`_request`.
+        """
+        waited = 0.0
+        for attempt in range(1, self.busy_attempts + 1):
+            response = self._request("POST", path, body=body, headers=headers, client=client)
+            if response.status != 503:
+                return response
+            retry_after = _retry_after(response.headers.get("Retry-After") if response.headers else None)
+            if retry_after is None or attempt == self.busy_attempts or waited + retry_after > self.busy_wait_max:
+                after = "" if retry_after is None else f"; it asks to retry in {retry_after:g} s"
+                raise ServiceBusy(f"{path.rsplit('/', 1)[-1]}: the EST server {self.base_url} is busy (HTTP 503) after {attempt} "
+                                  f"attempt(s) and {waited:g} s of waiting{after}: {response.reason[:200]}", retry_after)
+            self._sleep(retry_after)
+            waited += retry_after
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
     # -- RFC 7030 operations ---------------------------------------------------------------------
 
     def cacerts(self, *, verify: bool = True) -> list[x509.Certificate]:
@@ -169,12 +202,13 @@ class ESTClient:
 
         Raises:
             AuthenticationError: 401/403 (wrong token, denied).
+            ServiceBusy: 503 after the bounded retries on Retry-After.
             RenewalError: any other refusal or network failure.
         """
         headers = {"Content-Type": PKCS10}
         if token:
             headers["Authorization"] = "Basic " + base64.b64encode(f"{name}:{token}".encode()).decode()
-        response = self._request("POST", f"{EST_PREFIX}/simpleenroll", body=encode_csr(csr), headers=headers)
+        response = self._enrollment(f"{EST_PREFIX}/simpleenroll", body=encode_csr(csr), headers=headers, client=False)
         if response.status == 200:
             return decode_certs_only(response.body)[0]
         if response.status == 202:
@@ -192,10 +226,11 @@ class ESTClient:
                 another CA, unknown to the CA; said by the server's ``Pkictl-Refusal`` header or
                 its TLS alert).
             AuthenticationError: any other 401/403.
+            ServiceBusy: 503 after the bounded retries on Retry-After.
             RenewalError: any other failure (the current credential stays in service).
         """
-        response = self._request("POST", f"{EST_PREFIX}/simplereenroll", body=encode_csr(csr),
-                                 headers={"Content-Type": PKCS10}, client=True)
+        response = self._enrollment(f"{EST_PREFIX}/simplereenroll", body=encode_csr(csr), headers={"Content-Type": PKCS10},
+                                    client=True)
         refusal = response.headers.get(REFUSAL_HEADER) if response.headers else None
         if response.status == 403 and refusal:
             raise CredentialUnusable(refusal, f"the EST server refused the renewal: {response.reason}")
@@ -256,6 +291,21 @@ class ESTClient:
             if clock() + retry_after > deadline:
                 raise RenewalError(f"no approval before the deadline ({reason}); run pki-agent enroll again to keep waiting")
             sleep(retry_after)
+
+
+def _retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a Retry-After field (RFC 9110 10.2.3: delay-seconds or an HTTP-date), at
+    least 0; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now()) if when.tzinfo is not None else None
 
 
 def _refused_after_handshake(reason) -> bool:

@@ -37,7 +37,9 @@ last record and the head, writes the new record with one ``write()`` on an ``O_A
 fsyncs it, then replaces the head (:func:`pkictl.files.atomic_write`), all under the lock. Earlier
 bytes are never rewritten. A crash between the record's fsync and the head's replacement leaves the
 head one record behind; :meth:`AuditLog.verify` accepts exactly that (with a note) and the next
-append repairs it.
+append repairs it. A group commit (:mod:`pkictl.est.group_commit`) holds the records of several
+issuances (:meth:`AuditLog.hold`) and appends them with one ``write()``, one fsync and one head
+update (:meth:`AuditLog.flush`), chained exactly as one append each would chain them.
 """
 
 from __future__ import annotations
@@ -98,6 +100,21 @@ def record_hash(record: dict) -> str:
         record: a parsed audit record (with or without ``hash``).
     """
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def _body(event: str, fields: dict) -> dict:
+    """The checked, converted fields of a record of ``event`` (see :meth:`AuditLog.append`)."""
+    if not isinstance(event, str) or not _EVENT_RE.match(event):
+        raise ValueError(f"event {event!r}: want a lower-case word such as 'issued' or 'revoked'")
+    clash = sorted(set(fields) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"field name(s) {', '.join(clash)} are reserved for the chain")
+    if isinstance(fields.get("serial"), int) and not isinstance(fields["serial"], bool):
+        fields["serial"] = f"{fields['serial']:x}"
+    if isinstance(fields.get("serials"), (list, tuple)):
+        fields["serials"] = [f"{s:x}" if isinstance(s, int) and not isinstance(s, bool) else s for s in fields["serials"]]
+    # Round-trip through JSON so the record hashed here equals the record verify() parses back.
+    return json.loads(json.dumps(fields, default=_json_default, allow_nan=False))
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -169,6 +186,7 @@ class AuditLog:
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
         self.clock = clock
+        self._held: list[tuple[str, dict]] | None = None  # records of a group commit, until flush()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -201,50 +219,78 @@ class AuditLog:
                 comes after the record's fsync: the record is in the log and the head one behind,
                 which :meth:`verify` accepts and the next append repairs.
         """
-        if not isinstance(event, str) or not _EVENT_RE.match(event):
-            raise ValueError(f"event {event!r}: want a lower-case word such as 'issued' or 'revoked'")
-        clash = sorted(set(fields) & set(_RESERVED))
-        if clash:
-            raise ValueError(f"field name(s) {', '.join(clash)} are reserved for the chain")
-        if isinstance(fields.get("serial"), int) and not isinstance(fields["serial"], bool):
-            fields["serial"] = f"{fields['serial']:x}"
-        if isinstance(fields.get("serials"), (list, tuple)):
-            fields["serials"] = [f"{s:x}" if isinstance(s, int) and not isinstance(s, bool) else s for s in fields["serials"]]
-        # Round-trip through JSON so the record hashed here equals the record verify() parses back.
-        body = json.loads(json.dumps(fields, default=_json_default, allow_nan=False))
+        body = _body(event, fields)
+        if self._held is not None:  # a group commit: written by flush(), with the others
+            self._held.append((event, body))
+            return {"event": event, **body}
+        return self._append_bodies([(event, body)])[0]
 
+    def hold(self) -> None:
+        """Keep the records appended from now on in memory until :meth:`flush` (a group commit,
+        :mod:`pkictl.est.group_commit`): the records of several issuances then share one write, one
+        fsync and one head update. Until then :meth:`append` returns each record without its
+        chain fields (``seq``, ``time``, ``prev``, ``hash``).
+
+        Raises:
+            AuditError: already held (a group commit inside another).
+        """
+        if self._held is not None:
+            raise AuditError(f"{self.path}: records are held already (a group commit inside another)")
+        self._held = []
+
+    def flush(self) -> list[dict]:
+        """Append the records held since :meth:`hold`, in order, chained as one :meth:`append`
+        each would chain them but with one ``write()``, one fsync and one head update, and stop
+        holding. Returns them as written.
+
+        Raises:
+            AuditError, OSError: as :meth:`append`; none of the held records is in the log then
+                (a write that came up short leaves a torn tail, which the next append drops).
+        """
+        held, self._held = self._held or [], None
+        return self._append_bodies(held) if held else []
+
+    def discard(self) -> int:
+        """Stop holding and drop the held records (their issuances were rolled back); how many."""
+        held, self._held = self._held or [], None
+        return len(held)
+
+    def _append_bodies(self, bodies: list[tuple[str, dict]]) -> list[dict]:
         fd = self._open_for_append()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             seq, prev, torn = self._last_checked(fd)
             if torn is not None:  # the dropped bytes stay accounted for in the chain
-                dropped = self._write(fd, seq, prev, "torn-record-dropped", {"bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest()})
-                seq, prev = dropped["seq"], dropped["hash"]
-            record = self._write(fd, seq, prev, event, body)
+                dropped = self._write(fd, seq, prev, [("torn-record-dropped", {"bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest()})])
+                seq, prev = dropped[-1]["seq"], dropped[-1]["hash"]
+            return self._write(fd, seq, prev, bodies)
         finally:
             os.close(fd)  # releases the lock
-        return record
 
-    def _write(self, fd: int, seq: int, prev: str, event: str, body: dict) -> dict:
-        """Append record ``seq + 1`` after ``prev``, fsync it, then move the head to it."""
+    def _write(self, fd: int, seq: int, prev: str, bodies: list[tuple[str, dict]]) -> list[dict]:
+        """Append records ``seq + 1``... after ``prev`` in one write(), fsync them, then move the head to the last."""
         time = _iso(self.clock.now())  # read under the lock: with a monotone clock, time follows seq
-        record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
-        record["hash"] = record_hash(record)
-        line = _line(record)
+        records = []
+        for event, body in bodies:
+            record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
+            record["hash"] = record_hash(record)
+            records.append(record)
+            seq, prev = record["seq"], record["hash"]
+        line = b"".join(_line(r) for r in records)
         try:
-            written = os.write(fd, line)  # one write() per record: O_APPEND puts it at the end
+            written = os.write(fd, line)  # one write(): O_APPEND puts it at the end
         except OSError as exc:  # nothing written: the log is as it was
             if is_write_failure(exc):
                 raise write_error(self.path, exc, then="run the command again") from None
             raise
         if written != len(line):
             raise AuditError(
-                f"{self.path}: wrote {written} of {len(line)} bytes of record {seq + 1} (disk full?); the log now "
+                f"{self.path}: wrote {written} of {len(line)} bytes of record {records[0]['seq']} (disk full?); the log now "
                 "ends in a torn line, which the next append drops and records (event torn-record-dropped)"
             )
         os.fsync(fd)
-        atomic_write(self.head_path, _head_bytes(seq + 1, record["hash"]), PRIVATE_FILE_MODE)
-        return record
+        atomic_write(self.head_path, _head_bytes(seq, prev), PRIVATE_FILE_MODE)
+        return records
 
     def _open_for_append(self) -> int:
         try:

@@ -3,6 +3,7 @@
 __all__ = [
     "PKIError",
     "PathValidationError",
+    "Overloaded",
     "CAExistsError",
     "CANotFoundError",
     "SettingsError",
@@ -193,6 +194,22 @@ class AccessDenied(PolicyError):
 class RequestLimitError(PolicyError):
     """An enrollment request is not recorded: too many wait for approval already, under its node
     name or in total (``pending_requests_per_name``, ``pending_requests_total``)."""
+
+
+class Overloaded(Exception):
+    """The EST service has as many enrollments in hand as it answers in time: come back after
+    ``retry_after`` seconds (503 with Retry-After, RFC 7030 4.2.3; :mod:`pkictl.est.shedding`).
+
+    Not a PKIError: no refusal of the client (nothing is audited) but an answer to come back later.
+
+    Attributes:
+        retry_after: whole seconds to wait, at least 1.
+    """
+
+    def __init__(self, retry_after: int, pending: int) -> None:
+        super().__init__(f"the CA has {pending} enrollment requests in hand, as many as it answers in time; "
+                         f"retry in {retry_after} s (Retry-After)")
+        self.retry_after = retry_after
 
 
 class PendingApproval(Exception):

@@ -574,17 +574,41 @@ class Inventory:
     def _transaction(self) -> "_Tx":
         return _Tx(self._db)
 
+    def group(self) -> "_Tx":
+        """One transaction around several operations (``with inventory.group(): ...``): each
+        operation's own transaction becomes a savepoint in it, so that they share one commit and
+        one WAL fsync (:mod:`pkictl.est.group_commit`); none of them is durable before it ends.
+
+        Raises:
+            InventoryError: a transaction is open already.
+        """
+        if self._db.in_transaction:
+            raise InventoryError(f"{self.path}: a transaction is open already (a group inside another)")
+        return _Tx(self._db)
+
 
 class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error): take the write lock up front."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error): take the write lock up front.
+
+    Inside a transaction already open (a group commit, :meth:`Inventory.group`) it is a
+    ``SAVEPOINT`` instead: an error rolls back this step only, and nothing is durable before the
+    outer ``COMMIT``."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._savepoint: str | None = None
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._db.in_transaction:
+            self._savepoint = f"step{id(self):x}"
+            self._db.execute(f"SAVEPOINT {self._savepoint}")
+        else:
+            self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
+        if self._savepoint is None:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            return
+        if exc_type is not None:
+            self._db.execute(f"ROLLBACK TO {self._savepoint}")
+        self._db.execute(f"RELEASE {self._savepoint}")

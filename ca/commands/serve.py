@@ -38,10 +38,16 @@ __all__ = ["serve"]
 @click.option("--admin-listen", default=None, metavar="[HOST:]PORT",
               help="Serve the operator's web page (HTTPS, operator certificates only: pkictl enroll-operator) here; "
                    "a bare PORT binds 127.0.0.1. Off unless given.")
+@click.option("--group-commit/--no-group-commit", default=True, show_default=True,
+              help="Signing workers commit the issuances queued to them together: one SQLite commit and one audit-log fsync for all.")
+@click.option("--max-pending", type=click.IntRange(1), default=None,
+              help="Enrollments in hand at once; beyond, 503 with Retry-After.  [default: issuances/s measured x --max-queue-delay]")
+@click.option("--max-queue-delay", type=click.FloatRange(0.1, 60), default=5.0, show_default=True,
+              help="Seconds the enrollment admitted last may wait for its answer (derives --max-pending).")
 @click.pass_obj
 def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
           handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer, metrics_listen,
-          admin_listen) -> None:
+          admin_listen, group_commit, max_pending, max_queue_delay) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -72,6 +78,7 @@ def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interva
     from ..est.wire import root_fingerprint
     from ..est.front import FrontLimits
     from ..est.serve import ESTService
+    from ..est.shedding import SheddingPolicy
     from ..est.signers import SignerPool
     from ..sockets import ensure_file_limit
 
@@ -109,11 +116,15 @@ def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interva
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     passphrase = obj.passphrase()
     ca = CertificateAuthority.load(obj.home, passphrase=passphrase)
-    signers = SignerPool(obj.home, passphrase=passphrase, workers=workers) if workers else None
+    signers = SignerPool(obj.home, passphrase=passphrase, workers=workers, group_commit=group_commit) if workers else None
+    # Until a rate is measured, 100 issuances/s per worker (one did 147/s in bench/est_reenroll.py, on a shared
+    # machine): too high queues more than --max-queue-delay at first, too low idles the service while the herd
+    # sleeps (docs/design.md, "Group commit and load shedding").
+    shedding = SheddingPolicy(max_pending=max_pending, max_delay=max_queue_delay, prior_rate=100.0 * max(workers, 1))
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
                          handshake_timeout=handshake_timeout, limits=limits, metrics_listen=status_address,
-                         admin_listen=admin_address)
+                         admin_listen=admin_address, shedding=shedding)
 
     def ready(bound: int) -> None:
         from ..files import atomic_write

@@ -135,11 +135,16 @@ class TLSFront:
         limits: header and body timeouts and connection caps; the app must run
             :meth:`middleware` for the timeouts to apply.
         on_refusal: called with the reason of each client refused here (for the metrics).
+        pace: given the connections still handshaking, ``(seconds to pause after this round,
+            connections to accept in it)``, asked at each accept round: while the service sheds
+            load, the connections it would only shed wait in the kernel's backlog instead of
+            taking the event loop's time in TLS handshakes from the requests it has in hand
+            (docs/design.md, "Group commit and load shedding"). None accepts all that wait.
     """
 
     def __init__(self, protocol_factory: Callable[[], asyncio.BaseProtocol], context: Callable[[], ssl.SSLContext], *,
                  handshake_timeout: float, limits: FrontLimits | None = None,
-                 on_refusal: Callable[[str], None] | None = None) -> None:
+                 on_refusal: Callable[[str], None] | None = None, pace: Callable[[int], tuple[float, int]] | None = None) -> None:
         self._factory = protocol_factory
         self._on_refusal = on_refusal
         self._context = context
@@ -151,6 +156,9 @@ class TLSFront:
         self._slots: dict[asyncio.BaseTransport, _Slot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._pace = pace
+        self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
+        self.paced = 0  # times accepting paused (the pace asked for a wait)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -173,7 +181,12 @@ class TLSFront:
             loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
     def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        for sock, address in accept_ready(listening, log):
+        interval, budget = self._pace(len(self._handshakes)) if self._pace is not None else (0.0, 128)
+        if interval > 0:  # these now, the next after the interval
+            loop.remove_reader(listening.fileno())
+            self._paused[listening] = loop.call_later(interval, self._resume, listening, loop)
+            self.paced += 1
+        for sock, address in accept_ready(listening, log, limit=budget):
             peer = peer_name(address)
             slot = _Slot(peer, sock.fileno())
             decision = self.admission.admit(slot, peer)
@@ -187,6 +200,11 @@ class TLSFront:
             task = slot.task = loop.create_task(self._handshake(loop, sock, slot))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self._paused.pop(listening, None)
+        if listening.fileno() >= 0:
+            loop.add_reader(listening.fileno(), self._accept, listening, loop)
 
     def _evict(self, slot: _Slot, newcomer: str) -> None:
         limits = self.limits.admission
@@ -282,6 +300,9 @@ class TLSFront:
             self._on_refusal(reason)
 
     def _close_sockets(self) -> None:
+        for timer in self._paused.values():
+            timer.cancel()
+        self._paused.clear()
         for sock in self._sockets:
             if self._loop is not None and sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())

@@ -16,15 +16,17 @@ in its handshake; every answer is logged by :class:`pkictl.est.log.RequestLog`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import logging
 import os
+import random
 import signal
 import sqlite3
 import ssl
-from typing import Callable
+from typing import Callable, Iterator
 
 from aiohttp import BasicAuth, web
 from cryptography import x509
@@ -33,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from ..admin.server import AdminService
 from ..authority import CertificateAuthority
-from ..errors import CertificateUnusable, InvalidNameError, PendingApproval, PKIError, PolicyError
+from ..errors import CertificateUnusable, InvalidNameError, Overloaded, PendingApproval, PKIError, PolicyError
 from .wire import EST_PREFIX, PKCS7_CERTS_ONLY, PKIX_CRL, REFUSAL_HEADER, decode_csr_body, encode_certs_only
 from .answers import (BASIC_WANTED, CLIENT_CERTIFICATE_WANTED, CSR_BODY_WANTED, echo, expect_continue, http_refusal, text_answer,
                           unrouted)
@@ -48,6 +50,7 @@ from ..policy import MAX_CSR_BYTES
 from .ratelimit import RateLimiter
 from ..revocation import crls_from_pem
 from .metrics import ServiceMetrics, StatusServer
+from .shedding import LoadShedder, SheddingPolicy
 from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
 from ..sockets import bind_problem
@@ -104,6 +107,10 @@ class ESTService:
             endpoint (:mod:`pkictl.est.metrics`); None serves none.
         admin_listen: ``(host, port)`` of the operator's web page (:mod:`pkictl.admin.server`), served
             with the service's certificate (an IP address given here joins its SANs); None serves none.
+        shedding: when ``simpleenroll`` / ``simplereenroll`` are answered 503 with a
+            Retry-After instead of queued (:class:`pkictl.est.shedding.SheddingPolicy`; its
+            defaults when None).
+        shed_clock, shed_rng: the shedder's monotonic clock and random source (tests inject them).
     """
 
     def __init__(
@@ -122,6 +129,9 @@ class ESTService:
         limits: FrontLimits | None = None,
         metrics_listen: tuple[str, int] | None = None,
         admin_listen: tuple[str, int] | None = None,
+        shedding: SheddingPolicy | None = None,
+        shed_clock: Callable[[], float] | None = None,
+        shed_rng: random.Random | None = None,
     ) -> None:
         self.ca = ca
         self.signers = signers
@@ -145,6 +155,7 @@ class ESTService:
         self.status_server: StatusServer | None = None
         self.credential: Credential | None = None  # the service's own, once ensure_credential() ran
         self.limiter = RateLimiter(rate, burst)
+        self.shedder = LoadShedder(shedding, **({"clock": shed_clock} if shed_clock else {}), rng=shed_rng)
         self.store = CredentialStore(ca.home / "service")
         self._context: ssl.SSLContext | None = None
         self._front: TLSFront | None = None
@@ -245,6 +256,9 @@ class ESTService:
         except SignerUnavailable as exc:
             refusal = Refusal(503, "signer unavailable", str(exc))
             headers["Retry-After"] = str(self.retry_after)
+        except Overloaded as exc:  # RFC 7030 4.2.3: come back after Retry-After
+            refusal = Refusal(503, "overloaded", str(exc))
+            headers["Retry-After"] = str(exc.retry_after)
         except Exception as exc:  # every request gets an answer and a log line
             classified = classify(exc, renewing=renewing)
             if classified is None:  # our bug, not the client's: the one case with a traceback
@@ -286,6 +300,27 @@ class ESTService:
         wait = self.limiter.allow(key)
         if wait:
             raise web.HTTPTooManyRequests(reason=f"too many requests from {key}; retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Hold one of the enrollment requests admitted at once (:mod:`pkictl.est.shedding`) while
+        the body runs; beyond the bound, refuse at once.
+
+        Raises:
+            Overloaded: the service has as many in hand as it answers in time.
+        """
+        retry_after = self.shedder.admit()
+        if retry_after is not None:
+            raise Overloaded(retry_after, self.shedder.pending)
+        completed = False
+        try:
+            yield
+            completed = True
+        except PKIError:
+            completed = True  # refused by the CA's policy: it did the work all the same
+            raise
+        finally:
+            self.shedder.done(completed=completed)
 
     async def _csr(self, request: web.Request) -> x509.CertificateSigningRequest:
         # A malformed request is a 400 on both endpoints (MalformedRequest, never a 403).
@@ -333,12 +368,14 @@ class ESTService:
         except InvalidNameError:  # its own message would quote the whole name
             raise InvalidNameError(f"HTTP Basic user {echo(name)} is no node name (a DNS label such as TW); want {BASIC_WANTED}") from None
         peer = request.remote or "?"
-        if self.signers is not None:
-            certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=peer)
-        else:
-            self.follow_rotation()
-            certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=peer)
-        self._note_peer(certificate, peer)
+        with self._admitted():
+            if self.signers is not None:
+                certificate = await self.signers.simple_enroll(csr, name=name, token=token, peer=peer)
+            else:
+                self.follow_rotation()
+                certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=peer)
+        if self.signers is None or not self.signers.records_peers:
+            self._note_peer(certificate, peer)
         return self._certificate(certificate)
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
@@ -350,13 +387,15 @@ class ESTService:
         current = x509.load_der_x509_certificate(der)
         note(request, node=_common_name(current.subject), serial=current.serial_number)
         self._limit(f"serial:{current.serial_number:x}")
-        csr = await self._csr(request)
-        if self.signers is not None:
-            successor = await self.signers.simple_reenroll(csr, current)
-        else:
-            self.follow_rotation()
-            successor = self.ca.simple_reenroll(csr, current)
-        self._note_peer(successor, request.remote or "?")
+        with self._admitted():
+            csr = await self._csr(request)
+            if self.signers is not None:
+                successor = await self.signers.simple_reenroll(csr, current, peer=request.remote or "?")
+            else:
+                self.follow_rotation()
+                successor = self.ca.simple_reenroll(csr, current)
+        if self.signers is None or not self.signers.records_peers:
+            self._note_peer(successor, request.remote or "?")
         return self._certificate(successor)
 
     def _note_peer(self, certificate: x509.Certificate, peer: str) -> None:
@@ -442,7 +481,7 @@ class ESTService:
             return runner.server()
 
         front = self._front = TLSFront(protocol, self._current_context, handshake_timeout=self.handshake_timeout, limits=self.limits,
-                                       on_refusal=self.metrics.refused_handshake)
+                                       on_refusal=self.metrics.refused_handshake, pace=self.shedder.accept_budget)
         # The front's header_timeout closes an idle keep-alive connection; aiohttp's is a backstop.
         runner = self._runner = web.AppRunner(self.app(front), access_log_class=RequestLog.counting(self.metrics.answered), access_log=log, logger=aiohttp_log,
                                               keepalive_timeout=max(15.0, self.limits.header_timeout + 1))

@@ -19,6 +19,10 @@ never waits for the loop to hand it the next call (with one call at a time, a wo
 whenever the loop was busy: one worker served 164 re-enrollments/s, against 280-370/s queued).
 Answers come back in the order the calls went out.
 
+With group commit (the default) a worker takes every call queued in its pipe and runs them in
+one SQLite transaction and one audit-log write (:mod:`pkictl.est.group_commit`), answering them
+only once both are durable.
+
 Workers start with ``spawn`` (a fresh interpreter): forking a process that runs an event loop and
 scheduler threads copies locks in unknown states. Errors raised in a worker (PolicyError,
 PendingApproval, ...) are pickled back and re-raised by the caller unchanged.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import multiprocessing
 import signal
@@ -39,6 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import PKIError
+from .group_commit import MAX_GROUP, note_peer, run_group, run_one
 
 __all__ = ["SignerPool", "SignerUnavailable"]
 
@@ -57,18 +63,42 @@ def _der(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.DER)
 
 
-def _simple_reenroll(ca, csr_der: bytes, current_der: bytes) -> bytes:
-    return _der(ca.simple_reenroll(x509.load_der_x509_csr(csr_der), x509.load_der_x509_certificate(current_der)))
+def _simple_reenroll(ca, csr_der: bytes, current_der: bytes, peer: str | None = None) -> bytes:
+    certificate = ca.simple_reenroll(x509.load_der_x509_csr(csr_der), x509.load_der_x509_certificate(current_der))
+    note_peer(ca, certificate.serial_number, peer)
+    return _der(certificate)
 
 
-def _simple_enroll(ca, csr_der: bytes, name: str | None, token: str | None, peer: str) -> bytes:
-    return _der(ca.simple_enroll(x509.load_der_x509_csr(csr_der), name=name, token=token, peer=peer))
+def _simple_enroll(ca, csr_der: bytes, name: str | None, token: str | None, peer: str, note: bool = False) -> bytes:
+    certificate = ca.simple_enroll(x509.load_der_x509_csr(csr_der), name=name, token=token, peer=peer)
+    note_peer(ca, certificate.serial_number, peer if note else None)
+    return _der(certificate)
 
 
 _OPERATIONS: dict[str, Callable[..., bytes]] = {"simple_reenroll": _simple_reenroll, "simple_enroll": _simple_enroll}
 
 
-def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
+def _run(ca, operation: str, args: tuple) -> bytes:
+    ca.refresh_issuing()  # follow rotate-issuing: the issuing CA of the moment signs this call
+    return _OPERATIONS[operation](ca, *args)
+
+
+def _calls(conn: Connection, group_commit: bool) -> list[tuple[str, tuple]] | None:
+    """The next call, and with ``group_commit`` every call queued behind it (up to MAX_GROUP);
+    None once the pipe is closed and nothing is left."""
+    try:
+        calls = [conn.recv()]
+    except (EOFError, OSError):
+        return None
+    while group_commit and len(calls) < MAX_GROUP and conn.poll():
+        try:
+            calls.append(conn.recv())
+        except (EOFError, OSError):  # closed behind the calls taken: answer them, then end
+            break
+    return calls
+
+
+def _worker(conn: Connection, home: str, passphrase: bytes | None, group_commit: bool = False) -> None:
     """A worker's life: load the CA, say ready, answer calls until the pipe closes."""
     # The service stops its workers by closing their pipes once the last answer is out; a signal
     # meant for the service (Ctrl-C in a terminal hits the whole process group) must not cut a
@@ -85,30 +115,24 @@ def _worker(conn: Connection, home: str, passphrase: bytes | None) -> None:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
-    while True:
-        try:
-            operation, args = conn.recv()
-        except (EOFError, OSError):
-            return
-        answer: tuple[str, bytes | Exception]
-        try:
-            ca.refresh_issuing()  # follow rotate-issuing: the issuing CA of the moment signs this call
-            answer = ("ok", _OPERATIONS[operation](ca, *args))
-        except Exception as exc:  # noqa: BLE001 - every outcome goes back to the caller
-            answer = ("error", exc)
-        try:
-            conn.send(answer)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
-            conn.send(("error", PKIError(f"{type(answer[1]).__name__}: {str(answer[1])}")))  # an exception: bytes pickle
+    while (calls := _calls(conn, group_commit)) is not None:
+        bound = [functools.partial(_run, ca, operation, args) for operation, args in calls]
+        # Answered only once durable: the group's commit and audit write are done (group_commit).
+        answers = run_group(ca, bound) if group_commit else [run_one(call) for call in bound]
+        for answer in answers:
+            try:
+                conn.send(answer)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
+                conn.send(("error", PKIError(f"{type(answer[1]).__name__}: {str(answer[1])}")))  # an exception: bytes pickle
 
 
 class _Worker:
     """The service's end of one worker: its process, its pipe, the calls sent and not answered
     yet (oldest first: the worker answers in order)."""
 
-    def __init__(self, context, home: Path, passphrase: bytes | None) -> None:
+    def __init__(self, context, home: Path, passphrase: bytes | None, group_commit: bool) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, str(home), passphrase), daemon=True,
+        self.process = context.Process(target=_worker, args=(child, str(home), passphrase, group_commit), daemon=True,
                                        name="pkictl-signer")
         self.process.start()
         child.close()
@@ -129,12 +153,16 @@ class SignerPool:
         workers: how many processes, >= 1.
         timeout: seconds a call may take before the client is told to retry (HTTP 503) and the
             worker is replaced.
+        group_commit: each worker runs the calls queued in its pipe as one group, one commit
+            and one audit write for all (:mod:`pkictl.est.group_commit`), and records the address
+            each certificate went to in it; False runs and commits them one by one.
     """
 
-    def __init__(self, home: Path, *, passphrase: bytes | None, workers: int, timeout: float = 30.0) -> None:
+    def __init__(self, home: Path, *, passphrase: bytes | None, workers: int, timeout: float = 30.0, group_commit: bool = True) -> None:
         if workers < 1:
             raise ValueError(f"workers: got {workers}, want at least 1")
         self.home, self.passphrase, self.workers, self.timeout = Path(home), passphrase, workers, timeout
+        self.group_commit = group_commit
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._slots: asyncio.Semaphore | None = None
@@ -161,7 +189,7 @@ class SignerPool:
 
     def _spawn(self) -> _Worker:
         """Start one worker and wait (blocking) for its first message."""
-        worker = _Worker(self._context, self.home, self.passphrase)
+        worker = _Worker(self._context, self.home, self.passphrase, self.group_commit)
         if not worker.conn.poll(120):
             worker.process.kill()
             raise PKIError(f"a signing worker did not load the CA in {self.home} within 120 s")
@@ -255,12 +283,20 @@ class SignerPool:
             self._replace(worker, f"it did not answer within {self.timeout:g} s")
             raise SignerUnavailable(f"issuance took longer than {self.timeout:g} s; retry later") from None
 
-    async def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate) -> x509.Certificate:
-        """:meth:`pkictl.authority.CertificateAuthority.simple_reenroll` in a worker."""
-        der = await self._call("simple_reenroll", csr.public_bytes(serialization.Encoding.DER), _der(current))
+    @property
+    def records_peers(self) -> bool:
+        """Whether the workers record where each certificate went (with group commit, in the
+        group's transaction), so that the serving process need not."""
+        return self.group_commit
+
+    async def simple_reenroll(self, csr: x509.CertificateSigningRequest, current: x509.Certificate, *, peer: str | None = None) -> x509.Certificate:
+        """:meth:`pkictl.authority.CertificateAuthority.simple_reenroll` in a worker; ``peer``
+        (the client's address) is recorded with the successor when :attr:`records_peers`."""
+        der = await self._call("simple_reenroll", csr.public_bytes(serialization.Encoding.DER), _der(current),
+                               peer if self.records_peers else None)
         return x509.load_der_x509_certificate(der)
 
     async def simple_enroll(self, csr: x509.CertificateSigningRequest, *, name: str | None, token: str | None, peer: str) -> x509.Certificate:
         """:meth:`pkictl.bootstrap.Bootstrap.simple_enroll` in a worker."""
-        der = await self._call("simple_enroll", csr.public_bytes(serialization.Encoding.DER), name, token, peer)
+        der = await self._call("simple_enroll", csr.public_bytes(serialization.Encoding.DER), name, token, peer, self.records_peers)
         return x509.load_der_x509_certificate(der)
