@@ -1,23 +1,26 @@
 """The agent's EST client (RFC 7030): first enrollment with a pinned root, renewal with the
 current certificate, and fetching the trust bundle and the CRL.
 
-The client runs in the rotation's worker thread, so it is synchronous, on the standard library's
-HTTP client (no HTTP is parsed here).
+The rotation calls the client from worker threads, so its methods are synchronous; each request
+runs with aiohttp (the HTTP library pkictl serve is built on; no HTTP is parsed here) on one
+event loop of the process, in a thread of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
-import http.client
+import concurrent.futures
+import os
 import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+import aiohttp
 from cryptography import x509
 
 from pkictl.errors import AuthenticationError, PathValidationError, PKIError, StoreError
@@ -120,16 +123,12 @@ class ESTClient:
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None,
                  client: bool = False, verify: bool = True) -> _Response:
-        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers or {})
-        handler = urllib.request.HTTPSHandler(context=self._context(client=client, verify=verify))
-        opener = urllib.request.build_opener(handler)
+        context = self._context(client=client, verify=verify)
+        exchange = _exchange(method, self.base_url + path, body, headers or {}, context)
         try:
-            with opener.open(request, timeout=_TIMEOUT) as response:
-                return _Response(response.status, response.headers, response.read())
-        except urllib.error.HTTPError as exc:
-            return _Response(exc.code, exc.headers, exc.read())
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, ssl.SSLError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            return asyncio.run_coroutine_threadsafe(exchange, _client_loop()).result(_TIMEOUT + 5)
+        except (aiohttp.ClientError, asyncio.TimeoutError, concurrent.futures.TimeoutError, ssl.SSLError, OSError) as exc:
+            reason = _cause(exc)
             if isinstance(reason, ssl.SSLCertVerificationError):
                 raise RenewalError(
                     f"the EST server {self.base_url} does not prove it is our CA ({reason.verify_message}): "
@@ -142,7 +141,7 @@ class ESTClient:
                 why = {"expired or not yet valid": "expired", "unknown CA": "another CA"}.get(said or "", "refused")
                 raise CredentialUnusable(why, f"the EST server {self.base_url} refused our certificate at the TLS layer "
                                               f"({said or reason}): it is expired, not issued by this CA, or not for clientAuth") from None
-            raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason}") from None
+            raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason or type(exc).__name__}") from None
 
     def _enrollment(self, path: str, *, body: bytes, headers: dict, client: bool) -> _Response:
         """POST an enrollment, again after the server's Retry-After while it answers 503
@@ -308,9 +307,47 @@ def _retry_after(value: str | None, now: Callable[[], float] = time.time) -> flo
     return max(0.0, when.timestamp() - now()) if when.tzinfo is not None else None
 
 
+_LOOP: dict[int, asyncio.AbstractEventLoop] = {}  # by process id: a forked child starts its own
+_LOOP_LOCK = threading.Lock()
+
+
+def _client_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every EST request of this process runs on, in a thread of its own.
+
+    A loop per request (``asyncio.run``) would close before the TLS transport's shutdown has
+    run and leave its socket unclosed; this one lives as long as the process, so a closed
+    connection finishes closing."""
+    with _LOOP_LOCK:
+        loop = _LOOP.get(os.getpid())
+        if loop is None:
+            loop = _LOOP[os.getpid()] = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="est-client", daemon=True).start()
+        return loop
+
+
+async def _exchange(method: str, url: str, body: bytes | None, headers: dict, context: ssl.SSLContext) -> _Response:
+    """One request on a connection of its own, with aiohttp (the HTTP library of pkictl serve too)."""
+    connector = aiohttp.TCPConnector(ssl=context, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=_TIMEOUT)) as session:
+        async with session.request(method, url, data=body, headers=headers, allow_redirects=False) as response:
+            return _Response(response.status, response.headers, await response.read())
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The TLS or socket error under aiohttp's wrapping of ``exc``: what says why."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return exc.certificate_error
+    if isinstance(exc, aiohttp.ClientSSLError) and exc.os_error is not None:
+        return exc.os_error
+    seen: BaseException = exc
+    while seen.__cause__ is not None and not isinstance(seen, (ssl.SSLError, ConnectionResetError)):
+        seen = seen.__cause__
+    return seen
+
+
 def _refused_after_handshake(reason) -> bool:
     """An alert, EOF or reset once our certificate was sent: how TLS 1.3 says "refused"."""
-    if isinstance(reason, (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected)):
+    if isinstance(reason, (ssl.SSLError, ConnectionResetError, aiohttp.ServerDisconnectedError)):
         return True
     text = str(reason).upper()
     return any(word in text for word in ("ALERT", "EOF", "RESET", "REMOTE END CLOSED"))
