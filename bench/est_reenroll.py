@@ -97,21 +97,22 @@ def make_fleet(home: Path, out: Path, prefix: str, count: int) -> list[Node]:
     issuing_pem = ca.issuing.public_bytes(serialization.Encoding.PEM)
     out.mkdir(mode=0o700, exist_ok=True)
     nodes = []
-    for i in range(count):
-        name = f"{prefix}{i:05d}"
-        key = generate_key()
-        serial = x509.random_serial_number()
-        builder = build_end_entity("node", name=name, trust_domain=ca.settings.trust_domain, public_key=key.public_key(),
-                                   issuer=ca.issuing, not_before=not_before, not_after=not_after, serial=serial)
-        inventory.record_intent(serial=serial, name=name, kind="node", sans=[], now=now, exclusive=False,
-                                issuer=ca.issuing.serial_number)
-        certificate = builder.sign(issuing_key, hashes.SHA256())
-        inventory.record_issued(certificate, renewal_fraction=ca.settings.renewal_fraction)
-        pem = out / f"{name}.pem"
-        pem.touch(0o600, exist_ok=False)  # it holds the key
-        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-                        + certificate.public_bytes(serialization.Encoding.PEM) + issuing_pem)
-        nodes.append(Node(name, pem, encode_csr(build_reenroll_csr(certificate, generate_key()))))
+    with inventory.group():  # one commit for the whole fleet
+        for i in range(count):
+            name = f"{prefix}{i:06d}"
+            key = generate_key()
+            serial = x509.random_serial_number()
+            builder = build_end_entity("node", name=name, trust_domain=ca.settings.trust_domain, public_key=key.public_key(),
+                                       issuer=ca.issuing, not_before=not_before, not_after=not_after, serial=serial)
+            inventory.record_intent(serial=serial, name=name, kind="node", sans=[], now=now, exclusive=False,
+                                    issuer=ca.issuing.serial_number)
+            certificate = builder.sign(issuing_key, hashes.SHA256())
+            inventory.record_issued(certificate, renewal_fraction=ca.settings.renewal_fraction)
+            pem = out / f"{name}.pem"
+            pem.touch(0o600, exist_ok=False)  # it holds the key
+            pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+                            + certificate.public_bytes(serialization.Encoding.PEM) + issuing_pem)
+            nodes.append(Node(name, pem, encode_csr(build_reenroll_csr(certificate, generate_key()))))
     inventory.close()
     ca.close()
     return nodes

@@ -40,16 +40,11 @@ import threading
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-
-from pki_agent.rotation.rotate import build_reenroll_csr
 from pkictl.authority import CertificateAuthority
-from pkictl.est.wire import EST_PREFIX, encode_csr
-from pkictl.files import read_private_file
+from pkictl.est.wire import EST_PREFIX
 from pkictl.inventory import Inventory
-from pkictl.keys import load_private_key
-from pkictl.profile import build_end_entity, generate_key, validity_window
+
+import est_reenroll  # bench/ is the script's folder, first on sys.path
 
 GOAL_SECONDS = 60.0
 GOAL_NODES = 10_000
@@ -59,42 +54,9 @@ GOAL_NODES = 10_000
 
 
 def make_fleet(home: Path, out: Path, count: int) -> list[tuple[str, str, bytes]]:
-    """Issue ``count`` node certificates of the CA in ``home`` in one inventory transaction and
-    write each node's key and chain; return ``(name, credential PEM path, CSR body)`` per node.
-
-    Built and signed as CertificateAuthority.issue does, minus its pre-issuance lint and audit
-    record (set-up, not the thing measured); the rows go through Inventory.record_intent and
-    record_issued, so that the server finds them exactly as it would.
-    """
-    ca = CertificateAuthority.load(home)
-    key_path = home / "issuing" / "key.pem"
-    issuing_key = load_private_key(read_private_file(key_path), None, source=str(key_path))
-    inventory = Inventory(home / "inventory.sqlite3")
-    now = ca.clock.now()
-    not_before, not_after = validity_window(now, ca.settings.lifetime("node"))
-    issuing_pem = ca.issuing.public_bytes(serialization.Encoding.PEM)
-    out.mkdir(mode=0o700, exist_ok=True)
-    nodes = []
-    with inventory.group():  # one commit for the whole fleet
-        for i in range(count):
-            name = f"herd-{i:06d}"
-            key = generate_key()
-            serial = x509.random_serial_number()
-            builder = build_end_entity("node", name=name, trust_domain=ca.settings.trust_domain, public_key=key.public_key(),
-                                       issuer=ca.issuing, not_before=not_before, not_after=not_after, serial=serial)
-            inventory.record_intent(serial=serial, name=name, kind="node", sans=[], now=now, exclusive=False,
-                                    issuer=ca.issuing.serial_number)
-            certificate = builder.sign(issuing_key, hashes.SHA256())
-            inventory.record_issued(certificate, renewal_fraction=ca.settings.renewal_fraction)
-            pem = out / f"{name}.pem"
-            pem.touch(0o600, exist_ok=False)  # it holds the key
-            pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption())
-                            + certificate.public_bytes(serialization.Encoding.PEM) + issuing_pem)
-            nodes.append((name, str(pem), encode_csr(build_reenroll_csr(certificate, generate_key()))))
-    inventory.close()
-    ca.close()
-    return nodes
+    """Issue ``count`` node certificates of the CA in ``home`` (:func:`est_reenroll.make_fleet`)
+    and return ``(name, credential PEM path, CSR body)`` per node, as the client processes take them."""
+    return [(node.name, str(node.pem), node.csr_body) for node in est_reenroll.make_fleet(home, out, "herd-", count)]
 
 
 # -- the client: one process's share of the herd -------------------------------------------------
