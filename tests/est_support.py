@@ -241,3 +241,16 @@ def serials(home: Path) -> set[int]:
         return {r.serial for r in inventory.records(latest_only=False)}
     finally:
         inventory.close()
+
+
+def ca_with_nodes(tmp_path: Path, names) -> Path:
+    """A new CA home in ``tmp_path/ca`` with node ``name`` enrolled into ``tmp_path/name`` for
+    each of ``names``; returns the home."""
+    from pkictl.settings import CASettings
+
+    home = tmp_path / "ca"
+    ca = CertificateAuthority.init(home, CASettings())
+    for name in names:
+        ca.enroll("node", name, out=tmp_path / name)
+    ca.close()
+    return home

@@ -21,15 +21,13 @@ from cryptography import x509
 from pki_agent.errors import ServiceBusy
 from pki_agent.est_client import ESTClient
 from pki_agent.rotation.rotate import build_reenroll_csr
-from pkictl.authority import CertificateAuthority
 from pkictl.est.wire import encode_csr
 from pkictl.profile import generate_key
-from pkictl.settings import CASettings
 from pkictl.est.shedding import LoadShedder, SheddingPolicy
 from pkictl.est.signers import SignerPool
 from pkictl.store import CredentialStore
 
-from est_support import EST, RunningService, curl
+from est_support import ca_with_nodes, EST, RunningService, curl
 from support import live_files, wait_until
 
 NODES = [f"n{i}" for i in range(1, 7)]
@@ -49,12 +47,7 @@ class Clock:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    home = tmp_path / "ca"
-    ca = CertificateAuthority.init(home, CASettings())
-    for name in NODES:
-        ca.enroll("node", name, out=tmp_path / name)
-    ca.close()
-    return home
+    return ca_with_nodes(tmp_path, NODES)
 
 
 @pytest.fixture

@@ -21,11 +21,10 @@ from pkictl.errors import CertificateUnusable
 from pkictl.est.group_commit import MAX_GROUP, run_group
 from pkictl.inventory import Inventory
 from pkictl.profile import generate_key
-from pkictl.settings import CASettings
 from pkictl.est.signers import _calls
 from pkictl.store import CredentialStore
 
-from est_support import EST, ServeProcess, certs_only, curl, est_body, make_csr, pkictl
+from est_support import ca_with_nodes, EST, ServeProcess, certs_only, curl, est_body, make_csr, pkictl
 from support import live_files
 
 NODES = ("n1", "n2", "n3", "n4")
@@ -33,12 +32,7 @@ NODES = ("n1", "n2", "n3", "n4")
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    home = tmp_path / "ca"
-    ca = CertificateAuthority.init(home, CASettings())
-    for name in NODES:
-        ca.enroll("node", name, out=tmp_path / name)
-    ca.close()
-    return home
+    return ca_with_nodes(tmp_path, NODES)
 
 
 def _current(tmp_path: Path, name: str) -> x509.Certificate:
