@@ -47,9 +47,9 @@ FROM (
 _CRLS = ("SELECT issuer_name, number, this_update, next_update, "
          "EXISTS (SELECT 1 FROM certificates WHERE serial = crls.issuer AND kind = 'root') AS is_root "
          "FROM crls WHERE next_update IS NOT NULL ORDER BY is_root, issuer_name")
-_KINDS = ("root", "issuing", "service", "gateway", "node")
+_KINDS = ("root", "issuing", "service", "gateway", "node", "operator")
 _HEADER = ("NAME", "KIND", "SERIAL", "NOT AFTER (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "STATE")
-_WIDTHS = (None, 7, 16, 19, 9, 19, 13)  # every column but the name has a known maximum width
+_WIDTHS = (None, 8, 16, 19, 9, 19, 13)  # every column but the name has a known maximum width
 _TIME = "datetime({}, 'unixepoch')"  # YYYY-MM-DD HH:MM:SS, cheaper than strftime
 _ISO = "replace(datetime({}, 'unixepoch'), ' ', 'T') || '+00:00'"  # ISO 8601, cheaper than strftime
 

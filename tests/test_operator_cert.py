@@ -259,3 +259,22 @@ def test_serve_refuses_a_malformed_admin_listen_before_loading_the_ca(tmp_path):
     """pkictl serve --admin-listen nonsense exits 2 naming the option and the form wanted."""
     result = CliRunner().invoke(cli, ["--home", str(tmp_path / "none"), "serve", "--admin-listen", "nonsense"])
     assert result.exit_code == 2 and "--admin-listen" in result.output and "HOST:PORT" in result.output, result.output
+
+
+def test_status_lists_operator_certificates_and_warns_before_they_expire(pki):
+    """`pkictl status` shows alice's operator certificate (kind spelled out whole), in JSON too,
+    and --warn-days beyond its lifetime flags it (exit status 3); without operators none is listed."""
+    assert not [r for r in json.loads(CliRunner().invoke(cli, ["--home", str(pki.home), "status", "--json"]).output)
+                if r["kind"] == "operator"]
+    assert enroll_operator(pki.home, "alice").exit_code == 0
+    serial = x509.load_pem_x509_certificate((pki.home / "operators" / "alice" / "cert.pem").read_bytes()).serial_number
+    table = CliRunner().invoke(cli, ["--home", str(pki.home), "status"])
+    [row] = [line for line in table.output.splitlines() if line.split()[:2] == ["alice", "operator"]]
+    assert f"{serial:x}"[:16] in row, table.output
+    rows = json.loads(CliRunner().invoke(cli, ["--home", str(pki.home), "status", "--json"]).output)
+    assert [r["name"] for r in rows if r["kind"] == "operator"] == ["alice"]
+    lifetime_days = str(int(pki.ca.settings.lifetime("node").days) + 1)
+    warned = CliRunner().invoke(cli, ["--home", str(pki.home), "status", "--json", "--warn-days", lifetime_days])
+    assert warned.exit_code == 3, warned.output
+    [flagged] = [r for r in json.loads(warned.output) if r["kind"] == "operator"]
+    assert flagged["attention"] and not [r for r in rows if r["kind"] == "operator"][0]["attention"], (flagged, rows)
