@@ -77,7 +77,8 @@ class ESTClient:
             Retry-After (it sheds load: RFC 7030 4.2.3), >= 1.
         busy_wait_max: seconds one enrollment waits in all on Retry-After; a longer wait is
             left to the renewal schedule (:class:`pki_agent.errors.ServiceBusy`).
-        sleep: waits that many seconds (tests inject their own: nothing sleeps there).
+        sleep: waits that many seconds (tests inject their own: nothing sleeps there); a True
+            return (``threading.Event.wait`` of an event that is set) means stop retrying.
     """
 
     def __init__(self, base_url: str, *, anchors_path: Path | None, store: CredentialStore | None = None,
@@ -162,7 +163,9 @@ class ESTClient:
                 after = "" if retry_after is None else f"; it asks to retry in {retry_after:g} s"
                 raise ServiceBusy(f"{path.rsplit('/', 1)[-1]}: the EST server {self.base_url} is busy (HTTP 503) after {attempt} "
                                   f"attempt(s) and {waited:g} s of waiting{after}: {response.reason[:200]}", retry_after)
-            self._sleep(retry_after)
+            if self._sleep(retry_after) is True:  # threading.Event.wait: the agent is stopping
+                raise ServiceBusy(f"{path.rsplit('/', 1)[-1]}: the EST server {self.base_url} is busy (HTTP 503) and this "
+                                  f"agent is stopping: not retried", retry_after)
             waited += retry_after
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 

@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import random
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -243,7 +244,8 @@ def test_the_agent_waits_out_retry_after_and_renews(served, home, tmp_path):
 def test_the_agent_gives_up_after_its_bound(served, home, tmp_path):
     """Negative twins: while the CA stays busy, a client allowed two attempts sleeps once and
     raises ServiceBusy with the last Retry-After; one whose wait budget is below the Retry-After
-    raises at once without sleeping. Its credential is untouched either way."""
+    raises at once without sleeping; one whose wait is cut short (a stopping agent) raises after
+    its first answer. Its credential is untouched either way."""
     lock = WriteLock(home)
     store = CredentialStore(tmp_path / "n6")
     current = store.load()
@@ -260,6 +262,11 @@ def test_the_agent_gives_up_after_its_bound(served, home, tmp_path):
             with pytest.raises(ServiceBusy, match="after 1 attempt"):
                 impatient.simple_reenroll(build_reenroll_csr(current.certificate, generate_key()), current)
             assert len(slept) == 1
+            stopping = threading.Event()
+            stopping.set()  # the agent's stop() while its rotation waits out a Retry-After
+            stopped = ESTClient(served.url, anchors_path=home / "ca.pem", store=store, sleep=stopping.wait)
+            with pytest.raises(ServiceBusy, match="is stopping: not retried"):
+                stopped.simple_reenroll(build_reenroll_csr(current.certificate, generate_key()), current)
         finally:
             lock.release()
         assert [f.result().status for f in held] == [200, 200]
