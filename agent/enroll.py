@@ -50,7 +50,7 @@ def enroll(
         token: the one-time token from ``pkictl enroll-node NAME --token``; None asks for approval.
         wait: seconds to keep polling while approval is pending.
         tunnel: ``{"listen": ..., "gateway": ...}`` for the ``tunnel:`` section of the agent.yaml
-            written (:func:`pki_agent.config.parse_tunnel`), or None for none.
+            written (:func:`pkictl.bundle_config.parse_tunnel`), or None for none.
 
     Returns:
         The installed credential.

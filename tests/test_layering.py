@@ -45,7 +45,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
 
     def known(name: str) -> str | None:
-        while name and name not in modules:  # "pkictl.est.wire.client.X" -> the module that defines X
+        while name and name not in modules:  # "pkictl.est.serve.ESTService" -> the module that defines it
             name = name.rpartition(".")[0]
         return name or None
 

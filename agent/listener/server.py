@@ -52,7 +52,7 @@ class GatewayListener:
         self.table = NodeTable()
         # Called after each event that changed the table (the gateway's report to the CA).
         self.on_change: Callable[[], None] | None = None
-        # Called with every event (a worker process sends them to the agent: pki_agent.worker).
+        # Called with every event (a worker process sends them to the agent: pki_agent.listener.worker_process).
         self.on_event: Callable[[ConnectionEvent], None] | None = None
         self._current = current
         self.trust_domain = trust_domain
@@ -132,7 +132,7 @@ class GatewayListener:
 
         Args:
             sockets: non-blocking listening sockets to accept on instead (a worker's, inherited
-                from the agent: :mod:`pki_agent.workers`).
+                from the agent: :mod:`pki_agent.listener.worker_pool`).
 
         Raises:
             OSError: the address cannot be bound.

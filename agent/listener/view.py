@@ -16,7 +16,7 @@ __all__ = ["ListenerView"]
 
 class ListenerView(Protocol):
     """A started listener as the rest of the agent sees it (:class:`pki_agent.listener.server.GatewayListener`,
-    :class:`pki_agent.workers.WorkerPool`).
+    :class:`pki_agent.listener.worker_pool.WorkerPool`).
 
     Attributes:
         config: its settings.

@@ -87,7 +87,7 @@ class Worker:
     """The listener of one worker process and its link to the agent.
 
     Args:
-        setup: what the agent sent first (see :func:`pki_agent.listener.worker_pool.setup_message`).
+        setup: what the agent sent first (see :meth:`pki_agent.listener.worker_pool.WorkerPool._spawn`).
         reader, writer: the socket pair's end, as asyncio streams.
     """
 
