@@ -11,7 +11,7 @@ allow list, EKU, a CA certificate as client) and an upstream it cannot connect t
 connection with a close_notify and no alert, right after the node's TLS 1.3 handshake
 "succeeded": the outcome ``closed``, which the node cannot split further (docs/design.md, "What
 a node can tell from the gateway's refusals"); the doctor then names the cause from this host's
-own files where it can (tests/test_doctor_gateway.py, tests/test_doctor_refusals.py).
+own files where it can (tests/test_doctor_gateway.py, tests/test_doctor_node.py).
 """
 
 from __future__ import annotations

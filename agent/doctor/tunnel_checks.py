@@ -4,7 +4,7 @@ A client on the node dials ``tunnel.listen`` (127.0.0.1:18789 by default) and ca
 tunnel from a stale program left on the port (such as the Node.js gateway client that answered
 "401 Unauthorized" before pkictl): the doctor compares the process holding the socket with the
 agent's PID file, and names a stranger by its pid, command line and first answer
-(docs/design.md, "The node's tunnel port").
+(docs/design.md, "The node-side doctor", on the tunnel port).
 """
 
 from __future__ import annotations
