@@ -8,12 +8,13 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING, Iterable
 
+from .logfmt import bare
 from .renewal import certificate_state, renewal_time
 
 if TYPE_CHECKING:
     from .authority import CertificateAuthority
 
-__all__ = ["NodeRow", "GatewayState", "fleet_view", "gateway_states", "STALE_INTERVALS", "ATTENTION_STATES"]
+__all__ = ["NodeRow", "GatewayState", "fleet_view", "gateway_states", "render_nodes", "STALE_INTERVALS", "ATTENTION_STATES"]
 
 STALE_INTERVALS = 3  # a gateway is "not reporting" after this many of its heartbeat intervals without a report
 ATTENTION_STATES = ("expiring", "expired", "revoked", "pending approval", "none", "not yet valid")
@@ -134,3 +135,42 @@ def fleet_view(authority: "CertificateAuthority", *, now: dt.datetime, disconnec
             last_refusal_at=refusals[-1][0] if refusals else None, attention=attention,
         ))
     return rows
+
+
+_HEADER = ("NAME", "CERTIFICATE", "SERIAL", "NOT AFTER (UTC)", "CONNECTED", "SINCE (UTC)", "PEER", "OPEN", "IN", "OUT",
+           "LAST SEEN (UTC)", "LAST REFUSAL", "ATTENTION")
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_nodes(rows: list, gateways: list, *, as_json: bool) -> str:
+    """The text (or JSON: ``{"nodes": [...], "gateways": [...]}``, times ISO 8601 UTC, serials hex)
+    of ``pkictl nodes``, and what the admin page serves as ``/fleet.json``."""
+    if as_json:
+        def value(v):
+            return v.isoformat() if isinstance(v, dt.datetime) else v
+
+        nodes = [{k: (f"{v:x}" if k == "serial" and v is not None else value(v)) for k, v in dataclasses.asdict(r).items()} for r in rows]
+        states = [{"name": g.name, "serial": f"{g.serial:x}", "received_at": g.received_at.isoformat(), "interval": g.interval,
+                   "reporting": g.reporting} for g in gateways]
+        return json.dumps({"nodes": nodes, "gateways": states}, indent=2)
+    table = [_HEADER]
+    for r in rows:
+        connected = {True: "yes", False: "no", None: "unknown"}[r.connected]
+        refusal = f"{_when(r.last_refusal_at)} {bare(r.last_refusal_reason)}" if r.last_refusal_reason else "-"
+        known = r.connected is not None
+        table.append((r.name, r.certificate_state, f"{r.serial:x}"[:16] if r.serial is not None else "-", _when(r.not_valid_after),
+                      connected, _when(r.connected_since) if known else "unknown", bare(r.peer) if r.peer else "-",
+                      str(r.open_connections) if known else "?", str(r.bytes_in) if known else "?",
+                      str(r.bytes_out) if known else "?", _when(r.last_seen) if known else "unknown", refusal, r.attention or ""))
+    widths = [max(len(line[i]) for line in table) for i in range(len(_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
+    if not gateways:
+        lines.append("no gateway has reported: connections are unknown (a gateway's pki-agent reports to pkictl serve or to this CA home)")
+    for g in gateways:
+        if not g.reporting:
+            lines.append(f"gateway {g.name} NOT REPORTING since {_when(g.received_at)} UTC (heartbeat every {g.interval:g} s): "
+                         "its connections are unknown; check its pki-agent (pki-agent status on the gateway)")
+    return "\n".join(lines)

@@ -27,8 +27,7 @@ from .page import SCRIPT, STYLE, dashboard, how_to_page, refused_page, result_pa
 from ..admission import AdmissionLimits
 from ..errors import NotEnrolledError, PKIError
 from ..est.front import FrontLimits, TLSFront
-from ..fleet import fleet_view, gateway_states
-from ..commands.nodes import render_nodes
+from ..fleet import fleet_view, gateway_states, render_nodes
 from ..logfmt import bare, quoted
 from ..operators import NotAnOperator, OperatorIdentity, identify_operator
 from ..renewal import certificate_state, renewal_time
