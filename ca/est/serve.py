@@ -380,13 +380,7 @@ class ESTService:
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
         """RFC 7030 4.2.2: a successor, authenticated by the current certificate over mTLS."""
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        if not der:
-            raise NoClientCertificate(f"no TLS client certificate came with this request; simplereenroll wants {CLIENT_CERTIFICATE_WANTED}")
-        current = x509.load_der_x509_certificate(der)
-        note(request, node=_common_name(current.subject), serial=current.serial_number)
-        self._limit(f"serial:{current.serial_number:x}")
+        current = self._client_certificate(request, f"simplereenroll wants {CLIENT_CERTIFICATE_WANTED}")
         with self._admitted():
             csr = await self._csr(request)
             if self.signers is not None:
@@ -397,6 +391,18 @@ class ESTService:
         if self.signers is None or not self.signers.records_peers:
             self._note_peer(successor, request.remote or "?")
         return self._certificate(successor)
+
+    def _client_certificate(self, request: web.Request, wanted: str) -> x509.Certificate:
+        """The TLS client certificate of ``request``, named in its log line and rate-limited by
+        serial number; NoClientCertificate (saying what ``wanted``) without one."""
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            raise NoClientCertificate(f"no TLS client certificate came with this request; {wanted}")
+        certificate = x509.load_der_x509_certificate(der)
+        note(request, node=_common_name(certificate.subject), serial=certificate.serial_number)
+        self._limit(f"serial:{certificate.serial_number:x}")
+        return certificate
 
     def _note_peer(self, certificate: x509.Certificate, peer: str) -> None:
         """Remember where ``certificate`` went (the fleet view's last renewal address); a failure
@@ -409,13 +415,7 @@ class ESTService:
     async def gateway_report(self, request: web.Request) -> web.Response:
         """A gateway's connection table (:mod:`pkictl.fleet_report`), authenticated by its
         gateway certificate over mTLS; 204 once stored."""
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        if not der:
-            raise NoClientCertificate(f"no TLS client certificate came with this request; {REPORT_PATH} wants the gateway's own")
-        current = x509.load_der_x509_certificate(der)
-        note(request, node=_common_name(current.subject), serial=current.serial_number)
-        self._limit(f"serial:{current.serial_number:x}")
+        current = self._client_certificate(request, f"{REPORT_PATH} wants the gateway's own")
         gateway, report = accept_report(self.ca.inventory, current, await request.read(), self.ca.clock.now())
         log.debug("gateway report of %s: %d node(s)", gateway, len(report.nodes))
         return web.Response(status=204)
