@@ -14,7 +14,7 @@ from .renewal import certificate_state, renewal_time
 if TYPE_CHECKING:
     from .authority import CertificateAuthority
 
-__all__ = ["NodeRow", "GatewayState", "fleet_view", "gateway_states", "render_nodes", "STALE_INTERVALS", "ATTENTION_STATES"]
+__all__ = ["NodeRow", "GatewayState", "fleet_view", "gateway_states", "fleet_document", "render_nodes", "STALE_INTERVALS", "ATTENTION_STATES"]
 
 STALE_INTERVALS = 3  # a gateway is "not reporting" after this many of its heartbeat intervals without a report
 ATTENTION_STATES = ("expiring", "expired", "revoked", "pending approval", "none", "not yet valid")
@@ -145,17 +145,22 @@ def _when(value: dt.datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def render_nodes(rows: list, gateways: list, *, as_json: bool) -> str:
-    """The text (or JSON: ``{"nodes": [...], "gateways": [...]}``, times ISO 8601 UTC, serials hex)
-    of ``pkictl nodes``, and what the admin page serves as ``/fleet.json``."""
-    if as_json:
-        def value(v):
-            return v.isoformat() if isinstance(v, dt.datetime) else v
+def fleet_document(rows: list[NodeRow], gateways: list[GatewayState]) -> dict:
+    """The fleet view as JSON-ready values: ``{"nodes": [...], "gateways": [...]}``, times ISO
+    8601 UTC, serials hex (``pkictl nodes --json``, and the admin page's ``/fleet.json``)."""
+    def value(v):
+        return v.isoformat() if isinstance(v, dt.datetime) else v
 
-        nodes = [{k: (f"{v:x}" if k == "serial" and v is not None else value(v)) for k, v in dataclasses.asdict(r).items()} for r in rows]
-        states = [{"name": g.name, "serial": f"{g.serial:x}", "received_at": g.received_at.isoformat(), "interval": g.interval,
-                   "reporting": g.reporting} for g in gateways]
-        return json.dumps({"nodes": nodes, "gateways": states}, indent=2)
+    nodes = [{k: (f"{v:x}" if k == "serial" and v is not None else value(v)) for k, v in dataclasses.asdict(r).items()} for r in rows]
+    states = [{"name": g.name, "serial": f"{g.serial:x}", "received_at": g.received_at.isoformat(), "interval": g.interval,
+               "reporting": g.reporting} for g in gateways]
+    return {"nodes": nodes, "gateways": states}
+
+
+def render_nodes(rows: list[NodeRow], gateways: list[GatewayState], *, as_json: bool) -> str:
+    """The text (or JSON: :func:`fleet_document`) of ``pkictl nodes``."""
+    if as_json:
+        return json.dumps(fleet_document(rows, gateways), indent=2)
     table = [_HEADER]
     for r in rows:
         connected = {True: "yes", False: "no", None: "unknown"}[r.connected]

@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import ssl
@@ -27,7 +26,7 @@ from .page import SCRIPT, STYLE, dashboard, how_to_page, refused_page, result_pa
 from ..admission import AdmissionLimits
 from ..errors import NotEnrolledError, PKIError
 from ..est.front import FrontLimits, TLSFront
-from ..fleet import fleet_view, gateway_states, render_nodes
+from ..fleet import fleet_document, fleet_view, gateway_states
 from ..logfmt import bare, quoted
 from ..operators import NotAnOperator, OperatorIdentity, identify_operator
 from ..renewal import certificate_state, renewal_time
@@ -167,7 +166,7 @@ class AdminService:
 
     def _fleet(self, now: dt.datetime) -> dict:
         rows = fleet_view(self.ca, now=now, disconnected_after=_DISCONNECTED_AFTER)
-        fleet = json.loads(render_nodes(rows, gateway_states(self.ca, now=now), as_json=True))
+        fleet = fleet_document(rows, gateway_states(self.ca, now=now))
         requests = [{"name": r["name"], "code": r["code"], "peer": r["peer"], "age_seconds": int(now.timestamp() - r["requested_at"])}
                     for r in self.ca.inventory.pending_requests(now=now, ttl=self.ca.settings.pending_request_ttl)]
         return {**fleet, "requests": requests, "now": now.isoformat()}
