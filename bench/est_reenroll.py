@@ -90,7 +90,7 @@ def make_fleet(home: Path, out: Path, prefix: str, count: int) -> list[Node]:
     ca = CertificateAuthority.load(home)
     key_path = home / "issuing" / "key.pem"
     issuing_key = load_private_key(read_private_file(key_path), None, source=str(key_path))
-    inventory = Inventory(home / "inventory.sqlite3")
+    inventory = Inventory.open(home)
     inventory._db.execute("PRAGMA synchronous = OFF")  # set-up only; the server's connection keeps the default
     now = ca.clock.now()
     not_before, not_after = validity_window(now, ca.settings.lifetime("node"))

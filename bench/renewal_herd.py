@@ -203,7 +203,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def check_inventory(home: Path, count: int) -> str | None:
     """None if every node has exactly one successor and the audit log verifies, else what is wrong."""
-    inventory = Inventory(home / "inventory.sqlite3")
+    inventory = Inventory.open(home)
     try:
         by_name = collections.Counter(r.name for r in inventory.records(latest_only=False) if r.name.startswith("herd-"))
     finally:

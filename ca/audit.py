@@ -60,8 +60,7 @@ from .errors import AuditError, KeyReused, PKIError
 from .file_errors import is_write_failure, write_error
 from .files import PRIVATE_FILE_MODE, atomic_write
 
-__all__ = [
-    "audits_refusals","AuditLog", "VerifyResult", "GENESIS", "record_hash"]
+__all__ = ["audits_refusals", "AuditLog", "DatabaseAuditLog", "open_audit_log", "VerifyResult", "GENESIS", "record_hash"]
 
 GENESIS = "0" * 64
 """The ``prev`` of record 1: no record hashes to it."""
@@ -269,13 +268,8 @@ class AuditLog:
 
     def _write(self, fd: int, seq: int, prev: str, bodies: list[tuple[str, dict]]) -> list[dict]:
         """Append records ``seq + 1``... after ``prev`` in one write(), fsync them, then move the head to the last."""
-        time = _iso(self.clock.now())  # read under the lock: with a monotone clock, time follows seq
-        records = []
-        for event, body in bodies:
-            record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
-            record["hash"] = record_hash(record)
-            records.append(record)
-            seq, prev = record["seq"], record["hash"]
+        records = self._chain(seq, prev, bodies)  # the clock read under the lock: time follows seq
+        seq, prev = records[-1]["seq"], records[-1]["hash"]
         line = b"".join(_line(r) for r in records)
         try:
             written = os.write(fd, line)  # one write(): O_APPEND puts it at the end
@@ -290,6 +284,17 @@ class AuditLog:
             )
         os.fsync(fd)
         atomic_write(self.head_path, _head_bytes(seq, prev), PRIVATE_FILE_MODE)
+        return records
+
+    def _chain(self, seq: int, prev: str, bodies: list[tuple[str, dict]]) -> list[dict]:
+        """The records ``seq + 1``... chained after ``prev``, each with its hash."""
+        time = _iso(self.clock.now())
+        records = []
+        for event, body in bodies:
+            record = {"seq": seq + 1, "time": time, "event": event, **body, "prev": prev}
+            record["hash"] = record_hash(record)
+            records.append(record)
+            seq, prev = record["seq"], record["hash"]
         return records
 
     def _open_for_append(self) -> int:
@@ -419,7 +424,8 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def _verify_stream(self, stream, anchor: tuple[int, str] | None, *, missing: bool) -> VerifyResult:
+    def _verify_stream(self, stream, anchor: tuple[int, str] | None, *, missing: bool,
+                       read_head: Callable[[], tuple[int, str] | None] | None = None) -> VerifyResult:
         prev, prev_prev, count = GENESIS, GENESIS, 0
         anchor_seen = False
         torn = 0  # the line number of an incomplete last line
@@ -447,7 +453,7 @@ class AuditLog:
             prev_prev, prev, count = prev, record["hash"], number
 
         try:
-            head = self._read_head()
+            head = (read_head or self._read_head)()
         except AuditError as exc:
             return VerifyResult(False, count, str(exc))
         if torn:
@@ -477,6 +483,92 @@ class AuditLog:
         if head[0] == count:
             return VerifyResult(False, count, f"line {count}: the last record's hash differs from the head's (the log or the head was replaced)")
         return VerifyResult(False, count, f"log ends at seq {count} but the head says {head[0]}: records after the head were not appended by pkictl, or the head was replaced")
+
+
+class DatabaseAuditLog(AuditLog):
+    """The audit chain of a CA whose records are in PostgreSQL (its replicas share one chain).
+
+    The same records, chained and hashed byte for byte as in the file (:class:`AuditLog`): each
+    is one row of ``audit_records`` holding its JSON line, and ``audit_head`` holds the last
+    record's (seq, hash). An append takes the audit chain's advisory lock, reads the head, checks
+    that the last record is the head's, inserts the new records and moves the head, all in one
+    transaction: concurrent appends from every replica form one gap-free chain, and the head is
+    never behind (a crash rolls the whole append back).
+
+    Args:
+        db: the CA's PostgreSQL database (:class:`pkictl.storage.database.PostgresDatabase`),
+            its schema made (:func:`pkictl.schema.open_postgres_schema`).
+        clock: the time source for each record's ``time``.
+    """
+
+    def __init__(self, db, *, clock: Clock) -> None:
+        super().__init__(Path(f"{db.where}#audit_records"), clock=clock)
+        self._db = db
+
+    def _append_bodies(self, bodies: list[tuple[str, dict]]) -> list[dict]:
+        from .storage.database import AUDIT_LOCK
+
+        self._db.begin(AUDIT_LOCK)
+        try:
+            head = self._db_head()
+            last = self._db.execute("SELECT seq, line FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = head if head is not None else (0, GENESIS)
+            found = (0, GENESIS) if last is None else (last[0], record_hash(_parse(last[1].encode("ascii"))))
+            if found != (seq, prev):
+                raise AuditError(f"{self.path}: the last record is seq {found[0]} but the head says {seq}: records deleted or "
+                                 "the head replaced; refusing to append (that would hide it): run pkictl audit verify")
+            records = self._chain(seq, prev, bodies)
+            self._db.executemany("INSERT INTO audit_records (seq, line) VALUES (?, ?)",
+                                 [(r["seq"], _line(r)[:-1].decode("ascii")) for r in records])
+            self._db.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
+                             "SET seq = excluded.seq, hash = excluded.hash", (records[-1]["seq"], records[-1]["hash"]))
+        except BaseException:
+            self._db.rollback()
+            raise
+        self._db.commit()
+        return records
+
+    def _db_head(self) -> tuple[int, str] | None:
+        row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def _read_head(self) -> tuple[int, str] | None:
+        return self._db_head()
+
+    def verify(self, *, anchor: tuple[int, str] | None = None) -> VerifyResult:
+        """As :meth:`AuditLog.verify`, over the rows in seq order (read in one snapshot with the head)."""
+        from .storage.database import AUDIT_LOCK
+
+        self._db.begin(AUDIT_LOCK)  # no append between the rows and the head
+        try:
+            lines = [(row[0], row[1]) for row in self._db.execute("SELECT seq, line FROM audit_records ORDER BY seq")]
+            head = self._db_head()
+        finally:
+            self._db.rollback()
+        return self._verify_stream(((line + "\n").encode("ascii", "replace") for _, line in lines), anchor,
+                                   missing=not lines, read_head=lambda: head)
+
+
+def open_audit_log(home: Path, *, clock: Clock, db=None) -> AuditLog:
+    """The audit chain of the CA in ``home``: ``<home>/audit.log`` when its records are in SQLite,
+    the database's when they are in PostgreSQL (``db``, or the one ``<home>/database.yaml`` names).
+
+    Raises:
+        SettingsError: ``database.yaml`` is malformed.
+        DatabaseError: the database cannot be reached.
+    """
+    from .storage.location import database_url, open_database
+
+    if db is None and database_url(home) is None:
+        return AuditLog(Path(home) / "audit.log", clock=clock)
+    if db is None:
+        from .schema import open_postgres_schema
+
+        db = open_database(home)
+        open_postgres_schema(db)  # made by init-ca --db or db migrate; checked for its version here
+    if db.engine == "sqlite":
+        return AuditLog(Path(home) / "audit.log", clock=clock)
+    return DatabaseAuditLog(db, clock=clock)
 
 
 def _head_bytes(seq: int, digest: str) -> bytes:

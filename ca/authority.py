@@ -9,6 +9,7 @@ Home layout::
     <home>/crl.pem                 the issuing CAs' CRLs and the root's (:mod:`pkictl.revocation`)
     <home>/issuing/{cert,key}.pem  issuing CA; signs every end-entity certificate
     <home>/inventory.sqlite3       every issued certificate (:mod:`pkictl.inventory`)
+    <home>/database.yaml           instead: the PostgreSQL database replicas share (:mod:`pkictl.storage.location`)
     <home>/bundles/<name>/         default output of enroll-node / enroll-gateway
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -26,10 +26,11 @@ from cryptography.hazmat.primitives import hashes
 from .activation import PENDING, file_state, finish_interrupted_rotation, open_issuing, promote_due, usable_pending
 from .clock import Clock, SystemClock
 from .errors import CANotFoundError, NotEnrolledError, PolicyError
-from .audit import AuditLog
+from .audit import AuditLog, open_audit_log
 from .file_errors import CA_FILE_FIX, read_certificates
 from .files import remove_stale_temp_files
 from .inventory import Inventory, Record
+from .storage.database import DuplicateKey
 from .lifecycle import init_ca, rotate_issuing
 from .lint import prelint, signed
 from .names import validate_name
@@ -87,7 +88,7 @@ class CertificateAuthority:
         self.clock = clock
         self._inventory: Inventory | None = None
         self._passphrase: bytes | None = None  # to open retired issuing keys, which sign their CRLs
-        self.audit = AuditLog(self.home / "audit.log", clock=clock)
+        self.audit: AuditLog = open_audit_log(self.home, clock=clock)
         self.pending: PendingIssuer | None = None  # the next issuing CA while it waits for activation (pkictl.activation)
         self._pending_state: tuple[int, int, int, int] | None = None  # what refresh_issuing last saw on disk
         self._issuing_state: tuple[int, int, int, int] | None = None
@@ -105,13 +106,14 @@ class CertificateAuthority:
 
     @classmethod
     def init(
-        cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None, passphrase: bytes | None = None
+        cls, home: Path, settings: CASettings | None = None, *, clock: Clock | None = None, passphrase: bytes | None = None,
+        db_url: str | None = None,
     ) -> "CertificateAuthority":
         """Create a root and an issuing CA in ``home`` (:func:`pkictl.lifecycle.init_ca` writes
-        them) and return it loaded; its audit log starts with ``init``, and the root's CRL is
-        signed while the root key is at hand."""
+        them, and takes ``db_url``) and return it loaded; its audit log starts with ``init``, and
+        the root's CRL is signed while the root key is at hand."""
         home, settings, clock = Path(home), settings or CASettings(), clock or SystemClock()
-        made = init_ca(home, settings, clock=clock, passphrase=passphrase)
+        made = init_ca(home, settings, clock=clock, passphrase=passphrase, db_url=db_url)
         ca = cls(home, settings, made.root, made.issuing, made.issuing_key, clock)
         ca._passphrase, ca._issuing_state = passphrase, file_state(home / "issuing" / "cert.pem")  # loaded: no re-read
         ca.audit.append("init", root_serial=made.root.serial_number, issuing_serial=made.issuing.serial_number,
@@ -141,7 +143,7 @@ class CertificateAuthority:
         clock = clock or SystemClock()
         remove_stale_temp_files(home)  # of a write cut short (a full disk, a kill): never read, only confusing
         finish_interrupted_rotation(home)
-        promote_due(home, clock.now(), audit=AuditLog(home / "audit.log", clock=clock))  # its activation time has come
+        promote_due(home, clock.now(), audit=open_audit_log(home, clock=clock))  # its activation time has come
         root = read_certificates(home / "root" / "cert.pem", expected="the root CA certificate (PEM)",
                                  fix=CA_FILE_FIX.format(home=home))[0]
         issuing, issuing_key, state = open_issuing(home, passphrase)
@@ -193,7 +195,7 @@ class CertificateAuthority:
     @property
     def inventory(self) -> Inventory:
         if self._inventory is None:
-            self._inventory = Inventory(self.home / "inventory.sqlite3")
+            self._inventory = Inventory.open(self.home)
         return self._inventory
 
     def close(self) -> None:
@@ -286,7 +288,7 @@ class CertificateAuthority:
                     spki_sha256=hashlib.sha256(public_key_bytes(public_key)).hexdigest(),
                 )
                 break
-            except sqlite3.IntegrityError:
+            except DuplicateKey:
                 continue  # a serial collision: 2^-159 odds, but never reuse one
         else:  # pragma: no cover - needs a broken random source
             raise PolicyError("could not draw an unused serial number; is the random source broken?")

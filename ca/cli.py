@@ -58,8 +58,11 @@ def cli(ctx: click.Context, home: Path | None, passphrase_file: Path | None) -> 
 @click.option("--node-lifetime", callback=duration_option, help="Validity of node certificates, e.g. 90d (default 90d).")
 @click.option("--gateway-lifetime", callback=duration_option, help="Validity of gateway certificates (default 90d).")
 @click.option("--renewal-fraction", type=float, default=2 / 3, show_default="2/3", help="Renew after this share of the lifetime.")
+@click.option("--db", "db_url", metavar="URL",
+              help="Keep the records in this PostgreSQL database, shared by pkictl serve replicas: "
+                   "postgresql://USER@HOST/DBNAME?passfile=PATH (never a password in the URL). Default: SQLite in the CA home.")
 @click.pass_obj
-def init_ca(obj: Home, trust_domain, node_lifetime, gateway_lifetime, renewal_fraction) -> None:
+def init_ca(obj: Home, trust_domain, node_lifetime, gateway_lifetime, renewal_fraction, db_url) -> None:
     """Create a root CA and an issuing CA (ECDSA P-256) in the CA home."""
     from cryptography.hazmat.primitives import hashes
 
@@ -71,13 +74,18 @@ def init_ca(obj: Home, trust_domain, node_lifetime, gateway_lifetime, renewal_fr
         values["node_lifetime"] = node_lifetime
     if gateway_lifetime:
         values["gateway_lifetime"] = gateway_lifetime
+    if db_url is not None:
+        from .storage.location import check_url
+
+        check_url(db_url)  # before a key is made
     passphrase = obj.passphrase()
-    ca = CertificateAuthority.init(obj.home, CASettings(**values), passphrase=passphrase)
+    ca = CertificateAuthority.init(obj.home, CASettings(**values), passphrase=passphrase, db_url=db_url)
     fingerprint = ca.root.fingerprint(hashes.SHA256()).hex()
     click.echo(f"created CA in {obj.home}")
     click.echo(f"  root:        {ca.root.subject.rfc4514_string()}  (not after {ca.root.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"  issuing CA:  {ca.issuing.subject.rfc4514_string()}  (not after {ca.issuing.not_valid_after_utc:%Y-%m-%d})")
     click.echo(f"  trust anchor {obj.home / 'ca.pem'}  sha256:{fingerprint}")
+    click.echo(f"  records in   {db_url if db_url else obj.home / 'inventory.sqlite3'}")
     if passphrase:
         click.echo("  CA keys encrypted (PKCS#8, scrypt); commands that sign need the same passphrase")
     else:
@@ -103,10 +111,10 @@ def status(obj: Home, as_json: bool, show_all: bool, warn_days: float | None) ->
     """
     import datetime as dt
 
-    from .status import read_status
+    from .status import read_status, status_source
 
     home = obj.require_ca()
-    text, code = read_status(home / "inventory.sqlite3", dt.datetime.now(dt.timezone.utc),
+    text, code = read_status(status_source(home), dt.datetime.now(dt.timezone.utc),
                              latest_only=not show_all, warn_days=warn_days, as_json=as_json)
     click.echo(text)
     raise SystemExit(code)

@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import AlreadyEnrolledError, InventoryError, KeyReused, RequestLimitError
-from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, open_postgres_schema
+from .storage.database import SQLiteDatabase
+from .storage.location import open_database
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from .storage.database import Database, Row
 
 __all__ = ["Inventory", "Record", "Superseded", "PENDING_TIMEOUT", "SCHEMA_VERSION"]
 
@@ -84,7 +87,7 @@ class Record:
     successor: int | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Record":
+    def from_row(cls, row: "Row") -> "Record":
         return cls(
             serial=int(row["serial"], 16),
             name=row["name"],
@@ -104,35 +107,66 @@ class Record:
 
 
 class Inventory:
-    """The SQLite inventory at ``path`` (created on first use).
+    """The inventory: ``<home>/inventory.sqlite3`` (created on first use), or a PostgreSQL
+    database several CA replicas share (:mod:`pkictl.storage.database`).
 
     Args:
-        path: the database file, ``<home>/inventory.sqlite3``.
-        timeout: seconds to wait for another writer's lock before failing.
+        where: the SQLite file, or an open :class:`pkictl.storage.database.Database`.
+        timeout: SQLite: seconds to wait for another writer's lock before failing.
+
+    Raises:
+        InventoryError: the schema is newer than this pkictl's, or the database cannot be reached.
     """
 
-    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def __init__(self, where: "Path | Database", *, timeout: float = 30.0) -> None:
+        if isinstance(where, (str, Path)):
+            self._db: Database = SQLiteDatabase(Path(where), timeout=timeout)
+        else:
+            self._db = where
+        self.path = Path(self._db.where) if self._db.engine == "sqlite" else None
+        self.where = self._db.where
+        try:
+            if self._db.engine == "sqlite":
+                self._open_sqlite()
+            else:
+                open_postgres_schema(self._db)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, home: Path) -> "Inventory":
+        """The inventory of the CA in ``home`` (:func:`pkictl.storage.location.open_database`)."""
+        return cls(open_database(home))
+
+    @property
+    def engine(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``: shared by replicas when PostgreSQL."""
+        return self._db.engine
+
+    @property
+    def database(self) -> "Database":
+        return self._db
+
+    def _open_sqlite(self) -> None:
+        assert isinstance(self._db, SQLiteDatabase)
+        version = self._db.user_version()
         if version > SCHEMA_VERSION:
             raise InventoryError(
-                f"{self.path} has inventory schema {version}, newer than this pkictl understands "
+                f"{self.where} has inventory schema {version}, newer than this pkictl understands "
                 f"({SCHEMA_VERSION}); upgrade pkictl"
             )
         fresh = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'certificates'").fetchone()
         if version < SCHEMA_VERSION and not fresh:
             with self._transaction():  # every step or none: a failed migration leaves the old schema
                 # Read again under the write lock: another process may have migrated meanwhile.
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                version = self._db.user_version()
                 for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
                     migration = MIGRATIONS[step]
                     for statement in (migration,) if isinstance(migration, str) else migration:
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._db.executescript(SCHEMA)
+        self._db.connection.executescript(SCHEMA)
         if fresh:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -158,7 +192,7 @@ class Inventory:
 
         Raises:
             AlreadyEnrolledError: ``exclusive`` and the name is taken.
-            sqlite3.IntegrityError: the serial number exists already (never reuse one).
+            DuplicateKey: the serial number exists already (never reuse one).
         """
         with self._transaction():
             if exclusive:
@@ -278,7 +312,7 @@ class Inventory:
             Superseded: ``predecessor`` was renewed already, or is no longer current (checked and
                 claimed in this transaction: of concurrent renewals of one certificate exactly one
                 gets a successor); nothing is recorded then.
-            sqlite3.IntegrityError: the serial number exists already (never reuse one).
+            DuplicateKey: the serial number exists already (never reuse one).
             Whatever ``sign`` raises; nothing is recorded then.
         """
         with self._transaction():
@@ -326,7 +360,7 @@ class Inventory:
         )
         # The newest signed certificate of a (kind, name) is its current one.
         self._db.execute(
-            "UPDATE certificates SET superseded = (serial != :serial) WHERE (kind, name_key) = "
+            "UPDATE certificates SET superseded = CASE WHEN serial = :serial THEN 0 ELSE 1 END WHERE (kind, name_key) = "
             "(SELECT kind, name_key FROM certificates WHERE serial = :serial) AND status IN ('issued', 'revoked') "
             "AND (serial = :serial OR not_before <= :not_before)",
             {"serial": serial, "not_before": not_before},
@@ -386,18 +420,34 @@ class Inventory:
         with self._transaction():
             self._db.execute(
                 "INSERT INTO crls (issuer, issuer_name, number) VALUES (?, ?, 1) "
-                "ON CONFLICT (issuer) DO UPDATE SET number = number + 1",
+                "ON CONFLICT (issuer) DO UPDATE SET number = crls.number + 1",
                 (f"{issuer:x}", issuer_name),
             )
             return self._db.execute("SELECT number FROM crls WHERE issuer = ?", (f"{issuer:x}",)).fetchone()[0]
 
-    def record_crl(self, issuer: int, *, number: int, this_update: dt.datetime, next_update: dt.datetime) -> None:
-        """Remember the validity of the CRL just written (for status and for re-signing in time)."""
+    def record_crl(self, issuer: int, *, number: int, this_update: dt.datetime, next_update: dt.datetime, pem: str | None = None) -> bool:
+        """Remember the CRL just written (its validity for status and for re-signing in time, and
+        the CRL itself, which every replica publishes: :meth:`published_crls`).
+
+        Only the newest number reserved for ``issuer`` is recorded: when two replicas sign at
+        once, the CRL with the lower number (signed from an older view) is not published.
+
+        Returns:
+            False if a higher CRL number was reserved meanwhile (nothing recorded).
+        """
         with self._transaction():
-            self._db.execute(
-                "UPDATE crls SET this_update = ?, next_update = ? WHERE issuer = ? AND number = ?",
-                (_epoch(this_update), _epoch(next_update), f"{issuer:x}", number),
-            )
+            return self._db.execute(
+                "UPDATE crls SET this_update = ?, next_update = ?, pem = COALESCE(?, pem) WHERE issuer = ? AND number = ?",
+                (_epoch(this_update), _epoch(next_update), pem, f"{issuer:x}", number),
+            ).rowcount == 1
+
+    def published_crls(self) -> list[tuple[int, int, str]]:
+        """``(issuer serial, CRL number, PEM)`` of the newest CRL of each issuer still published:
+        the issuing CAs' by name, then the root's."""
+        rows = self._db.execute(
+            "SELECT issuer, number, pem FROM crls c WHERE next_update IS NOT NULL AND pem IS NOT NULL ORDER BY "
+            "CASE WHEN EXISTS (SELECT 1 FROM certificates WHERE serial = c.issuer AND kind = 'root') THEN 1 ELSE 0 END, issuer_name")
+        return [(int(r[0], 16), int(r[1]), str(r[2])) for r in rows]
 
     def forget_crl(self, issuer: int) -> None:
         """Stop reporting the CRL of ``issuer`` (a retired issuing CA with nothing left to revoke)."""
@@ -447,7 +497,7 @@ class Inventory:
             return cursor.rowcount == 1
 
     def request_approval(self, *, name: str, spki_sha256: str, code: str, peer: str, now: dt.datetime,
-                         per_name: int, total: int, ttl: dt.timedelta) -> tuple[sqlite3.Row, bool, list[sqlite3.Row]]:
+                         per_name: int, total: int, ttl: dt.timedelta) -> tuple[Row, bool, list[Row]]:
         """Record a request for ``name``'s key (once; later polls find the same row), after
         dropping the pending requests older than ``ttl``; in one transaction.
 
@@ -501,7 +551,7 @@ class Inventory:
         with self._transaction():
             self._db.execute("UPDATE requests SET status = 'issued', serial = ? WHERE spki_sha256 = ?", (f"{serial:x}", spki_sha256))
 
-    def pending_requests(self, *, now: dt.datetime | None = None, ttl: dt.timedelta | None = None) -> list[sqlite3.Row]:
+    def pending_requests(self, *, now: dt.datetime | None = None, ttl: dt.timedelta | None = None) -> list[Row]:
         """The requests waiting for approval, oldest first; with ``now`` and ``ttl``, not those
         older than ``ttl`` (expired: the next request drops them)."""
         if now is None or ttl is None:
@@ -551,21 +601,21 @@ class Inventory:
         """
         with self._transaction():
             self._db.execute(
-                "INSERT INTO gateway_reports (gateway, serial, received_at, interval, report) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO gateway_reports (gateway, serial, received_at, \"interval\", report) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (gateway) DO UPDATE SET serial = excluded.serial, received_at = excluded.received_at, "
-                "interval = excluded.interval, report = excluded.report",
+                "\"interval\" = excluded.\"interval\", report = excluded.report",
                 (gateway.lower(), f"{serial:x}", received_at.timestamp(), interval, report),
             )
 
     def gateway_reports(self) -> list[tuple[str, int, dt.datetime, float, str]]:
         """``(gateway, serial, received_at, interval seconds, report JSON)`` of every gateway, by name."""
-        rows = self._db.execute("SELECT gateway, serial, received_at, interval, report FROM gateway_reports ORDER BY gateway")
+        rows = self._db.execute("SELECT gateway, serial, received_at, \"interval\", report FROM gateway_reports ORDER BY gateway")
         return [(r[0], int(r[1], 16), dt.datetime.fromtimestamp(r[2], dt.timezone.utc), r[3], r[4]) for r in rows]
 
     def record_issuance_peer(self, serial: int, peer: str) -> None:
         """Remember the address the EST request for certificate ``serial`` came from."""
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO issuance_peers (serial, peer) VALUES (?, ?)", (f"{serial:x}", peer))
+            self._db.execute("INSERT INTO issuance_peers (serial, peer) VALUES (?, ?) ON CONFLICT (serial) DO UPDATE SET peer = excluded.peer", (f"{serial:x}", peer))
 
     def issuance_peers(self) -> dict[int, str]:
         """``{serial: peer address}`` of the certificates issued over EST."""
@@ -577,24 +627,26 @@ class Inventory:
     def group(self) -> "_Tx":
         """One transaction around several operations (``with inventory.group(): ...``): each
         operation's own transaction becomes a savepoint in it, so that they share one commit and
-        one WAL fsync (:mod:`pkictl.est.group_commit`); none of them is durable before it ends.
+        one fsync (:mod:`pkictl.est.group_commit`); none of them is durable before it ends.
 
         Raises:
             InventoryError: a transaction is open already.
         """
         if self._db.in_transaction:
-            raise InventoryError(f"{self.path}: a transaction is open already (a group inside another)")
+            raise InventoryError(f"{self.where}: a transaction is open already (a group inside another)")
         return _Tx(self._db)
 
 
 class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error): take the write lock up front.
+    """A write transaction: ``BEGIN IMMEDIATE`` on SQLite, ``BEGIN`` and the writers' advisory
+    lock on PostgreSQL (:mod:`pkictl.storage.database`), then ``COMMIT`` (or ``ROLLBACK`` on
+    error). Either way the write lock is taken up front, before any check.
 
     Inside a transaction already open (a group commit, :meth:`Inventory.group`) it is a
     ``SAVEPOINT`` instead: an error rolls back this step only, and nothing is durable before the
     outer ``COMMIT``."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: "Database") -> None:
         self._db = db
         self._savepoint: str | None = None
 
@@ -603,12 +655,15 @@ class _Tx:
             self._savepoint = f"step{id(self):x}"
             self._db.execute(f"SAVEPOINT {self._savepoint}")
         else:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._savepoint is None:
-            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                self._db.commit()
+            else:
+                self._db.rollback()
             return
         if exc_type is not None:
-            self._db.execute(f"ROLLBACK TO {self._savepoint}")
-        self._db.execute(f"RELEASE {self._savepoint}")
+            self._db.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
+        self._db.execute(f"RELEASE SAVEPOINT {self._savepoint}")

@@ -25,6 +25,7 @@ from .activation import PENDING, PendingIssuer, finish_interrupted_rotation, pub
 from .audit import AuditLog
 from .files import PRIVATE_FILE_MODE, atomic_write, make_private_dir, read_ca_key_file, write_new_file
 from .inventory import Inventory
+from .storage.location import DATABASE_FILE, write_database_url
 from .lint import signed
 from .keys import encrypt_private_key, load_private_key
 from .pem import certificates_to_pem, private_key_to_pem
@@ -76,7 +77,7 @@ class RotatingCA(Protocol):
     def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList: ...
 
 
-def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes | None = None) -> NewCA:
+def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes | None = None, db_url: str | None = None) -> NewCA:
     """Write a root and an issuing CA into ``home`` (:meth:`pkictl.authority.CertificateAuthority.init`
     loads it, starts its audit log and signs the root's CRL).
 
@@ -88,8 +89,15 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
         passphrase: encrypt both CA keys with it (PKCS#8, scrypt: :mod:`pkictl.keys`);
             None writes them unencrypted (still 0600 in 0700 directories).
 
+        db_url: keep the records in this PostgreSQL database (``<home>/database.yaml`` names
+            it) instead of ``<home>/inventory.sqlite3``: the first host of a CA whose
+            ``pkictl serve`` replicas share it. The database must hold no CA yet.
+
     Raises:
-        CAExistsError: ``home`` holds a CA already, or the remains of an interrupted init.
+        CAExistsError: ``home`` holds a CA already, or the remains of an interrupted init, or
+            the database holds a CA already.
+        SettingsError: ``db_url`` is not a usable URL (a password in it, no database name).
+        DatabaseError: the database cannot be reached.
         LintError: a CA certificate would break the profile (nothing is written).
     """
     home = Path(home)
@@ -101,6 +109,7 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
             f"{home} holds {', '.join(leftovers)} but no ca.yaml (an interrupted init-ca?); "
             "remove them or choose another --home"
         )
+    database = _empty_database(db_url) if db_url is not None else None
     make_private_dir(home)
     now = clock.now()
     generation = _generation(now)
@@ -124,14 +133,16 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
             write_new_file(staging / part / "cert.pem", certificates_to_pem([cert]))
             write_new_file(staging / part / "key.pem", _key_pem(key, passphrase), PRIVATE_FILE_MODE)
         write_new_file(staging / "ca.pem", certificates_to_pem([root]))
-        inventory = Inventory(staging / "inventory.sqlite3")
+        if db_url is not None:
+            write_database_url(staging, db_url)
+        inventory = Inventory(staging / "inventory.sqlite3") if database is None else Inventory(database)
         for kind, cert in (("root", root), ("issuing", issuing)):
             cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
             issuer = None if kind == "root" else root.serial_number
             inventory.record_intent(serial=cert.serial_number, name=str(cn), kind=kind, sans=(), now=now, exclusive=False, issuer=issuer)
             inventory.record_issued(cert, renewal_fraction=settings.renewal_fraction)
         inventory.close()
-        for name in ("root", "issuing", "ca.pem", "inventory.sqlite3"):
+        for name in ("root", "issuing", "ca.pem", "inventory.sqlite3" if database is None else DATABASE_FILE):
             os.rename(staging / name, home / name)
         import yaml
 
@@ -139,6 +150,25 @@ def init_ca(home: Path, settings: CASettings, *, clock: Clock, passphrase: bytes
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return NewCA(root, issuing, issuing_key, root_key)
+
+
+def _empty_database(url: str):
+    """The PostgreSQL database at ``url``, its schema made, checked to hold no CA yet."""
+    from .storage.location import check_url, open_database
+
+    database = open_database(Path("."), url=check_url(url))
+    try:
+        inventory = Inventory(database)
+        root = next((r for r in inventory.records() if r.kind == "root"), None)
+    except BaseException:
+        database.close()
+        raise
+    if root is not None:
+        database.close()
+        raise CAExistsError(f"the database {url} holds a CA already (root {root.name}, serial {root.serial:x}); pkictl never "
+                            "overwrites a CA: give init-ca an empty database, or make this host a replica of that CA "
+                            "(docs/design.md, \"CA replicas\")")
+    return database
 
 
 def rotate_issuing(ca: RotatingCA, *, activate_in: dt.timedelta | None = None) -> x509.Certificate:

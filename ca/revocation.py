@@ -196,14 +196,45 @@ class Revocation:
                 issuer=issuer, issuer_key=key, number=number, now=now,
                 revoked=self._ca.inventory.revoked(issuer.serial_number, now), lifetime=self._ca.settings.crl_lifetime,
             ))
-        root_crl = read_root_crl(self._ca.home, self._ca.root)
-        published = [*crls, *([root_crl] if root_crl is not None else [])]
-        atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in published))
+        shared = self._ca.inventory.engine != "sqlite"
+        if not shared:
+            root_crl = read_root_crl(self._ca.home, self._ca.root)
+            published = [*crls, *([root_crl] if root_crl is not None else [])]
+            atomic_write(self.crl_path, b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in published))
         for (issuer, _), crl in zip(signers, crls, strict=True):
             signed_number = crl_number(crl)
             assert signed_number is not None and crl.next_update_utc is not None, "build_crl sets the CRL number and nextUpdate"
-            self._ca.inventory.record_crl(issuer.serial_number, number=signed_number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+            self._ca.inventory.record_crl(issuer.serial_number, number=signed_number, this_update=crl.last_update_utc,
+                                          next_update=crl.next_update_utc, pem=crl.public_bytes(serialization.Encoding.PEM).decode("ascii"))
+        if shared:
+            # Written from the database after recording: a replica that signed a higher number
+            # meanwhile wins, and crl.pem here never goes back to a lower one.
+            self.publish()
         return crls
+
+    def publish(self) -> bool:
+        """Replicas on one database: write ``<home>/crl.pem`` from the newest CRLs the database
+        holds (:meth:`pkictl.inventory.Inventory.published_crls`) when they differ from the
+        file, so that a revocation made through any replica is in every replica's CRL. ``pkictl
+        serve`` calls it every ``follow_interval`` seconds. A CA on SQLite writes crl.pem when it
+        signs, and this does nothing there.
+
+        Returns:
+            True if crl.pem was written.
+        """
+        if self._ca.inventory.engine == "sqlite":
+            return False
+        rows = self._ca.inventory.published_crls()
+        if not rows:
+            return False
+        data = "".join(pem for _, _, pem in rows).encode("ascii")
+        try:
+            if self.crl_path.read_bytes() == data:
+                return False
+        except FileNotFoundError:
+            pass
+        atomic_write(self.crl_path, data)
+        return True
 
     def sign_root_crl(self, root_key: CertificateIssuerPrivateKeyTypes | None = None) -> x509.CertificateRevocationList:
         """Sign the root's next CRL (:func:`pkictl.root_crl.sign_root_crl`, ``root_crl_lifetime``)
@@ -240,7 +271,8 @@ class Revocation:
         now = self._ca.clock.now()
         due = any(crl_due(this_update, next_update, now)
                   for issuer, _, _, this_update, next_update in self._ca.inventory.crls() if issuer != self._ca.root.serial_number)
-        if not written and (due or not self.crl_path.exists()):
+        # A replica whose crl.pem is missing takes the database's CRLs when they are not due.
+        if not written and (due or (not self.crl_path.exists() and not self.publish())):
             self.sign_crl()
             written = True
         if root_key_path(self._ca.home).exists() and root_crl_due(self._ca.home, self._ca.root, now):

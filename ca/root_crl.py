@@ -94,7 +94,8 @@ def sign_root_crl(*, home: Path, root: x509.Certificate, root_key: CertificateIs
                     number=number, now=now, lifetime=lifetime)
     atomic_write(root_crl_path(home), crl.public_bytes(serialization.Encoding.PEM))
     assert crl.next_update_utc is not None, "build_crl sets nextUpdate"
-    inventory.record_crl(root.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc)
+    inventory.record_crl(root.serial_number, number=number, this_update=crl.last_update_utc, next_update=crl.next_update_utc,
+                         pem=crl.public_bytes(serialization.Encoding.PEM).decode("ascii"))
     return crl
 
 

@@ -1,9 +1,21 @@
-"""The inventory's SQLite schema and its version (kept apart so that `pkictl status` can check
-the version without importing the inventory module)."""
+"""The inventory's schema and its version, for SQLite and for PostgreSQL (kept apart so that
+`pkictl status` can check the version without importing the inventory module).
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS"]
+One schema for both engines: the PostgreSQL one is the SQLite one with 64-bit integers and
+double-precision reals (:func:`postgres_schema`), plus the audit chain's two tables, which on
+SQLite is a file in the CA home (:mod:`pkictl.audit`)."""
 
-SCHEMA_VERSION = 6
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .storage.database import Database
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "MIGRATIONS", "POSTGRES_MIGRATIONS", "postgres_schema", "open_postgres_schema"]
+
+SCHEMA_VERSION = 7
 _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {name} (
     serial       TEXT PRIMARY KEY,          -- lower-case hex, RFC 5280 4.1.2.2
     name         TEXT NOT NULL,             -- as the operator wrote it
@@ -47,6 +59,8 @@ MIGRATIONS: dict[int, str | tuple[str, ...]] = {
         f"INSERT INTO certificates_v6 ({_COLUMNS}) SELECT {_COLUMNS} FROM certificates",
         "DROP TABLE certificates",
         "ALTER TABLE certificates_v6 RENAME TO certificates"),
+    # The CRLs themselves, so that every replica of a CA on one database serves the newest.
+    7: "ALTER TABLE crls ADD COLUMN pem TEXT",
 }
 SCHEMA = _CERTIFICATES.format(name="certificates") + """
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (kind, name_key, not_before);
@@ -64,7 +78,8 @@ CREATE TABLE IF NOT EXISTS crls (
     issuer_name TEXT NOT NULL,
     number      INTEGER NOT NULL,           -- the last CRL number used (RFC 5280 5.2.3)
     this_update INTEGER,                    -- of the last CRL written, UTC epoch seconds
-    next_update INTEGER
+    next_update INTEGER,
+    pem         TEXT                        -- that CRL (every replica publishes it: Revocation.publish)
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_sha256 TEXT PRIMARY KEY,          -- only the hash is stored: the token is shown once
@@ -98,3 +113,60 @@ CREATE TABLE IF NOT EXISTS issuance_peers (
     peer         TEXT NOT NULL              -- the address its request came from
 );
 """
+
+# The audit chain on PostgreSQL: each record exactly as the file holds it, and the head, moved in
+# the same transaction as the records (pkictl.audit.DatabaseAuditLog).
+_AUDIT = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq          BIGINT PRIMARY KEY,        -- 1, 2, 3... with no gaps
+    line         TEXT NOT NULL              -- the record's JSON line, without its newline
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    seq          BIGINT NOT NULL,
+    hash         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_version (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    version      INTEGER NOT NULL
+);
+"""
+# Changes to a PostgreSQL inventory from one version to the next (the first is version 7).
+POSTGRES_MIGRATIONS: dict[int, str | tuple[str, ...]] = {}
+
+
+def postgres_schema() -> str:
+    """The schema as PostgreSQL DDL: epoch seconds need 64 bits there (INTEGER is 32)."""
+    ddl = re.sub(r"\bINTEGER\b", "BIGINT", SCHEMA)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl) + _AUDIT
+
+
+def open_postgres_schema(db: "Database") -> None:
+    """Create the schema in an empty PostgreSQL database, or check and migrate an existing one,
+    under the writers' lock (two replicas starting at once do it once).
+
+    Raises:
+        InventoryError: the database has a newer schema than this pkictl's.
+    """
+    from .errors import InventoryError
+
+    db.begin()
+    try:
+        found = db.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+        version = db.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()[0] if found else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise InventoryError(f"{db.where} has inventory schema {version}, newer than this pkictl understands "
+                                 f"({SCHEMA_VERSION}); upgrade pkictl on every replica")
+        if version is None:
+            db.execute(postgres_schema())
+            db.execute("INSERT INTO schema_version (id, version) VALUES (1, ?)", (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                migration = POSTGRES_MIGRATIONS[step]
+                for statement in (migration,) if isinstance(migration, str) else migration:
+                    db.execute(statement)
+            db.execute("UPDATE schema_version SET version = ? WHERE id = 1", (SCHEMA_VERSION,))
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()

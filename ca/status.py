@@ -12,8 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InventoryError
+
+if TYPE_CHECKING:
+    from .storage.database import Database
 from .schema import SCHEMA_VERSION
 from .renewal import certificate_state
 
@@ -55,11 +59,14 @@ _ISO = "replace(datetime({}, 'unixepoch'), ' ', 'T') || '+00:00'"  # ISO 8601, c
 
 
 def read_status(
-    db_path: Path, now: dt.datetime, *, latest_only: bool = True, warn_days: float | None = None, as_json: bool = False
+    db_path: "Path | Database", now: dt.datetime, *, latest_only: bool = True, warn_days: float | None = None, as_json: bool = False
 ) -> tuple[str, int]:
     """Render the status report of the inventory at ``db_path`` at ``now`` (aware UTC).
 
     Args:
+        db_path: the SQLite inventory, or a PostgreSQL database (:func:`status_source`); the
+            report reads the latter's rows (without their PEM) into an in-memory SQLite copy
+            and renders from it with the same SQL, so that both print the same report.
         latest_only: only the newest certificate of each (kind, name); False adds superseded ones.
         warn_days: rows with fewer days left need attention (EXIT_WARNING); revoked ones never do.
         as_json: a JSON array of objects (name, kind, serial -- hex, or ``#<CRL number>`` --,
@@ -77,7 +84,7 @@ def read_status(
     else:
         rows = _ROWS.format(index="certificates_history", where="")
     crls = []
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) if isinstance(db_path, (str, Path)) else _snapshot(db_path)
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
@@ -108,6 +115,40 @@ def read_status(
     finally:
         db.close()
     return text, max([worst] + [c["attention"] for c in crls])
+
+
+def status_source(home: Path) -> "Path | Database":
+    """What :func:`read_status` reads for the CA in ``home``: its SQLite file, or its PostgreSQL
+    database when ``database.yaml`` names one.
+
+    Raises:
+        SettingsError, DatabaseError: as :func:`pkictl.storage.location.open_database`.
+    """
+    from .storage.location import SQLITE_FILE, database_url, open_database
+
+    if database_url(home) is None:
+        return Path(home) / SQLITE_FILE
+    return open_database(home)
+
+
+def _snapshot(source: "Database") -> sqlite3.Connection:
+    """An in-memory SQLite copy of ``source``'s signed certificates (without PEM) and CRLs, with
+    its schema version (which :func:`read_status` checks); ``source`` is closed."""
+    from .schema import SCHEMA
+
+    snapshot = sqlite3.connect(":memory:")
+    snapshot.executescript(SCHEMA)
+    columns = ("serial, name, name_key, kind, status, sans, requested_at, issuer, not_before, not_after, spki_sha256, "
+               "renewal_due, superseded, successor, revoked_at, revocation_reason")
+    version = source.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+    snapshot.execute(f"PRAGMA user_version = {int(version[0]) if version else 0}")
+    rows = source.execute(f"SELECT {columns} FROM certificates WHERE status IN ('issued', 'revoked')").fetchall()
+    snapshot.executemany(f"INSERT INTO certificates ({columns}) VALUES ({', '.join('?' * 16)})", [tuple(r) for r in rows])
+    crls = source.execute("SELECT issuer, issuer_name, number, this_update, next_update FROM crls").fetchall()
+    snapshot.executemany("INSERT INTO crls (issuer, issuer_name, number, this_update, next_update) VALUES (?, ?, ?, ?, ?)",
+                         [tuple(r) for r in crls])
+    source.close()
+    return snapshot
 
 
 def _per_kind(db: sqlite3.Connection, query: str, params: dict) -> tuple[list[str], int]:

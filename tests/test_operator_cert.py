@@ -158,11 +158,11 @@ def test_identify_operator_takes_an_operator_and_refuses_a_node_a_gateway_and_a_
 
 
 def test_an_inventory_of_schema_5_is_migrated_and_takes_operators(tmp_path):
-    """An inventory whose certificates table predates the operator kind (schema 5) opens as schema 6
+    """An inventory whose certificates table predates the operator kind (schema 5) opens as the current schema
     with its rows kept, indexes rebuilt, and an operator row accepted; schema 5's CHECK refused it."""
     path = tmp_path / "inventory.sqlite3"
     old = sqlite3.connect(path)
-    old.executescript(SCHEMA.replace(", 'operator')", ")"))
+    old.executescript(re.sub(r"next_update INTEGER,\n +pem .*", "next_update INTEGER", SCHEMA.replace(", 'operator')", ")")))
     old.execute("PRAGMA user_version = 5")
     old.execute("INSERT INTO certificates (serial, name, name_key, kind, status, sans, requested_at) VALUES ('a', 'TW', 'tw', 'node', 'issued', '[]', 1)")
     with pytest.raises(sqlite3.IntegrityError):
@@ -175,7 +175,7 @@ def test_an_inventory_of_schema_5_is_migrated_and_takes_operators(tmp_path):
     assert inventory.get(0x0A) is not None and inventory.get(0x0A).name == "TW"
     inventory.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'certificates'")}
     db.close()
     assert {"certificates_by_name", "certificates_by_spki", "certificates_current", "certificates_history"} <= indexes

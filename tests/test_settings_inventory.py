@@ -20,6 +20,7 @@ from pkictl.authority import CertificateAuthority
 from pkictl.clock import FixedClock
 from pkictl.errors import AlreadyEnrolledError, SettingsError
 from pkictl.inventory import PENDING_TIMEOUT, Inventory
+from pkictl.storage.database import DuplicateKey
 from pkictl.profile import generate_key
 from pkictl.settings import CASettings, format_duration, parse_duration
 
@@ -253,15 +254,15 @@ def test_record_signed_commits_the_row_and_the_certificate_together(inventory):
 
     with pytest.raises(AlreadyEnrolledError):
         _signed(inventory, 10, must_not_sign, "tw")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(DuplicateKey):
         _signed(inventory, 7, must_not_sign, "n3", exclusive=False)
     assert inventory.get(10) is None and inventory.get(7).name == "TW"
 
 
 def test_duplicate_serial_raises_integrity_error(inventory):
-    """Recording a serial number a second time raises sqlite3.IntegrityError and keeps the first row."""
+    """Recording a serial number a second time raises DuplicateKey and keeps the first row."""
     _issue(inventory, 42, "TW")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(DuplicateKey):
         _intent(inventory, 42, "other", exclusive=False)
     assert inventory.get(42).name == "TW"
     _intent(inventory, 43, "other", exclusive=False)
@@ -400,6 +401,7 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     old = sqlite3.connect(path)
     version_1 = re.sub(r"used_at( +)INTEGER,(.*)\n +replaces .*\n", r"used_at\1INTEGER \2\n", SCHEMA)
     version_1 = re.sub(r"\n +successor +TEXT,.*", "", version_1)  # schema 3's column
+    version_1 = re.sub(r"next_update INTEGER,\n +pem .*", "next_update INTEGER", version_1)  # schema 7's column
     version_1 = version_1.split("CREATE TABLE IF NOT EXISTS gateway_reports")[0]  # schemas 4 and 5's tables
     old.executescript(version_1)
     assert "replaces" not in [c[1] for c in old.execute("PRAGMA table_info(tokens)")]
@@ -419,7 +421,8 @@ def test_a_version_1_inventory_is_migrated_in_place_and_keeps_its_rows(tmp_path)
     assert inventory.consume_token("tw", "aa", now) and inventory.token_replaces("tw", "aa", now) is None
     inventory.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert "pem" in [c[1] for c in db.execute("PRAGMA table_info(crls)")]
     assert "successor" in [c[1] for c in db.execute("PRAGMA table_info(certificates)")]
     assert "report" in [c[1] for c in db.execute("PRAGMA table_info(gateway_reports)")]
     assert "peer" in [c[1] for c in db.execute("PRAGMA table_info(issuance_peers)")]

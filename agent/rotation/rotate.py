@@ -125,7 +125,7 @@ class LocalCA:
         from pkictl.inventory import Inventory
 
         assert self.store is not None, "a gateway's LocalCA is given its credential store"
-        inventory = Inventory(self.home / "inventory.sqlite3")
+        inventory = Inventory.open(self.home)
         try:
             accept_report(inventory, self.store.load().certificate, body, self.clock.now())
         finally:

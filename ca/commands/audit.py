@@ -21,7 +21,7 @@ def audit() -> None:
 @click.pass_obj
 def audit_verify(obj: Home, anchor: str | None) -> None:
     """Check the log's hash chain and its head; exit 1 when it was edited or truncated."""
-    from ..audit import AuditLog
+    from ..audit import open_audit_log
     from ..clock import SystemClock
 
     home = obj.require_ca()
@@ -31,9 +31,10 @@ def audit_verify(obj: Home, anchor: str | None) -> None:
         if not seq.isdigit() or len(digest) != 64:
             raise click.BadParameter("want SEQ:HASH, e.g. 42:3f9a...(64 hex digits)", param_hint="--anchor")
         pin = (int(seq), digest.lower())
-    result = AuditLog(home / "audit.log", clock=SystemClock()).verify(anchor=pin)
+    log = open_audit_log(home, clock=SystemClock())
+    result = log.verify(anchor=pin)
     if not result.ok:
-        raise click.ClickException(f"audit log {home / 'audit.log'} does not verify: {result.problem}")
+        raise click.ClickException(f"audit log {log.path} does not verify: {result.problem}")
     click.echo(f"audit log ok: {result.records} records" + (f" ({result.note})" if result.note else ""))
 
 
@@ -41,8 +42,8 @@ def audit_verify(obj: Home, anchor: str | None) -> None:
 @click.pass_obj
 def audit_head(obj: Home) -> None:
     """Print SEQ:HASH of the last record: note it somewhere else to pin the log with --anchor."""
-    from ..audit import AuditLog
+    from ..audit import open_audit_log
     from ..clock import SystemClock
 
-    head = AuditLog(obj.require_ca() / "audit.log", clock=SystemClock()).head()
+    head = open_audit_log(obj.require_ca(), clock=SystemClock()).head()
     click.echo(f"{head[0]}:{head[1]}" if head else "0:(empty)")

@@ -24,7 +24,7 @@ def requests_(obj: Home) -> None:
 
     home = obj.require_ca()
     settings = CASettings.load(home / "ca.yaml")
-    inventory = Inventory(home / "inventory.sqlite3")
+    inventory = Inventory.open(home)
     now = dt.datetime.now(dt.timezone.utc)
     try:
         rows = [(row, inventory.unexpired(row["name"], ["node"], now))

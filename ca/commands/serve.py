@@ -44,10 +44,15 @@ __all__ = ["serve"]
               help="Enrollments in hand at once; beyond, 503 with Retry-After.  [default: issuances/s measured x --max-queue-delay]")
 @click.option("--max-queue-delay", type=click.FloatRange(0.1, 60), default=5.0, show_default=True,
               help="Seconds the enrollment admitted last may wait for its answer (derives --max-pending).")
+@click.option("--replica", default=None, metavar="NAME",
+              help="This replica's name, for its own service certificate, when several pkictl serve share one "
+                   "PostgreSQL database (init-ca --db): each needs its own.  [default: est on SQLite; required on PostgreSQL]")
+@click.option("--follow-interval", type=click.FloatRange(0.1, 300), default=2.0, show_default=True,
+              help="Seconds between reads of the CRLs other replicas signed, from the shared database.")
 @click.pass_obj
 def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interval, rate, burst, workers, loop_name,
           handshake_timeout, header_timeout, body_timeout, max_connections, max_connections_per_peer, metrics_listen,
-          admin_listen, group_commit, max_pending, max_queue_delay) -> None:
+          admin_listen, group_commit, max_pending, max_queue_delay, replica, follow_interval) -> None:
     """Serve EST (RFC 7030) so that nodes enroll and renew over the network; also the CRL.
 
     Runs in the foreground until SIGTERM (systemd/pkictl-serve.service). It issues and renews its
@@ -112,6 +117,20 @@ def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interva
         loopback = False
     if not loopback and not dns_names and not ip_addresses:
         raise click.UsageError(f"--listen {listen} reaches beyond this host: give the --dns names or --ip addresses nodes dial, so that they can verify the service")
+    from ..errors import PKIError
+    from ..names import validate_name
+    from ..storage.location import database_url
+
+    shared = database_url(obj.home) is not None if obj.home.is_dir() else False
+    if replica is None and shared:
+        raise click.UsageError("this CA keeps its records in PostgreSQL, where several pkictl serve may share them: "
+                               "give this one a name of its own with --replica NAME (a DNS label, e.g. the host's name)")
+    if replica is not None:
+        replica = f"est-{replica}"
+        try:
+            validate_name(replica)
+        except PKIError as exc:
+            raise click.BadParameter(str(exc), param_hint="--replica") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     passphrase = obj.passphrase()
@@ -124,7 +143,7 @@ def serve(obj: Home, listen, dns_names, ip_addresses, retry_after, check_interva
     service = ESTService(ca, listen=(host, port), dns_names=list(dns_names), ip_addresses=list(ip_addresses) or None,
                          retry_after=retry_after, check_interval=check_interval, rate=rate, burst=burst, signers=signers,
                          handshake_timeout=handshake_timeout, limits=limits, metrics_listen=status_address,
-                         admin_listen=admin_address, shedding=shedding)
+                         admin_listen=admin_address, shedding=shedding, replica=replica or "est", follow_interval=follow_interval)
 
     def ready(bound: int) -> None:
         from ..files import atomic_write

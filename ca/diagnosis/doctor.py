@@ -11,7 +11,6 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-import sqlite3
 import stat
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ from typing import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from ..audit import AuditLog
+from ..audit import open_audit_log
 from ..clock import Clock
 from .credential_checks import CREDENTIAL_CHECKS
 from .credential_facts import CredentialFacts, describe
@@ -33,6 +32,9 @@ from ..pem import public_key_bytes
 from ..crl import crl_number, load_crls
 from ..root_crl import root_crl_fix
 from ..settings import CASettings
+from ..status import status_source
+from ..storage.database import Row
+from ..storage.location import DATABASE_FILE, SQLITE_FILE, open_database
 
 __all__ = ["CAFacts", "CA_CHECKS", "diagnose_ca", "service_file_findings"]
 
@@ -93,10 +95,9 @@ class CAFacts:
         except (PKIError, OSError):
             return None
 
-    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Rows from the inventory, opened read-only (``mode=ro``): the doctor never writes."""
-        db = sqlite3.connect(f"file:{self.home / 'inventory.sqlite3'}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
+    def query(self, sql: str, params: tuple = ()) -> list[Row]:
+        """Rows from the inventory, opened read-only (SQLite ``mode=ro``): the doctor never writes."""
+        db = open_database(self.home, readonly=True)
         try:
             return db.execute(sql, params).fetchall()
         finally:
@@ -107,7 +108,8 @@ class CAFacts:
 def check_home(facts: CAFacts):
     """The CA files are all there, ca.yaml loads, and no one else can write the home."""
     home = facts.home
-    missing = [n for n in ("ca.yaml", "ca.pem", "root/cert.pem", "issuing/cert.pem", "issuing/key.pem", "inventory.sqlite3")
+    records = DATABASE_FILE if (home / DATABASE_FILE).exists() else SQLITE_FILE
+    missing = [n for n in ("ca.yaml", "ca.pem", "root/cert.pem", "issuing/cert.pem", "issuing/key.pem", records)
                if not (home / n).exists()]
     if ((home / ".issuing-new").is_dir() or (home / "pending-issuing").is_dir()) and not (home / "issuing").exists():
         yield Finding("ca-home", W, str(home), "a rotate-issuing was interrupted between its two renames",
@@ -242,7 +244,7 @@ def check_crl_inventory(facts: CAFacts):
     try:
         crls = {crl.issuer.rfc4514_string(): crl for crl in load_crls(path)}
         rows = facts.query("SELECT issuer, issuer_name, number, next_update FROM crls WHERE next_update IS NOT NULL")
-    except (PKIError, sqlite3.Error):
+    except PKIError:
         return  # the crl and inventory checks report an unreadable file
     issuers = {f"{c.serial_number:x}": c for c in facts.issuers}
     root = facts.root
@@ -280,12 +282,13 @@ def check_inventory(facts: CAFacts):
     """The inventory opens, and no current certificate needs attention (the `pkictl status` rules)."""
     from ..status import read_status
 
-    db = facts.home / "inventory.sqlite3"
+    shared = (facts.home / DATABASE_FILE).exists()
+    db = facts.home / (DATABASE_FILE if shared else SQLITE_FILE)
     if not db.exists():
         return
     try:
-        text, _ = read_status(db, facts.now, as_json=True)
-    except (PKIError, sqlite3.Error) as exc:
+        text, _ = read_status(status_source(facts.home), facts.now, as_json=True)
+    except PKIError as exc:
         yield Finding("inventory", E, str(db), f"cannot be read: {exc}", "the inventory pkictl writes",
                       "restore it from the backup; every command that issues needs it")
         return
@@ -306,13 +309,19 @@ def check_audit(facts: CAFacts):
     """The audit log's hash chain and head verify (as `pkictl audit verify` checks them)."""
     from ..clock import SystemClock
 
-    result = AuditLog(facts.home / "audit.log", clock=SystemClock()).verify()
+    try:
+        log = open_audit_log(facts.home, clock=SystemClock())
+    except PKIError as exc:
+        yield Finding("audit-log", E, str(facts.home / DATABASE_FILE), f"cannot be read: {exc}", "the CA database reachable",
+                      "check the database server and database.yaml")
+        return
+    result = log.verify()
     if not result.ok:
-        yield Finding("audit-log", E, str(facts.home / "audit.log"), f"does not verify: {result.problem}",
-                      "an unbroken hash chain matching audit.log.head",
+        yield Finding("audit-log", E, str(log.path), f"does not verify: {result.problem}",
+                      "an unbroken hash chain matching its head",
                       "compare with your backup and with a head noted earlier: pkictl audit verify --anchor SEQ:HASH")
     elif result.note:
-        yield Finding("audit-log", OK, str(facts.home / "audit.log"), f"{result.records} records; {result.note}")
+        yield Finding("audit-log", OK, str(log.path), f"{result.records} records; {result.note}")
 
 
 def _service_checks(facts: CAFacts) -> list[Finding]:

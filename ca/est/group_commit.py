@@ -19,7 +19,6 @@ write that fails fails every call of the group, and none is answered with a cert
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import PKIError
@@ -83,5 +82,5 @@ def note_peer(ca: CertificateAuthority, serial: int, peer: str | None) -> None:
         return
     try:
         ca.inventory.record_issuance_peer(serial, peer)
-    except (OSError, PKIError, sqlite3.Error) as exc:
+    except (OSError, PKIError) as exc:
         log.error("cannot record where serial %x was issued to: %s", serial, exc)

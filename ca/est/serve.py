@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import signal
-import sqlite3
 import ssl
 from typing import Callable, Iterator
 
@@ -111,6 +110,11 @@ class ESTService:
             Retry-After instead of queued (:class:`pkictl.est.shedding.SheddingPolicy`; its
             defaults when None).
         shed_clock, shed_rng: the shedder's monotonic clock and random source (tests inject them).
+        replica: the name of this replica's own service certificate in the inventory
+            (:func:`pkictl.est.service_credential.ensure_service_credential`).
+        follow_interval: seconds between reads of the newest CRLs from a database other replicas
+            share (:meth:`pkictl.revocation.Revocation.publish`): the bound on how long a
+            revocation made through another replica takes to reach this one's /crl. Unused on SQLite.
     """
 
     def __init__(
@@ -132,8 +136,12 @@ class ESTService:
         shedding: SheddingPolicy | None = None,
         shed_clock: Callable[[], float] | None = None,
         shed_rng: random.Random | None = None,
+        replica: str = SERVICE_NAME,
+        follow_interval: float = 2.0,
     ) -> None:
         self.ca = ca
+        self.replica = replica
+        self.follow_interval = follow_interval
         self.signers = signers
         self.listen = listen
         self.dns_names = list(dns_names or [])
@@ -168,7 +176,8 @@ class ESTService:
     def ensure_credential(self) -> Credential:
         """Renew the service certificate when due (:func:`pkictl.est.service_credential.ensure_service_credential`)
         and (re)build the TLS context from it. Returns the credential in service."""
-        credential, _ = ensure_service_credential(self.ca, self.store, dns_names=self.dns_names, ip_addresses=self.ip_addresses)
+        credential, _ = ensure_service_credential(self.ca, self.store, dns_names=self.dns_names, ip_addresses=self.ip_addresses,
+                                                  name=self.replica)
         self._build_context()
         self.credential = credential
         return credential
@@ -409,7 +418,7 @@ class ESTService:
         to write is logged, and the client still gets its certificate."""
         try:
             self.ca.inventory.record_issuance_peer(certificate.serial_number, peer)
-        except (OSError, PKIError, sqlite3.Error) as exc:
+        except (OSError, PKIError) as exc:
             log.error("cannot record where serial %x was issued to: %s", certificate.serial_number, exc)
 
     async def gateway_report(self, request: web.Request) -> web.Response:
@@ -518,6 +527,15 @@ class ESTService:
         except Exception as exc:  # keep serving with what works; retry next time
             log.error("maintenance failed: %s", exc, exc_info=not isinstance(exc, PKIError))
 
+    async def follow_database(self) -> None:
+        """Replicas on one database: publish the CRLs another replica signed (one indexed read
+        when nothing changed)."""
+        try:
+            if self.ca.revocation.publish():
+                log.info("CRL from the shared database published (signed by another replica or pkictl revoke)")
+        except Exception as exc:  # the database may be away for a moment: keep serving the CRL in hand
+            log.error("could not read the CRLs from the database: %s", exc, exc_info=not isinstance(exc, PKIError))
+
     async def run(self, *, ready: Callable[[int], None] | None = None, handle_signals: bool = True) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate and the issuing CA from disk.
 
@@ -559,6 +577,9 @@ class ESTService:
         scheduler = AsyncIOScheduler(event_loop=loop, timezone=dt.timezone.utc)
         scheduler.add_job(self.maintain, "interval", seconds=self.check_interval, misfire_grace_time=None,
                           coalesce=True, max_instances=1)
+        if self.ca.inventory.engine != "sqlite":
+            scheduler.add_job(self.follow_database, "interval", seconds=self.follow_interval, misfire_grace_time=None,
+                              coalesce=True, max_instances=1)
         scheduler.start()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,13 +31,16 @@ def _wanted(dns_names: list[str], ip_addresses: list[str]) -> list[str]:
 
 
 def ensure_service_credential(ca: CertificateAuthority, store: CredentialStore, *, dns_names: list[str],
-                              ip_addresses: list[str]) -> tuple[Credential, bool]:
+                              ip_addresses: list[str], name: str = SERVICE_NAME) -> tuple[Credential, bool]:
     """Keep ``store`` holding a usable service certificate for these names.
 
     Args:
         ca: the loaded CA; its clock decides what is due.
         store: the service's credential directory (``<home>/service``).
         dns_names, ip_addresses: the names nodes dial (the certificate's SANs).
+        name: its identity in the inventory; each replica of a CA on one database has its own
+            (``pkictl serve --replica``): under one name, each replica's issuance would supersede
+            the other's, and the superseded one would be revoked.
 
     Returns:
         ``(credential in service, whether it is new)``.
@@ -81,7 +84,7 @@ def ensure_service_credential(ca: CertificateAuthority, store: CredentialStore, 
     if certificate is None:
         if credential is not None:
             log.warning("the service certificate (serial %x) is unusable: %s; issuing a new one", credential.certificate.serial_number, why)
-        certificate = ca.issue("service", SERVICE_NAME, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses, first=False)
+        certificate = ca.issue("service", name, key.public_key(), dns_names=dns_names, ip_addresses=ip_addresses, first=False)
     fresh = Credential(key, certificate, ca.chain)
     if store.live.is_symlink():
         store.install(fresh)
