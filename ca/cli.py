@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .commands.audit import audit
 from .commands.common import Home, default_home, duration_option
+from .commands.database import db
 from .commands.enroll import enroll_gateway, enroll_node
 from .commands.nodes import nodes
 from .commands.operators import enroll_operator
@@ -266,7 +267,7 @@ def demo(directory: Path, lifetime: str, port: int | None) -> None:
     run_demo(directory, lifetime=lifetime, port=port, echo=click.echo)
 
 
-for _command in (enroll_node, enroll_gateway, enroll_operator, serve, requests_, approve, deny, audit, nodes):
+for _command in (enroll_node, enroll_gateway, enroll_operator, serve, requests_, approve, deny, audit, nodes, db):
     cli.add_command(_command)
 
 

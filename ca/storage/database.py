@@ -18,6 +18,7 @@ unique key is :class:`DuplicateKey`, anything else :class:`DatabaseError`.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Database", "DatabaseError", "DuplicateKey", "Row", "SQLiteDatabase", "PostgresDatabase", "to_pyformat",
            "INVENTORY_LOCK", "AUDIT_LOCK"]
+
+log = logging.getLogger("pkictl.storage")
 
 # Keys of the transaction-scoped advisory locks (pg_advisory_xact_lock takes a bigint): one for
 # the inventory's writers, one for the audit chain's appends.
@@ -55,7 +58,8 @@ class Row(Protocol):
 
 
 class Result(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
@@ -182,7 +186,7 @@ class _PgRow(tuple):
         row._names = names
         return row
 
-    def __getitem__(self, key):  # type: ignore[override]
+    def __getitem__(self, key):
         if isinstance(key, str):
             try:
                 return tuple.__getitem__(self, self._names.index(key))
@@ -269,9 +273,12 @@ class PostgresDatabase:
     def __init__(self, conninfo: str, *, where: str, pool_size: int = 4) -> None:
         self.where = where
         self._conninfo = conninfo
+        import psycopg
+        import psycopg_pool
+
         try:
             self._pool = _pool(conninfo, pool_size)
-        except Exception as exc:
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             raise DatabaseError(f"cannot connect to the CA database {where}: {_pg_message(exc)}; check that the server runs, "
                                 "and the user, database and password file (passfile= in the URL, or PGPASSFILE)") from None
         self._conn: psycopg.Connection | None = None  # the transaction's
@@ -335,11 +342,13 @@ class PostgresDatabase:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if rollback:
+        if rollback and not conn.closed:
+            import psycopg
+
             try:
                 conn.execute("ROLLBACK")
-            except Exception:  # a lost connection: the pool drops it on return
-                pass
+            except psycopg.Error as exc:  # a lost connection: the pool drops it on return
+                log.debug("rollback on %s failed: %s", self.where, _pg_message(exc))
         self._pool.putconn(conn)
 
     def close(self) -> None:
