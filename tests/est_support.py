@@ -236,7 +236,7 @@ def pkictl(home: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 def serials(home: Path) -> set[int]:
     """Serial numbers of every certificate signed by the CA in ``home`` (issued or revoked)."""
-    inventory = Inventory(Path(home) / "inventory.sqlite3")
+    inventory = Inventory.open(Path(home))
     try:
         return {r.serial for r in inventory.records(latest_only=False)}
     finally:
