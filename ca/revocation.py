@@ -36,6 +36,16 @@ __all__ = ["REASONS", "parse_reason", "build_crl", "crl_due", "load_crls", "crls
            "Revocation", "RevocationHost"]
 
 
+def _older(new: bytes, current: bytes) -> bool:
+    """Whether ``new`` holds, for some issuer, a lower CRL number than ``current`` (both PEM)."""
+    try:
+        held = {crl.issuer: crl_number(crl) for crl in crls_from_pem(current, source="crl.pem")}
+    except PKIError:
+        return False  # a damaged file is replaced
+    return any((number := held.get(crl.issuer)) is not None and (crl_number(crl) or 0) < number
+               for crl in crls_from_pem(new, source="the CA database"))
+
+
 class RevocationHost(Protocol):
     """What :class:`Revocation` uses of the CA it serves (:class:`pkictl.authority.CertificateAuthority`)."""
 
@@ -212,27 +222,35 @@ class Revocation:
             self.publish()
         return crls
 
-    def publish(self) -> bool:
+    def publish(self, inventory: Inventory | None = None) -> bool:
         """Replicas on one database: write ``<home>/crl.pem`` from the newest CRLs the database
         holds (:meth:`pkictl.inventory.Inventory.published_crls`) when they differ from the
         file, so that a revocation made through any replica is in every replica's CRL. ``pkictl
         serve`` calls it every ``follow_interval`` seconds. A CA on SQLite writes crl.pem when it
         signs, and this does nothing there.
 
+        Args:
+            inventory: read this one instead of the CA's (``pkictl serve`` follows on a thread of
+                its own, with its own connection, so that a database away stalls no request).
+
         Returns:
             True if crl.pem was written.
         """
-        if self._ca.inventory.engine == "sqlite":
+        inventory = inventory if inventory is not None else self._ca.inventory
+        if inventory.engine == "sqlite":
             return False
-        rows = self._ca.inventory.published_crls()
+        rows = inventory.published_crls()
         if not rows:
             return False
         data = "".join(pem for _, _, pem in rows).encode("ascii")
         try:
-            if self.crl_path.read_bytes() == data:
-                return False
+            current = self.crl_path.read_bytes()
         except FileNotFoundError:
-            pass
+            current = b""
+        if current == data:
+            return False
+        if current and _older(data, current):
+            return False  # read before a CRL this process signed meanwhile: the next follow catches up
         atomic_write(self.crl_path, data)
         return True
 

@@ -160,6 +160,7 @@ class PostgresCluster:
         self.dir: Path | None = None  # the server's: data/, the unix socket, the log; owned by its user
         self.secrets: Path | None = None  # the test process's: the passfiles (never the server's user)
         self.port: int | None = None
+        self._last_port: int | None = None  # of the last stop or kill: a restart tries it first
         self.superuser_password: str | None = None
         self._watchdog: subprocess.Popen | None = None
         self._names = itertools.count(1)
@@ -199,7 +200,8 @@ class PostgresCluster:
     def start(self) -> "PostgresCluster":
         """initdb (the first time) and start the server; on any failure everything is removed
         before the exception propagates. Calling it again after :meth:`stop` or :meth:`kill`
-        restarts the same cluster, on a new port (crash-recovery and durability tests)."""
+        restarts the same cluster, on its old port if it is still free (crash-recovery, durability
+        and outage tests)."""
         try:
             if self.dir is None:
                 self._create()
@@ -246,8 +248,9 @@ class PostgresCluster:
     def _start_server(self) -> None:
         """``pg_ctl -w -t 60 start`` on a free port, another one if the chosen port was taken
         meanwhile (the log says "Address already in use"): bounded by PORT_ATTEMPTS."""
-        for _attempt in range(PORT_ATTEMPTS):
-            port = free_port()
+        for attempt in range(PORT_ATTEMPTS):
+            # A restart tries its old port first, so that the URLs handed out stay valid.
+            port = self._last_port if attempt == 0 and self._last_port is not None else free_port()
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             result = self._run([self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-o", f"-p {port}",
                                 "-w", "-t", str(START_TIMEOUT), "start"],
@@ -277,14 +280,14 @@ class PostgresCluster:
             if result.returncode == 0:
                 break
         kill_server(self.data)  # no-op when stopped; the last resort otherwise
-        self.port = None
+        self._last_port, self.port = self.port, None
 
     def kill(self) -> None:
         """SIGKILL the server and all its processes, as a crash would: what was committed must
         survive a :meth:`start` after this (the data directory stays)."""
         if self.dir is not None:
             kill_server(self.data)
-        self.port = None
+        self._last_port, self.port = self.port, None
 
     def close(self) -> None:
         """Stop the server and remove both directories. Safe in any state: never started, half

@@ -327,3 +327,52 @@ def test_killing_a_replica_in_a_renewal_flood_loses_nothing_and_issues_nothing_t
     print(f"killed replica a with {len(nodes) - retried} of {len(nodes)} renewals answered; {retried} retried at b")
     replicas.restart("a")
     assert curl(replicas.serve["a"].url + EST + "/cacerts", cacert=replicas.ca_pem).status == 200
+
+
+def test_a_database_outage_is_answered_503_and_the_service_recovers(tmp_path):
+    """The database server stops under a running replica: a renewal is answered 503 with a
+    Retry-After naming the database (not a 500, and no signing worker lost), /crl and /cacerts
+    still answer from what the replica holds, SIGTERM still stops it in time; once the server is
+    back the same renewal succeeds. A server of its own: it is stopped mid-test."""
+    from pg import PostgresCluster
+
+    with PostgresCluster() as cluster:
+        home = tmp_path / "a"
+        pkictl(home, "init-ca", "--db", cluster.create_database("outage"))
+        ((_, bundle),) = _enroll_in(home, "out")
+        csr = _renewal_csr(bundle, tmp_path / "csr")
+        service = _serve(home, "a")
+        try:
+            def renew():
+                return curl(service.url + EST + "/simplereenroll", "--cert", str(bundle / "fullchain.pem"),
+                            "--key", str(bundle / "privkey.pem"), cacert=home / "ca.pem", data=est_body(csr),
+                            content_type="application/pkcs10")
+
+            cluster.stop()
+            refused = renew()
+            assert refused.status == 503 and refused.headers.get("retry-after"), refused
+            assert "database" in refused.text and "unavailable" in refused.text, refused.text
+            assert curl(service.url + "/crl", cacert=home / "ca.pem").status == 200
+            assert curl(service.url + EST + "/cacerts", cacert=home / "ca.pem").status == 200
+            assert not re.search(r"signing worker \d+: it ended", "\n".join(service.log.lines))  # answered, not crashed
+            cluster.start()
+            deadline = time.monotonic() + DEADLINE
+            reply = renew()
+            attempts = 1
+            while reply.status == 503 and time.monotonic() < deadline:  # the pool reconnects with a back-off
+                reply, attempts = renew(), attempts + 1
+            assert reply.status == 200, reply
+            print(f"renewed {attempts} request(s) after the database came back")
+        finally:
+            service.stop()
+
+
+def _enroll_in(home: Path, prefix: str) -> list[tuple[str, Path]]:
+    from pkictl.authority import CertificateAuthority
+
+    ca = CertificateAuthority.load(home)
+    try:
+        name = f"{prefix}{next(_names)}"
+        return [(name, ca.enroll("node", name, out=home / "bundles" / name).directory)]
+    finally:
+        ca.close()

@@ -57,7 +57,11 @@ def run_group(ca: CertificateAuthority, calls: Sequence[Callable[[], object]]) -
         One outcome per call, in order. When the commit or the audit write fails, every outcome
         is that error: nothing of the group is answered as done.
     """
-    inventory, audit = ca.inventory, ca.audit
+    try:
+        inventory, audit = ca.inventory, ca.audit  # opened at the first call: a database may be away
+    except Exception as exc:  # noqa: BLE001 - every call is answered with it; the worker lives on
+        log.error("group of %d call(s) not run: %s", len(calls), exc)
+        return [("error", exc)] * len(calls)
     outcomes: list[Outcome] = []
     audit.hold()
     try:

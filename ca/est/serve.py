@@ -47,11 +47,13 @@ from ..logfmt import quoted
 from ..names import validate_name
 from ..policy import MAX_CSR_BYTES
 from .ratelimit import RateLimiter
+from ..inventory import Inventory
 from ..revocation import crls_from_pem
 from .metrics import ServiceMetrics, StatusServer
 from .shedding import LoadShedder, SheddingPolicy
 from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
+from ..storage.database import DatabaseUnavailable
 from ..sockets import bind_problem
 from ..store import Credential, CredentialStore
 from ..tls import load_credential
@@ -170,6 +172,7 @@ class ESTService:
         self._runner: web.AppRunner | None = None
         self._files: dict[str, tuple[tuple, bytes, str]] = {}  # CRL bodies and their ETags, by file state
         self._cacerts: tuple[tuple, bytes] | None = None
+        self._follower: Inventory | None = None  # follow_database's, used on its thread only
 
     # -- the service's own credential and the CA it serves ------------------------------------
 
@@ -264,6 +267,9 @@ class ESTService:
             return text_answer(202, str(exc), **{"Retry-After": str(self.retry_after)})
         except SignerUnavailable as exc:
             refusal = Refusal(503, "signer unavailable", str(exc))
+            headers["Retry-After"] = str(self.retry_after)
+        except DatabaseUnavailable as exc:  # replicas on PostgreSQL: the server is away for now
+            refusal = Refusal(503, "database unavailable", f"{exc}; retry")
             headers["Retry-After"] = str(self.retry_after)
         except Overloaded as exc:  # RFC 7030 4.2.3: come back after Retry-After
             refusal = Refusal(503, "overloaded", str(exc))
@@ -531,10 +537,16 @@ class ESTService:
         """Replicas on one database: publish the CRLs another replica signed (one indexed read
         when nothing changed)."""
         try:
-            if self.ca.revocation.publish():
+            if await asyncio.to_thread(self._publish_followed):
                 log.info("CRL from the shared database published (signed by another replica or pkictl revoke)")
         except Exception as exc:  # the database may be away for a moment: keep serving the CRL in hand
             log.error("could not read the CRLs from the database: %s", exc, exc_info=not isinstance(exc, PKIError))
+
+    def _publish_followed(self) -> bool:
+        """On the follower's thread, with its own inventory (a connection of its own)."""
+        if self._follower is None:
+            self._follower = Inventory.open(self.ca.home)
+        return self.ca.revocation.publish(self._follower)
 
     async def run(self, *, ready: Callable[[int], None] | None = None, handle_signals: bool = True) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate and the issuing CA from disk.
@@ -592,6 +604,8 @@ class ESTService:
             await stop.wait()
         finally:
             scheduler.shutdown(wait=False)
+            if self._follower is not None:
+                self._follower.close()
             await front.close()
             if self.admin is not None:
                 await self.admin.close()

@@ -51,6 +51,7 @@ __all__ = ["SignerPool", "SignerUnavailable"]
 log = logging.getLogger("pkictl.serve")
 
 QUEUE_DEPTH = 16
+RESPAWN_PAUSE_MAX = 30.0  # seconds between attempts to start a worker that keeps failing to load
 """Calls a worker may have outstanding: ~1.2 KiB each, well inside a pipe's 64 KiB buffer, so a
 send never blocks the event loop; further calls wait for a slot."""
 
@@ -167,6 +168,7 @@ class SignerPool:
         self._workers: list[_Worker] = []
         self._slots: asyncio.Semaphore | None = None
         self._respawning: set[asyncio.Task] = set()
+        self._closed = False
 
     @property
     def alive(self) -> int:
@@ -204,6 +206,9 @@ class SignerPool:
 
     async def close(self) -> None:
         """Stop every worker; each finishes the call it is answering first."""
+        self._closed = True
+        for task in list(self._respawning):
+            task.cancel()
         workers, self._workers = self._workers, []
         for worker in workers:
             self._retire(worker, "the service is stopping")
@@ -230,10 +235,17 @@ class SignerPool:
         log.error("signing worker %s: %s; starting another", worker.process.pid, why)
 
         async def respawn() -> None:
-            try:
-                self._workers.append(await asyncio.to_thread(self._spawn))
-            except PKIError as exc:
-                log.error("%s", exc)
+            # Again and again, with a growing pause: a CA database away for a while (replicas on
+            # PostgreSQL) makes a worker fail to load until it is back.
+            delay = 1.0
+            while not self._closed:
+                try:
+                    self._workers.append(await asyncio.to_thread(self._spawn))
+                    return
+                except PKIError as exc:
+                    log.error("%s; trying again in %g s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESPAWN_PAUSE_MAX)
 
         task = asyncio.ensure_future(respawn())
         self._respawning.add(task)  # held until done: the loop keeps only weak references to tasks

@@ -30,7 +30,7 @@ from ..errors import InventoryError
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["Database", "DatabaseError", "DuplicateKey", "Row", "SQLiteDatabase", "PostgresDatabase", "to_pyformat",
+__all__ = ["Database", "DatabaseError", "DatabaseUnavailable", "DuplicateKey", "Row", "SQLiteDatabase", "PostgresDatabase", "to_pyformat",
            "INVENTORY_LOCK", "AUDIT_LOCK"]
 
 log = logging.getLogger("pkictl.storage")
@@ -47,6 +47,11 @@ class DatabaseError(InventoryError):
 
 class DuplicateKey(DatabaseError):
     """A row with this primary or unique key exists already (a serial number drawn twice)."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached now (refused, down, restarting, the connection lost):
+    the request may succeed later (``pkictl serve`` answers 503 with a Retry-After)."""
 
 
 class Row(Protocol):
@@ -219,6 +224,7 @@ class _Fetched:
         return iter(self._rows)
 
 
+POOL_WAIT = 10.0  # seconds
 _pools: dict[str, Any] = {}
 _pools_lock = threading.Lock()
 
@@ -233,9 +239,12 @@ def _pool(conninfo: str, max_size: int):
     with _pools_lock:
         pool = _pools.get(conninfo)
         if pool is None:
+            # Bounded waits: a request waits at most POOL_WAIT s for a connection, and a process
+            # starting while the server is away fails in as long instead of hanging.
             pool = ConnectionPool(conninfo, min_size=1, max_size=max_size, open=False, name="pkictl",
-                                  kwargs={"autocommit": True, "row_factory": _row_factory}, timeout=30.0)
-            pool.open(wait=True, timeout=30.0)
+                                  kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": 5},
+                                  timeout=POOL_WAIT)
+            pool.open(wait=True, timeout=POOL_WAIT)
             if not _pools:
                 atexit.register(close_pools)
             _pools[conninfo] = pool
@@ -279,7 +288,7 @@ class PostgresDatabase:
         try:
             self._pool = _pool(conninfo, pool_size)
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
-            raise DatabaseError(f"cannot connect to the CA database {where}: {_pg_message(exc)}; check that the server runs, "
+            raise DatabaseUnavailable(f"cannot connect to the CA database {where}: {_pg_message(exc)}; check that the server runs, "
                                 "and the user, database and password file (passfile= in the URL, or PGPASSFILE)") from None
         self._conn: psycopg.Connection | None = None  # the transaction's
 
@@ -301,25 +310,43 @@ class PostgresDatabase:
             return _Fetched(rows, cursor.rowcount)
         except psycopg.errors.UniqueViolation as exc:
             raise DuplicateKey(f"{self.where}: {_pg_message(exc)}") from exc
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"the CA database {self.where} is unavailable: {_pg_message(exc)}") from exc
         except psycopg.Error as exc:
             raise DatabaseError(f"{self.where}: {_pg_message(exc)}") from exc
+
+    def _borrow(self):
+        """A connection from the pool (a context manager), or DatabaseUnavailable after POOL_WAIT s."""
+        import psycopg_pool
+
+        try:
+            return self._pool.getconn()
+        except psycopg_pool.PoolTimeout as exc:
+            raise DatabaseUnavailable(f"the CA database {self.where} is unavailable: no connection within {POOL_WAIT:g} s "
+                                      f"({_pg_message(exc)})") from exc
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> _Fetched:
         if self._conn is not None:
             return self._run(self._conn, sql, params)
-        with self._pool.connection() as conn:
+        conn = self._borrow()
+        try:
             return self._run(conn, sql, params)
+        finally:
+            self._pool.putconn(conn)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         if self._conn is not None:
             self._run(self._conn, sql, list(rows), many=True)
             return
-        with self._pool.connection() as conn:
+        conn = self._borrow()
+        try:
             self._run(conn, sql, list(rows), many=True)
+        finally:
+            self._pool.putconn(conn)
 
     def begin(self, lock: int = INVENTORY_LOCK) -> None:
         """Open a write transaction and wait for the writers' advisory lock (held to its end)."""
-        conn = self._pool.getconn()
+        conn = self._borrow()
         self._conn = conn
         try:
             self._run(conn, "BEGIN", ())
