@@ -39,7 +39,7 @@ __all__ = ["serve"]
               help="Serve the operator's web page (HTTPS, operator certificates only: pkictl enroll-operator) here; "
                    "a bare PORT binds 127.0.0.1. Off unless given.")
 @click.option("--group-commit/--no-group-commit", default=True, show_default=True,
-              help="Signing workers commit the issuances queued to them together: one SQLite commit and one audit-log fsync for all.")
+              help="Signing workers commit the issuances queued to them together: one database commit and one audit-log write for all.")
 @click.option("--max-pending", type=click.IntRange(1), default=None,
               help="Enrollments in hand at once; beyond, 503 with Retry-After.  [default: issuances/s measured x --max-queue-delay]")
 @click.option("--max-queue-delay", type=click.FloatRange(0.1, 60), default=5.0, show_default=True,
