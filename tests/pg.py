@@ -134,8 +134,13 @@ def kill_server(data: Path, timeout: float = 10.0) -> None:
     if not any(_alive(v) for v in victims):
         # Dead, but maybe not reaped yet: the server is an orphan (pg_ctl exited), and this VM's
         # init reaps late. A new server would take the zombie for a running one ("Is another
-        # postmaster running?") and refuse to start, so the interlock file goes: it is stale.
+        # postmaster running?") and refuse to start, so the interlock files go: they are stale.
+        # The socket's lock file (beside the socket, in the data directory's parent here) names
+        # the same zombie, and the restart on the old port would stop on it.
         (data / "postmaster.pid").unlink(missing_ok=True)
+        for lock in data.parent.glob(".s.PGSQL.*.lock"):
+            lock.unlink(missing_ok=True)
+            lock.with_suffix("").unlink(missing_ok=True)  # the socket itself
 
 
 class PostgresCluster:
