@@ -391,6 +391,10 @@ class AuditLog:
             raise AuditError(f"{self.head_path} is not a valid audit head (want {{\"seq\": N, \"hash\": \"<64 hex>\"}})") from None
         return seq, digest
 
+    def _head_name(self) -> str:
+        """The head, as messages name it."""
+        return f"the head file {self.head_path.name}"
+
     def verify(self, *, anchor: tuple[int, str] | None = None) -> VerifyResult:
         """Check the whole log against its chain and its head (under a shared lock, so an append
         in progress is not seen half-done).
@@ -474,7 +478,7 @@ class AuditLog:
             return VerifyResult(True, count, note="no head file yet: either the first append was interrupted before writing it "
                                 "(the next append writes it) or line 1 was not written by pkictl")
         if head is None:
-            return VerifyResult(False, count, f"log holds {count} records but the head file {self.head_path.name} is missing (removed?)")
+            return VerifyResult(False, count, f"log holds {count} records but {self._head_name()} is missing (removed?)")
         if head[0] > count:
             return VerifyResult(False, count, f"log ends at seq {count} but the head says {head[0]} (truncated)")
         if head == (count - 1, prev_prev):
@@ -534,6 +538,9 @@ class DatabaseAuditLog(AuditLog):
 
     def _read_head(self) -> tuple[int, str] | None:
         return self._db_head()
+
+    def _head_name(self) -> str:
+        return "the head (table audit_head)"  # not a file named after the URL's last path segment
 
     def verify(self, *, anchor: tuple[int, str] | None = None) -> VerifyResult:
         """As :meth:`AuditLog.verify`, over the rows in seq order (read in one snapshot with the head)."""

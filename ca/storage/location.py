@@ -9,6 +9,7 @@ unit file and in no process listing.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -20,6 +21,8 @@ DATABASE_FILE = "database.yaml"
 SQLITE_FILE = "inventory.sqlite3"
 _FIX = ("put the password in a file libpq reads instead: ?passfile=/etc/pkictl/pgpass in the URL "
         "(lines host:port:database:user:password, mode 0600) or PGPASSFILE")
+# A password in libpq's keyword form (host=db password=secret, quoted or not), which is no URL.
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)")
 
 
 def check_url(url: str) -> str:
@@ -32,10 +35,15 @@ def check_url(url: str) -> str:
         The URL, unchanged.
 
     Raises:
-        SettingsError: not a ``postgresql://`` URL, no database name, no user, a password in it
-            (``user:password@`` or ``password=``), or a ``passfile`` that does not exist.
+        SettingsError: not a URL (a malformed host or port), not a ``postgresql://`` URL, no
+            database name, no user, a password in it (``user:password@`` or ``password=``), or a
+            ``passfile`` that does not exist.
     """
-    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise SettingsError(f"database URL {redact(url)!r} is not a URL: want postgresql://USER@HOST[:PORT]/DBNAME") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise SettingsError(f"database URL {redact(url)!r}: want postgresql://USER@HOST[:PORT]/DBNAME "
                             "(without --db the CA keeps its inventory in SQLite in its home)")
@@ -60,6 +68,8 @@ def redact(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    if not parts.netloc:  # libpq's keyword form (host=... password=...), or no URL at all
+        return _KEYWORD_PASSWORD.sub(r"\1***", url)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(f":{parts.password}@", ":***@", 1)

@@ -184,6 +184,7 @@ def write_replica_home(home: Path, destination: Path) -> list[str]:
                 written.append(name)
         for name in REPLICA_DIRS:
             if (home / name).is_dir():
+                (staging / name).mkdir(mode=0o700)  # not as a parent below: mkdir(parents=True) makes those 0777 & ~umask
                 for path in sorted((home / name).rglob("*")):
                     relative = path.relative_to(home)
                     if path.is_dir():
