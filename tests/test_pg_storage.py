@@ -107,10 +107,15 @@ def _refused(result) -> str:
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a directory), but SQLite's -shm index
-    (rewritten by any reader; the -wal file counts)."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))
-            if not p.name.endswith("-shm")}
+    """Every path under ``root`` with its bytes (None for a directory); an SQLite database by its
+    dump, through its WAL: a checkpoint (which any writer's lock may run) moves pages between the
+    -wal file and the database without changing a record, so their bytes are not compared."""
+    def content(p: Path) -> bytes | None:
+        if p.is_dir():
+            return None
+        return "\n".join(_sqlite_dump(p)).encode() if p.name == SQLITE_FILE else p.read_bytes()
+
+    return {str(p.relative_to(root)): content(p) for p in sorted(root.rglob("*")) if not p.name.endswith(("-shm", "-wal"))}
 
 
 # -- the audit chain ------------------------------------------------------------------------------
