@@ -135,9 +135,10 @@ class Inventory:
             raise
 
     @classmethod
-    def open(cls, home: Path) -> "Inventory":
-        """The inventory of the CA in ``home`` (:func:`pkictl.storage.location.open_database`)."""
-        return cls(open_database(home))
+    def open(cls, home: Path, *, wait: float | None = None) -> "Inventory":
+        """The inventory of the CA in ``home`` (:func:`pkictl.storage.location.open_database`;
+        ``wait``: seconds a statement waits for a PostgreSQL connection, default POOL_WAIT)."""
+        return cls(open_database(home, wait=wait))
 
     @property
     def engine(self) -> str:

@@ -12,11 +12,17 @@ server comes from tests/pg.py (run as its unprivileged user when the tests run a
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
+import json
 import re
+import select
 import signal
+import socket
+import ssl
 import time
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -25,6 +31,7 @@ from cryptography import x509
 from est_support import EST, ServeProcess, certs_only, curl, est_body, make_csr, pkictl
 from support import DEADLINE
 from pkictl.crl import crl_number
+from pkictl.storage.database import POOL_WAIT
 
 # A short follow interval keeps the test quick; the bound asserted is the interval plus the time a
 # loaded 2-core machine may take to run the job and answer (docs/design.md, "CA replicas").
@@ -348,8 +355,22 @@ def test_a_database_outage_is_answered_503_and_the_service_recovers(tmp_path):
                             "--key", str(bundle / "privkey.pem"), cacert=home / "ca.pem", data=est_body(csr),
                             content_type="application/pkcs10")
 
+            gateway = _enroll_gateway(home, tmp_path / "gw")
             cluster.stop()
-            refused = renew()
+            # A gateway's report needs the database too. Sent first, it must not hold up what
+            # the replica can answer without the database: its write waits on another thread
+            # (with the write on the event loop, /cacerts and /crl waited RECORD_WAIT behind it).
+            with _report_sent(service, home, gateway) as report, concurrent.futures.ThreadPoolExecutor(1) as background:
+                renewal = background.submit(renew)  # waits as long, meanwhile (in the signing worker)
+                # Its handler starts a few milliseconds later; five answers in a row while it still
+                # waits show the loop was free (with the write on the loop, at most the first one).
+                for _ in range(5):
+                    assert curl(service.url + EST + "/cacerts", cacert=home / "ca.pem").status == 200
+                assert curl(service.url + "/crl", cacert=home / "ca.pem").status == 200
+                assert not _answered(report), "the report was answered before /cacerts and /crl were"
+                answer = _answer(report)
+                refused = renewal.result()
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer and b"is unavailable" in answer, answer
             assert refused.status == 503 and refused.headers.get("retry-after"), refused
             assert "database" in refused.text and "unavailable" in refused.text, refused.text
             assert curl(service.url + "/crl", cacert=home / "ca.pem").status == 200
@@ -363,8 +384,59 @@ def test_a_database_outage_is_answered_503_and_the_service_recovers(tmp_path):
                 reply, attempts = renew(), attempts + 1
             assert reply.status == 200, reply
             print(f"renewed {attempts} request(s) after the database came back")
+
+            # SIGTERM while the database is away again and a report waits for it: the report is
+            # still answered (503, within RECORD_WAIT) and the process ends, not after POOL_WAIT.
+            cluster.stop()
+            with _report_sent(service, home, gateway) as report:
+                for _ in range(5):  # as above: the report's handler has started by now
+                    assert curl(service.url + EST + "/cacerts", cacert=home / "ca.pem").status == 200
+                assert not _answered(report)
+                started = time.monotonic()
+                service.proc.terminate()
+                answer = _answer(report)
+                returncode = service.proc.wait(POOL_WAIT + DEADLINE)
+                took = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 503") and b"no connection within 2 s" in answer, answer
+            assert returncode == 0 and took < POOL_WAIT / 2, (returncode, f"{took:.1f} s", "\n".join(service.log.lines[-20:]))
         finally:
             service.stop()
+
+
+def _enroll_gateway(home: Path, out: Path) -> Path:
+    from pkictl.authority import CertificateAuthority
+
+    ca = CertificateAuthority.load(home)
+    try:
+        return ca.enroll("gateway", "gw", out=out, ip_addresses=["127.0.0.1"]).directory
+    finally:
+        ca.close()
+
+
+@contextlib.contextmanager
+def _report_sent(service: ServeProcess, home: Path, gateway: Path) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection with the gateway's certificate over which a whole report request has
+    been written (in the kernel's buffers when this yields), its answer not read yet."""
+    context = ssl.create_default_context(cafile=str(home / "ca.pem"))
+    context.load_cert_chain(gateway / "fullchain.pem", gateway / "privkey.pem")
+    body = json.dumps({"version": 1, "interval": 1.0, "generated_at": "2026-12-02T21:00:00+00:00", "nodes": []}).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=DEADLINE) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"POST /pkictl/v1/gateway-report HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        yield tls
+
+
+def _answered(tls: ssl.SSLSocket) -> bool:
+    return tls.pending() > 0 or bool(select.select([tls], [], [], 0)[0])
+
+
+def _answer(tls: ssl.SSLSocket) -> bytes:
+    """Everything the server sends until it closes (bounded by the socket's DEADLINE timeout)."""
+    chunks = []
+    while chunk := tls.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _enroll_in(home: Path, prefix: str) -> list[tuple[str, Path]]:

@@ -16,6 +16,7 @@ in its handshake; every answer is logged by :class:`pkictl.est.log.RequestLog`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -25,7 +26,8 @@ import os
 import random
 import signal
 import ssl
-from typing import Callable, Iterator
+import threading
+from typing import Callable, Iterator, TypeVar
 
 from aiohttp import BasicAuth, web
 from cryptography import x509
@@ -61,6 +63,13 @@ from ..tls import load_credential
 __all__ = ["ESTService", "RateLimiter", "SERVICE_NAME"]
 
 log = logging.getLogger("pkictl.serve")
+_T = TypeVar("_T")
+
+# Seconds a gateway report, a note of where a certificate went, or a read of the shared CRLs
+# waits for a database connection: each is tried again soon (the gateway's next report, the next
+# follow interval), so it gives up early rather than pile up while the server is away.
+RECORD_WAIT = 2.0
+RECORD_THREADS = 4  # the pool's size: more would only wait for a connection
 
 
 _ENROLLMENT_PATHS = (f"{EST_PREFIX}/simpleenroll", f"{EST_PREFIX}/simplereenroll")
@@ -172,7 +181,13 @@ class ESTService:
         self._runner: web.AppRunner | None = None
         self._files: dict[str, tuple[tuple, bytes, str]] = {}  # CRL bodies and their ETags, by file state
         self._cacerts: tuple[tuple, bytes] | None = None
-        self._follower: Inventory | None = None  # follow_database's, used on its thread only
+        # On a database server, the records a request leaves besides its certificate (a gateway's
+        # report, where a certificate went) and the reads of CRLs other replicas signed run on
+        # threads of their own, each with an inventory of its own that waits RECORD_WAIT for a
+        # connection: on the event loop, a server that is away would stall every request, /crl
+        # and /cacerts included. Not asyncio's default executor: asyncio.run() waits for it.
+        self._records: concurrent.futures.ThreadPoolExecutor | None = None
+        self._recorders = threading.local()  # .inventory: the thread's
 
     # -- the service's own credential and the CA it serves ------------------------------------
 
@@ -390,7 +405,7 @@ class ESTService:
                 self.follow_rotation()
                 certificate = self.ca.simple_enroll(csr, name=name, token=token, peer=peer)
         if self.signers is None or not self.signers.records_peers:
-            self._note_peer(certificate, peer)
+            await self._note_peer(certificate, peer)
         return self._certificate(certificate)
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
@@ -404,7 +419,7 @@ class ESTService:
                 self.follow_rotation()
                 successor = self.ca.simple_reenroll(csr, current)
         if self.signers is None or not self.signers.records_peers:
-            self._note_peer(successor, request.remote or "?")
+            await self._note_peer(successor, request.remote or "?")
         return self._certificate(successor)
 
     def _client_certificate(self, request: web.Request, wanted: str) -> x509.Certificate:
@@ -419,19 +434,42 @@ class ESTService:
         self._limit(f"serial:{certificate.serial_number:x}")
         return certificate
 
-    def _note_peer(self, certificate: x509.Certificate, peer: str) -> None:
+    async def _note_peer(self, certificate: x509.Certificate, peer: str) -> None:
         """Remember where ``certificate`` went (the fleet view's last renewal address); a failure
         to write is logged, and the client still gets its certificate."""
         try:
-            self.ca.inventory.record_issuance_peer(certificate.serial_number, peer)
+            await self._record(lambda inventory: inventory.record_issuance_peer(certificate.serial_number, peer))
         except (OSError, PKIError) as exc:
             log.error("cannot record where serial %x was issued to: %s", certificate.serial_number, exc)
+
+    async def _record(self, write: Callable[[Inventory], _T]) -> _T:
+        """Run ``write`` with an inventory: the CA's, here, on SQLite (a local file is never
+        away); on a database server, the recorder's on the records thread, so that the event loop
+        goes on serving while the write waits for a connection (at most RECORD_WAIT seconds).
+
+        Raises:
+            whatever ``write`` raises (DatabaseUnavailable when the server cannot be reached)."""
+        if self.ca.inventory.engine == "sqlite":
+            return write(self.ca.inventory)
+        return await self._on_records_thread(write)
+
+    async def _on_records_thread(self, write: Callable[[Inventory], _T]) -> _T:
+        if self._records is None:
+            self._records = concurrent.futures.ThreadPoolExecutor(max_workers=RECORD_THREADS, thread_name_prefix="pkictl-records")
+        return await asyncio.get_running_loop().run_in_executor(self._records, self._with_recorder, write)
+
+    def _with_recorder(self, write: Callable[[Inventory], _T]) -> _T:
+        inventory = getattr(self._recorders, "inventory", None)
+        if inventory is None:
+            inventory = self._recorders.inventory = Inventory.open(self.ca.home, wait=RECORD_WAIT)
+        return write(inventory)
 
     async def gateway_report(self, request: web.Request) -> web.Response:
         """A gateway's connection table (:mod:`pkictl.fleet_report`), authenticated by its
         gateway certificate over mTLS; 204 once stored."""
         current = self._client_certificate(request, f"{REPORT_PATH} wants the gateway's own")
-        gateway, report = accept_report(self.ca.inventory, current, await request.read(), self.ca.clock.now())
+        body, now = await request.read(), self.ca.clock.now()
+        gateway, report = await self._record(lambda inventory: accept_report(inventory, current, body, now))
         log.debug("gateway report of %s: %d node(s)", gateway, len(report.nodes))
         return web.Response(status=204)
 
@@ -537,16 +575,10 @@ class ESTService:
         """Replicas on one database: publish the CRLs another replica signed (one indexed read
         when nothing changed)."""
         try:
-            if await asyncio.to_thread(self._publish_followed):
+            if await self._on_records_thread(self.ca.revocation.publish):
                 log.info("CRL from the shared database published (signed by another replica or pkictl revoke)")
         except Exception as exc:  # the database may be away for a moment: keep serving the CRL in hand
             log.error("could not read the CRLs from the database: %s", exc, exc_info=not isinstance(exc, PKIError))
-
-    def _publish_followed(self) -> bool:
-        """On the follower's thread, with its own inventory (a connection of its own)."""
-        if self._follower is None:
-            self._follower = Inventory.open(self.ca.home)
-        return self.ca.revocation.publish(self._follower)
 
     async def run(self, *, ready: Callable[[int], None] | None = None, handle_signals: bool = True) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the service certificate and the issuing CA from disk.
@@ -604,8 +636,9 @@ class ESTService:
             await stop.wait()
         finally:
             scheduler.shutdown(wait=False)
-            if self._follower is not None:
-                self._follower.close()
+            if self._records is not None:
+                # Writes under way finish (within RECORD_WAIT); a follow-up queued is dropped.
+                self._records.shutdown(wait=False, cancel_futures=True)
             await front.close()
             if self.admin is not None:
                 await self.admin.close()

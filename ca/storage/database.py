@@ -241,9 +241,11 @@ def _pool(conninfo: str, max_size: int):
         if pool is None:
             # Bounded waits: a request waits at most POOL_WAIT s for a connection, and a process
             # starting while the server is away fails in as long instead of hanging.
+            # A connection is checked (one empty query) as it is lent: one the server dropped (a
+            # restart, a fail-over) is replaced instead of failing the request it was lent to.
             pool = ConnectionPool(conninfo, min_size=1, max_size=max_size, open=False, name="pkictl",
                                   kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": 5},
-                                  timeout=POOL_WAIT)
+                                  timeout=POOL_WAIT, check=ConnectionPool.check_connection)
             pool.open(wait=True, timeout=POOL_WAIT)
             if not _pools:
                 atexit.register(close_pools)
@@ -279,8 +281,9 @@ class PostgresDatabase:
 
     engine = "postgresql"
 
-    def __init__(self, conninfo: str, *, where: str, pool_size: int = 4) -> None:
+    def __init__(self, conninfo: str, *, where: str, pool_size: int = 4, wait: float = POOL_WAIT) -> None:
         self.where = where
+        self.wait = wait  # seconds a borrow waits for a connection
         self._conninfo = conninfo
         import psycopg
         import psycopg_pool
@@ -316,14 +319,16 @@ class PostgresDatabase:
             raise DatabaseError(f"{self.where}: {_pg_message(exc)}") from exc
 
     def _borrow(self):
-        """A connection from the pool (a context manager), or DatabaseUnavailable after POOL_WAIT s."""
+        """A connection from the pool, or DatabaseUnavailable after ``self.wait`` seconds."""
         import psycopg_pool
 
         try:
-            return self._pool.getconn()
+            return self._pool.getconn(timeout=self.wait)
         except psycopg_pool.PoolTimeout as exc:
-            raise DatabaseUnavailable(f"the CA database {self.where} is unavailable: no connection within {POOL_WAIT:g} s "
+            raise DatabaseUnavailable(f"the CA database {self.where} is unavailable: no connection within {self.wait:g} s "
                                       f"({_pg_message(exc)})") from exc
+        except psycopg_pool.PoolClosed as exc:  # close_pools() ran: the process is stopping
+            raise DatabaseUnavailable(f"the CA database {self.where} is unavailable: this process is stopping") from exc
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> _Fetched:
         if self._conn is not None:

@@ -109,12 +109,14 @@ def write_database_url(home: Path, url: str) -> None:
     atomic_write(Path(home) / DATABASE_FILE, (text + yaml.safe_dump({"url": check_url(url)})).encode(), PRIVATE_FILE_MODE)
 
 
-def open_database(home: Path, *, readonly: bool = False, url: str | None = None):
+def open_database(home: Path, *, readonly: bool = False, url: str | None = None, wait: float | None = None):
     """The database of the CA in ``home``: PostgreSQL when ``database.yaml`` names one (or
     ``url`` is given), else ``<home>/inventory.sqlite3``.
 
     Args:
         readonly: SQLite only: open the file read-only and never create it (status, doctor).
+        wait: PostgreSQL only: seconds a statement waits for a pooled connection (default
+            :data:`pkictl.storage.database.POOL_WAIT`).
 
     Raises:
         SettingsError: as :func:`database_url`.
@@ -125,4 +127,4 @@ def open_database(home: Path, *, readonly: bool = False, url: str | None = None)
     url = url if url is not None else database_url(home)
     if url is None:
         return SQLiteDatabase(Path(home) / SQLITE_FILE, readonly=readonly)
-    return PostgresDatabase(url, where=url)
+    return PostgresDatabase(url, where=url) if wait is None else PostgresDatabase(url, where=url, wait=wait)
