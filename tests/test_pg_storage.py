@@ -33,6 +33,7 @@ import sqlite3
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -604,20 +605,35 @@ def _unreachable(pg_url: str) -> str:
     return parts._replace(netloc=f"{parts.username}@127.0.0.1:{free_port()}").geturl()
 
 
-def test_an_unreachable_server_is_database_unavailable(pg_url, monkeypatch):
-    """Nothing listens on the port: DatabaseUnavailable naming the server, after POOL_WAIT
-    (shortened here: a CLI waits 10 s); the same URL on the live port connects (the control)."""
-    monkeypatch.setattr(storage_database, "POOL_WAIT", 0.5)
+def test_an_unreachable_server_is_database_unavailable(pg_url):
+    """Nothing listens on the port: DatabaseUnavailable naming the server and libpq's reason
+    (connection refused), at once rather than after POOL_WAIT; the same URL on the live port
+    connects (the control)."""
     url = _unreachable(pg_url)
-    with pytest.raises(DatabaseUnavailable, match=r"cannot connect to the CA database .*127\.0\.0\.1:\d+.*check that the server runs"):
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match=r"cannot connect to the CA database .*127\.0\.0\.1:\d+.*[Cc]onnection refused"
+                                                   r".*check that the server runs"):
         PostgresDatabase(url, where=url)
+    assert time.monotonic() - started < storage_database.POOL_WAIT  # the pool's wait would be all of it
     assert PostgresDatabase(pg_url, where=pg_url).execute("SELECT 1").fetchone()[0] == 1
 
 
-def test_an_unreachable_server_is_a_clear_cli_error(tmp_path, pg_url, monkeypatch):
+def test_a_wrong_password_is_named_as_such(pg_url, tmp_path):
+    """A passfile with another password: the server's own reason (password authentication
+    failed), not a pool timeout."""
+    passfile = Path(parse_qs(urlsplit(pg_url).query)["passfile"][0])
+    wrong = tmp_path / "wrong.pgpass"
+    host, port, db, user, _ = passfile.read_text().strip().split(":")
+    wrong.write_text(f"{host}:{port}:{db}:{user}:not-the-password\n")
+    wrong.chmod(0o600)
+    url = pg_url.replace(str(passfile), str(wrong))
+    with pytest.raises(DatabaseUnavailable, match=r"password authentication failed"):
+        PostgresDatabase(url, where=url)
+
+
+def test_an_unreachable_server_is_a_clear_cli_error(tmp_path, pg_url):
     """`pkictl status` and `pkictl audit verify` of a CA whose server is away: exit 1 with the
     message, no traceback."""
-    monkeypatch.setattr(storage_database, "POOL_WAIT", 0.5)
     home = tmp_path / "ca"
     _ok(run(home, "init-ca", "--db", pg_url))
     assert _ok(run(home, "audit", "verify")).startswith("audit log ok")  # the control

@@ -234,11 +234,16 @@ def _pool(conninfo: str, max_size: int):
     opens its own), closed at interpreter exit."""
     import atexit
 
+    import psycopg
     from psycopg_pool import ConnectionPool
 
     with _pools_lock:
         pool = _pools.get(conninfo)
         if pool is None:
+            # One connection of its own first: a server that is away or refuses the login fails
+            # here at once with libpq's reason, where the pool retries for POOL_WAIT seconds and
+            # then names only its own timeout.
+            psycopg.connect(conninfo, connect_timeout=5).close()
             # Bounded waits: a request waits at most POOL_WAIT s for a connection, and a process
             # starting while the server is away fails in as long instead of hanging.
             # A connection is checked (one empty query) as it is lent: one the server dropped (a
