@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import itertools
 import logging
 import os
@@ -153,6 +154,18 @@ def postgres_cluster(postgres_bindir: Path):
     about a second and a half, a database per test (pg_url) a tenth of one."""
     with PostgresCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(autouse=True)
+def real_now(request: pytest.FixtureRequest) -> None:
+    """In a module with ``NOW_FROM_REAL_CLOCK = True``, ``NOW`` (the time its fixed clocks stand
+    at) is the time each test starts, not the module's import: the certificates its fixtures make
+    at the real time are backdated 5 minutes only, and a long run reaches some modules later than
+    that after collecting them all. Whole seconds where the module's NOW has none."""
+    module = request.module
+    if getattr(module, "NOW_FROM_REAL_CLOCK", False):
+        now = dt.datetime.now(dt.timezone.utc)
+        module.NOW = now.replace(microsecond=0) if module.NOW.microsecond == 0 else now
 
 
 _pg_databases = itertools.count(1)

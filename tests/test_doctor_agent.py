@@ -18,6 +18,7 @@ from est_support import RunningService
 from support import free_port
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def node_config(pki, tmp_path, **changes) -> dict:

@@ -23,6 +23,7 @@ from doctor_support import only, problems, replace_file, snapshot
 from support import command
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 PASSPHRASE = b"correct horse battery staple"
 
 

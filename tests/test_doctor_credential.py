@@ -25,6 +25,7 @@ from pkictl.settings import CASettings
 from doctor_support import live_version, only, problems, replace_file
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def facts(pki, *, bundle=None, now=None, **kwargs) -> CredentialFacts:

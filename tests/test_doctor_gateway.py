@@ -24,6 +24,7 @@ from doctor_support import live_version, only, problems, replace_file, snapshot,
 from support import DEADLINE, live_files, free_port, wait_until
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def node_config(pki, tmp_path, **changes):

@@ -18,6 +18,7 @@ from doctor_support import live_version, problems, replace_file, write_config
 from support import DEADLINE, command
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def _node_config(pki, tmp_path):

@@ -26,6 +26,7 @@ from est_support import EST, ServeProcess, curl, est_body, make_csr, pkictl
 from support import DEADLINE, live_files
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def _write(directory: Path, name: str, chain: list[x509.Certificate], key) -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ from pkictl.profile import generate_key, node_identity
 from support import DEADLINE, TLSClient, bundle_context, client_context, refusal_record, refused, wait_until
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def _files(tmp_path, name: str, cert: x509.Certificate, key, chain) -> tuple:

@@ -24,6 +24,7 @@ from pkictl.settings import CASettings
 from pkictl.store import CredentialStore
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from pkictl.settings import CASettings
 from doctor_support import only, problems
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 SECOND = dt.timedelta(seconds=1)
 YEAR = dt.timedelta(days=365)
 

@@ -24,6 +24,7 @@ from doctor_support import live_version, replace_file
 from support import AgentProcess
 
 NOW = dt.datetime.now(dt.timezone.utc)
+NOW_FROM_REAL_CLOCK = True  # conftest's real_now sets NOW again as each test starts
 
 
 def _config(pki, echo_server, directory: Path, name: str = "gw", *, crl: Path | None = None, **settings) -> Path:
