@@ -61,8 +61,11 @@ class EchoServer:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 server.connections += 1
-                while data := self.request.recv(65536):
-                    self.request.sendall(data)
+                try:
+                    while data := self.request.recv(65536):
+                        self.request.sendall(data)
+                except ConnectionResetError:
+                    pass  # the listener aborted the connection (a revoked node, a stop): not an echo failure
 
         self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
