@@ -404,6 +404,7 @@ def _frame(names: str, file: str) -> str:
 # comes before the ones it runs inside (prelint runs inside issue, inside simple_reenroll, inside
 # aiohttp's handler...).
 CATEGORIES = [
+    ("waiting for PostgreSQL (round trips, commits)", r"^Connection\.wait \(psycopg/"),
     ("pre-issuance lint (pkilint + throwaway signature)", _frame("prelint", r"ca/lint\.py")),
     ("audit log append (file fsync + head, or rows)", _frame("append|flush|_append_bodies", r"ca/audit\.py")),
     ("inventory writes (1 transaction, its commit)", _frame("record_signed", r"ca/inventory\.py")),
@@ -413,18 +414,36 @@ CATEGORIES = [
     ("CSR decode, PKCS#7 encode", _frame("decode_csr_body|encode_certs_only|_csr|_certificate", r"ca/(est|serve)\.py")),
     ("per-request log line", r"\(logging/__init__\.py"),
     ("handler: peer certificate, rate limit", _frame("simplereenroll|_limit", r"ca/serve\.py")),
-    ("TLS handshake (incl. client chain verification)", _frame("_do_handshake|_on_handshake_complete", r"asyncio/sslproto\.py")),
-    ("TLS read/write/close", r"\(asyncio/sslproto\.py"),
+    ("TLS handshake (incl. client chain verification)",
+     _frame("_do_handshake|_on_handshake_complete", r"asyncio/sslproto\.py") + r"|^SSLObject\.do_handshake \(ssl\.py"),  # asyncio | uvloop
+    ("TLS read/write/close", r"\(asyncio/sslproto\.py|^SSLObject\.(read|write|unwrap) \(ssl\.py"),
     ("aiohttp (HTTP parse, routing, middleware, response)", r"\(aiohttp/"),
-    ("idle (waiting in epoll)", r"^epoll_wait \("),
     ("asyncio event loop (accept, callbacks)", r"\(asyncio/"),
 ]
 _COMPILED = [(label, re.compile(pattern)) for label, pattern in CATEGORIES]
-_IDLE = "idle (waiting in epoll)"
+_IDLE = "idle (epoll, a worker waiting for calls, parked threads)"
+
+
+# Samples of nothing to do: the event loop in epoll (asyncio's or uvloop's), a signing worker
+# waiting for calls on its pipe, parked threads (psycopg's pool workers), the resource tracker.
+_WAITING = re.compile(r"^(epoll_p?wait|futex|pthread_cond_(timed)?wait|sem_(timed)?wait) \(|^0x[0-9a-f]+ \(libc")
+
+
+def idle(stack: list[str]) -> bool:
+    leaf = stack[-1] if stack else ""
+    if leaf.startswith(("epoll_wait (", "epoll_pwait (")):
+        return True
+    if any("resource_tracker" in frame for frame in stack):
+        return True
+    if leaf.startswith("read (") and any(frame.startswith("_calls (ca/est/signers.py") for frame in stack):
+        return True
+    return bool(_WAITING.search(leaf)) and any(frame.startswith("thread_run (") for frame in stack)
 
 
 def classify(stack: list[str]) -> tuple[str, str]:
     """(category, the frame its innermost matching frame calls) of a stack, outermost frame first."""
+    if idle(stack):
+        return _IDLE, "(nothing to do)"
     for label, regex in _COMPILED:
         matches = [i for i, frame in enumerate(stack) if regex.search(frame)]
         if matches:
@@ -439,12 +458,16 @@ def breakdown(raw: Path, ms_per_request: float) -> None:
     fsync: collections.Counter = collections.Counter()
     gc: collections.Counter = collections.Counter()
     inner: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    processes: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         text, _, count = line.rpartition(" ")
         if not text:
             continue
-        stack, n = text.split(";"), int(count)
+        frames, n = text.split(";"), int(count)
+        stack = [f for f in frames if not f.startswith("process ")]  # --subprocesses: the process path first
         label, called = classify(stack)
+        if label != _IDLE:
+            processes["signing workers" if sum(f.startswith("process ") for f in frames) > 1 else "event loop process"] += n
         counts[label] += n
         inner[label][called] += n
         if re.match(r"(fsync|fdatasync) \(", stack[-1]):
@@ -460,6 +483,7 @@ def breakdown(raw: Path, ms_per_request: float) -> None:
             continue
         top = ", ".join(f"{name} {k / n:.0%}" for name, k in inner[label].most_common(3))
         print(f"  {n / busy:6.1%} {n / busy * ms_per_request:5.2f} {fsync[label] / busy:6.1%} {gc[label] / busy:5.1%}  {label:54} {top}")
+    print(f"  by process: {', '.join(f'{name} {k / busy:.0%}' for name, k in processes.most_common())}")
     print(f"  {sum(fsync.values()) / busy:6.1%} of the busy time is blocked in fsync/fdatasync, {sum(gc.values()) / busy:.1%} in Python's garbage collector")
 
 
