@@ -337,10 +337,10 @@ def run_herd(args, engine: Engine, databases: Databases) -> dict:
         for proc in procs:
             proc.start()
         barrier.wait(timeout=600)
-        cpu0, db0, start = sum(s.cpu() for s in servers), databases.server_cpu(), time.monotonic()
+        cpu0, db0, machine0, start = sum(s.cpu() for s in servers), databases.server_cpu(), est_reenroll.machine_cpu(), time.monotonic()
         reports = collect(results, procs, deadline=start + args.timeout * 4 + 600)
         wall = time.monotonic() - start
-        server_cpu, db1 = sum(s.cpu() for s in servers) - cpu0, databases.server_cpu()
+        server_cpu, db1, machine1 = sum(s.cpu() for s in servers) - cpu0, databases.server_cpu(), est_reenroll.machine_cpu()
         for proc in procs:
             proc.join(60)
         stack.close()  # the servers stop before the check: their log lines are all in
@@ -354,7 +354,7 @@ def run_herd(args, engine: Engine, databases: Databases) -> dict:
         "retry_afters": sorted(x for r in reports for x in r["retry_afters"]),
         "shed_at": [x for r in reports for x in r["shed_at"]],
         "renewed_by": sum((r["renewed_by"] for r in reports), collections.Counter()),
-        "client_cpu": sum(r["cpu"] for r in reports), "failures": [f for r in reports for f in r["failures"]][:5],
+        "client_cpu": sum(r["cpu"] for r in reports), "machine_busy": machine1[0] - machine0[0], "failures": [f for r in reports for f in r["failures"]][:5],
         "servers": [{"label": s.label, "answered": s.answered, "errors": s.errors, "refusals": s.refusals, "log": list(s.log)}
                     for s in servers],
         "problem": problem,
@@ -385,6 +385,10 @@ def report(r: dict) -> None:
     db = f"; PostgreSQL server CPU {r['db_cpu']:.1f} s ({r['db_cpu'] * 1000 / max(len(renewed), 1):.2f} ms per renewal)" if r["db_cpu"] is not None else ""
     print(f"  server CPU {r['server_cpu']:.1f} s ({r['server_cpu'] * 1000 / max(len(renewed), 1):.2f} ms per renewal, shed answers included){db}; "
           f"client CPU {r['client_cpu']:.1f} s; wall {r['wall']:.1f} s; server ERROR lines: {errors}")
+    ours = r["server_cpu"] + (r["db_cpu"] or 0.0) + r["client_cpu"]
+    print(f"  machine: {r['machine_busy']:.1f} CPU s busy of {r['wall'] * (os.cpu_count() or 1):.1f} in the herd "
+          f"({r['machine_busy'] / (r['wall'] * (os.cpu_count() or 1)):.0%}); not this bench's: {max(0.0, r['machine_busy'] - ours):.1f} s "
+          f"(other tenants, the kernel, the bench's own process)")
     if r["engine"].name == "postgresql":
         asked = ", ".join(f"r{i + 1} {r['renewed_by'][i]}" for i in range(len(r["servers"])))
         answered = ", ".join(f"r{i + 1} {s['answered']}" for i, s in enumerate(r["servers"]))
