@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import signal
 import ssl
 import statistics
@@ -89,6 +90,10 @@ def spread(nodes: list, clients: int, replicas: int) -> list[list[tuple]]:
 def _client(nodes: list[tuple[str, str, bytes, int]], urls: list[str], anchors: str, connections: int, timeout: float,
             barrier, results) -> None:
     """A client process: build each node's TLS context, wait for the start, renew every node at once."""
+    if sys.platform == "linux":  # ended by the kernel if the bench dies (even by SIGKILL): nothing left waiting
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     try:
         import uvloop
 
@@ -158,6 +163,13 @@ async def _herd(nodes, contexts, urls: list[str], connections: int, timeout: flo
 # -- the server ----------------------------------------------------------------------------------
 
 
+def _end_with_parent() -> list[str]:
+    """A prefix that has the kernel SIGTERM a `pkictl serve` when the bench dies, however it dies
+    (util-linux setpriv --pdeathsig, Linux); without setpriv, the bench's finally blocks only."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv and sys.platform == "linux" else []
+
+
 class ServerFailed(RuntimeError):
     """A `pkictl serve` did not come up."""
 
@@ -169,7 +181,7 @@ class Server:
     _ANSWERED = re.compile(r"\banswered peer=\S+ method=POST path='[^']*/simplereenroll' status=200\b")
 
     def __init__(self, home: Path, args: list[str], log: Path | None = None, label: str = "pkictl serve") -> None:
-        argv = [PKICTL, "--home", str(home), "serve", "--listen", "127.0.0.1:0", *args]
+        argv = [*_end_with_parent(), PKICTL, "--home", str(home), "serve", "--listen", "127.0.0.1:0", *args]
         self.label = label
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -183,7 +195,12 @@ class Server:
         self._copy = log.open("w") if log is not None else None  # the whole log, for a look afterwards
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self._drainer.start()
-        if not self._ready.wait(60) or not self.port:
+        try:
+            ready = self._ready.wait(60) and self.port
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C) before the caller could take it in hand
+            self.stop()
+            raise
+        if not ready:
             self.stop()
             raise ServerFailed(f"{label} did not start:\n" + "\n".join(self.tail))
 
@@ -329,9 +346,14 @@ def run_herd(args, engine: Engine, databases: Databases) -> dict:
 
         def end_clients() -> None:
             for proc in procs:
+                if proc.pid is None:  # never started
+                    continue
                 if proc.is_alive():
                     proc.terminate()
                 proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
 
         stack.callback(end_clients)
         for proc in procs:
