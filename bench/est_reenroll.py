@@ -16,11 +16,15 @@ without it, under a cProfile'd `pkictl serve`), and the server's time is broken 
 
 Usage: python bench/est_reenroll.py [--nodes 2000] [--concurrency 32] [--seconds 60] [--workers N] [--loop auto|uvloop|asyncio]
                                     [--group-commit both|on|off] [--profile-nodes 1000] [--profiler auto|py-spy|cprofile|none]
+                                    [--engine both|sqlite|postgresql] [--db URL]
 
 By default it runs two rounds of fresh nodes, each against its own `pkictl serve`: with
 --no-group-commit (every issuance commits its inventory transaction and fsyncs its audit record
 alone, and the serving process records the renewal address in a transaction of its own), then with
-group commit (pkictl.est.group_commit), and prints the ratio of the two.
+group commit (pkictl.est.group_commit), and prints the ratio of the two; and it does so on both
+engines, SQLite in the CA home, then PostgreSQL (`pkictl init-ca --db` in a throwaway PostgreSQL 15
+server from tests/pg.py, fsync and synchronous_commit on, or the empty database of --db URL; its
+`pkictl serve --replica bench`), and prints PostgreSQL's ratio to SQLite in each mode.
 
 `pkictl serve` issues in a signing worker process beside its event loop (--workers, default 1) on
 uvloop when it is installed (--loop); the server CPU reported is that of the whole process tree.
@@ -44,6 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -54,6 +59,7 @@ from pkictl.files import read_private_file
 from pkictl.inventory import Inventory
 from pkictl.keys import load_private_key
 from pkictl.profile import build_end_entity, generate_key, validity_window
+from throwaway_pg import Databases, init_ca  # bench/ is the script's folder, first on sys.path
 
 GOAL = 300.0  # re-enrollments per second
 WARMUP = 20  # re-enrollments before timing: the first one imports pkilint and builds its validator
@@ -91,7 +97,8 @@ def make_fleet(home: Path, out: Path, prefix: str, count: int) -> list[Node]:
     key_path = home / "issuing" / "key.pem"
     issuing_key = load_private_key(read_private_file(key_path), None, source=str(key_path))
     inventory = Inventory.open(home)
-    inventory._db.execute("PRAGMA synchronous = OFF")  # set-up only; the server's connection keeps the default
+    if inventory.engine == "sqlite":
+        inventory._db.execute("PRAGMA synchronous = OFF")  # set-up only; the server's connection keeps the default
     now = ca.clock.now()
     not_before, not_after = validity_window(now, ca.settings.lifetime("node"))
     issuing_pem = ca.issuing.public_bytes(serialization.Encoding.PEM)
@@ -264,10 +271,13 @@ class Round:
     latencies: list[float]
     statuses: collections.Counter
     failures: list[str]
+    db_cpu: float | None = None  # the PostgreSQL server's processes, when it is ours
 
 
-def run_round(nodes: list[Node], port: int, anchors: Path, server_pid: int, concurrency: int, seconds: float, processes: int = 2) -> Round:
-    """Renew every node once (or until ``seconds`` pass) with ``concurrency`` connections at a time."""
+def run_round(nodes: list[Node], port: int, anchors: Path, server_pid: int, concurrency: int, seconds: float, processes: int = 2,
+              db_cpu: Callable[[], float | None] = lambda: None) -> Round:
+    """Renew every node once (or until ``seconds`` pass) with ``concurrency`` connections at a time
+    (``db_cpu``: the database server's CPU seconds so far, if known)."""
     mp = multiprocessing.get_context("spawn")
     barrier, results = mp.Barrier(processes + 1), mp.Queue()
     shares = [nodes[i::processes] for i in range(processes)]
@@ -276,10 +286,12 @@ def run_round(nodes: list[Node], port: int, anchors: Path, server_pid: int, conc
     for worker in workers:
         worker.start()
     barrier.wait(timeout=600)  # a client that died building its contexts breaks the barrier
+    db0 = db_cpu()
     start, loop0, server0, wait0, machine0, self0 = (time.monotonic(), process_cpu(server_pid), tree_cpu(server_pid),
                                                      run_queue_wait(server_pid), machine_cpu(), os.times())
     reports = [results.get(timeout=seconds + 2 * TIMEOUT) for _ in workers]
     loop1, server1, wait1, machine1, self1 = process_cpu(server_pid), tree_cpu(server_pid), run_queue_wait(server_pid), machine_cpu(), os.times()
+    db1 = db_cpu()
     for worker in workers:
         worker.join()
     statuses = sum((r["statuses"] for r in reports), collections.Counter())
@@ -291,6 +303,7 @@ def run_round(nodes: list[Node], port: int, anchors: Path, server_pid: int, conc
         steal=(machine1[2] - machine0[2]) / (machine1[3] - machine0[3]),
         latencies=sorted(x for r in reports for x in r["latencies"]), statuses=statuses,
         failures=[f for r in reports for f in r["failures"]][:5],
+        db_cpu=db1 - db0 if db0 is not None and db1 is not None else None,
     )
 
 
@@ -308,6 +321,8 @@ def report(label: str, r: Round) -> None:
     print(f"  server CPU per re-enrollment     {cpu_ms:8.2f} ms   (event loop process {r.loop_cpu * 1000 / max(done, 1):.2f} ms, "
           f"signing workers the rest)")
     print(f"  server-only capacity ({os.cpu_count()} cores)   {os.cpu_count() * 1000 / cpu_ms if cpu_ms else 0:8.1f} /s")
+    if r.db_cpu is not None:
+        print(f"  PostgreSQL CPU per re-enrollment {r.db_cpu * 1000 / max(done, 1):8.2f} ms   (its server processes: backends, WAL writer...)")
     print(f"  client CPU per re-enrollment     {r.client_cpu * 1000 / max(done, 1):8.2f} ms   (client busy {r.client_cpu / r.wall:.0%} of one core)")
     print(f"  server event loop: {r.loop_cpu / r.wall:.0%} on a core, {r.server_wait / r.wall:.0%} runnable waiting for one, "
           f"{max(0.0, 1 - (r.loop_cpu + r.server_wait) / r.wall):.0%} asleep (disk waits or no request)")
@@ -356,8 +371,14 @@ class Server:
         self._ready.set()
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)  # serve stops cleanly (and cProfile writes its stats)
-        self.process.wait(60)
+        """SIGTERM (serve stops cleanly, and cProfile writes its stats); SIGKILL after 60 s. Safe twice."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
         self._drainer.join(10)
         self.process.stderr.close()
 
@@ -383,27 +404,46 @@ def _frame(names: str, file: str) -> str:
 # comes before the ones it runs inside (prelint runs inside issue, inside simple_reenroll, inside
 # aiohttp's handler...).
 CATEGORIES = [
+    ("waiting for PostgreSQL (round trips, commits)", r"^Connection\.wait \(psycopg/"),
     ("pre-issuance lint (pkilint + throwaway signature)", _frame("prelint", r"ca/lint\.py")),
-    ("audit log append (record fsync, head atomic_write)", _frame("append", r"ca/audit\.py")),
-    ("SQLite inventory writes (1 transaction, WAL sync)", _frame("record_signed", r"ca/inventory\.py")),
+    ("audit log append (file fsync + head, or rows)", _frame("append|flush|_append_bodies", r"ca/audit\.py")),
+    ("inventory writes (1 transaction, its commit)", _frame("record_signed", r"ca/inventory\.py")),
     ("signing with the issuing key", r"^CertificateBuilder\.sign \("),
     ("issue(): checks, build, serial", _frame("issue", r"ca/authority\.py")),
     ("simple_reenroll checks (issuer, CSR sig, inventory get)", _frame("simple_reenroll", r"ca/authority\.py")),
     ("CSR decode, PKCS#7 encode", _frame("decode_csr_body|encode_certs_only|_csr|_certificate", r"ca/(est|serve)\.py")),
     ("per-request log line", r"\(logging/__init__\.py"),
     ("handler: peer certificate, rate limit", _frame("simplereenroll|_limit", r"ca/serve\.py")),
-    ("TLS handshake (incl. client chain verification)", _frame("_do_handshake|_on_handshake_complete", r"asyncio/sslproto\.py")),
-    ("TLS read/write/close", r"\(asyncio/sslproto\.py"),
+    ("TLS handshake (incl. client chain verification)",
+     _frame("_do_handshake|_on_handshake_complete", r"asyncio/sslproto\.py") + r"|^SSLObject\.do_handshake \(ssl\.py"),  # asyncio | uvloop
+    ("TLS read/write/close", r"\(asyncio/sslproto\.py|^SSLObject\.(read|write|unwrap) \(ssl\.py"),
     ("aiohttp (HTTP parse, routing, middleware, response)", r"\(aiohttp/"),
-    ("idle (waiting in epoll)", r"^epoll_wait \("),
     ("asyncio event loop (accept, callbacks)", r"\(asyncio/"),
 ]
 _COMPILED = [(label, re.compile(pattern)) for label, pattern in CATEGORIES]
-_IDLE = "idle (waiting in epoll)"
+_IDLE = "idle (epoll, a worker waiting for calls, parked threads)"
+
+
+# Samples of nothing to do: the event loop in epoll (asyncio's or uvloop's), a signing worker
+# waiting for calls on its pipe, parked threads (psycopg's pool workers), the resource tracker.
+_WAITING = re.compile(r"^(epoll_p?wait|futex|pthread_cond_(timed)?wait|sem_(timed)?wait) \(|^0x[0-9a-f]+ \(libc")
+
+
+def idle(stack: list[str]) -> bool:
+    leaf = stack[-1] if stack else ""
+    if leaf.startswith(("epoll_wait (", "epoll_pwait (")):
+        return True
+    if any("resource_tracker" in frame for frame in stack):
+        return True
+    if leaf.startswith("read (") and any(frame.startswith("_calls (ca/est/signers.py") for frame in stack):
+        return True
+    return bool(_WAITING.search(leaf)) and any(frame.startswith("thread_run (") for frame in stack)
 
 
 def classify(stack: list[str]) -> tuple[str, str]:
     """(category, the frame its innermost matching frame calls) of a stack, outermost frame first."""
+    if idle(stack):
+        return _IDLE, "(nothing to do)"
     for label, regex in _COMPILED:
         matches = [i for i, frame in enumerate(stack) if regex.search(frame)]
         if matches:
@@ -418,12 +458,16 @@ def breakdown(raw: Path, ms_per_request: float) -> None:
     fsync: collections.Counter = collections.Counter()
     gc: collections.Counter = collections.Counter()
     inner: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    processes: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         text, _, count = line.rpartition(" ")
         if not text:
             continue
-        stack, n = text.split(";"), int(count)
+        frames, n = text.split(";"), int(count)
+        stack = [f for f in frames if not f.startswith("process ")]  # --subprocesses: the process path first
         label, called = classify(stack)
+        if label != _IDLE:
+            processes["signing workers" if sum(f.startswith("process ") for f in frames) > 1 else "event loop process"] += n
         counts[label] += n
         inner[label][called] += n
         if re.match(r"(fsync|fdatasync) \(", stack[-1]):
@@ -439,13 +483,14 @@ def breakdown(raw: Path, ms_per_request: float) -> None:
             continue
         top = ", ".join(f"{name} {k / n:.0%}" for name, k in inner[label].most_common(3))
         print(f"  {n / busy:6.1%} {n / busy * ms_per_request:5.2f} {fsync[label] / busy:6.1%} {gc[label] / busy:5.1%}  {label:54} {top}")
+    print(f"  by process: {', '.join(f'{name} {k / busy:.0%}' for name, k in processes.most_common())}")
     print(f"  {sum(fsync.values()) / busy:6.1%} of the busy time is blocked in fsync/fdatasync, {sum(gc.values()) / busy:.1%} in Python's garbage collector")
 
 
 def profile_py_spy(py_spy: str, server: Server, nodes: list[Node], anchors: Path, concurrency: int, seconds: float,
                    tmp: Path, ms_per_request: float) -> None:
     """Sample the running server with py-spy (native frames too, idle included) during a round of ``nodes``."""
-    raw = tmp / "py-spy.txt"
+    raw = tmp / f"py-spy-{server.process.pid}.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(server.process.pid), "--rate", "100", "--idle", "--native", "--subprocesses",
                             "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # attached
@@ -459,13 +504,14 @@ def profile_py_spy(py_spy: str, server: Server, nodes: list[Node], anchors: Path
     breakdown(raw, ms_per_request)
 
 
-def profile_cprofile(home: Path, nodes: list[Node], anchors: Path, concurrency: int, seconds: float, tmp: Path) -> None:
+def profile_cprofile(home: Path, nodes: list[Node], anchors: Path, concurrency: int, seconds: float, tmp: Path,
+                     extra: tuple[str, ...] = ()) -> None:
     """Without py-spy: a second `pkictl serve` under cProfile, a round of ``nodes``, cumulative times
     of the functions that matter (cProfile inflates pure-Python code such as pkilint the most)."""
     import pstats
 
-    out = tmp / "serve.prof"
-    server = Server(home, profile_to=out)
+    out = tmp / f"serve-{len(list(tmp.glob('serve-*.prof')))}.prof"
+    server = Server(home, profile_to=out, extra=extra)
     warm_up(server, nodes[:WARMUP], anchors)
     r = run_round(nodes[WARMUP:], server.port, anchors, server.process.pid, concurrency, seconds)
     server.stop()
@@ -486,6 +532,61 @@ def profile_cprofile(home: Path, nodes: list[Node], anchors: Path, concurrency: 
 # -- main -------------------------------------------------------------------------------------
 
 
+def prepare(engine: str, tmp: Path, databases: Databases, modes: list[str], args, profiler: str) -> tuple[Path, tuple[str, ...], dict, dict, list]:
+    """The CA of one engine's rounds and its fleets: (home, the serve arguments it needs, warm-up
+    nodes by mode, timed nodes by mode, the profiled round's nodes)."""
+    home = tmp / engine / "ca"
+    if engine == "sqlite":
+        CertificateAuthority.init(home).close()
+        extra: tuple[str, ...] = ()
+    else:
+        init_ca(home, databases.new("reenroll"))
+        extra = ("--replica", "bench")  # a serve on PostgreSQL names its own service certificate
+    warmups = {m: make_fleet(home, tmp / engine / f"warmup-{m}", f"warm{m}-", WARMUP) for m in modes}
+    fleets = {m: make_fleet(home, tmp / engine / f"fleet-{m}", f"node{m}-", args.nodes) for m in modes}
+    profiled = make_fleet(home, tmp / engine / "profiled", "prof-", args.profile_nodes if profiler != "none" else 0)
+    return home, extra, warmups, fleets, profiled
+
+
+def run_engine(engine: str, tmp: Path, databases: Databases, args, profiler: str, py_spy: str | None) -> dict[str, float]:
+    """Both rounds (or the one asked for) of one engine, the profile after its last: the
+    re-enrollments/s of each mode."""
+    modes = ["off", "on"] if args.group_commit == "both" else [args.group_commit]
+    began = time.monotonic()
+    home, replica, warmups, fleets, profiled = prepare(engine, tmp, databases, modes, args, profiler)
+    anchors = home / "ca.pem"
+    filesystem = subprocess.run(["df", "--output=fstype", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
+    where = f"CA home on {filesystem[-1] if filesystem else '?'}" if engine == "sqlite" else "records in PostgreSQL"
+    print(f"\n== {engine}: {args.nodes} nodes (+{len(profiled)} for the profile) prepared in {time.monotonic() - began:.1f} s; "
+          f"{where}, {os.cpu_count()} cores, concurrency {args.concurrency}", flush=True)
+    rates: dict[str, float] = {}
+    for mode in modes:
+        # Shedding off (a bound above any round): this measures the write path, not the admission.
+        server = Server(home, workers=args.workers, loop=args.loop,
+                        extra=(*replica, "--group-commit" if mode == "on" else "--no-group-commit", "--max-pending", "1000000"))
+        try:
+            warm_up(server, warmups[mode], anchors)
+            r = run_round(fleets[mode], server.port, anchors, server.process.pid, args.concurrency, args.seconds,
+                          db_cpu=databases.server_cpu)
+            report(f"{engine}: re-enrollment, group commit {mode}", r)
+            rate = rates[mode] = r.ok / r.wall
+            fleet_time = f"10,000 nodes in {10_000 / rate:.0f} s" if rate else "none renewed"
+            print(f"goal: >= {GOAL:.0f} re-enrollments/s: {'met' if rate >= GOAL and not r.failed else 'NOT met'} "
+                  f"({rate:.1f}/s = {rate / GOAL:.2f}x{f', {r.failed} failed' if r.failed else ''}; {fleet_time})")
+            sys.stdout.flush()
+            if profiler == "py-spy" and mode == modes[-1]:
+                assert py_spy is not None
+                profile_py_spy(py_spy, server, profiled, anchors, args.concurrency, args.seconds, tmp, 1000 / max(rate, 1e-9))
+        finally:
+            server.stop()
+    if len(rates) == 2 and rates["off"]:
+        print(f"{engine}: group commit: {rates['on']:.1f} re-enrollments/s against {rates['off']:.1f}/s without: "
+              f"{rates['on'] / rates['off']:.2f}x")
+    if profiler == "cprofile":
+        profile_cprofile(home, profiled, anchors, args.concurrency, args.seconds, tmp, replica)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2000)
@@ -497,47 +598,34 @@ def main() -> None:
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="pkictl serve --loop")
     parser.add_argument("--group-commit", choices=["both", "on", "off"], default="both",
                         help="both: a round without group commit, then one with it, and their ratio (default)")
+    parser.add_argument("--engine", choices=["both", "sqlite", "postgresql"], default="both",
+                        help="where the CA keeps its records; both: SQLite, then PostgreSQL, and their ratio (default)")
+    parser.add_argument("--db", metavar="URL", default=None,
+                        help="postgresql: an empty database of your own server (postgresql://USER@HOST/DB?passfile=PATH) "
+                             "instead of a throwaway server")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     profiler = ("py-spy" if py_spy else "cprofile") if args.profiler == "auto" else args.profiler
     if profiler == "py-spy" and not py_spy:
         parser.error("py-spy is not installed: pip install py-spy, or pass --profiler cprofile")
-    with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
-        home = tmp / "ca"
-        CertificateAuthority.init(home).close()
-        began = time.monotonic()
-        modes = ["off", "on"] if args.group_commit == "both" else [args.group_commit]
-        warmups = {m: make_fleet(home, tmp / f"warmup-{m}", f"warm{m}-", WARMUP) for m in modes}
-        fleets = {m: make_fleet(home, tmp / f"fleet-{m}", f"node{m}-", args.nodes) for m in modes}
-        profiled = make_fleet(home, tmp / "profiled", "prof-", args.profile_nodes if profiler != "none" else 0)
-        anchors = home / "ca.pem"
-        filesystem = subprocess.run(["df", "--output=fstype", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
-        print(f"{args.nodes} nodes (+{len(profiled)} for the profile) prepared in {time.monotonic() - began:.1f} s; "
-              f"CA home on {filesystem[-1] if filesystem else '?'}, {os.cpu_count()} cores, concurrency {args.concurrency}")
-        rates: dict[str, float] = {}
-        for mode in modes:
-            # Shedding off (a bound above any round): this measures the write path, not the admission.
-            server = Server(home, workers=args.workers, loop=args.loop,
-                            extra=("--group-commit" if mode == "on" else "--no-group-commit", "--max-pending", "1000000"))
-            try:
-                warm_up(server, warmups[mode], anchors)
-                r = run_round(fleets[mode], server.port, anchors, server.process.pid, args.concurrency, args.seconds)
-                report(f"re-enrollment, group commit {mode}", r)
-                rate = rates[mode] = r.ok / r.wall
-                fleet_time = f"10,000 nodes in {10_000 / rate:.0f} s" if rate else "none renewed"
-                print(f"goal: >= {GOAL:.0f} re-enrollments/s: {'met' if rate >= GOAL and not r.failed else 'NOT met'} "
-                      f"({rate:.1f}/s = {rate / GOAL:.2f}x{f', {r.failed} failed' if r.failed else ''}; {fleet_time})")
-                sys.stdout.flush()
-                if profiler == "py-spy" and mode == modes[-1]:
-                    profile_py_spy(py_spy, server, profiled, anchors, args.concurrency, args.seconds, tmp, 1000 / max(rate, 1e-9))
-            finally:
-                server.stop()
-        if len(rates) == 2 and rates["off"]:
-            print(f"group commit: {rates['on']:.1f} re-enrollments/s against {rates['off']:.1f}/s without: "
-                  f"{rates['on'] / rates['off']:.2f}x")
-        if profiler == "cprofile":
-            profile_cprofile(home, profiled, anchors, args.concurrency, args.seconds, tmp)
+    engines = ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks stop the servers and PostgreSQL
+    databases = Databases(args.db)
+    rates: dict[str, dict[str, float]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as name:
+            for engine in engines:
+                rates[engine] = run_engine(engine, Path(name), databases, args, profiler, py_spy)
+    finally:
+        databases.close()
+    if len(rates) == 2:
+        print("\nre-enrollments/s by engine, measured in this run:")
+        for mode in rates["sqlite"]:
+            sqlite, pg = rates["sqlite"][mode], rates["postgresql"].get(mode, 0.0)
+            print(f"  group commit {mode:3}: sqlite {sqlite:7.1f}/s, postgresql {pg:7.1f}/s: postgresql/sqlite {pg / sqlite if sqlite else 0:.2f}x")
+        for engine, by_mode in rates.items():
+            if len(by_mode) == 2 and by_mode["off"]:
+                print(f"  {engine:10}: group commit on/off {by_mode['on'] / by_mode['off']:.2f}x")
 
 
 if __name__ == "__main__":
