@@ -565,11 +565,24 @@ class ESTService:
         re-sign the CRL at half its validity."""
         try:
             self.follow_rotation()
+            # Renewing and re-signing read and write the database on the event loop: a server
+            # that is away would hold every request for POOL_WAIT seconds each time. A probe on
+            # a records thread first (RECORD_WAIT at most) skips this round instead.
+            if self.ca.inventory.engine != "sqlite" and not await self._database_reachable():
+                return
             self.ensure_credential()
             if self.ca.refresh_crl():
                 log.info("CRL re-signed")
         except Exception as exc:  # keep serving with what works; retry next time
             log.error("maintenance failed: %s", exc, exc_info=not isinstance(exc, PKIError))
+
+    async def _database_reachable(self) -> bool:
+        try:
+            await self._on_records_thread(lambda inventory: inventory.database.execute("SELECT 1"))
+        except DatabaseUnavailable as exc:
+            log.warning("maintenance skipped until the CA database is back: %s", exc)
+            return False
+        return True
 
     async def follow_database(self) -> None:
         """Replicas on one database: publish the CRLs another replica signed (one indexed read
