@@ -242,6 +242,16 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def database_cpu(databases: Databases) -> float | None:
+    """CPU seconds so far of the throwaway PostgreSQL server's processes (postmaster and
+    backends); None for an operator's server."""
+    pid = databases.server_pid()
+    try:
+        return tree_cpu(pid) if pid is not None else None
+    except OSError:  # the postmaster ended in between
+        return None
+
+
 def run_queue_wait(pid: int) -> float:
     """Seconds the main thread of ``pid`` (the server's event loop) was runnable but had no core."""
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
@@ -567,7 +577,7 @@ def run_engine(engine: str, tmp: Path, databases: Databases, args, profiler: str
         try:
             warm_up(server, warmups[mode], anchors)
             r = run_round(fleets[mode], server.port, anchors, server.process.pid, args.concurrency, args.seconds,
-                          db_cpu=databases.server_cpu)
+                          db_cpu=lambda: database_cpu(databases))
             report(f"{engine}: re-enrollment, group commit {mode}", r)
             rate = rates[mode] = r.ok / r.wall
             fleet_time = f"10,000 nodes in {10_000 / rate:.0f} s" if rate else "none renewed"

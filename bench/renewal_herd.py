@@ -359,10 +359,10 @@ def run_herd(args, engine: Engine, databases: Databases) -> dict:
         for proc in procs:
             proc.start()
         barrier.wait(timeout=600)
-        cpu0, db0, machine0, start = sum(s.cpu() for s in servers), databases.server_cpu(), est_reenroll.machine_cpu(), time.monotonic()
+        cpu0, db0, machine0, start = sum(s.cpu() for s in servers), est_reenroll.database_cpu(databases), est_reenroll.machine_cpu(), time.monotonic()
         reports = collect(results, procs, deadline=start + args.timeout * 4 + 600)
         wall = time.monotonic() - start
-        server_cpu, db1, machine1 = sum(s.cpu() for s in servers) - cpu0, databases.server_cpu(), est_reenroll.machine_cpu()
+        server_cpu, db1, machine1 = sum(s.cpu() for s in servers) - cpu0, est_reenroll.database_cpu(databases), est_reenroll.machine_cpu()
         for proc in procs:
             proc.join(60)
         stack.close()  # the servers stop before the check: their log lines are all in

@@ -41,19 +41,14 @@ class Databases:
                   flush=True)
         return self.cluster.create_database(f"{prefix}_{self._count}")
 
-    def server_cpu(self) -> float | None:
-        """CPU seconds of the throwaway server's processes (postmaster and backends) so far;
-        None for an operator's server."""
+    def server_pid(self) -> int | None:
+        """The throwaway server's postmaster (its backends are its children); None for an
+        operator's server, or before the first :meth:`new`."""
         if self.cluster is None:
             return None
-        from est_reenroll import tree_cpu
         from pg import postmaster_pid
 
-        pid = postmaster_pid(self.cluster.data)
-        try:
-            return tree_cpu(pid) if pid is not None else None
-        except OSError:
-            return None
+        return postmaster_pid(self.cluster.data)
 
     def close(self) -> None:
         """Close this process's connections, stop the throwaway server and remove its files."""
