@@ -62,6 +62,9 @@ class RenewalConfig(_Model):
         ca_home: the CA home directory, for renewal on the CA host itself.
         ca_url: the EST server (``https://host:port`` of ``pkictl serve``), for renewal from any
             host; exclusive with ca_home.
+        fallback_ca_urls: other replicas of the same CA (``pkictl serve --replica`` on one
+            database), tried in order when the one in use cannot be reached; the one that
+            answered is used from then on. Needs ca_url.
         refresh_interval: how often to fetch the trust bundle from the EST server.
         crl_refresh_interval: how often a gateway renewing over EST fetches the CRL for its
             listener (a conditional request: an unchanged CRL costs one round trip). A revocation
@@ -84,6 +87,7 @@ class RenewalConfig(_Model):
 
     ca_home: Optional[Path] = None
     ca_url: Optional[str] = Field(None, pattern=r"^https://[^/\s]+/?$")
+    fallback_ca_urls: tuple[Annotated[str, Field(pattern=r"^https://[^/\s]+/?$")], ...] = ()
     ca_passphrase_file: Optional[Path] = None
     refresh_interval: Duration = dt.timedelta(hours=1)
     crl_refresh_interval: Duration = dt.timedelta(seconds=60)
@@ -102,6 +106,11 @@ class RenewalConfig(_Model):
             raise ValueError(f"jitter ({self.jitter}) must be smaller than fraction ({self.fraction})")
         if self.ca_home is not None and self.ca_url is not None:
             raise ValueError("give ca_home (renew on the CA host) or ca_url (renew over EST), not both")
+        if self.fallback_ca_urls and self.ca_url is None:
+            raise ValueError("fallback_ca_urls are other replicas of the EST server of ca_url: give ca_url too")
+        seen = [url.rstrip("/") for url in (self.ca_url or "", *self.fallback_ca_urls)]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"fallback_ca_urls repeats a URL (with ca_url: {', '.join(seen)}): give each replica once")
         if self.reenroll == "approval" and self.ca_url is None:
             raise ValueError("reenroll: approval files the pairing request with the EST server: it needs ca_url")
         return self

@@ -93,7 +93,7 @@ class Agent:
             # A Retry-After is waited in the rotation's thread; stop() cuts it short, so that a
             # stopping agent does not wait out a busy CA (the renewal is simply not done then).
             source = ESTClient(config.renewal.ca_url, anchors_path=self.store.trust_anchors_path, store=self.store,
-                               sleep=self._stopping.wait)
+                               sleep=self._stopping.wait, fallbacks=config.renewal.fallback_ca_urls)
         self.source = source
         self.credential: Credential | None = None
         self.listener: "ListenerView | None" = None

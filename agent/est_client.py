@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import logging
 import concurrent.futures
 import os
 import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,6 +38,12 @@ from .errors import CredentialUnusable, RenewalError, ServiceBusy
 __all__ = ["ESTClient", "refresh_crl", "refresh_trust_bundle", "select_chain", "self_signed"]
 
 _TIMEOUT = 30.0  # seconds per request
+log = logging.getLogger(__name__)
+
+
+class _Unreachable(Exception):
+    """The server in use gave no answer at all (its message says which and why): the next
+    replica, if any, is asked instead."""
 
 
 def self_signed(certificate: x509.Certificate) -> bool:
@@ -71,6 +78,10 @@ class ESTClient:
 
     Args:
         base_url: the server, e.g. ``https://ca.example.lan:8443``.
+        fallbacks: other replicas of the same CA (``https://host:port`` each), tried in order
+            when the server in use cannot be reached (no TCP connection, no answer within the
+            timeout); the first that answers is used from then on (:attr:`base_url`). A server
+            that answers, even with a refusal or a TLS error, is not left for another.
         anchors_path: PEM file of the trust anchors (the bundle's ``ca.pem``).
         store: the credential to authenticate renewals with (None while enrolling).
         busy_attempts: requests of one enrollment at most while the server answers 503 with a
@@ -82,17 +93,30 @@ class ESTClient:
     """
 
     def __init__(self, base_url: str, *, anchors_path: Path | None, store: CredentialStore | None = None,
-                 busy_attempts: int = 4, busy_wait_max: float = 300.0, sleep: Callable[[float], object] = time.sleep) -> None:
+                 busy_attempts: int = 4, busy_wait_max: float = 300.0, sleep: Callable[[float], object] = time.sleep,
+                 fallbacks: Sequence[str] = ()) -> None:
         if busy_attempts < 1:
             raise ValueError(f"busy_attempts: got {busy_attempts}, want at least 1")
         self.busy_attempts, self.busy_wait_max, self._sleep = busy_attempts, busy_wait_max, sleep
-        parts = urlsplit(base_url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise PKIError(f"EST server URL {base_url!r}: want https://HOST[:PORT]")
-        self.base_url = base_url.rstrip("/")
-        self.host = parts.hostname
+        for url in (base_url, *fallbacks):
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise PKIError(f"EST server URL {url!r}: want https://HOST[:PORT]")
+        self._urls = [url.rstrip("/") for url in (base_url, *fallbacks)]
+        self._in_use = 0  # index into _urls: the server that answered last
         self.anchors_path = anchors_path
         self.store = store
+
+    @property
+    def base_url(self) -> str:
+        """The EST server in use: ``base_url``, or the fallback that answered last."""
+        return self._urls[self._in_use]
+
+    @property
+    def host(self) -> str:
+        host = urlsplit(self.base_url).hostname
+        assert host is not None, "checked in __init__"
+        return host
 
     @property
     def est_client(self) -> ESTClient:
@@ -124,8 +148,31 @@ class ESTClient:
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None,
                  client: bool = False, verify: bool = True) -> _Response:
+        """One exchange with the server in use, or with the next replica while it cannot be
+        reached (``fallbacks``).
+
+        Raises:
+            RenewalError: no server could be reached (each named with its reason), or the one
+                that answered does not prove it is our CA.
+            CredentialUnusable: the server refused our certificate in the TLS handshake.
+        """
         context = self._context(client=client, verify=verify)
-        exchange = _exchange(method, self.base_url + path, body, headers or {}, context)
+        unreachable: list[str] = []
+        first = self._in_use
+        for step in range(len(self._urls)):
+            self._in_use = (first + step) % len(self._urls)
+            try:
+                return self._request_in_use(method, path, body, headers or {}, client, context)
+            except _Unreachable as exc:
+                unreachable.append(str(exc))
+                if step + 1 < len(self._urls):
+                    log.warning("%s; trying the next replica, %s", exc, self._urls[(first + step + 1) % len(self._urls)])
+        self._in_use = first
+        raise RenewalError("; ".join(unreachable)) from None
+
+    def _request_in_use(self, method: str, path: str, body: bytes | None, headers: dict, client: bool,
+                        context: ssl.SSLContext) -> _Response:
+        exchange = _exchange(method, self.base_url + path, body, headers, context)
         try:
             return asyncio.run_coroutine_threadsafe(exchange, _client_loop()).result(_TIMEOUT + 5)
         except (aiohttp.ClientError, asyncio.TimeoutError, concurrent.futures.TimeoutError, ssl.SSLError, OSError) as exc:
@@ -142,7 +189,7 @@ class ESTClient:
                 why = {"expired or not yet valid": "expired", "unknown CA": "another CA"}.get(said or "", "refused")
                 raise CredentialUnusable(why, f"the EST server {self.base_url} refused our certificate at the TLS layer "
                                               f"({said or reason}): it is expired, not issued by this CA, or not for clientAuth") from None
-            raise RenewalError(f"cannot reach the EST server {self.base_url}: {reason or type(exc).__name__}") from None
+            raise _Unreachable(f"cannot reach the EST server {self.base_url}: {reason or type(exc).__name__}") from None
 
     def _enrollment(self, path: str, *, body: bytes, headers: dict, client: bool) -> _Response:
         """POST an enrollment, again after the server's Retry-After while it answers 503

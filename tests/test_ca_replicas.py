@@ -20,16 +20,19 @@ import select
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import psycopg
 import pytest
+import yaml
 from cryptography import x509
 
 from est_support import EST, ServeProcess, certs_only, curl, est_body, make_csr, pkictl
-from support import DEADLINE
+from support import DEADLINE, command, free_port
+from pkictl.store import CredentialStore
 from pkictl.crl import crl_number
 from pkictl.storage.database import POOL_WAIT
 
@@ -452,3 +455,54 @@ def _enroll_in(home: Path, prefix: str) -> list[tuple[str, Path]]:
         return [(name, ca.enroll("node", name, out=home / "bundles" / name).directory)]
     finally:
         ca.close()
+
+
+def _agent_config(bundle: Path, ca_url: str, *fallbacks: str) -> Path:
+    config = bundle / "agent.yaml"
+    renewal: dict = {"ca_url": ca_url, "check_interval": "1h"}
+    if fallbacks:
+        renewal["fallback_ca_urls"] = list(fallbacks)
+    config.write_text(yaml.safe_dump({"name": bundle.name, "kind": "node", "credential_dir": ".", "renewal": renewal}))
+    return config
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([command("pki-agent"), *args], capture_output=True, text=True, timeout=DEADLINE + 10)
+
+
+def test_an_agent_whose_replica_is_gone_renews_through_the_next_one(replicas):
+    """A node's agent lists replica b after a replica host that is gone (nothing listens on its
+    port): `pki-agent renew-now` renews through b and says which replica it left. Without the
+    fallback it fails naming the unreachable server, and the certificate stays; a fallback without
+    ca_url, or one given twice, is refused as a configuration error."""
+    ((name, bundle),) = _enroll_in(replicas.a, "fo")
+    gone = f"https://127.0.0.1:{free_port()}"
+    before = CredentialStore(bundle).load().certificate.serial_number
+
+    alone = _agent("renew-now", "--config", str(_agent_config(bundle, gone)))
+    assert alone.returncode == 1 and f"cannot reach the EST server {gone}" in alone.stdout + alone.stderr, alone
+    assert CredentialStore(bundle).load().certificate.serial_number == before
+
+    renewed = _agent("renew-now", "--config", str(_agent_config(bundle, gone, replicas.serve["b"].url)))
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    assert f"cannot reach the EST server {gone}" in renewed.stderr and f"trying the next replica, {replicas.serve['b'].url}" in renewed.stderr
+    after = CredentialStore(bundle).load().certificate.serial_number
+    assert after != before and _issued_by_replica(replicas, after)
+
+    for renewal, wanted in (({"fallback_ca_urls": [gone]}, "give ca_url too"),
+                            ({"ca_url": gone, "fallback_ca_urls": [gone + "/"]}, "repeats a URL")):
+        (bundle / "agent.yaml").write_text(yaml.safe_dump({"name": name, "kind": "node", "credential_dir": ".", "renewal": renewal}))
+        refused = _agent("renew-now", "--config", str(bundle / "agent.yaml"))
+        assert refused.returncode != 0 and wanted in refused.stdout + refused.stderr, refused
+
+
+def _issued_by_replica(replicas: Replicas, serial: int) -> bool:
+    """Whether the shared inventory holds ``serial`` as issued (read through replica a's home)."""
+    from pkictl.inventory import Inventory
+
+    inventory = Inventory.open(replicas.a)
+    try:
+        record = inventory.get(serial)
+        return record is not None and record.status == "issued"
+    finally:
+        inventory.close()
