@@ -72,4 +72,10 @@ def _outcome(state: dict, who: str) -> tuple[bool, str]:
         credential = state.get("credential") or {}
         return True, (f"{name}: renewed by {who}: serial {attempt['serial']}, not after {credential.get('not_after')}, "
                       f"next renewal due {state.get('next_attempt')}")
-    return False, f"{name}: renewal by {who} failed: {attempt.get('error')}; the current certificate stays in service"
+    pairing, unusable = state.get("pairing"), state.get("unusable")
+    if pairing:  # the certificate cannot renew (revoked, expired, another CA's): a new one comes by approval
+        why = f" ({unusable['reason']}: {unusable['detail']})" if unusable else ""
+        return False, (f"{name}: not renewed by {who}: the certificate cannot renew{why}; pairing request code {pairing['code']} "
+                       f"waits for approval: on the CA host run 'pkictl approve {name} --code {pairing['code']}'")
+    error = attempt.get("error") or "no attempt was recorded"
+    return False, f"{name}: renewal by {who} failed: {error}; the current certificate stays in service"
