@@ -149,9 +149,14 @@ class PostgresCluster:
     Use as a context manager, or call :meth:`start` and then :meth:`close` (always safe: after a
     failed start, after :meth:`kill`, twice). ``base_dir`` chooses where the directory goes:
     durability measurements want a real disk, not a tmpfs (here /tmp is ext4).
+
+    ``netns`` and ``address``: the server runs in that network namespace (a host of
+    tests/netns.py, root only) and listens on ``address`` there, accepting password logins from
+    the hosts on its /24; the URLs name ``address``.
     """
 
-    def __init__(self, base_dir: str | Path | None = None) -> None:
+    def __init__(self, base_dir: str | Path | None = None, *, netns: str | None = None, address: str = "127.0.0.1") -> None:
+        self.netns, self.address = netns, address
         self.bindir = find_bindir()
         self.as_root = os.geteuid() == 0
         if self.as_root:
@@ -237,7 +242,7 @@ class PostgresCluster:
             pwfile.unlink()
         # Appended after initdb's defaults: the last setting of a parameter wins.
         settings = {
-            "listen_addresses": "'127.0.0.1'",  # never another interface
+            "listen_addresses": f"'{self.address}'",  # never another interface
             "unix_socket_directories": f"'{self.socket_dir}'",  # in the 0700 directory: trust is safe there
             "fsync": "on",  # kept on on purpose: the tests measure durability
             "synchronous_commit": "on",
@@ -249,6 +254,9 @@ class PostgresCluster:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n# pkictl tests (tests/pg.py)\n")
             conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        if self.address != "127.0.0.1":  # initdb's host lines name the loopback addresses only
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.address}/24 scram-sha-256\n")
 
     def _start_server(self) -> None:
         """``pg_ctl -w -t 60 start`` on a free port, another one if the chosen port was taken
@@ -257,9 +265,12 @@ class PostgresCluster:
             # A restart tries its old port first, so that the URLs handed out stay valid.
             port = self._last_port if attempt == 0 and self._last_port is not None else free_port()
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            result = self._run([self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-o", f"-p {port}",
-                                "-w", "-t", str(START_TIMEOUT), "start"],
-                               timeout=START_TIMEOUT + 30, what="pg_ctl start", check=False)
+            start = [self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-o", f"-p {port}", "-w", "-t", str(START_TIMEOUT),
+                     "start"]
+            if self.netns is not None:  # setns needs root: enter the namespace, then become the server's user
+                start = [shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", self.netns,
+                         "setpriv", f"--reuid={self._uid}", f"--regid={self._gid}", "--clear-groups", *start]
+            result = self._run(start, timeout=START_TIMEOUT + 30, what="pg_ctl start", check=False, as_server=self.netns is None)
             if result.returncode == 0:
                 self.port = port
                 return
@@ -368,7 +379,7 @@ class PostgresCluster:
 
     def create_database(self, name: str) -> str:
         """Create the role ``pkictl_<n>`` with a random password and the database ``name`` owned by
-        it, and return its libpq URL ``postgresql://ROLE@127.0.0.1:PORT/NAME?passfile=PATH``. The
+        it, and return its libpq URL ``postgresql://ROLE@ADDRESS:PORT/NAME?passfile=PATH``. The
         password is only in the 0600 passfile PATH, never in the URL (URLs end up in logs and
         error messages), so a connection proves that libpq read the passfile."""
         if not (name.isascii() and name.replace("_", "a").isalnum() and not name[0].isdigit() and len(name) < 64):
@@ -379,7 +390,7 @@ class PostgresCluster:
         self.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}';")
         self.psql(f'CREATE DATABASE "{name}" OWNER {role};')
         passfile = self.write_passfile(name, role, password)
-        return f"postgresql://{role}@127.0.0.1:{self.port}/{name}?passfile={quote(str(passfile), safe='/')}"
+        return f"postgresql://{role}@{self.address}:{self.port}/{name}?passfile={quote(str(passfile), safe='/')}"
 
     def write_passfile(self, db: str, role: str, password: str) -> Path:
         """Write a 0600 pgpass file (``host:port:db:user:password``) for one database into the test
@@ -388,7 +399,7 @@ class PostgresCluster:
         assert self.port is not None and self.secrets is not None, "the server is not running"
         fd, path = tempfile.mkstemp(prefix=f"{db}-", suffix=".pgpass", dir=self.secrets)  # mode 0600
         with open(fd, "w") as f:
-            f.write(f"127.0.0.1:{self.port}:{db}:{role}:{password}\n")
+            f.write(f"{self.address}:{self.port}:{db}:{role}:{password}\n")
         return Path(path)
 
 
