@@ -113,12 +113,6 @@ class ESTClient:
         return self._urls[self._in_use]
 
     @property
-    def host(self) -> str:
-        host = urlsplit(self.base_url).hostname
-        assert host is not None, "checked in __init__"
-        return host
-
-    @property
     def est_client(self) -> ESTClient:
         """This client (:class:`pki_agent.rotation.rotate.RenewalSource`: the CA is reached over EST)."""
         return self
@@ -157,39 +151,41 @@ class ESTClient:
             CredentialUnusable: the server refused our certificate in the TLS handshake.
         """
         context = self._context(client=client, verify=verify)
-        unreachable: list[str] = []
         first = self._in_use
-        for step in range(len(self._urls)):
-            self._in_use = (first + step) % len(self._urls)
+        order = [(first + step) % len(self._urls) for step in range(len(self._urls))]
+        unreachable: list[str] = []
+        for position, index in enumerate(order):
             try:
-                return self._request_in_use(method, path, body, headers or {}, client, context)
+                response = self._exchange_with(self._urls[index], method, path, body, headers or {}, client, context)
             except _Unreachable as exc:
                 unreachable.append(str(exc))
-                if step + 1 < len(self._urls):
-                    log.warning("%s; trying the next replica, %s", exc, self._urls[(first + step + 1) % len(self._urls)])
-        self._in_use = first
+                if position + 1 < len(order):
+                    log.warning("%s; trying the next replica, %s", exc, self._urls[order[position + 1]])
+                continue
+            self._in_use = index  # one assignment: a concurrent request sees the old server or this one
+            return response
         raise RenewalError("; ".join(unreachable)) from None
 
-    def _request_in_use(self, method: str, path: str, body: bytes | None, headers: dict, client: bool,
-                        context: ssl.SSLContext) -> _Response:
-        exchange = _exchange(method, self.base_url + path, body, headers, context)
+    def _exchange_with(self, url: str, method: str, path: str, body: bytes | None, headers: dict, client: bool,
+                       context: ssl.SSLContext) -> _Response:
+        exchange = _exchange(method, url + path, body, headers, context)
         try:
             return asyncio.run_coroutine_threadsafe(exchange, _client_loop()).result(_TIMEOUT + 5)
         except (aiohttp.ClientError, asyncio.TimeoutError, concurrent.futures.TimeoutError, ssl.SSLError, OSError) as exc:
             reason = _cause(exc)
             if isinstance(reason, ssl.SSLCertVerificationError):
                 raise RenewalError(
-                    f"the EST server {self.base_url} does not prove it is our CA ({reason.verify_message}): "
-                    f"its certificate must chain to {self.anchors_path} and name {self.host}"
+                    f"the EST server {url} does not prove it is our CA ({reason.verify_message}): "
+                    f"its certificate must chain to {self.anchors_path} and name {urlsplit(url).hostname}"
                 ) from None
             if client and _refused_after_handshake(reason):
                 # TLS 1.3: the server checks our certificate after the client's handshake has
                 # "succeeded", so a refusal arrives as an alert or EOF on the first read (docs/design.md).
                 said = alert_reason(reason)
                 why = {"expired or not yet valid": "expired", "unknown CA": "another CA"}.get(said or "", "refused")
-                raise CredentialUnusable(why, f"the EST server {self.base_url} refused our certificate at the TLS layer "
+                raise CredentialUnusable(why, f"the EST server {url} refused our certificate at the TLS layer "
                                               f"({said or reason}): it is expired, not issued by this CA, or not for clientAuth") from None
-            raise _Unreachable(f"cannot reach the EST server {self.base_url}: {reason or type(exc).__name__}") from None
+            raise _Unreachable(f"cannot reach the EST server {url}: {reason or type(exc).__name__}") from None
 
     def _enrollment(self, path: str, *, body: bytes, headers: dict, client: bool) -> _Response:
         """POST an enrollment, again after the server's Retry-After while it answers 503
