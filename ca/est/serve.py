@@ -55,7 +55,7 @@ from .metrics import ServiceMetrics, StatusServer
 from .shedding import LoadShedder, SheddingPolicy
 from .service_credential import SERVICE_NAME, ensure_service_credential
 from .signers import SignerPool, SignerUnavailable
-from ..storage.database import DatabaseUnavailable
+from ..storage.database import POOL_SIZE, DatabaseUnavailable
 from ..sockets import bind_problem
 from ..store import Credential, CredentialStore
 from ..tls import load_credential
@@ -69,7 +69,7 @@ _T = TypeVar("_T")
 # waits for a database connection: each is tried again soon (the gateway's next report, the next
 # follow interval), so it gives up early rather than pile up while the server is away.
 RECORD_WAIT = 2.0
-RECORD_THREADS = 4  # the pool's size: more would only wait for a connection
+RECORD_THREADS = POOL_SIZE  # more would only wait for a pooled connection
 
 
 _ENROLLMENT_PATHS = (f"{EST_PREFIX}/simpleenroll", f"{EST_PREFIX}/simplereenroll")

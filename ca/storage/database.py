@@ -230,6 +230,7 @@ class _Fetched:
 
 
 POOL_WAIT = 10.0  # seconds
+POOL_SIZE = 4  # connections per process and server
 _pools: dict[str, Any] = {}
 _pools_lock = threading.Lock()
 
@@ -291,9 +292,9 @@ class PostgresDatabase:
 
     engine = "postgresql"
 
-    def __init__(self, conninfo: str, *, where: str, pool_size: int = 4, wait: float = POOL_WAIT) -> None:
+    def __init__(self, conninfo: str, *, where: str, pool_size: int = POOL_SIZE, wait: float | None = None) -> None:
         self.where = where
-        self.wait = wait  # seconds a borrow waits for a connection
+        self.wait = POOL_WAIT if wait is None else wait  # seconds a borrow waits for a connection
         self._conninfo = conninfo
         import psycopg
         import psycopg_pool

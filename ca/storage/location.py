@@ -127,4 +127,4 @@ def open_database(home: Path, *, readonly: bool = False, url: str | None = None,
     url = url if url is not None else database_url(home)
     if url is None:
         return SQLiteDatabase(Path(home) / SQLITE_FILE, readonly=readonly)
-    return PostgresDatabase(url, where=url) if wait is None else PostgresDatabase(url, where=url, wait=wait)
+    return PostgresDatabase(url, where=url, wait=wait)
